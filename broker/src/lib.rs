@@ -1,0 +1,1 @@
+//! ferrymq broker library.
