@@ -1,1 +1,74 @@
-fn main() {}
+//! The `ferrymq` binary: parse flags, load configuration, run until SIGINT/SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use ferrymq::config::{Config, Overrides};
+use ferrymq::server::Server;
+
+/// ferrymq — a durable MQTT 3.1/3.1.1/5.0 broker.
+#[derive(Debug, Parser)]
+#[command(name = "ferrymq", version, about)]
+struct Cli {
+    /// Configuration file (TOML). Without it, defaults apply; FERRYMQ_* variables override both.
+    #[arg(short, long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// TCP listener address; repeat for several. Replaces the configured listeners.
+    #[arg(long = "listen", value_name = "ADDR")]
+    listen: Vec<SocketAddr>,
+    /// Data directory for the embedded storage.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Validate the configuration, print it as TOML and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FERRYMQ_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let overrides = Overrides {
+        listen: cli.listen.clone(),
+        data_dir: cli.data_dir.clone(),
+    };
+    let config = Config::load(cli.config.as_deref(), std::env::vars(), &overrides)
+        .context("configuration")?;
+    if cli.check_config {
+        println!(
+            "{}",
+            toml::to_string_pretty(&config).context("printing configuration")?
+        );
+        return Ok(());
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(run(config))
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let server = Server::start(config).await?;
+    tracing::info!("ferrymq {} ready", env!("CARGO_PKG_VERSION"));
+    wait_for_signal().await?;
+    tracing::info!("shutting down");
+    server.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("waiting for SIGINT")?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,432 @@
+//! Configuration: a TOML file, then `FERRYMQ_…` environment overrides, then command-line flags,
+//! validated once at start so that a bad value is reported with the key that holds it.
+//!
+//! Environment overrides name a key path with `__` between levels:
+//! `FERRYMQ_LIMITS__MAX_PACKET_SIZE=65536` sets `[limits] max_packet_size`. Values are parsed as
+//! TOML scalars (integers, booleans, floats) and fall back to strings, so
+//! `FERRYMQ_DATA_DIR=/var/lib/ferrymq` works without quoting. `FERRYMQ_LISTEN` is a comma-separated
+//! list of addresses that replaces the configured TCP listeners, like the `--listen` flag.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Prefix of every environment override.
+pub const ENV_PREFIX: &str = "FERRYMQ_";
+
+/// Why a configuration could not be loaded. Every message names the offending key or source.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+    #[error("key `{key}`: {message}")]
+    Key { key: String, message: String },
+}
+
+/// The whole broker configuration. Every field has a default, so an empty file is valid.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where the embedded storage keeps its files.
+    pub data_dir: PathBuf,
+    /// TCP listeners. One port serves MQTT 3.1, 3.1.1 and 5.0.
+    pub listeners: Vec<ListenerConfig>,
+    pub limits: Limits,
+    pub session: SessionConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("./data"),
+            listeners: vec![ListenerConfig::default()],
+            limits: Limits::default(),
+            session: SessionConfig::default(),
+        }
+    }
+}
+
+/// One TCP listener.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// A name for logs and metrics.
+    pub name: String,
+    /// Address and port to bind.
+    pub bind: SocketAddr,
+}
+
+impl Default for ListenerConfig {
+    fn default() -> Self {
+        ListenerConfig {
+            name: "tcp".into(),
+            bind: SocketAddr::from(([0, 0, 0, 0], 1883)),
+        }
+    }
+}
+
+/// Protocol and resource limits. Each one bounds memory or work a single client can cause.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest packet accepted from a client, in bytes (the whole packet). Told to v5 clients as
+    /// Maximum Packet Size; a larger packet gets DISCONNECT 0x95 (v5) or a closed socket (v3).
+    pub max_packet_size: u32,
+    /// Longest client identifier accepted (CONNACK 0x85 / 0x02 beyond it).
+    pub max_client_id_len: usize,
+    /// Longest topic name or filter, in bytes.
+    pub max_topic_len: usize,
+    /// Most levels (`/`-separated parts) in a topic name or filter.
+    pub max_topic_levels: usize,
+    /// Most subscriptions one session may hold (SUBACK 0x97 / 0x80 beyond it).
+    pub max_subscriptions_per_client: usize,
+    /// Outgoing QoS 1/2 messages in flight per client (also capped by the client's v5 Receive
+    /// Maximum), and the Receive Maximum the broker announces for incoming QoS 2.
+    pub max_inflight: u16,
+    /// Messages queued per client while it is offline or slow. When full, new messages for that
+    /// client are dropped and counted (`messages_dropped_queue_full`).
+    pub max_queued_messages: usize,
+    /// Topic aliases a v5 client may use towards the broker (Topic Alias Maximum in CONNACK).
+    pub max_topic_alias: u16,
+    /// Seconds a new connection has to send CONNECT.
+    pub connect_timeout_secs: u64,
+    /// Upper bound on the keep-alive a client may ask for; 0 means no bound. v5 clients asking
+    /// for more (or for 0) are told the bound as Server Keep Alive.
+    pub max_keep_alive_secs: u16,
+    /// Seconds a peer may leave our output unread before the connection is closed.
+    pub write_timeout_secs: u64,
+    /// Concurrent connections; further connections are closed right after accept.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_packet_size: 1024 * 1024,
+            max_client_id_len: 256,
+            max_topic_len: 65_535,
+            max_topic_levels: 128,
+            max_subscriptions_per_client: 1_000,
+            max_inflight: 32,
+            max_queued_messages: 10_000,
+            max_topic_alias: 64,
+            connect_timeout_secs: 10,
+            max_keep_alive_secs: 0,
+            write_timeout_secs: 60,
+            max_connections: 1_000_000,
+        }
+    }
+}
+
+/// Session lifetime rules.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SessionConfig {
+    /// Upper bound on a v5 Session Expiry Interval, in seconds (v5 clients are told the bound in
+    /// CONNACK). 4294967295 means "never expires" is allowed.
+    pub max_session_expiry_secs: u32,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            max_session_expiry_secs: u32::MAX,
+        }
+    }
+}
+
+/// Command-line overrides applied after the file and the environment.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Vec<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+}
+
+impl Config {
+    /// Loads `path` (or the defaults when `None`), applies the environment given as `(name, value)`
+    /// pairs and the flags, and validates the result.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &Overrides,
+    ) -> Result<Config, ConfigError> {
+        let mut table = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Parse {
+                        path: path.to_path_buf(),
+                        message: e.to_string(),
+                    })?
+            }
+            None => toml::Table::new(),
+        };
+        for (var, value) in env {
+            apply_env(&mut table, &var, &value)?;
+        }
+        let mut config: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.message().to_string()))?;
+        if !overrides.listen.is_empty() {
+            config.listeners = listeners_from(&overrides.listen);
+        }
+        if let Some(dir) = &overrides.data_dir {
+            config.data_dir = dir.clone();
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses a TOML document (used by tests and the config-check mode).
+    pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("<string>"),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks cross-field and range rules serde cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let key = |key: &str, message: &str| {
+            Err(ConfigError::Key {
+                key: key.to_string(),
+                message: message.to_string(),
+            })
+        };
+        if self.listeners.is_empty() {
+            return key("listeners", "at least one listener is required");
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, listener) in self.listeners.iter().enumerate() {
+            if listener.name.is_empty() {
+                return key(&format!("listeners[{i}].name"), "must not be empty");
+            }
+            if !seen.insert(listener.bind) {
+                return key(
+                    &format!("listeners[{i}].bind"),
+                    &format!("{} is bound by another listener", listener.bind),
+                );
+            }
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return key("data_dir", "must not be empty");
+        }
+        let l = &self.limits;
+        // The smallest legal packet that can carry a useful PUBLISH is a few bytes; below 64 the
+        // broker could not even send its own CONNACK with properties.
+        if l.max_packet_size < 64 || l.max_packet_size > 268_435_455 {
+            return key(
+                "limits.max_packet_size",
+                "must be between 64 and 268435455 (the MQTT maximum)",
+            );
+        }
+        if l.max_client_id_len < 23 || l.max_client_id_len > 65_535 {
+            return key(
+                "limits.max_client_id_len",
+                "must be between 23 (the MQTT minimum a server must accept) and 65535",
+            );
+        }
+        if l.max_topic_len == 0 || l.max_topic_len > 65_535 {
+            return key("limits.max_topic_len", "must be between 1 and 65535");
+        }
+        if l.max_topic_levels == 0 {
+            return key("limits.max_topic_levels", "must be at least 1");
+        }
+        if l.max_subscriptions_per_client == 0 {
+            return key("limits.max_subscriptions_per_client", "must be at least 1");
+        }
+        if l.max_inflight == 0 {
+            return key(
+                "limits.max_inflight",
+                "must be at least 1 (it is the v5 Receive Maximum)",
+            );
+        }
+        if l.max_queued_messages == 0 {
+            return key("limits.max_queued_messages", "must be at least 1");
+        }
+        if l.connect_timeout_secs == 0 {
+            return key("limits.connect_timeout_secs", "must be at least 1");
+        }
+        if l.write_timeout_secs == 0 {
+            return key("limits.write_timeout_secs", "must be at least 1");
+        }
+        if l.max_connections == 0 {
+            return key("limits.max_connections", "must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+fn listeners_from(addrs: &[SocketAddr]) -> Vec<ListenerConfig> {
+    addrs
+        .iter()
+        .enumerate()
+        .map(|(i, bind)| ListenerConfig {
+            name: if i == 0 {
+                "tcp".into()
+            } else {
+                format!("tcp{i}")
+            },
+            bind: *bind,
+        })
+        .collect()
+}
+
+/// Applies one environment variable to the TOML tree when it carries our prefix.
+fn apply_env(table: &mut toml::Table, var: &str, value: &str) -> Result<(), ConfigError> {
+    let Some(path) = var.strip_prefix(ENV_PREFIX) else {
+        return Ok(());
+    };
+    let env_err = |message: String| ConfigError::Env {
+        var: var.to_string(),
+        message,
+    };
+    if path == "LISTEN" {
+        let mut listeners = toml::value::Array::new();
+        for (i, addr) in value.split(',').map(str::trim).enumerate() {
+            let bind: SocketAddr = addr
+                .parse()
+                .map_err(|e| env_err(format!("`{addr}` is not an address: {e}")))?;
+            let mut t = toml::Table::new();
+            t.insert(
+                "name".into(),
+                toml::Value::String(if i == 0 {
+                    "tcp".into()
+                } else {
+                    format!("tcp{i}")
+                }),
+            );
+            t.insert("bind".into(), toml::Value::String(bind.to_string()));
+            listeners.push(toml::Value::Table(t));
+        }
+        table.insert("listeners".into(), toml::Value::Array(listeners));
+        return Ok(());
+    }
+    // Variables we do not know (FERRYMQ_LOG, say) are not config keys; only paths whose first
+    // level is a known top-level key are applied, so a typo in a nested key still fails loudly
+    // through `deny_unknown_fields`.
+    let keys: Vec<String> = path.split("__").map(|k| k.to_ascii_lowercase()).collect();
+    const TOP_LEVEL: &[&str] = &["data_dir", "limits", "session"];
+    if !TOP_LEVEL.contains(&keys[0].as_str()) {
+        return Ok(());
+    }
+    let mut node = table;
+    for k in &keys[..keys.len() - 1] {
+        let entry = node
+            .entry(k.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        node = entry
+            .as_table_mut()
+            .ok_or_else(|| env_err(format!("`{k}` is not a table")))?;
+    }
+    let leaf = keys[keys.len() - 1].clone();
+    node.insert(leaf, scalar(value));
+    Ok(())
+}
+
+/// Interprets an environment value as the TOML scalar it looks like.
+fn scalar(value: &str) -> toml::Value {
+    if let Ok(i) = value.parse::<i64>() {
+        return toml::Value::Integer(i);
+    }
+    if let Ok(b) = value.parse::<bool>() {
+        return toml::Value::Boolean(b);
+    }
+    if let Ok(f) = value.parse::<f64>() {
+        return toml::Value::Float(f);
+    }
+    toml::Value::String(value.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::load(None, Vec::new(), &Overrides::default()).unwrap();
+        assert_eq!(c.listeners[0].bind.port(), 1883);
+        assert_eq!(c.data_dir, PathBuf::from("./data"));
+        assert_eq!(c.limits.max_queued_messages, 10_000);
+    }
+
+    #[test]
+    fn env_overrides_file_and_flags_override_env() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.toml");
+        std::fs::write(
+            &path,
+            "[limits]\nmax_inflight = 10\nmax_queued_messages = 5\n",
+        )
+        .unwrap();
+        let c = Config::load(
+            Some(&path),
+            env(&[
+                ("FERRYMQ_LIMITS__MAX_INFLIGHT", "20"),
+                ("FERRYMQ_DATA_DIR", "/tmp/x"),
+                ("HOME", "/root"),
+                ("FERRYMQ_LISTEN", "127.0.0.1:1999"),
+            ]),
+            &Overrides {
+                listen: vec!["127.0.0.1:2000".parse().unwrap()],
+                data_dir: None,
+            },
+        )
+        .unwrap();
+        assert_eq!(c.limits.max_inflight, 20);
+        assert_eq!(c.limits.max_queued_messages, 5);
+        assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(c.listeners.len(), 1);
+        assert_eq!(c.listeners[0].bind.port(), 2000);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let err = Config::from_toml_str("[limits]\nmax_inflight = 0\n").unwrap_err();
+        assert!(err.to_string().contains("limits.max_inflight"), "{err}");
+        let err = Config::from_toml_str("[limits]\nmax_inflite = 3\n").unwrap_err();
+        assert!(err.to_string().contains("max_inflite"), "{err}");
+        let err = Config::load(
+            None,
+            env(&[("FERRYMQ_LIMITS__MAX_PACKET_SIZE", "banana")]),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("max_packet_size"), "{err}");
+        let err = Config::load(
+            None,
+            env(&[("FERRYMQ_LISTEN", "nowhere")]),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("FERRYMQ_LISTEN"), "{err}");
+    }
+
+    #[test]
+    fn example_config_in_repo_is_valid() {
+        let text = include_str!("../../ferrymq.example.toml");
+        Config::from_toml_str(text).unwrap();
+    }
+}

@@ -1,0 +1,283 @@
+//! The CONNECT → CONNACK handshake: client identifier rules, authentication, keep-alive and
+//! session expiry negotiation, session takeover or resumption.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use rumqttc::v5::mqttbytes::v5::Packet;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use super::READ_CHUNK;
+use crate::auth::{AuthDecision, Credentials};
+use crate::broker::Broker;
+use crate::protocol::{
+    encode, ConnAck, ConnAckProperties, ConnectPacket, ConnectReturnCode, Decoder, Incoming,
+    ProtocolVersion,
+};
+use crate::router::topic::validate_topic_name;
+use crate::session::machine::{ClientLimits, Machine};
+use crate::session::registry::Kick;
+use crate::session::NEVER_EXPIRES;
+
+/// A connection that passed CONNECT.
+pub(super) struct Accepted {
+    pub machine: Machine,
+    pub conn_id: u64,
+    pub kick_rx: mpsc::Receiver<Kick>,
+    /// Keep-alive in force, seconds (0 = none).
+    pub keep_alive: u16,
+    pub session_present: bool,
+    /// The encoded CONNACK, to be written first.
+    pub connack: BytesMut,
+}
+
+/// Reads CONNECT and answers it. `Ok(None)` when the connection was refused (CONNACK with an
+/// error code was sent where the spec asks for one) or closed.
+pub(super) async fn handshake(
+    broker: &Arc<Broker>,
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    decoder: &mut Decoder,
+    rbuf: &mut BytesMut,
+) -> std::io::Result<Option<Accepted>> {
+    let connect = loop {
+        match decoder.decode(rbuf) {
+            Ok(Some(Incoming::Connect(connect))) => break connect,
+            Ok(Some(_)) => return Ok(None),
+            Ok(None) => {
+                rbuf.reserve(READ_CHUNK);
+                if stream.read_buf(rbuf).await? == 0 {
+                    return Ok(None);
+                }
+            }
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "bad CONNECT");
+                broker.metrics.protocol_errors.inc();
+                if let Some(code) = e.connack_code() {
+                    let version = decoder.version().unwrap_or(ProtocolVersion::V3_1_1);
+                    refuse(stream, version, code).await;
+                }
+                return Ok(None);
+            }
+        }
+    };
+    let version = connect.version;
+    let v5 = version == ProtocolVersion::V5;
+    let limits = &broker.config.limits;
+
+    // v5 enhanced authentication is not offered [MQTT-3.1.2-? / 4.12]: refuse the method.
+    if connect.properties.authentication_method.is_some() {
+        refuse(stream, version, ConnectReturnCode::BadAuthenticationMethod).await;
+        return Ok(None);
+    }
+    let (client_id, assigned) = match client_identifier(&connect, limits.max_client_id_len) {
+        Ok(id) => id,
+        Err(code) => {
+            refuse(stream, version, code).await;
+            return Ok(None);
+        }
+    };
+    if let Some(will) = &connect.will {
+        if validate_topic_name(&will.topic, &broker.topic_limits).is_err() {
+            if v5 {
+                refuse(stream, version, ConnectReturnCode::TopicNameInvalid).await;
+            }
+            return Ok(None);
+        }
+    }
+    let decision = broker
+        .auth
+        .authenticate(&Credentials {
+            client_id: &client_id,
+            username: connect.username.as_deref(),
+            password: connect.password.as_ref(),
+            peer,
+        })
+        .await;
+    match decision {
+        AuthDecision::Allow => {}
+        AuthDecision::BadCredentials => {
+            refuse(stream, version, ConnectReturnCode::BadUserNamePassword).await;
+            return Ok(None);
+        }
+        AuthDecision::NotAuthorized => {
+            refuse(stream, version, ConnectReturnCode::NotAuthorized).await;
+            return Ok(None);
+        }
+    }
+
+    let max_expiry = broker.config.session.max_session_expiry_secs;
+    let requested_expiry = if v5 {
+        connect.properties.session_expiry_interval.unwrap_or(0)
+    } else if connect.clean_start {
+        0
+    } else {
+        NEVER_EXPIRES
+    };
+    let expiry = requested_expiry.min(max_expiry);
+    // A v3 client cannot be told another keep-alive, so its own value stands.
+    let (keep_alive, server_keep_alive) = if v5 {
+        negotiate_keep_alive(connect.keep_alive, limits.max_keep_alive_secs)
+    } else {
+        (connect.keep_alive, None)
+    };
+
+    let client_id: Arc<str> = Arc::from(client_id);
+    let conn_id = broker.registry.next_id();
+    let (kick_tx, kick_rx) = mpsc::channel(1);
+    let (session, session_present) = match broker
+        .open_session(
+            client_id.clone(),
+            conn_id,
+            &kick_tx,
+            connect.clean_start,
+            expiry,
+        )
+        .await
+    {
+        Ok(opened) => opened,
+        Err(e) => {
+            tracing::warn!(%peer, client_id = %client_id, error = %e, "refusing connection");
+            refuse(stream, version, ConnectReturnCode::ServerBusy).await;
+            return Ok(None);
+        }
+    };
+    // The kick sender stays in the registry; the connection keeps only the receiver.
+    drop(kick_tx);
+
+    let properties = v5.then(|| ConnAckProperties {
+        session_expiry_interval: (expiry != requested_expiry).then_some(expiry),
+        receive_max: Some(limits.max_inflight),
+        max_qos: None,
+        retain_available: None,
+        max_packet_size: Some(limits.max_packet_size),
+        assigned_client_identifier: assigned.then(|| client_id.to_string()),
+        topic_alias_max: Some(limits.max_topic_alias),
+        reason_string: None,
+        user_properties: Vec::new(),
+        wildcard_subscription_available: None,
+        subscription_identifiers_available: None,
+        shared_subscription_available: None,
+        server_keep_alive,
+        response_information: None,
+        server_reference: None,
+        authentication_method: None,
+        authentication_data: None,
+    });
+    let mut connack = BytesMut::new();
+    let _ = encode(
+        &Packet::ConnAck(ConnAck {
+            session_present,
+            code: ConnectReturnCode::Success,
+            properties,
+        }),
+        version,
+        None,
+        &mut connack,
+    );
+
+    let props = &connect.properties;
+    let client = ClientLimits {
+        receive_maximum: props.receive_maximum.unwrap_or(u16::MAX),
+        max_packet_size: props.max_packet_size,
+        topic_alias_maximum: props.topic_alias_max.unwrap_or(0),
+        problem_information: props.request_problem_info.unwrap_or(1) == 1,
+    };
+    let ConnectPacket { will, .. } = *connect;
+    let machine = Machine::new(broker.clone(), version, session, will, client);
+    Ok(Some(Accepted {
+        machine,
+        conn_id,
+        kick_rx,
+        keep_alive,
+        session_present,
+        connack,
+    }))
+}
+
+/// The client identifier to use and whether the broker assigned it. Empty identifiers are
+/// assigned for v5 [MQTT-3.1.3-6] and for 3.1.1 clean sessions [MQTT-3.1.3-7]; 3.1.1 with a
+/// persistent session gets 0x02 [MQTT-3.1.3-8]; 3.1 requires one.
+fn client_identifier(
+    connect: &ConnectPacket,
+    max_len: usize,
+) -> Result<(String, bool), ConnectReturnCode> {
+    let v5 = connect.version == ProtocolVersion::V5;
+    let rejected = if v5 {
+        ConnectReturnCode::ClientIdentifierNotValid
+    } else {
+        ConnectReturnCode::BadClientId
+    };
+    if connect.client_id.is_empty() {
+        let allowed = match connect.version {
+            ProtocolVersion::V5 => true,
+            ProtocolVersion::V3_1_1 => connect.clean_start,
+            ProtocolVersion::V3_1 => false,
+        };
+        if !allowed {
+            return Err(rejected);
+        }
+        return Ok((assign_client_id(), true));
+    }
+    if connect.client_id.len() > max_len {
+        return Err(rejected);
+    }
+    Ok((connect.client_id.clone(), false))
+}
+
+/// A client id unique within this process and unlikely to collide across restarts.
+fn assign_client_id() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    format!("ferrymq-{nanos:x}-{n:x}")
+}
+
+/// The keep-alive in force and, for v5, the Server Keep Alive to announce when it differs.
+fn negotiate_keep_alive(requested: u16, max: u16) -> (u16, Option<u16>) {
+    if max == 0 || (requested != 0 && requested <= max) {
+        return (requested, None);
+    }
+    (max, Some(max))
+}
+
+/// Sends CONNACK with a refusal code and closes [MQTT-3.2.2-5].
+async fn refuse(stream: &mut TcpStream, version: ProtocolVersion, code: ConnectReturnCode) {
+    let mut out = BytesMut::new();
+    if encode(
+        &Packet::ConnAck(ConnAck {
+            session_present: false,
+            code,
+            properties: None,
+        }),
+        version,
+        None,
+        &mut out,
+    )
+    .is_ok()
+    {
+        let _ = stream.write_all(&out).await;
+    }
+    let _ = stream.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keep_alive_negotiation() {
+        assert_eq!(negotiate_keep_alive(30, 0), (30, None));
+        assert_eq!(negotiate_keep_alive(0, 0), (0, None));
+        assert_eq!(negotiate_keep_alive(30, 60), (30, None));
+        assert_eq!(negotiate_keep_alive(120, 60), (60, Some(60)));
+        assert_eq!(negotiate_keep_alive(0, 60), (60, Some(60)));
+    }
+}

@@ -1,0 +1,313 @@
+//! One client connection: CONNECT handshake, then a single task that reads, writes and delivers.
+//!
+//! The task selects over the socket's read half, its write half, the session's outbound queue,
+//! takeover/shutdown signals and one timer. Reads take whatever the kernel has (up to a large
+//! buffer) and every complete packet in it is decoded and handled before the next wake-up;
+//! responses and deliveries accumulate in one output buffer that goes out in a single `write`.
+//! That is what keeps syscalls and wake-ups per message low (see docs/architecture.md).
+
+mod connect;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use rumqttc::v5::mqttbytes::v5::Packet;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::broker::Broker;
+use crate::protocol::{
+    encode, Decoder, Disconnect, DisconnectProperties, DisconnectReasonCode, ProtocolVersion,
+};
+use crate::session::machine::{Flow, Machine};
+use crate::session::registry::Kick;
+
+/// Read at least this much free space before each read.
+const READ_CHUNK: usize = 16 * 1024;
+/// Stop taking new work (reads, deliveries) while this much output waits for the socket.
+const OUTPUT_HIGH_WATER: usize = 256 * 1024;
+/// Deliveries taken from the queue per wake-up before the socket gets a turn.
+const DELIVERY_BATCH: usize = 256;
+/// Time allowed to flush a final DISCONNECT to a peer that is going away.
+const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Serves one accepted TCP connection until it ends. Never panics on peer input.
+pub async fn serve(
+    broker: Arc<Broker>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    shutdown: watch::Receiver<bool>,
+) {
+    let _ = stream.set_nodelay(true);
+    broker.metrics.connections.inc();
+    let result = run(broker.clone(), stream, peer, shutdown).await;
+    broker.metrics.connections.dec();
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// Why a connection loop ended.
+enum End {
+    /// The client sent DISCONNECT.
+    ClientDisconnect { publish_will: bool },
+    /// The peer closed the socket or it failed: an abnormal end, the will is published.
+    SocketClosed,
+    /// We close it: v5 clients are told why.
+    Close(DisconnectReasonCode, &'static str),
+    /// Another connection took the session over.
+    TakenOver(oneshot::Sender<()>),
+    /// The broker is shutting down.
+    Shutdown,
+}
+
+async fn run(
+    broker: Arc<Broker>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let limits = broker.config.limits.clone();
+    let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
+    let mut wbuf = BytesMut::with_capacity(READ_CHUNK);
+    let mut decoder = Decoder::new(limits.max_packet_size);
+
+    let connect_deadline = Duration::from_secs(limits.connect_timeout_secs);
+    let accepted = match tokio::time::timeout(
+        connect_deadline,
+        connect::handshake(&broker, &mut stream, peer, &mut decoder, &mut rbuf),
+    )
+    .await
+    {
+        Ok(Ok(Some(accepted))) => accepted,
+        Ok(Ok(None)) => return Ok(()),
+        Ok(Err(e)) => return Err(e),
+        Err(_) => {
+            tracing::debug!(%peer, "no CONNECT within the connect timeout");
+            return Ok(());
+        }
+    };
+    let connect::Accepted {
+        machine,
+        conn_id,
+        kick_rx,
+        keep_alive,
+        session_present,
+        connack,
+    } = accepted;
+    let mut machine = machine;
+    let client_id = machine.session.client_id.clone();
+    wbuf.extend_from_slice(&connack);
+    if session_present {
+        machine.resend_inflight(&mut wbuf);
+    }
+    tracing::debug!(%peer, client_id = %client_id, version = ?machine.version, "client connected");
+
+    let end = event_loop(
+        &broker,
+        &mut stream,
+        &mut machine,
+        &mut decoder,
+        &mut rbuf,
+        &mut wbuf,
+        kick_rx,
+        &mut shutdown,
+        keep_alive,
+    )
+    .await;
+
+    let version = machine.version;
+    let (will_allowed, reason, done) = match end {
+        End::ClientDisconnect { publish_will } => (publish_will, None, None),
+        End::SocketClosed => (true, None, None),
+        End::Close(code, why) => {
+            tracing::debug!(%peer, client_id = %client_id, ?code, why, "closing connection");
+            broker.metrics.protocol_errors.inc();
+            (true, Some((code, why)), None)
+        }
+        End::TakenOver(done) => (
+            true,
+            Some((DisconnectReasonCode::SessionTakenOver, "session taken over")),
+            Some(done),
+        ),
+        End::Shutdown => (
+            false,
+            Some((
+                DisconnectReasonCode::ServerShuttingDown,
+                "server shutting down",
+            )),
+            None,
+        ),
+    };
+    if let Some((code, why)) = reason {
+        if version == ProtocolVersion::V5 {
+            send_disconnect(&mut stream, &mut wbuf, code, why).await;
+        }
+    }
+    let _ = stream.shutdown().await;
+    let (session, will) = machine.into_parts();
+    broker.close_session(session, conn_id, if will_allowed { will } else { None });
+    if let Some(done) = done {
+        let _ = done.send(());
+    }
+    tracing::debug!(%peer, client_id = %client_id, "client disconnected");
+    Ok(())
+}
+
+/// The connected phase. Returns why it ended.
+#[allow(clippy::too_many_arguments)]
+async fn event_loop(
+    broker: &Arc<Broker>,
+    stream: &mut TcpStream,
+    machine: &mut Machine,
+    decoder: &mut Decoder,
+    rbuf: &mut BytesMut,
+    wbuf: &mut BytesMut,
+    mut kick_rx: mpsc::Receiver<Kick>,
+    shutdown: &mut watch::Receiver<bool>,
+    keep_alive: u16,
+) -> End {
+    let metrics = broker.metrics.clone();
+    let write_timeout = Duration::from_secs(broker.config.limits.write_timeout_secs);
+    // Keep-alive is enforced at one and a half times the interval [MQTT-3.1.2-24]; 0 disables it.
+    let idle_limit = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
+    let mut last_read = Instant::now();
+    let mut write_stalled_since: Option<Instant> = None;
+    let timer = tokio::time::sleep(next_check(idle_limit, last_read, write_timeout));
+    tokio::pin!(timer);
+    let (mut reader, mut writer) = stream.split();
+
+    loop {
+        let now = Instant::now();
+        fill_output(machine, wbuf, now);
+        if wbuf.is_empty() {
+            write_stalled_since = None;
+        } else if write_stalled_since.is_none() {
+            write_stalled_since = Some(now);
+        }
+        let room = wbuf.len() < OUTPUT_HIGH_WATER;
+        let can_deliver = room && machine.window_open() && !machine.has_pending();
+        if rbuf.capacity() - rbuf.len() < READ_CHUNK / 4 {
+            rbuf.reserve(READ_CHUNK);
+        }
+
+        tokio::select! {
+            biased;
+            kick = kick_rx.recv() => {
+                if let Some(kick) = kick {
+                    return End::TakenOver(kick.done);
+                }
+            }
+            _ = shutdown.changed() => return End::Shutdown,
+            written = writer.write(wbuf), if !wbuf.is_empty() => match written {
+                Ok(0) | Err(_) => return End::SocketClosed,
+                Ok(n) => {
+                    metrics.bytes_sent.add(n as u64);
+                    wbuf.advance(n);
+                    write_stalled_since = None;
+                }
+            },
+            read = reader.read_buf(rbuf), if room => match read {
+                Ok(0) | Err(_) => return End::SocketClosed,
+                Ok(n) => {
+                    metrics.bytes_received.add(n as u64);
+                    last_read = Instant::now();
+                    loop {
+                        match decoder.decode(rbuf) {
+                            Ok(Some(packet)) => match machine.handle(packet, wbuf) {
+                                Flow::Continue => {}
+                                Flow::ClientDisconnected { publish_will } => {
+                                    return End::ClientDisconnect { publish_will }
+                                }
+                                Flow::Close(code, why) => return End::Close(code, why),
+                            },
+                            Ok(None) => break,
+                            Err(e) => {
+                                tracing::debug!(error = %e, "protocol error");
+                                return End::Close(e.disconnect_reason(), "protocol error");
+                            }
+                        }
+                    }
+                }
+            },
+            delivery = machine.session.queue.recv(), if can_deliver => {
+                if let Some(delivery) = delivery {
+                    let now = Instant::now();
+                    machine.deliver(delivery, wbuf, now);
+                    // Take what else is already queued, so it leaves in the same write.
+                    for _ in 1..DELIVERY_BATCH {
+                        if !machine.window_open() || wbuf.len() >= OUTPUT_HIGH_WATER {
+                            break;
+                        }
+                        match machine.session.queue.try_recv() {
+                            Ok(d) => machine.deliver(d, wbuf, now),
+                            Err(_) => break,
+                        }
+                    }
+                }
+            }
+            _ = &mut timer => {
+                let now = Instant::now();
+                if let Some(limit) = idle_limit {
+                    if now.duration_since(last_read) >= limit {
+                        return End::Close(DisconnectReasonCode::KeepAliveTimeout, "keep alive timeout");
+                    }
+                }
+                if let Some(since) = write_stalled_since {
+                    if now.duration_since(since) >= write_timeout {
+                        return End::SocketClosed;
+                    }
+                }
+                let next = next_check(idle_limit, last_read, write_timeout);
+                timer.as_mut().reset(tokio::time::Instant::now() + next);
+            }
+        }
+    }
+}
+
+/// Moves connection-local deliveries (retained on subscribe) into the output while allowed.
+fn fill_output(machine: &mut Machine, wbuf: &mut BytesMut, now: Instant) {
+    if machine.has_pending() && wbuf.len() < OUTPUT_HIGH_WATER {
+        machine.flush_pending(wbuf, now);
+    }
+}
+
+/// Time until the timer should look again: the keep-alive deadline, but at least every
+/// `write_timeout` so a stalled writer is noticed even without keep-alive.
+fn next_check(
+    idle_limit: Option<Duration>,
+    last_read: Instant,
+    write_timeout: Duration,
+) -> Duration {
+    match idle_limit {
+        Some(limit) => {
+            let left = limit.saturating_sub(last_read.elapsed());
+            left.min(write_timeout).max(Duration::from_millis(10))
+        }
+        None => write_timeout,
+    }
+}
+
+/// Writes a v5 DISCONNECT after whatever output is pending, giving the peer a moment to take it.
+async fn send_disconnect(
+    stream: &mut TcpStream,
+    wbuf: &mut BytesMut,
+    code: DisconnectReasonCode,
+    why: &'static str,
+) {
+    let packet = Packet::Disconnect(Disconnect {
+        reason_code: code,
+        properties: Some(DisconnectProperties {
+            session_expiry_interval: None,
+            reason_string: Some(why.to_string()),
+            user_properties: Vec::new(),
+            server_reference: None,
+        }),
+    });
+    let _ = encode(&packet, ProtocolVersion::V5, None, wbuf);
+    let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, stream.write_all(wbuf)).await;
+    wbuf.clear();
+}

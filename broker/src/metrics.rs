@@ -1,0 +1,59 @@
+//! Broker counters and gauges.
+//!
+//! Plain atomics so the hot path pays one relaxed add per event; the Prometheus exposition
+//! (security/operations issue) reads these same values.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A monotonically increasing count.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A value that goes up and down.
+#[derive(Debug, Default)]
+pub struct Gauge(AtomicU64);
+
+impl Gauge {
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn dec(&self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Every metric the broker keeps. Names follow the Prometheus names they will be exported as.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub connections: Gauge,
+    pub connections_refused: Counter,
+    pub sessions: Gauge,
+    pub messages_received: Counter,
+    pub messages_sent: Counter,
+    pub messages_dropped_queue_full: Counter,
+    pub messages_dropped_expired: Counter,
+    pub messages_dropped_too_large: Counter,
+    pub messages_dropped_no_subscribers: Counter,
+    pub retained_messages: Gauge,
+    pub protocol_errors: Counter,
+    pub bytes_received: Counter,
+    pub bytes_sent: Counter,
+}

@@ -1,0 +1,344 @@
+//! The router: who is subscribed to what, which retained messages exist, and the fan-out of a
+//! published message to every matching subscriber's outbound queue.
+//!
+//! Publishing runs on the publisher's own connection task: it takes the subscription trie's read
+//! lock once, collects the matching subscribers, and pushes a [`Delivery`] into each one's bounded
+//! queue with `try_send`. No router task sits in between, so a message costs no extra cross-task
+//! hop, and because one publisher's messages are pushed in the order it sent them, each
+//! subscriber's FIFO queue keeps that order (MQTT 4.6 ordered topics).
+
+pub mod retained;
+pub mod topic;
+pub mod trie;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::RwLock;
+use tokio::sync::mpsc;
+
+use crate::message::{max_qos, min_qos, Delivery, Message};
+use crate::metrics::Metrics;
+use crate::protocol::{QoS, RetainForwardRule};
+use retained::RetainedStore;
+use topic::ParsedFilter;
+use trie::SubscriptionTrie;
+
+/// The sending side of one session's outbound queue. The router keeps these in the trie; the
+/// session that owns the receiving side drains it. Bounded: see `limits.max_queued_messages`.
+#[derive(Debug)]
+pub struct Mailbox {
+    pub client_id: Arc<str>,
+    tx: mpsc::Sender<Delivery>,
+}
+
+impl Mailbox {
+    /// A new mailbox with room for `capacity` deliveries, and its receiving end.
+    pub fn new(client_id: Arc<str>, capacity: usize) -> (Arc<Mailbox>, mpsc::Receiver<Delivery>) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        (Arc::new(Mailbox { client_id, tx }), rx)
+    }
+
+    /// Queues a delivery without waiting. A full queue drops the delivery (counted by the caller);
+    /// a closed one means the session ended between match and send, which is not an error.
+    fn offer(&self, delivery: Delivery) -> Result<(), Offer> {
+        match self.tx.try_send(delivery) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => Err(Offer::Full),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(Offer::Closed),
+        }
+    }
+}
+
+enum Offer {
+    Full,
+    Closed,
+}
+
+/// Subscription options as granted (v5 §3.8.3.1; v3 uses only `qos`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscriptionOptions {
+    pub qos: QoS,
+    pub no_local: bool,
+    pub retain_as_published: bool,
+    pub retain_handling: RetainForwardRule,
+    pub identifier: Option<usize>,
+}
+
+/// Trie key: a client for ordinary subscriptions, a group for shared ones.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum SubKey {
+    Client(Arc<str>),
+    Group(Arc<str>),
+}
+
+#[derive(Debug)]
+enum Subscription {
+    Direct {
+        mailbox: Arc<Mailbox>,
+        options: SubscriptionOptions,
+    },
+    Shared(SharedGroup),
+}
+
+/// The members of one `$share/{group}/{filter}`; each message goes to one of them, round-robin.
+#[derive(Debug)]
+struct SharedGroup {
+    members: Vec<(Arc<Mailbox>, SubscriptionOptions)>,
+    next: AtomicUsize,
+}
+
+/// What the router needs to know about a subscribe call's effect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubscribeOutcome {
+    /// The client already had a subscription with this exact filter (it was replaced).
+    pub existed: bool,
+}
+
+/// Subscriptions, retained messages and fan-out. Shared by every connection.
+pub struct Router {
+    subscriptions: RwLock<SubscriptionTrie<SubKey, Subscription>>,
+    retained: RwLock<RetainedStore<Arc<Message>>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Router {
+    pub fn new(metrics: Arc<Metrics>) -> Router {
+        Router {
+            subscriptions: RwLock::new(SubscriptionTrie::new()),
+            retained: RwLock::new(RetainedStore::new()),
+            metrics,
+        }
+    }
+
+    /// Adds or replaces a subscription. `filter` has been validated by [`topic::parse_filter`].
+    pub fn subscribe(
+        &self,
+        mailbox: &Arc<Mailbox>,
+        filter: ParsedFilter<'_>,
+        options: SubscriptionOptions,
+    ) -> SubscribeOutcome {
+        let mut trie = self.subscriptions.write();
+        match filter {
+            ParsedFilter::Plain(filter) => {
+                let previous = trie.insert(
+                    filter,
+                    SubKey::Client(mailbox.client_id.clone()),
+                    Subscription::Direct {
+                        mailbox: mailbox.clone(),
+                        options,
+                    },
+                );
+                SubscribeOutcome {
+                    existed: previous.is_some(),
+                }
+            }
+            ParsedFilter::Shared { group, filter } => {
+                let key = SubKey::Group(Arc::from(group));
+                if let Some(Subscription::Shared(g)) = trie.get_mut(filter, &key) {
+                    let existing = g
+                        .members
+                        .iter_mut()
+                        .find(|(m, _)| m.client_id == mailbox.client_id);
+                    if let Some(member) = existing {
+                        *member = (mailbox.clone(), options);
+                        return SubscribeOutcome { existed: true };
+                    }
+                    g.members.push((mailbox.clone(), options));
+                    return SubscribeOutcome { existed: false };
+                }
+                trie.insert(
+                    filter,
+                    key,
+                    Subscription::Shared(SharedGroup {
+                        members: vec![(mailbox.clone(), options)],
+                        next: AtomicUsize::new(0),
+                    }),
+                );
+                SubscribeOutcome { existed: false }
+            }
+        }
+    }
+
+    /// Removes a client's subscription; returns whether it existed.
+    pub fn unsubscribe(&self, client_id: &Arc<str>, filter: ParsedFilter<'_>) -> bool {
+        let mut trie = self.subscriptions.write();
+        match filter {
+            ParsedFilter::Plain(filter) => trie
+                .remove(filter, &SubKey::Client(client_id.clone()))
+                .is_some(),
+            ParsedFilter::Shared { group, filter } => {
+                let key = SubKey::Group(Arc::from(group));
+                let Some(Subscription::Shared(g)) = trie.get_mut(filter, &key) else {
+                    return false;
+                };
+                let before = g.members.len();
+                g.members.retain(|(m, _)| &m.client_id != client_id);
+                let removed = g.members.len() != before;
+                if g.members.is_empty() {
+                    trie.remove(filter, &key);
+                }
+                removed
+            }
+        }
+    }
+
+    /// Routes a message to every matching subscriber. Returns how many deliveries were queued
+    /// (v5 PUBACK says "no matching subscribers" when this is 0 and nothing matched at all).
+    pub fn publish(&self, message: &Arc<Message>) -> RouteResult {
+        let topic = message.topic_str();
+        let mut direct: Vec<Target> = Vec::new();
+        let mut shared: Vec<(Arc<Mailbox>, QoS, bool)> = Vec::new();
+        let mut matched = 0usize;
+        {
+            let trie = self.subscriptions.read();
+            trie.for_each_match(topic, |_, sub| match sub {
+                Subscription::Direct { mailbox, options } => {
+                    matched += 1;
+                    // v5 No Local: never back to the publisher [MQTT-3.8.3-3].
+                    if options.no_local && mailbox.client_id == message.publisher {
+                        return;
+                    }
+                    direct.push(Target {
+                        mailbox: mailbox.clone(),
+                        qos: min_qos(message.qos, options.qos),
+                        retain: options.retain_as_published && message.retain,
+                        ids: options.identifier.into_iter().collect(),
+                    });
+                }
+                Subscription::Shared(group) => {
+                    matched += 1;
+                    if let Some((mailbox, qos, retain)) = pick_member(group) {
+                        shared.push((mailbox, min_qos(message.qos, qos), retain));
+                    }
+                }
+            });
+        }
+        let mut result = RouteResult {
+            matched,
+            ..RouteResult::default()
+        };
+        // A client subscribed through several overlapping filters gets the message once, at the
+        // highest QoS, with every subscription identifier [MQTT-3.3.4-2], [MQTT-3.3.4-3].
+        if direct.len() > 1 {
+            direct.sort_by_key(|t| Arc::as_ptr(&t.mailbox) as *const u8 as usize);
+            direct.dedup_by(|later, kept| {
+                if Arc::ptr_eq(&later.mailbox, &kept.mailbox) {
+                    kept.qos = max_qos(kept.qos, later.qos);
+                    kept.retain |= later.retain;
+                    kept.ids.append(&mut later.ids);
+                    true
+                } else {
+                    false
+                }
+            });
+        }
+        for target in direct {
+            let delivery = Delivery {
+                message: message.clone(),
+                qos: target.qos,
+                retain: target.retain,
+                subscription_ids: target.ids,
+            };
+            self.offer(&target.mailbox, delivery, &mut result);
+        }
+        for (mailbox, qos, retain) in shared {
+            let delivery = Delivery {
+                message: message.clone(),
+                qos,
+                retain,
+                subscription_ids: Vec::new(),
+            };
+            self.offer(&mailbox, delivery, &mut result);
+        }
+        result
+    }
+
+    fn offer(&self, mailbox: &Mailbox, delivery: Delivery, result: &mut RouteResult) {
+        match mailbox.offer(delivery) {
+            Ok(()) => result.queued += 1,
+            Err(Offer::Full) => {
+                result.dropped += 1;
+                self.metrics.messages_dropped_queue_full.inc();
+            }
+            Err(Offer::Closed) => {}
+        }
+    }
+
+    /// Stores, replaces or (empty payload) deletes the retained message for its topic
+    /// [MQTT-3.3.1-5], [MQTT-3.3.1-10].
+    pub fn retain(&self, message: &Arc<Message>) {
+        let mut store = self.retained.write();
+        if message.payload.is_empty() {
+            store.remove(message.topic_str());
+        } else {
+            store.insert(message.topic_str(), message.clone());
+        }
+        self.metrics.retained_messages.set(store.len() as u64);
+    }
+
+    /// Live retained messages matching `filter`, oldest-expiry dropped on the way [MQTT-3.3.2-5].
+    pub fn retained_matching(&self, filter: &str, limit: usize) -> Vec<Arc<Message>> {
+        let now = Instant::now();
+        let mut out = Vec::new();
+        let store = self.retained.read();
+        store.for_each_match(filter, |_, m| {
+            if out.len() < limit && !m.is_expired(now) {
+                out.push(m.clone());
+            }
+        });
+        out
+    }
+
+    /// Drops expired retained messages. Called periodically.
+    pub fn purge_expired_retained(&self) {
+        let now = Instant::now();
+        let mut store = self.retained.write();
+        store.retain(|_, m| !m.is_expired(now));
+        self.metrics.retained_messages.set(store.len() as u64);
+    }
+
+    /// Number of (filter, subscriber) entries, shared groups counted once.
+    pub fn subscription_count(&self) -> usize {
+        self.subscriptions.read().len()
+    }
+}
+
+struct Target {
+    mailbox: Arc<Mailbox>,
+    qos: QoS,
+    retain: bool,
+    ids: Vec<usize>,
+}
+
+/// Round-robin over a shared group's members [MQTT-4.8.2]. Members whose queue is closed (the
+/// session is gone) are skipped; fullness is handled by the caller's normal drop accounting.
+fn pick_member(group: &SharedGroup) -> Option<(Arc<Mailbox>, QoS, bool)> {
+    let n = group.members.len();
+    if n == 0 {
+        return None;
+    }
+    let start = group.next.fetch_add(1, Ordering::Relaxed);
+    for i in 0..n {
+        let (mailbox, options) = &group.members[(start + i) % n];
+        if mailbox.tx.is_closed() || mailbox.tx.capacity() == 0 {
+            continue;
+        }
+        return Some((mailbox.clone(), options.qos, false));
+    }
+    // Everyone is full: pick the scheduled one so the drop is counted against it.
+    let (mailbox, options) = &group.members[start % n];
+    Some((mailbox.clone(), options.qos, false))
+}
+
+/// Outcome of routing one message.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RouteResult {
+    /// Subscriptions (and shared groups) whose filter matched.
+    pub matched: usize,
+    /// Deliveries placed in outbound queues.
+    pub queued: usize,
+    /// Deliveries dropped because a queue was full.
+    pub dropped: usize,
+}

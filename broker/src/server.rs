@@ -1,0 +1,105 @@
+//! Starting and stopping a broker: bind every listener, run until shutdown, then tell every
+//! connection to close and wait (bounded) for them.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::broker::Broker;
+use crate::config::Config;
+use crate::listener::Listener;
+
+/// How long shutdown waits for connections to say goodbye.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How often expired retained messages are purged.
+const RETAINED_PURGE_INTERVAL: Duration = Duration::from_secs(60);
+
+/// A running broker.
+pub struct Server {
+    pub broker: Arc<Broker>,
+    addrs: Vec<SocketAddr>,
+    shutdown: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+    connections: Arc<Semaphore>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot bind listener `{name}` on {addr}: {source}")]
+    Bind {
+        name: String,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+impl Server {
+    /// Binds every listener and starts serving.
+    pub async fn start(config: Config) -> Result<Server, StartError> {
+        Self::start_with(Broker::new(config)).await
+    }
+
+    pub async fn start_with(broker: Arc<Broker>) -> Result<Server, StartError> {
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let connections = Arc::new(Semaphore::new(broker.config.limits.max_connections));
+        let mut tasks = JoinSet::new();
+        let mut addrs = Vec::new();
+        let mut bound = Vec::new();
+        for lc in &broker.config.listeners {
+            let listener = Listener::bind(lc)
+                .await
+                .map_err(|source| StartError::Bind {
+                    name: lc.name.clone(),
+                    addr: lc.bind,
+                    source,
+                })?;
+            let addr = listener.local_addr().map_err(|source| StartError::Bind {
+                name: lc.name.clone(),
+                addr: lc.bind,
+                source,
+            })?;
+            tracing::info!(listener = %lc.name, %addr, "listening for MQTT 3.1/3.1.1/5.0");
+            addrs.push(addr);
+            bound.push(listener);
+        }
+        for listener in bound {
+            tasks.spawn(listener.run(broker.clone(), connections.clone(), shutdown_rx.clone()));
+        }
+        let purger = broker.clone();
+        let mut purge_shutdown = shutdown_rx.clone();
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(RETAINED_PURGE_INTERVAL);
+            loop {
+                tokio::select! {
+                    _ = purge_shutdown.changed() => return,
+                    _ = tick.tick() => purger.router.purge_expired_retained(),
+                }
+            }
+        });
+        Ok(Server {
+            broker,
+            addrs,
+            shutdown,
+            tasks,
+            connections,
+        })
+    }
+
+    /// The addresses actually bound (useful with port 0).
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    /// Stops accepting, asks every connection to close (v5 clients get DISCONNECT 0x8B) and
+    /// waits up to a grace period for them.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        while self.tasks.join_next().await.is_some() {}
+        let max = self.broker.config.limits.max_connections;
+        let all = u32::try_from(max).unwrap_or(u32::MAX);
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, self.connections.acquire_many(all)).await;
+    }
+}
