@@ -82,12 +82,12 @@ impl Broker {
                         if let Some(p) = pending_will {
                             self.publish_will(&client_id, p.will);
                         }
-                        self.discard(session);
+                        self.discard(*session);
                         let session = self.new_session(client_id, expiry_interval);
                         return Ok((session, false));
                     }
                     // A reconnect within the will delay cancels the will [MQTT-3.1.3-9].
-                    let mut session = session;
+                    let mut session = *session;
                     session.expiry_interval = expiry_interval;
                     return Ok((session, true));
                 }

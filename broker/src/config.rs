@@ -177,9 +177,11 @@ impl Config {
         for (var, value) in env {
             apply_env(&mut table, &var, &value)?;
         }
-        let mut config: Config = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.message().to_string()))?;
+        // Going through the text form lets toml report errors with the key path
+        // (`limits.max_packet_size`), whichever layer the bad value came from.
+        let text = toml::to_string(&table).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let mut config: Config =
+            toml::from_str(&text).map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if !overrides.listen.is_empty() {
             config.listeners = listeners_from(&overrides.listen);
         }

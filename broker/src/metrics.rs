@@ -56,4 +56,15 @@ pub struct Metrics {
     pub protocol_errors: Counter,
     pub bytes_received: Counter,
     pub bytes_sent: Counter,
+    /// Messages written to DEVICE queues / APPLICATION logs.
+    pub device_messages_stored: Counter,
+    pub application_messages_stored: Counter,
+    /// Oldest entries removed because a DEVICE queue hit its limit / a log its size retention.
+    pub device_messages_trimmed: Counter,
+    pub application_messages_trimmed: Counter,
+    /// Entries removed because their TTL / retention age passed.
+    pub device_messages_expired: Counter,
+    pub application_messages_expired: Counter,
+    /// Storage writes that failed (nothing was acknowledged for them).
+    pub storage_errors: Counter,
 }

@@ -12,7 +12,9 @@ const CONNECT_V3_1: &[u8] = &[
     0x10, 15, 0, 6, b'M', b'Q', b'I', b's', b'd', b'p', 3, 0x02, 0, 60, 0, 1, b'a',
 ];
 /// CONNECT for 3.1.1 (`MQTT`/4).
-const CONNECT_V3_1_1: &[u8] = &[0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 1, b'a'];
+const CONNECT_V3_1_1: &[u8] = &[
+    0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 1, b'a',
+];
 /// CONNECT for 5.0 (`MQTT`/5), empty properties.
 const CONNECT_V5: &[u8] = &[
     0x10, 14, 0, 4, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 60, 0, 0, 1, b'a',

@@ -195,17 +195,8 @@ impl Decoder {
             }
             AUTH => {
                 // check_type rejected AUTH from v3 clients.
-                validate::auth(body)?;
-                Incoming::Auth(if remaining == 0 {
-                    // rumqttc requires the reason byte that 3.15.2.1 lets a client omit.
-                    Auth::read(
-                        FixedHeader::new(0xF0, 1, 2),
-                        Bytes::from_static(&[0xF0, 2, 0, 0]),
-                    )
-                    .map_err(codec)?
-                } else {
-                    Auth::read(header, frame).map_err(codec)?
-                })
+                let reason = validate::auth(body)?;
+                Incoming::Auth(read_auth(reason, body)?)
             }
             // check_type rejected every other type.
             other => {
@@ -296,4 +287,49 @@ fn qos(q: u8) -> QoS {
         1 => QoS::AtLeastOnce,
         _ => QoS::ExactlyOnce,
     }
+}
+
+/// AUTH (3.15). rumqttc 0.25.1 cannot read it: its reader requires the reason byte that
+/// 3.15.2.1 lets a client omit, and its property reader forgets the two length bytes of the
+/// method and reason strings, so it reads past the block. We take the reason code from
+/// rumqttc (its type is not exported, so we cannot name it) and fill the properties ourselves.
+fn read_auth(reason: u8, body: &[u8]) -> Result<Auth> {
+    let mut auth = Auth::read(
+        FixedHeader::new(0xF0, 1, 2),
+        Bytes::copy_from_slice(&[0xF0, 2, reason, 0]),
+    )
+    .map_err(codec)?;
+    let mut r = validate::Reader::new(body);
+    if r.remaining() < 2 {
+        return Ok(auth);
+    }
+    r.u8("reason code")?;
+    let len = r.varint("property length")? as usize;
+    if len == 0 {
+        return Ok(auth);
+    }
+    let mut p = validate::Reader::new(r.take(len, "properties")?);
+    let props = auth.properties.get_or_insert_with(Default::default);
+    while !p.is_empty() {
+        match p.u8("property identifier")? {
+            validate::AUTHENTICATION_METHOD => {
+                props.method = Some(p.utf8("authentication method")?.to_owned())
+            }
+            validate::AUTHENTICATION_DATA => {
+                props.data = Some(Bytes::copy_from_slice(p.binary("authentication data")?))
+            }
+            validate::REASON_STRING => props.reason = Some(p.utf8("reason string")?.to_owned()),
+            validate::USER_PROPERTY => {
+                let k = p.utf8("user property name")?.to_owned();
+                let v = p.utf8("user property value")?.to_owned();
+                props.user_properties.push((k, v));
+            }
+            id => {
+                return Err(ProtocolError::Malformed(format!(
+                    "property {id:#04x} is not valid in AUTH"
+                )))
+            }
+        }
+    }
+    Ok(auth)
 }

@@ -10,8 +10,8 @@ use rumqttc::mqttbytes::v4;
 
 use super::validate::MAX_VARINT;
 use super::{
-    Auth, ConnAck, ConnectReturnCode, EncodeError, Packet, ProtocolVersion, PubAckReason,
-    PubRecReason, Publish, QoS, SubscribeReasonCode,
+    Auth, ConnAck, ConnectReturnCode, DisconnectReasonCode, EncodeError, Packet, ProtocolVersion,
+    PubAckReason, PubRecReason, Publish, QoS, SubscribeReasonCode,
 };
 
 type Result<T> = std::result::Result<T, EncodeError>;
@@ -118,6 +118,18 @@ fn encode_v5(packet: &Packet, max: Option<u32>, out: &mut BytesMut) -> Result<us
             check_publish(p)?;
             packet
         }
+        Packet::Disconnect(d)
+            if d.properties.is_none()
+                && d.reason_code != DisconnectReasonCode::NormalDisconnection =>
+        {
+            // rumqttc 0.25.1 writes remaining length 1 but then a reason code *and* a
+            // property length (4 bytes for a 3-byte packet). 3.14.2.2.1 lets the property
+            // length be omitted when there are no properties, so write that form.
+            check_size(3, max)?;
+            out.put_slice(&[0xE0, 1, d.reason_code as u8]);
+            return Ok(3);
+        }
+        Packet::Auth(a) => return v5_auth(a, max, out),
         Packet::PubAck(_)
         | Packet::PubRec(_)
         | Packet::PubRel(_)
@@ -125,8 +137,7 @@ fn encode_v5(packet: &Packet, max: Option<u32>, out: &mut BytesMut) -> Result<us
         | Packet::SubAck(_)
         | Packet::UnsubAck(_)
         | Packet::PingResp(_)
-        | Packet::Disconnect(_)
-        | Packet::Auth(_) => packet,
+        | Packet::Disconnect(_) => packet,
         Packet::Connect(..)
         | Packet::Subscribe(_)
         | Packet::Unsubscribe(_)
@@ -282,6 +293,55 @@ fn v3_publish(
     }
     out.extend_from_slice(&p.payload);
     Ok(size)
+}
+
+/// AUTH (3.15). rumqttc 0.25.1 miscomputes the length of AUTH properties (it forgets the
+/// string length prefixes), so any AUTH with properties would be written with a wrong
+/// remaining length; we write it ourselves.
+fn v5_auth(a: &Auth, max: Option<u32>, out: &mut BytesMut) -> Result<usize> {
+    let code = auth_reason_code(a);
+    let mut props = BytesMut::new();
+    if let Some(p) = &a.properties {
+        if let Some(m) = &p.method {
+            props.put_u8(0x15);
+            put_str_raw(&mut props, m.as_bytes())?;
+        }
+        if let Some(d) = &p.data {
+            props.put_u8(0x16);
+            put_str_raw(&mut props, d)?;
+        }
+        if let Some(r) = &p.reason {
+            props.put_u8(0x1F);
+            put_str_raw(&mut props, r.as_bytes())?;
+        }
+        for (k, v) in &p.user_properties {
+            props.put_u8(0x26);
+            put_str_raw(&mut props, k.as_bytes())?;
+            put_str_raw(&mut props, v.as_bytes())?;
+        }
+    }
+    let remaining = 1 + varint_len(props.len()) + props.len();
+    if remaining > MAX_VARINT as usize {
+        return Err(EncodeError::Invalid("AUTH too long".into()));
+    }
+    let size = 1 + varint_len(remaining) + remaining;
+    check_size(size, max)?;
+    out.reserve(size);
+    out.put_u8(0xF0);
+    put_varint(out, remaining);
+    out.put_u8(code);
+    put_varint(out, props.len());
+    out.put_slice(&props);
+    Ok(size)
+}
+
+fn put_str_raw(out: &mut BytesMut, s: &[u8]) -> Result<()> {
+    if s.len() > u16::MAX as usize {
+        return Err(EncodeError::Invalid("string longer than 65535".into()));
+    }
+    out.put_u16(s.len() as u16);
+    out.put_slice(s);
+    Ok(())
 }
 
 fn varint_len(n: usize) -> usize {

@@ -35,6 +35,8 @@ pub use rumqttc::v5::mqttbytes::v5::{
     SubscribeReasonCode, UnsubAck, UnsubAckProperties, UnsubAckReason, Unsubscribe,
     UnsubscribeProperties,
 };
+/// Client-side CONNECT types, for tests and tools that play the client.
+pub use rumqttc::v5::mqttbytes::v5::{Connect, LastWill, Login};
 pub use rumqttc::v5::mqttbytes::{matches, valid_filter, valid_topic, QoS};
 
 use bytes::Bytes;

@@ -296,12 +296,9 @@ pub(crate) fn properties(r: &mut Reader<'_>, ctx: PropCtx) -> Result<PropSummary
                 p.u16("topic alias maximum")?;
             }
             TOPIC_ALIAS => {
-                let alias = p.u16("topic alias")?;
-                if alias == 0 {
-                    // [MQTT-3.3.2-8] a Topic Alias of 0 is not permitted.
-                    return Err(ProtocolError::violation("topic alias 0"));
-                }
-                summary.topic_alias = Some(alias);
+                // 0 and values above our Topic Alias Maximum ([MQTT-3.3.2-8], [MQTT-3.3.2-9])
+                // are rejected by the session with DISCONNECT 0x94 (Topic Alias invalid).
+                summary.topic_alias = Some(p.u16("topic alias")?);
             }
             CONTENT_TYPE | AUTHENTICATION_METHOD | REASON_STRING | SERVER_REFERENCE => {
                 p.utf8("property string")?;
@@ -425,6 +422,7 @@ pub(crate) fn publish(byte1: u8, body: &[u8], v5: bool) -> Result<PublishLayout>
 
 /// Which acknowledgement (the valid reason codes differ).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(clippy::enum_variant_names)] // named after the packets
 pub(crate) enum AckKind {
     PubAck,
     PubRec,

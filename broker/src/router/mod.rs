@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
 use parking_lot::RwLock;
 use tokio::sync::mpsc;
 
@@ -189,7 +190,7 @@ impl Router {
     pub fn publish(&self, message: &Arc<Message>) -> RouteResult {
         let topic = message.topic_str();
         let mut direct: Vec<Target> = Vec::new();
-        let mut shared: Vec<(Arc<Mailbox>, QoS, bool)> = Vec::new();
+        let mut shared: Vec<(Arc<Mailbox>, QoS, bool, Option<usize>)> = Vec::new();
         let mut matched = 0usize;
         {
             let trie = self.subscriptions.read();
@@ -209,8 +210,13 @@ impl Router {
                 }
                 Subscription::Shared(group) => {
                     matched += 1;
-                    if let Some((mailbox, qos, retain)) = pick_member(group) {
-                        shared.push((mailbox, min_qos(message.qos, qos), retain));
+                    if let Some((mailbox, options)) = pick_member(group) {
+                        shared.push((
+                            mailbox,
+                            min_qos(message.qos, options.qos),
+                            options.retain_as_published && message.retain,
+                            options.identifier,
+                        ));
                     }
                 }
             });
@@ -243,12 +249,13 @@ impl Router {
             };
             self.offer(&target.mailbox, delivery, &mut result);
         }
-        for (mailbox, qos, retain) in shared {
+        for (mailbox, qos, retain, id) in shared {
+            // Only the receiving member's own identifier [MQTT-3.3.4-3 ff., v5 §3.3.4].
             let delivery = Delivery {
                 message: message.clone(),
                 qos,
                 retain,
-                subscription_ids: Vec::new(),
+                subscription_ids: id.into_iter().collect(),
             };
             self.offer(&mailbox, delivery, &mut result);
         }
@@ -273,7 +280,7 @@ impl Router {
         if message.payload.is_empty() {
             store.remove(message.topic_str());
         } else {
-            store.insert(message.topic_str(), message.clone());
+            store.insert(message.topic_str(), Arc::new(detached(message)));
         }
         self.metrics.retained_messages.set(store.len() as u64);
     }
@@ -305,6 +312,21 @@ impl Router {
     }
 }
 
+/// A copy of `message` that owns its bytes. Incoming topic and payload are slices of a
+/// connection's read buffer; a retained message can live for months, and keeping a slice alive
+/// would pin that whole buffer, so retained messages get their own allocation.
+fn detached(message: &Message) -> Message {
+    Message {
+        topic: Bytes::copy_from_slice(&message.topic),
+        payload: Bytes::copy_from_slice(&message.payload),
+        qos: message.qos,
+        retain: message.retain,
+        properties: message.properties.clone(),
+        received_at: message.received_at,
+        publisher: message.publisher.clone(),
+    }
+}
+
 struct Target {
     mailbox: Arc<Mailbox>,
     qos: QoS,
@@ -314,7 +336,7 @@ struct Target {
 
 /// Round-robin over a shared group's members [MQTT-4.8.2]. Members whose queue is closed (the
 /// session is gone) are skipped; fullness is handled by the caller's normal drop accounting.
-fn pick_member(group: &SharedGroup) -> Option<(Arc<Mailbox>, QoS, bool)> {
+fn pick_member(group: &SharedGroup) -> Option<(Arc<Mailbox>, &SubscriptionOptions)> {
     let n = group.members.len();
     if n == 0 {
         return None;
@@ -325,11 +347,11 @@ fn pick_member(group: &SharedGroup) -> Option<(Arc<Mailbox>, QoS, bool)> {
         if mailbox.tx.is_closed() || mailbox.tx.capacity() == 0 {
             continue;
         }
-        return Some((mailbox.clone(), options.qos, false));
+        return Some((mailbox.clone(), options));
     }
     // Everyone is full: pick the scheduled one so the drop is counted against it.
     let (mailbox, options) = &group.members[start % n];
-    Some((mailbox.clone(), options.qos, false))
+    Some((mailbox.clone(), options))
 }
 
 /// Outcome of routing one message.

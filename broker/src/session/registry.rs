@@ -34,7 +34,7 @@ enum Slot {
         kick: mpsc::Sender<Kick>,
     },
     Offline {
-        session: Session,
+        session: Box<Session>,
         /// Distinguishes this offline period from later ones, so that a timer armed for an old
         /// period cannot expire a session that reconnected and left again.
         epoch: u64,
@@ -47,7 +47,7 @@ pub enum Claim {
     /// No session existed (or it was online and has been handed over: see `Busy`).
     Fresh,
     /// The parked session, and its pending will if one was waiting.
-    Resumed(Session, Option<PendingWill>),
+    Resumed(Box<Session>, Option<PendingWill>),
     /// Someone holds it online: kick them with this sender and try again.
     Busy(mpsc::Sender<Kick>),
 }
@@ -110,7 +110,7 @@ impl Registry {
         slots.insert(
             session.client_id.clone(),
             Slot::Offline {
-                session,
+                session: Box::new(session),
                 epoch,
                 will,
             },
@@ -144,7 +144,7 @@ impl Registry {
         let mut slots = self.slots.lock();
         match slots.get(client_id) {
             Some(Slot::Offline { epoch: e, .. }) if *e == epoch => match slots.remove(client_id) {
-                Some(Slot::Offline { session, will, .. }) => Some((session, will)),
+                Some(Slot::Offline { session, will, .. }) => Some((*session, will)),
                 _ => None,
             },
             _ => None,

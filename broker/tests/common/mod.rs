@@ -218,6 +218,68 @@ impl Raw {
     }
 }
 
+impl Raw {
+    /// Sends a v5 PUBLISH.
+    pub async fn publish5(&mut self, publish: v5::Publish) {
+        self.send5(v5::Packet::Publish(publish)).await;
+    }
+
+    /// Next v5 PUBLISH (panics on anything else or on timeout).
+    pub async fn recv_publish5(&mut self) -> v5::Publish {
+        match self.recv5().await {
+            v5::Packet::Publish(p) => p,
+            other => panic!("expected PUBLISH, got {other:?}"),
+        }
+    }
+
+    /// Reads until the broker sends DISCONNECT (other packets are skipped), checks that the
+    /// socket is closed afterwards and returns the DISCONNECT.
+    pub async fn expect_disconnect5(&mut self) -> v5::Disconnect {
+        loop {
+            match self.recv5_within(WAIT).await {
+                Some(v5::Packet::Disconnect(d)) => {
+                    assert!(
+                        self.closed_within(WAIT).await.is_some(),
+                        "socket still open after DISCONNECT {d:?}"
+                    );
+                    return d;
+                }
+                Some(_) => continue,
+                None => panic!("connection ended (or timed out) without a DISCONNECT"),
+            }
+        }
+    }
+
+    /// Sends a v5 DISCONNECT with `reason` and optional session expiry.
+    pub async fn disconnect5(&mut self, reason: v5::DisconnectReasonCode, expiry: Option<u32>) {
+        let properties = expiry.map(|e| v5::DisconnectProperties {
+            session_expiry_interval: Some(e),
+            reason_string: None,
+            user_properties: vec![],
+            server_reference: None,
+        });
+        self.send5(v5::Packet::Disconnect(v5::Disconnect {
+            reason_code: reason,
+            properties,
+        }))
+        .await;
+    }
+}
+
+/// A v5 PUBLISH without properties.
+pub fn publish5_packet(
+    topic: &str,
+    qos: rumqttc::v5::mqttbytes::QoS,
+    pkid: u16,
+    retain: bool,
+    payload: &[u8],
+) -> v5::Publish {
+    let mut p = v5::Publish::new(topic, qos, payload.to_vec(), None);
+    p.pkid = pkid;
+    p.retain = retain;
+    p
+}
+
 pub fn connect5_packet(id: &str, clean: bool, expiry: u32) -> v5::Connect {
     let mut props = v5::ConnectProperties::new();
     if expiry > 0 {

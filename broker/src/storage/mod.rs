@@ -1,0 +1,220 @@
+//! Durable storage seams: what the broker must keep across a crash, and the backends that keep it.
+//!
+//! Three kinds of state, one write path:
+//! * the **session store**: persistent sessions, their subscriptions, incoming QoS 2 packet ids
+//!   awaiting PUBREL, outgoing QoS 2 "PUBREC received" marks, and retained messages;
+//! * the **DEVICE queue**: per persistent DEVICE session, an ordered queue with a per-client limit
+//!   (oldest trimmed) and a TTL; an entry is deleted when the client acknowledges it;
+//! * the **APPLICATION log**: per APPLICATION client, an append-only log with a committed offset
+//!   that advances over the contiguous prefix the client acknowledged; entries are kept until
+//!   retention (age, size) removes them.
+//!
+//! Writes go through [`Storage::submit`] as a [`WriteBatch`]: applied atomically and durably, in
+//! submission order, and completed through a [`Completion`]. A PUBLISH is acknowledged only after
+//! its batch completed (durable before ack). The embedded backend batches concurrent submissions
+//! into one transaction and one fsync (group commit).
+//!
+//! Outgoing packet ids of stored entries are derived from their sequence number
+//! ([`pkid_for_seq`]), so a restarted broker resends a QoS 2 message with the packet id the
+//! client already saw — which the receiver's exactly-once state depends on — without writing the
+//! packet id down on every send.
+
+pub mod codec;
+pub mod embedded;
+
+use std::sync::Arc;
+
+use tokio::sync::{oneshot, Notify};
+
+use crate::message::Message;
+use crate::router::SubscriptionOptions;
+use codec::StoredDelivery;
+
+/// Which queue kind a persistent client has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ClientKind {
+    /// Publishes a lot, subscribes to little; bounded queue with limit and TTL.
+    Device,
+    /// Subscribes to high-rate topics; its own log, never trimmed by a count limit.
+    Application,
+}
+
+impl ClientKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientKind::Device => "device",
+            ClientKind::Application => "application",
+        }
+    }
+}
+
+/// The stored part of a persistent session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRecord {
+    pub kind: ClientKind,
+    /// Session Expiry Interval in seconds (`u32::MAX`: never).
+    pub expiry_interval: u32,
+    /// When the client disconnected (ms since epoch); 0 while connected.
+    pub disconnected_at_ms: u64,
+}
+
+/// One change to durable state.
+#[derive(Debug)]
+pub enum WriteOp {
+    PutSession {
+        client: Arc<str>,
+        record: SessionRecord,
+    },
+    /// Deletes the session with everything it owns: subscriptions, queue or log, offsets,
+    /// in-flight marks.
+    DeleteSession {
+        client: Arc<str>,
+    },
+    PutSubscription {
+        client: Arc<str>,
+        filter: String,
+        options: SubscriptionOptions,
+    },
+    DeleteSubscription {
+        client: Arc<str>,
+        filter: String,
+    },
+    /// Appends an encoded delivery ([`codec::encode_delivery`]) at `seq`; `notify` is woken after
+    /// the commit so an online subscriber reads it.
+    Enqueue {
+        client: Arc<str>,
+        kind: ClientKind,
+        seq: u64,
+        record: Vec<u8>,
+        notify: Option<Arc<Notify>>,
+    },
+    /// The DEVICE client acknowledged the entry (PUBACK, or PUBCOMP for QoS 2).
+    AckDevice {
+        client: Arc<str>,
+        seq: u64,
+    },
+    /// The APPLICATION client acknowledged everything below `next_offset`.
+    CommitApplication {
+        client: Arc<str>,
+        next_offset: u64,
+    },
+    /// PUBREC received for an outgoing QoS 2 entry: after a restart send PUBREL, not PUBLISH.
+    MarkReleased {
+        client: Arc<str>,
+        kind: ClientKind,
+        seq: u64,
+    },
+    /// An incoming QoS 2 PUBLISH was stored and PUBRECed; a resend must not be routed again.
+    PutInboundQos2 {
+        client: Arc<str>,
+        pkid: u16,
+    },
+    DeleteInboundQos2 {
+        client: Arc<str>,
+        pkid: u16,
+    },
+    /// Removes an entry whose TTL or retention passed (counted as expired).
+    Expire {
+        client: Arc<str>,
+        kind: ClientKind,
+        seq: u64,
+    },
+    PutRetained {
+        topic: String,
+        record: Vec<u8>,
+    },
+    DeleteRetained {
+        topic: String,
+    },
+}
+
+/// Operations applied together, atomically and durably.
+#[derive(Debug, Default)]
+pub struct WriteBatch {
+    pub ops: Vec<WriteOp>,
+}
+
+impl WriteBatch {
+    pub fn push(&mut self, op: WriteOp) {
+        self.ops.push(op);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StorageError {
+    #[error("storage engine: {0}")]
+    Engine(String),
+    #[error("stored record is corrupt: {0}")]
+    Corrupt(String),
+    #[error("storage write queue is full")]
+    Overloaded,
+    #[error("storage is shut down")]
+    Closed,
+}
+
+/// Resolves when a submitted batch is durable (or failed).
+pub type Completion = oneshot::Receiver<Result<(), StorageError>>;
+
+/// One entry read back from a queue or log.
+#[derive(Debug)]
+pub struct QueuedEntry {
+    pub seq: u64,
+    pub delivery: StoredDelivery,
+    /// PUBREC was received for it before: resend PUBREL.
+    pub released: bool,
+}
+
+/// A persistent session as found in storage at start.
+#[derive(Debug)]
+pub struct RestoredSession {
+    pub client: Arc<str>,
+    pub record: SessionRecord,
+    pub subscriptions: Vec<(String, SubscriptionOptions)>,
+    pub inbound_qos2: Vec<u16>,
+    /// The next sequence number to assign.
+    pub next_seq: u64,
+    /// Where reading starts: the oldest DEVICE entry, or the APPLICATION committed offset.
+    pub read_from: u64,
+}
+
+/// Everything durable, read once at start.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub sessions: Vec<RestoredSession>,
+    pub retained: Vec<Message>,
+}
+
+/// What one sweep removed.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SweepStats {
+    pub device_expired: u64,
+    pub application_expired: u64,
+}
+
+/// A storage backend. Implementations: [`embedded::EmbeddedStorage`] (the default, under the data
+/// directory); the production backend (Kafka + PostgreSQL) implements the same seam.
+pub trait Storage: Send + Sync + 'static {
+    /// Queues a batch; never blocks. A full write queue fails the completion with `Overloaded`.
+    fn submit(&self, batch: WriteBatch) -> Completion;
+    /// Reads everything needed to rebuild the broker's state.
+    fn load(&self) -> Result<Snapshot, StorageError>;
+    /// Up to `limit` live entries with `seq >= from`, in order. Expired entries are skipped.
+    fn read_queue(
+        &self,
+        client: &str,
+        kind: ClientKind,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<QueuedEntry>, StorageError>;
+    /// Removes expired entries, at most `budget` of them. Bounded work per call.
+    fn sweep(&self, now_ms: u64, budget: usize) -> Result<SweepStats, StorageError>;
+}
+
+/// The MQTT packet id used for the stored entry `seq` (1..=65535, never 0).
+pub fn pkid_for_seq(seq: u64) -> u16 {
+    (seq % 65_535) as u16 + 1
+}
