@@ -15,6 +15,9 @@ use crate::router::topic::{parse_filter, TopicLimits};
 use crate::router::Router;
 use crate::session::registry::{Claim, Kick, PendingWill, Registry};
 use crate::session::{Session, NEVER_EXPIRES};
+use crate::storage::codec::now_ms;
+use crate::storage::embedded::{EmbeddedOptions, EmbeddedStorage};
+use crate::storage::{ClientKind, SessionRecord, Storage, StorageError, WriteBatch, WriteOp};
 
 /// How long a new connection waits for the previous owner of its client id to let go.
 const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -27,6 +30,7 @@ pub struct Broker {
     pub auth: Arc<dyn Authenticator>,
     pub metrics: Arc<Metrics>,
     pub topic_limits: TopicLimits,
+    pub storage: Arc<dyn Storage>,
 }
 
 /// Why a session could not be opened.
@@ -34,32 +38,143 @@ pub struct Broker {
 pub enum OpenError {
     #[error("the previous connection of this client id did not close in time")]
     TakeoverTimeout,
+    #[error("storing the session failed: {0}")]
+    Storage(#[from] StorageError),
 }
 
 impl Broker {
-    pub fn new(config: Config) -> Arc<Broker> {
-        Self::with_authenticator(config, Arc::new(AllowAll))
+    /// Opens the configured storage, restores what it holds and returns the broker.
+    pub fn open(config: Config) -> Result<Arc<Broker>, StorageError> {
+        Self::open_with_authenticator(config, Arc::new(AllowAll))
     }
 
-    pub fn with_authenticator(config: Config, auth: Arc<dyn Authenticator>) -> Arc<Broker> {
+    pub fn open_with_authenticator(
+        config: Config,
+        auth: Arc<dyn Authenticator>,
+    ) -> Result<Arc<Broker>, StorageError> {
         let metrics = Arc::new(Metrics::default());
+        let options = EmbeddedOptions {
+            device_queue_limit: config.device.queue_limit,
+            application_retention_ms: config.application.retention_secs.saturating_mul(1000),
+            application_retention_bytes: config.application.retention_bytes,
+            fsync: config.storage.fsync,
+        };
+        let storage = EmbeddedStorage::open(&config.data_dir, options, metrics.clone())?;
+        let broker = Self::with_parts(config, auth, Arc::new(storage), metrics);
+        broker.restore()?;
+        Ok(broker)
+    }
+
+    pub fn with_parts(
+        config: Config,
+        auth: Arc<dyn Authenticator>,
+        storage: Arc<dyn Storage>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Broker> {
         let topic_limits = TopicLimits {
             max_topic_len: config.limits.max_topic_len,
             max_levels: config.limits.max_topic_levels,
         };
         Arc::new(Broker {
-            router: Router::new(metrics.clone()),
+            router: Router::new(metrics.clone(), config.device.message_ttl_secs),
             registry: Registry::default(),
             auth,
             metrics,
             topic_limits,
+            storage,
             config,
         })
     }
 
+    /// The client type of `client_id` per configuration.
+    pub fn client_kind(&self, client_id: &str) -> ClientKind {
+        if self.config.is_application_client(client_id) {
+            ClientKind::Application
+        } else {
+            ClientKind::Device
+        }
+    }
+
+    /// Rebuilds sessions, subscriptions and retained messages from storage, after a clean stop or
+    /// a crash. Every restored session starts offline; its expiry counts from when its client
+    /// disconnected (or from now, when the broker died while it was connected).
+    fn restore(self: &Arc<Self>) -> Result<(), StorageError> {
+        let snapshot = self.storage.load()?;
+        let now = now_ms();
+        let (mut sessions, mut entries) = (0usize, 0u64);
+        for restored in snapshot.sessions {
+            let kind = self.client_kind(&restored.client);
+            if kind != restored.record.kind {
+                // The client changed type: it keeps no stale queue of the other kind.
+                self.delete_stored(&restored.client);
+                continue;
+            }
+            let record = &restored.record;
+            let gone_ms = if record.disconnected_at_ms == 0 {
+                0
+            } else {
+                now.saturating_sub(record.disconnected_at_ms)
+            };
+            let remaining = if record.expiry_interval == NEVER_EXPIRES {
+                NEVER_EXPIRES
+            } else {
+                let left = u64::from(record.expiry_interval).saturating_sub(gone_ms / 1000);
+                if left == 0 {
+                    self.delete_stored(&restored.client);
+                    continue;
+                }
+                left as u32
+            };
+            let mut session = Session::new(
+                restored.client.clone(),
+                self.config.limits.max_queued_messages,
+                record.expiry_interval,
+                kind,
+                restored.next_seq,
+            );
+            session.stored = true;
+            session.cursor = restored.read_from;
+            session.committed = restored.read_from;
+            session.dup_below = restored.next_seq;
+            session.stored_pending = true;
+            session.inbound_qos2 = restored.inbound_qos2.into_iter().collect();
+            entries += restored.next_seq.saturating_sub(restored.read_from);
+            for (filter, options) in restored.subscriptions {
+                if let Ok(parsed) = parse_filter(&filter, &self.topic_limits) {
+                    self.router
+                        .subscribe(&session.mailbox, parsed, options.clone());
+                    session.subscriptions.insert(filter, options);
+                }
+            }
+            self.metrics.sessions.inc();
+            sessions += 1;
+            let epoch = self.registry.restore(session);
+            if remaining != NEVER_EXPIRES {
+                let broker = self.clone();
+                let client = restored.client.clone();
+                tokio::spawn(async move {
+                    broker
+                        .run_offline_timers(client, epoch, remaining, 0, false)
+                        .await;
+                });
+            }
+        }
+        let retained = snapshot.retained.len();
+        for message in snapshot.retained {
+            self.router.restore_retained(&message);
+        }
+        tracing::info!(
+            sessions,
+            queued_upper_bound = entries,
+            retained,
+            "restored state from storage"
+        );
+        Ok(())
+    }
+
     /// Claims `client_id` for connection `conn_id`, taking the session over from a live
     /// connection if needed, and returns the session to use and whether it existed
-    /// (CONNACK Session Present).
+    /// (CONNACK Session Present). A persistent session is durable before this returns.
     pub async fn open_session(
         self: &Arc<Self>,
         client_id: Arc<str>,
@@ -68,28 +183,38 @@ impl Broker {
         clean_start: bool,
         expiry_interval: u32,
     ) -> Result<(Session, bool), OpenError> {
+        let kind = self.client_kind(&client_id);
         let deadline = tokio::time::Instant::now() + TAKEOVER_TIMEOUT;
-        loop {
+        let (mut session, present) = loop {
             match self.registry.claim(&client_id, conn_id, kick) {
                 Claim::Fresh => {
-                    let session = self.new_session(client_id, expiry_interval);
-                    return Ok((session, false));
+                    break (
+                        self.new_session(client_id.clone(), expiry_interval, kind),
+                        false,
+                    )
                 }
                 Claim::Resumed(session, pending_will) => {
-                    if clean_start {
+                    // APPLICATION sessions are always resumed: their log is the point.
+                    let restart =
+                        (clean_start && kind == ClientKind::Device) || session.kind != kind;
+                    if restart {
                         // Clean Start ends the old session: a will still waiting on its delay is
                         // due now ("the Session ends, whichever happens first", v5 §3.1.3.2.2).
                         if let Some(p) = pending_will {
                             self.publish_will(&client_id, p.will);
                         }
                         self.discard(*session);
-                        let session = self.new_session(client_id, expiry_interval);
-                        return Ok((session, false));
+                        break (
+                            self.new_session(client_id.clone(), expiry_interval, kind),
+                            false,
+                        );
                     }
                     // A reconnect within the will delay cancels the will [MQTT-3.1.3-9].
                     let mut session = *session;
                     session.expiry_interval = expiry_interval;
-                    return Ok((session, true));
+                    session.mailbox.set_persistent(expiry_interval > 0);
+                    session.stored_pending = session.stored;
+                    break (session, true);
                 }
                 Claim::Busy(other) => {
                     let (done_tx, done_rx) = oneshot::channel();
@@ -106,26 +231,78 @@ impl Broker {
                     }
                 }
             }
+        };
+        if session.is_persistent() {
+            let record = SessionRecord {
+                kind,
+                expiry_interval: session.expiry_interval,
+                disconnected_at_ms: 0,
+            };
+            let mut batch = WriteBatch::default();
+            batch.push(WriteOp::PutSession {
+                client: client_id.clone(),
+                record,
+            });
+            let written = self.storage.submit(batch).await;
+            match written {
+                Ok(Ok(())) => session.stored = true,
+                Ok(Err(e)) => {
+                    self.release_failed_open(session, conn_id);
+                    return Err(e.into());
+                }
+                Err(_) => {
+                    self.release_failed_open(session, conn_id);
+                    return Err(StorageError::Closed.into());
+                }
+            }
+        }
+        Ok((session, present))
+    }
+
+    /// Gives the slot back when a session could not be made durable.
+    fn release_failed_open(&self, session: Session, conn_id: u64) {
+        let client_id = session.client_id.clone();
+        if session.stored {
+            let _ = self.registry.park(session, conn_id, None);
+        } else {
+            self.registry.release(&client_id, conn_id);
+            self.discard(session);
         }
     }
 
-    fn new_session(&self, client_id: Arc<str>, expiry_interval: u32) -> Session {
+    fn new_session(&self, client_id: Arc<str>, expiry_interval: u32, kind: ClientKind) -> Session {
         self.metrics.sessions.inc();
         Session::new(
             client_id,
             self.config.limits.max_queued_messages,
             expiry_interval,
+            kind,
+            1,
         )
     }
 
-    /// Ends a session for good: its subscriptions leave the router and its queue is dropped.
+    /// Ends a session for good: its subscriptions leave the router, its in-memory queue is
+    /// dropped and its stored state deleted.
     pub fn discard(&self, session: Session) {
         for filter in session.subscriptions.keys() {
             if let Ok(parsed) = parse_filter(filter, &self.topic_limits) {
                 self.router.unsubscribe(&session.client_id, parsed);
             }
         }
+        if session.stored {
+            self.delete_stored(&session.client_id);
+        }
         self.metrics.sessions.dec();
+    }
+
+    fn delete_stored(&self, client_id: &Arc<str>) {
+        let mut batch = WriteBatch::default();
+        batch.push(WriteOp::DeleteSession {
+            client: client_id.clone(),
+        });
+        // Not awaited: a crash before it lands only resurrects a session that was ending anyway,
+        // and restore applies its expiry again.
+        self.storage.submit_detached(batch);
     }
 
     /// Called by a connection task when its connection is over. `will` is the will to honour
@@ -147,6 +324,16 @@ impl Broker {
             return;
         }
         let expiry = session.expiry_interval;
+        let mut batch = WriteBatch::default();
+        batch.push(WriteOp::PutSession {
+            client: client_id.clone(),
+            record: SessionRecord {
+                kind: session.kind,
+                expiry_interval: expiry,
+                disconnected_at_ms: now_ms(),
+            },
+        });
+        self.storage.submit_detached(batch);
         // The will waits for min(will delay, session expiry) [MQTT-3.1.3-9].
         let (publish_now, pending) = match will {
             Some(w) if will_delay == 0 => (Some(w), None),
@@ -221,9 +408,15 @@ impl Broker {
             received_at: Instant::now(),
             publisher: client_id.clone(),
         });
+        let mut batch = WriteBatch::default();
         if message.retain {
-            self.router.retain(&message);
+            self.router.retain(&message, &mut batch);
         }
-        self.router.publish(&message);
+        self.router.publish(&message, &mut batch);
+        // Nobody waits for a will's acknowledgement; it is stored for persistent subscribers
+        // all the same.
+        if !batch.is_empty() {
+            self.storage.submit_detached(batch);
+        }
     }
 }

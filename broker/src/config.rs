@@ -43,6 +43,11 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     pub limits: Limits,
     pub session: SessionConfig,
+    pub storage: StorageConfig,
+    pub device: DeviceConfig,
+    pub application: ApplicationConfig,
+    /// Clients treated as APPLICATION clients (until credentials carry the client type).
+    pub application_clients: Vec<ApplicationClientConfig>,
 }
 
 impl Default for Config {
@@ -52,8 +57,86 @@ impl Default for Config {
             listeners: vec![ListenerConfig::default()],
             limits: Limits::default(),
             session: SessionConfig::default(),
+            storage: StorageConfig::default(),
+            device: DeviceConfig::default(),
+            application: ApplicationConfig::default(),
+            application_clients: Vec::new(),
         }
     }
+}
+
+impl Config {
+    /// Whether `client_id` is configured as an APPLICATION client.
+    pub fn is_application_client(&self, client_id: &str) -> bool {
+        self.application_clients
+            .iter()
+            .any(|a| a.client_id == client_id)
+    }
+}
+
+/// Where durable state lives.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// `embedded`: a redb database under `data_dir` (the only backend in this version).
+    pub backend: String,
+    /// fsync every group commit. Turning it off trades the durability promise for speed; only
+    /// for benchmarks and tests that measure that trade.
+    pub fsync: bool,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            backend: "embedded".into(),
+            fsync: true,
+        }
+    }
+}
+
+/// Persistent DEVICE sessions: their offline queue.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeviceConfig {
+    /// Messages kept per DEVICE queue; beyond it the oldest are trimmed (counted).
+    pub queue_limit: u64,
+    /// Seconds a queued message lives; an MQTT 5 message expiry wins when shorter.
+    pub message_ttl_secs: u64,
+}
+
+impl Default for DeviceConfig {
+    fn default() -> Self {
+        DeviceConfig {
+            queue_limit: 10_000,
+            message_ttl_secs: 7 * 24 * 3600,
+        }
+    }
+}
+
+/// APPLICATION clients: their log.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApplicationConfig {
+    /// Seconds a log entry is kept, acknowledged or not.
+    pub retention_secs: u64,
+    /// Bytes kept per client log; beyond it the oldest entries are removed (counted).
+    pub retention_bytes: u64,
+}
+
+impl Default for ApplicationConfig {
+    fn default() -> Self {
+        ApplicationConfig {
+            retention_secs: 7 * 24 * 3600,
+            retention_bytes: 1 << 30,
+        }
+    }
+}
+
+/// One APPLICATION client.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplicationClientConfig {
+    pub client_id: String,
 }
 
 /// One TCP listener.
@@ -135,12 +218,17 @@ pub struct SessionConfig {
     /// Upper bound on a v5 Session Expiry Interval, in seconds (v5 clients are told the bound in
     /// CONNACK). 4294967295 means "never expires" is allowed.
     pub max_session_expiry_secs: u32,
+    /// Lifetime of an MQTT 3.x persistent session (clean_session=0) after its client
+    /// disconnected, in seconds. v3 has no way to ask for one, so this bounds what would
+    /// otherwise live forever.
+    pub v3_session_expiry_secs: u32,
 }
 
 impl Default for SessionConfig {
     fn default() -> Self {
         SessionConfig {
             max_session_expiry_secs: u32::MAX,
+            v3_session_expiry_secs: 7 * 24 * 3600,
         }
     }
 }
@@ -270,6 +358,48 @@ impl Config {
         if l.max_connections == 0 {
             return key("limits.max_connections", "must be at least 1");
         }
+        if self.storage.backend != "embedded" {
+            return key(
+                "storage.backend",
+                &format!(
+                    "`{}` is not available; this version has `embedded`",
+                    self.storage.backend
+                ),
+            );
+        }
+        if self.device.queue_limit == 0 {
+            return key("device.queue_limit", "must be at least 1");
+        }
+        if self.device.message_ttl_secs == 0 {
+            return key("device.message_ttl_secs", "must be at least 1");
+        }
+        if self.application.retention_secs == 0 {
+            return key("application.retention_secs", "must be at least 1");
+        }
+        if self.application.retention_bytes == 0 {
+            return key("application.retention_bytes", "must be at least 1");
+        }
+        if self.session.v3_session_expiry_secs == 0 {
+            return key(
+                "session.v3_session_expiry_secs",
+                "must be at least 1 (clean_session=0 asks for a session that outlives the connection)",
+            );
+        }
+        let mut ids = std::collections::HashSet::new();
+        for (i, app) in self.application_clients.iter().enumerate() {
+            if app.client_id.is_empty() {
+                return key(
+                    &format!("application_clients[{i}].client_id"),
+                    "must not be empty",
+                );
+            }
+            if !ids.insert(app.client_id.as_str()) {
+                return key(
+                    &format!("application_clients[{i}].client_id"),
+                    &format!("`{}` is listed twice", app.client_id),
+                );
+            }
+        }
         Ok(())
     }
 }
@@ -323,7 +453,14 @@ fn apply_env(table: &mut toml::Table, var: &str, value: &str) -> Result<(), Conf
     // level is a known top-level key are applied, so a typo in a nested key still fails loudly
     // through `deny_unknown_fields`.
     let keys: Vec<String> = path.split("__").map(|k| k.to_ascii_lowercase()).collect();
-    const TOP_LEVEL: &[&str] = &["data_dir", "limits", "session"];
+    const TOP_LEVEL: &[&str] = &[
+        "data_dir",
+        "limits",
+        "session",
+        "storage",
+        "device",
+        "application",
+    ];
     if !TOP_LEVEL.contains(&keys[0].as_str()) {
         return Ok(());
     }

@@ -128,6 +128,10 @@ pub struct Delivery {
     pub retain: bool,
     /// v5 subscription identifiers of every matching subscription of this client.
     pub subscription_ids: Vec<usize>,
+    /// Position in the session's durable queue or log, when it came from there.
+    pub seq: Option<u64>,
+    /// Send with DUP=1: it may have been sent before a restart.
+    pub dup: bool,
 }
 
 /// Lower of two QoS levels.

@@ -14,6 +14,10 @@ use crate::listener::Listener;
 
 /// How long shutdown waits for connections to say goodbye.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How often expired queue and log entries are swept, and how many at most per sweep (bounded
+/// work per tick; a backlog drains over several ticks).
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+const SWEEP_BUDGET: usize = 10_000;
 /// How often expired retained messages are purged.
 const RETAINED_PURGE_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -28,6 +32,8 @@ pub struct Server {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    #[error("cannot open storage: {0}")]
+    Storage(crate::storage::StorageError),
     #[error("cannot bind listener `{name}` on {addr}: {source}")]
     Bind {
         name: String,
@@ -39,7 +45,8 @@ pub enum StartError {
 impl Server {
     /// Binds every listener and starts serving.
     pub async fn start(config: Config) -> Result<Server, StartError> {
-        Self::start_with(Broker::new(config)).await
+        let broker = Broker::open(config).map_err(StartError::Storage)?;
+        Self::start_with(broker).await
     }
 
     pub async fn start_with(broker: Arc<Broker>) -> Result<Server, StartError> {
@@ -76,6 +83,25 @@ impl Server {
                 tokio::select! {
                     _ = purge_shutdown.changed() => return,
                     _ = tick.tick() => purger.router.purge_expired_retained(),
+                }
+            }
+        });
+        let sweeper = broker.clone();
+        let mut sweep_shutdown = shutdown_rx.clone();
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+            loop {
+                tokio::select! {
+                    _ = sweep_shutdown.changed() => return,
+                    _ = tick.tick() => {}
+                }
+                let storage = sweeper.storage.clone();
+                let swept = tokio::task::spawn_blocking(move || {
+                    storage.sweep(crate::storage::codec::now_ms(), SWEEP_BUDGET)
+                })
+                .await;
+                if let Ok(Err(e)) = swept {
+                    tracing::warn!(error = %e, "expiry sweep failed");
                 }
             }
         });

@@ -429,8 +429,8 @@ async fn order_is_kept_per_publisher_and_topic() {
 }
 
 #[tokio::test]
-async fn offline_queue_is_bounded() {
-    let (_server, addr) = start_with(|c| c.limits.max_queued_messages = 5).await;
+async fn offline_device_queue_keeps_the_newest_up_to_its_limit() {
+    let (_server, addr) = start_with(|c| c.device.queue_limit = 5).await;
     let (mut sub, _) = Raw::connect4(addr, "dev", false).await;
     sub.subscribe4(1, "b", QoS::AtLeastOnce).await;
     drop(sub);
@@ -448,6 +448,32 @@ async fn offline_queue_is_bounded() {
         got.push(m.payload[0]);
         sub.send4(Packet::PubAck(v4::PubAck::new(m.pkid))).await;
     }
-    // The first five were kept; newer ones were dropped when the queue was full.
-    assert_eq!(got, vec![0, 1, 2, 3, 4]);
+    // The oldest were trimmed when the queue passed its limit.
+    assert_eq!(got, vec![15, 16, 17, 18, 19]);
+}
+
+#[tokio::test]
+async fn clean_session_queue_is_bounded_and_drops_newest() {
+    // A slow clean-session subscriber's in-memory queue: when full, new messages are dropped.
+    let (_server, addr) = start_with(|c| {
+        c.limits.max_queued_messages = 5;
+        c.limits.max_inflight = 1;
+    })
+    .await;
+    let (mut sub, _) = Raw::connect4(addr, "slow", true).await;
+    sub.subscribe4(1, "b", QoS::AtLeastOnce).await;
+    let (mut publ, _) = Raw::connect4(addr, "pub", true).await;
+    for i in 0..20u8 {
+        publ.publish4("b", QoS::AtLeastOnce, u16::from(i) + 1, false, &[i])
+            .await;
+        publ.recv4().await;
+    }
+    let mut got = Vec::new();
+    while let Some(p) = sub.recv4_within(QUIET).await {
+        let m = publish_of(p);
+        got.push(m.payload[0]);
+        sub.send4(Packet::PubAck(v4::PubAck::new(m.pkid))).await;
+    }
+    // One in flight, five queued; the rest were dropped.
+    assert_eq!(got, vec![0, 1, 2, 3, 4, 5]);
 }

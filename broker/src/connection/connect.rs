@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use super::READ_CHUNK;
 use crate::auth::{AuthDecision, Credentials};
-use crate::broker::Broker;
+use crate::broker::{Broker, OpenError};
 use crate::protocol::{
     encode, ConnAck, ConnAckProperties, ConnectPacket, ConnectReturnCode, Decoder, Incoming,
     ProtocolVersion,
@@ -118,7 +118,17 @@ pub(super) async fn handshake(
     } else {
         NEVER_EXPIRES
     };
-    let expiry = requested_expiry.min(max_expiry);
+    let expiry = if broker.config.is_application_client(&client_id) {
+        // APPLICATION sessions are always persistent, whatever the client asked for; v5
+        // clients learn it from the Session Expiry Interval in CONNACK.
+        NEVER_EXPIRES
+    } else if v5 {
+        requested_expiry.min(max_expiry)
+    } else if requested_expiry == NEVER_EXPIRES {
+        broker.config.session.v3_session_expiry_secs
+    } else {
+        0
+    };
     // A v3 client cannot be told another keep-alive, so its own value stands.
     let (keep_alive, server_keep_alive) = if v5 {
         negotiate_keep_alive(connect.keep_alive, limits.max_keep_alive_secs)
@@ -142,7 +152,11 @@ pub(super) async fn handshake(
         Ok(opened) => opened,
         Err(e) => {
             tracing::warn!(%peer, client_id = %client_id, error = %e, "refusing connection");
-            refuse(stream, version, ConnectReturnCode::ServerBusy).await;
+            let code = match e {
+                OpenError::TakeoverTimeout => ConnectReturnCode::ServerBusy,
+                OpenError::Storage(_) => ConnectReturnCode::ServerUnavailable,
+            };
+            refuse(stream, version, code).await;
             return Ok(None);
         }
     };

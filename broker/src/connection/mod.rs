@@ -8,6 +8,7 @@
 
 mod connect;
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,8 +23,9 @@ use crate::broker::Broker;
 use crate::protocol::{
     encode, Decoder, Disconnect, DisconnectProperties, DisconnectReasonCode, ProtocolVersion,
 };
-use crate::session::machine::{Flow, Machine};
+use crate::session::machine::{Flow, Machine, PendingReply, MAX_PENDING_REPLIES};
 use crate::session::registry::Kick;
+use crate::storage::StorageError;
 
 /// Read at least this much free space before each read.
 const READ_CHUNK: usize = 16 * 1024;
@@ -188,7 +190,13 @@ async fn event_loop(
         } else if write_stalled_since.is_none() {
             write_stalled_since = Some(now);
         }
+        if let Flow::Close(code, why) = fill_stored(machine, wbuf, now) {
+            return End::Close(code, why);
+        }
         let room = wbuf.len() < OUTPUT_HIGH_WATER;
+        let can_read = room && machine.replies.len() < MAX_PENDING_REPLIES;
+        let watch_stored = !machine.session.stored_pending && machine.session.stored;
+        let stored = machine.session.mailbox.stored.clone();
         let can_deliver = room && machine.window_open() && !machine.has_pending();
         if rbuf.capacity() - rbuf.len() < READ_CHUNK / 4 {
             rbuf.reserve(READ_CHUNK);
@@ -210,7 +218,15 @@ async fn event_loop(
                     write_stalled_since = None;
                 }
             },
-            read = reader.read_buf(rbuf), if room => match read {
+            done = front_completion(&mut machine.replies), if !machine.replies.is_empty() => {
+                if let Flow::Close(code, why) = machine.complete_front(done, wbuf) {
+                    return End::Close(code, why);
+                }
+            }
+            _ = stored.notified(), if watch_stored => {
+                machine.session.stored_pending = true;
+            }
+            read = reader.read_buf(rbuf), if can_read => match read {
                 Ok(0) | Err(_) => return End::SocketClosed,
                 Ok(n) => {
                     metrics.bytes_received.add(n as u64);
@@ -265,6 +281,22 @@ async fn event_loop(
                 timer.as_mut().reset(tokio::time::Instant::now() + next);
             }
         }
+    }
+}
+
+/// Reads durable entries into the output while the window allows.
+fn fill_stored(machine: &mut Machine, wbuf: &mut BytesMut, now: Instant) -> Flow {
+    if machine.wants_stored() && wbuf.len() < OUTPUT_HIGH_WATER && !machine.has_pending() {
+        return machine.fetch_stored(wbuf, now);
+    }
+    Flow::Continue
+}
+
+/// Waits for the storage write the oldest queued reply depends on.
+async fn front_completion(replies: &mut VecDeque<PendingReply>) -> Result<(), StorageError> {
+    match replies.front_mut().and_then(|r| r.wait.as_mut()) {
+        Some(rx) => rx.await.unwrap_or(Err(StorageError::Closed)),
+        None => Ok(()),
     }
 }
 

@@ -11,34 +11,73 @@ pub mod retained;
 pub mod topic;
 pub mod trie;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
 use parking_lot::RwLock;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
 use crate::message::{max_qos, min_qos, Delivery, Message};
 use crate::metrics::Metrics;
 use crate::protocol::{QoS, RetainForwardRule};
+use crate::storage::codec::{encode_delivery, instant_to_ms};
+use crate::storage::{ClientKind, WriteBatch, WriteOp};
 use retained::RetainedStore;
 use topic::ParsedFilter;
 use trie::SubscriptionTrie;
 
 /// The sending side of one session's outbound queue. The router keeps these in the trie; the
 /// session that owns the receiving side drains it. Bounded: see `limits.max_queued_messages`.
+///
+/// A *persistent* session's QoS 1/2 messages do not travel through the channel: the router turns
+/// them into storage appends at the session's next sequence number, and the writer wakes
+/// `stored` once they are durable, so the session reads them back from its queue or log.
 #[derive(Debug)]
 pub struct Mailbox {
     pub client_id: Arc<str>,
     tx: mpsc::Sender<Delivery>,
+    pub kind: ClientKind,
+    persistent: AtomicBool,
+    next_seq: AtomicU64,
+    /// Woken by the storage writer after entries for this session were committed.
+    pub stored: Arc<Notify>,
 }
 
 impl Mailbox {
     /// A new mailbox with room for `capacity` deliveries, and its receiving end.
-    pub fn new(client_id: Arc<str>, capacity: usize) -> (Arc<Mailbox>, mpsc::Receiver<Delivery>) {
+    pub fn new(
+        client_id: Arc<str>,
+        capacity: usize,
+        kind: ClientKind,
+        persistent: bool,
+        next_seq: u64,
+    ) -> (Arc<Mailbox>, mpsc::Receiver<Delivery>) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
-        (Arc::new(Mailbox { client_id, tx }), rx)
+        let mailbox = Mailbox {
+            client_id,
+            tx,
+            kind,
+            persistent: AtomicBool::new(persistent),
+            next_seq: AtomicU64::new(next_seq.max(1)),
+            stored: Arc::new(Notify::new()),
+        };
+        (Arc::new(mailbox), rx)
+    }
+
+    /// Whether QoS 1/2 messages for this session go to durable storage.
+    pub fn is_persistent(&self) -> bool {
+        self.persistent.load(Ordering::Acquire)
+    }
+
+    pub fn set_persistent(&self, persistent: bool) {
+        self.persistent.store(persistent, Ordering::Release);
+    }
+
+    /// The next sequence number that will be assigned (for diagnostics and restore).
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq.load(Ordering::Acquire)
     }
 
     /// Queues a delivery without waiting. A full queue drops the delivery (counted by the caller);
@@ -102,14 +141,17 @@ pub struct Router {
     subscriptions: RwLock<SubscriptionTrie<SubKey, Subscription>>,
     retained: RwLock<RetainedStore<Arc<Message>>>,
     metrics: Arc<Metrics>,
+    /// `device.message_ttl_secs` in milliseconds.
+    device_ttl_ms: u64,
 }
 
 impl Router {
-    pub fn new(metrics: Arc<Metrics>) -> Router {
+    pub fn new(metrics: Arc<Metrics>, device_ttl_secs: u64) -> Router {
         Router {
             subscriptions: RwLock::new(SubscriptionTrie::new()),
             retained: RwLock::new(RetainedStore::new()),
             metrics,
+            device_ttl_ms: device_ttl_secs.saturating_mul(1000),
         }
     }
 
@@ -187,7 +229,11 @@ impl Router {
 
     /// Routes a message to every matching subscriber. Returns how many deliveries were queued
     /// (v5 PUBACK says "no matching subscribers" when this is 0 and nothing matched at all).
-    pub fn publish(&self, message: &Arc<Message>) -> RouteResult {
+    ///
+    /// QoS 1/2 deliveries to persistent sessions become [`WriteOp::Enqueue`] entries in `batch`
+    /// (the caller submits it and acknowledges the publisher once it is durable); everything else
+    /// goes straight into the subscriber's mailbox.
+    pub fn publish(&self, message: &Arc<Message>, batch: &mut WriteBatch) -> RouteResult {
         let topic = message.topic_str();
         let mut direct: Vec<Target> = Vec::new();
         let mut shared: Vec<(Arc<Mailbox>, QoS, bool, Option<usize>)> = Vec::new();
@@ -246,8 +292,10 @@ impl Router {
                 qos: target.qos,
                 retain: target.retain,
                 subscription_ids: target.ids,
+                seq: None,
+                dup: false,
             };
-            self.offer(&target.mailbox, delivery, &mut result);
+            self.deliver(&target.mailbox, delivery, batch, &mut result);
         }
         for (mailbox, qos, retain, id) in shared {
             // Only the receiving member's own identifier [MQTT-3.3.4-3 ff., v5 §3.3.4].
@@ -256,10 +304,63 @@ impl Router {
                 qos,
                 retain,
                 subscription_ids: id.into_iter().collect(),
+                seq: None,
+                dup: false,
             };
-            self.offer(&mailbox, delivery, &mut result);
+            self.deliver(&mailbox, delivery, batch, &mut result);
         }
         result
+    }
+
+    /// Stores a delivery for a persistent session, or hands it to the mailbox.
+    fn deliver(
+        &self,
+        mailbox: &Arc<Mailbox>,
+        delivery: Delivery,
+        batch: &mut WriteBatch,
+        result: &mut RouteResult,
+    ) {
+        // QoS 0 is never stored for anyone; an offline persistent session may miss it.
+        if delivery.qos == QoS::AtMostOnce || !mailbox.is_persistent() {
+            self.offer(mailbox, delivery, result);
+            return;
+        }
+        let seq = mailbox.next_seq.fetch_add(1, Ordering::AcqRel);
+        let expires_at_ms = self.expiry_deadline(mailbox.kind, &delivery.message);
+        let record = encode_delivery(
+            delivery.qos,
+            delivery.retain,
+            expires_at_ms,
+            &delivery.subscription_ids,
+            &delivery.message,
+        );
+        batch.push(WriteOp::Enqueue {
+            client: mailbox.client_id.clone(),
+            kind: mailbox.kind,
+            seq,
+            record,
+            notify: Some(mailbox.stored.clone()),
+        });
+        result.stored += 1;
+    }
+
+    /// When a stored delivery expires (ms since epoch; 0 = never): the DEVICE TTL or the MQTT 5
+    /// message expiry, whichever comes first. APPLICATION logs age out by retention instead.
+    fn expiry_deadline(&self, kind: ClientKind, message: &Message) -> u64 {
+        let received = instant_to_ms(message.received_at);
+        let message_expiry = message
+            .properties
+            .message_expiry_interval
+            .map(|s| received + u64::from(s) * 1000);
+        let ttl = match kind {
+            ClientKind::Device => Some(received + self.device_ttl_ms),
+            ClientKind::Application => None,
+        };
+        match (message_expiry, ttl) {
+            (Some(a), Some(b)) => a.min(b),
+            (Some(a), None) | (None, Some(a)) => a,
+            (None, None) => 0,
+        }
     }
 
     fn offer(&self, mailbox: &Mailbox, delivery: Delivery, result: &mut RouteResult) {
@@ -275,7 +376,24 @@ impl Router {
 
     /// Stores, replaces or (empty payload) deletes the retained message for its topic
     /// [MQTT-3.3.1-5], [MQTT-3.3.1-10].
-    pub fn retain(&self, message: &Arc<Message>) {
+    /// The change is also added to `batch`, so it survives a restart.
+    pub fn retain(&self, message: &Arc<Message>, batch: &mut WriteBatch) {
+        let topic = message.topic_str().to_string();
+        if message.payload.is_empty() {
+            batch.push(WriteOp::DeleteRetained { topic });
+        } else {
+            let mut record = bytes::BytesMut::new();
+            crate::storage::codec::encode_message(message, &mut record);
+            batch.push(WriteOp::PutRetained {
+                topic,
+                record: record.to_vec(),
+            });
+        }
+        self.restore_retained(message);
+    }
+
+    /// Sets or deletes a retained message in memory only (used when restoring from storage).
+    pub fn restore_retained(&self, message: &Message) {
         let mut store = self.retained.write();
         if message.payload.is_empty() {
             store.remove(message.topic_str());
@@ -363,4 +481,6 @@ pub struct RouteResult {
     pub queued: usize,
     /// Deliveries dropped because a queue was full.
     pub dropped: usize,
+    /// Deliveries added to the storage batch for persistent sessions.
+    pub stored: usize,
 }

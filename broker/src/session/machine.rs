@@ -21,6 +21,7 @@ use crate::protocol::{
 };
 use crate::router::topic::{parse_filter, validate_topic_name, ParsedFilter};
 use crate::router::SubscriptionOptions;
+use crate::storage::{pkid_for_seq, Completion, StorageError, WriteBatch, WriteOp};
 
 /// What the connection should do after a packet.
 #[derive(Debug, PartialEq, Eq)]
@@ -33,6 +34,33 @@ pub enum Flow {
     /// The broker must end the connection: v5 clients get DISCONNECT with this reason first.
     Close(DisconnectReasonCode, &'static str),
 }
+
+/// A response held back until the storage write it depends on is durable. Responses leave in
+/// the order their requests arrived, even when storage completes out of order (invariant 2).
+pub struct PendingReply {
+    /// The write this reply waits for; `None` once it completed (or when it needs none but
+    /// queued behind one that does).
+    pub wait: Option<Completion>,
+    /// The encoded reply to send on success.
+    pub bytes: BytesMut,
+    /// What to do instead when the write failed.
+    pub on_error: OnError,
+}
+
+/// The failure path of a [`PendingReply`].
+#[derive(Debug, Clone, Copy)]
+pub enum OnError {
+    /// v5: PUBACK with an error reason; v3: disconnect (a v3 PUBACK can only say "stored").
+    PubAck(u16),
+    /// v5: PUBREC with an error reason; v3: disconnect.
+    PubRec(u16),
+    /// Close the connection.
+    Close,
+}
+
+/// Most replies a connection may have waiting on storage before it stops reading (TCP
+/// backpressure on a publisher that outruns the disk).
+pub const MAX_PENDING_REPLIES: usize = 1024;
 
 /// What the client told us about itself in CONNECT that shapes what we send it.
 #[derive(Debug, Clone)]
@@ -64,6 +92,8 @@ pub struct Machine {
     /// Deliveries created by this connection itself (retained messages on SUBSCRIBE), sent
     /// before anything else in the session queue. Bounded by `limits.max_queued_messages`.
     pending: VecDeque<Delivery>,
+    /// Responses waiting for storage, in arrival order.
+    pub replies: VecDeque<PendingReply>,
 }
 
 impl Machine {
@@ -85,6 +115,7 @@ impl Machine {
             inbound_aliases: HashMap::new(),
             outbound_aliases: HashMap::new(),
             pending: VecDeque::new(),
+            replies: VecDeque::new(),
         }
     }
 
@@ -106,13 +137,17 @@ impl Machine {
         match packet {
             Incoming::Publish(p) => self.on_publish(p, out),
             Incoming::PubAck(ack) => {
-                self.session.outbound.puback(ack.pkid);
+                if let Some(done) = self.session.outbound.puback(ack.pkid) {
+                    self.stored_done(done.delivery.seq);
+                }
                 Flow::Continue
             }
             Incoming::PubRec(rec) => self.on_pubrec(rec, out),
             Incoming::PubRel(rel) => self.on_pubrel(rel, out),
             Incoming::PubComp(comp) => {
-                self.session.outbound.pubcomp(comp.pkid);
+                if let Some(done) = self.session.outbound.pubcomp(comp.pkid) {
+                    self.stored_done(done.delivery.seq);
+                }
                 Flow::Continue
             }
             Incoming::Subscribe(s) => self.on_subscribe(s, out),
@@ -134,10 +169,163 @@ impl Machine {
         }
     }
 
-    fn send(&self, packet: Packet, out: &mut BytesMut) {
-        // Acks and control packets are tiny; only a client with an absurd Maximum Packet Size
-        // could refuse them, and then dropping them is what the spec asks [MQTT-3.1.2-25].
-        let _ = encode(&packet, self.version, self.client.max_packet_size, out);
+    /// Sends a response now, or queues it behind responses still waiting for storage.
+    fn send(&mut self, packet: Packet, out: &mut BytesMut) {
+        self.reply(packet, None, OnError::Close, out);
+    }
+
+    /// Sends `packet` once `wait` (if any) completes, after every earlier response.
+    fn reply(
+        &mut self,
+        packet: Packet,
+        wait: Option<Completion>,
+        on_error: OnError,
+        out: &mut BytesMut,
+    ) {
+        if wait.is_none() && self.replies.is_empty() {
+            // Acks and control packets are tiny; only a client with an absurd Maximum Packet
+            // Size could refuse them, and then dropping them is what the spec asks
+            // [MQTT-3.1.2-25].
+            let _ = encode(&packet, self.version, self.client.max_packet_size, out);
+            return;
+        }
+        let mut bytes = BytesMut::new();
+        let _ = encode(
+            &packet,
+            self.version,
+            self.client.max_packet_size,
+            &mut bytes,
+        );
+        self.replies.push_back(PendingReply {
+            wait,
+            bytes,
+            on_error,
+        });
+    }
+
+    /// The storage write the oldest queued reply waits for has completed with `result`: send
+    /// it (or its failure form), then every following reply that is ready too.
+    pub fn complete_front(&mut self, result: Result<(), StorageError>, out: &mut BytesMut) -> Flow {
+        let Some(front) = self.replies.front_mut() else {
+            return Flow::Continue;
+        };
+        front.wait = None;
+        if let Err(e) = result {
+            let Some(front) = self.replies.pop_front() else {
+                return Flow::Continue;
+            };
+            if let Some(flow) = self.storage_failed(front.on_error, &e, out) {
+                return flow;
+            }
+        }
+        self.release_ready(out)
+    }
+
+    /// Sends queued replies from the front while their writes are done.
+    fn release_ready(&mut self, out: &mut BytesMut) -> Flow {
+        use tokio::sync::oneshot::error::TryRecvError;
+        while let Some(front) = self.replies.front_mut() {
+            if let Some(rx) = front.wait.as_mut() {
+                let failure = match rx.try_recv() {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => Some(e),
+                    Err(TryRecvError::Closed) => Some(StorageError::Closed),
+                    // Not done yet: the connection loop awaits it.
+                    Err(TryRecvError::Empty) => return Flow::Continue,
+                };
+                front.wait = None;
+                if let Some(e) = failure {
+                    let on_error = front.on_error;
+                    self.replies.pop_front();
+                    if let Some(flow) = self.storage_failed(on_error, &e, out) {
+                        return flow;
+                    }
+                    continue;
+                }
+            }
+            if let Some(front) = self.replies.pop_front() {
+                out.extend_from_slice(&front.bytes);
+            }
+        }
+        Flow::Continue
+    }
+
+    /// A write failed: nothing it covered may be acknowledged. v5 publishers get an error
+    /// reason (0x97 when the storage queue is full, 0x80 otherwise), everyone else is
+    /// disconnected.
+    fn storage_failed(
+        &mut self,
+        on_error: OnError,
+        error: &StorageError,
+        out: &mut BytesMut,
+    ) -> Option<Flow> {
+        self.broker.metrics.storage_errors.inc();
+        tracing::warn!(client_id = %self.session.client_id, error = %error, "storage write failed; not acknowledging");
+        let quota = matches!(error, StorageError::Overloaded);
+        match (on_error, self.v5()) {
+            (OnError::PubAck(pkid), true) => {
+                let reason = if quota {
+                    PubAckReason::QuotaExceeded
+                } else {
+                    PubAckReason::UnspecifiedError
+                };
+                let _ = encode(
+                    &Packet::PubAck(PubAck {
+                        pkid,
+                        reason,
+                        properties: None,
+                    }),
+                    self.version,
+                    self.client.max_packet_size,
+                    out,
+                );
+                None
+            }
+            (OnError::PubRec(pkid), true) => {
+                // The message was not stored, so a resend must be routed again.
+                self.session.inbound_qos2.remove(&pkid);
+                let reason = if quota {
+                    PubRecReason::QuotaExceeded
+                } else {
+                    PubRecReason::UnspecifiedError
+                };
+                let _ = encode(
+                    &Packet::PubRec(PubRec {
+                        pkid,
+                        reason,
+                        properties: None,
+                    }),
+                    self.version,
+                    self.client.max_packet_size,
+                    out,
+                );
+                None
+            }
+            _ => Some(Flow::Close(
+                if quota {
+                    DisconnectReasonCode::QuotaExceeded
+                } else {
+                    DisconnectReasonCode::UnspecifiedError
+                },
+                "storage write failed",
+            )),
+        }
+    }
+
+    /// Submits a batch unless it is empty.
+    fn submit(&self, batch: WriteBatch) -> Option<Completion> {
+        (!batch.is_empty()).then(|| self.broker.storage.submit(batch))
+    }
+
+    /// The client finished with a delivery; if it came from durable storage, record that.
+    fn stored_done(&mut self, seq: Option<u64>) {
+        let Some(seq) = seq else { return };
+        if let Some(op) = self.session.ack_stored(seq) {
+            // Not awaited: losing this write only means a redelivery (with DUP) after a crash.
+            self.broker
+                .storage
+                .submit_detached(WriteBatch { ops: vec![op] });
+        }
     }
 
     fn on_publish(&mut self, mut publish: Publish, out: &mut BytesMut) -> Flow {
@@ -187,15 +375,28 @@ impl Machine {
             received_at: Instant::now(),
             publisher: self.session.client_id.clone(),
         });
+        let mut batch = WriteBatch::default();
         if message.retain {
-            self.broker.router.retain(&message);
+            self.broker.router.retain(&message, &mut batch);
         }
-        let routed = self.broker.router.publish(&message);
+        let routed = self.broker.router.publish(&message, &mut batch);
         if routed.matched == 0 {
             metrics.messages_dropped_no_subscribers.inc();
         }
+        if message.qos == QoS::ExactlyOnce {
+            self.session.inbound_qos2.insert(pkid);
+            if self.session.stored {
+                batch.push(WriteOp::PutInboundQos2 {
+                    client: self.session.client_id.clone(),
+                    pkid,
+                });
+            }
+        }
+        // Durable before ack: the PUBACK/PUBREC waits for this batch (invariant 1).
+        let wait = self.submit(batch);
         let no_match = routed.matched == 0 && self.v5();
         match message.qos {
+            // Nothing to acknowledge; retained changes were submitted without waiting.
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => {
                 let reason = if no_match {
@@ -203,23 +404,33 @@ impl Machine {
                 } else {
                     PubAckReason::Success
                 };
-                self.send(
+                self.reply(
                     Packet::PubAck(PubAck {
                         pkid,
                         reason,
                         properties: None,
                     }),
+                    wait,
+                    OnError::PubAck(pkid),
                     out,
                 );
             }
             QoS::ExactlyOnce => {
-                self.session.inbound_qos2.insert(pkid);
                 let reason = if no_match {
                     PubRecReason::NoMatchingSubscribers
                 } else {
                     PubRecReason::Success
                 };
-                self.pubrec(pkid, reason, out);
+                self.reply(
+                    Packet::PubRec(PubRec {
+                        pkid,
+                        reason,
+                        properties: None,
+                    }),
+                    wait,
+                    OnError::PubRec(pkid),
+                    out,
+                );
             }
         }
         Flow::Continue
@@ -241,7 +452,7 @@ impl Machine {
         Flow::Continue
     }
 
-    fn pubrec(&self, pkid: u16, reason: PubRecReason, out: &mut BytesMut) {
+    fn pubrec(&mut self, pkid: u16, reason: PubRecReason, out: &mut BytesMut) {
         self.send(
             Packet::PubRec(PubRec {
                 pkid,
@@ -288,34 +499,74 @@ impl Machine {
 
     fn on_pubrec(&mut self, rec: PubRec, out: &mut BytesMut) -> Flow {
         let success = (rec_code(rec.reason)) < 0x80;
-        let reason = match self.session.outbound.pubrec(rec.pkid, success) {
-            Some(true) => PubRelReason::Success,
-            Some(false) => return Flow::Continue,
-            None => PubRelReason::PacketIdentifierNotFound,
+        let seq = self
+            .session
+            .outbound
+            .iter()
+            .find(|i| i.pkid == rec.pkid)
+            .and_then(|i| i.delivery.seq);
+        let (reason, wait) = match self.session.outbound.pubrec(rec.pkid, success) {
+            Some(true) => {
+                // A stored QoS 2 entry must be marked released before PUBREL goes out: after a
+                // crash the broker then resends PUBREL, never the PUBLISH the client already
+                // completed (which it would take as a new message).
+                let wait = seq.and_then(|seq| {
+                    let mut batch = WriteBatch::default();
+                    batch.push(WriteOp::MarkReleased {
+                        client: self.session.client_id.clone(),
+                        kind: self.session.kind,
+                        seq,
+                    });
+                    self.submit(batch)
+                });
+                (PubRelReason::Success, wait)
+            }
+            Some(false) => {
+                self.stored_done(seq);
+                return Flow::Continue;
+            }
+            None => (PubRelReason::PacketIdentifierNotFound, None),
         };
-        self.send(
+        self.reply(
             Packet::PubRel(PubRel {
                 pkid: rec.pkid,
                 reason,
                 properties: None,
             }),
+            wait,
+            OnError::Close,
             out,
         );
         Flow::Continue
     }
 
     fn on_pubrel(&mut self, rel: PubRel, out: &mut BytesMut) -> Flow {
-        let reason = if self.session.inbound_qos2.remove(&rel.pkid) {
+        let known = self.session.inbound_qos2.remove(&rel.pkid);
+        let reason = if known {
             PubCompReason::Success
         } else {
             PubCompReason::PacketIdentifierNotFound
         };
-        self.send(
+        // The stored packet id must be gone before PUBCOMP: otherwise a crash could leave it
+        // behind and a later message reusing the id would be taken for a duplicate and lost.
+        let wait = if known && self.session.stored {
+            let mut batch = WriteBatch::default();
+            batch.push(WriteOp::DeleteInboundQos2 {
+                client: self.session.client_id.clone(),
+                pkid: rel.pkid,
+            });
+            self.submit(batch)
+        } else {
+            None
+        };
+        self.reply(
             Packet::PubComp(PubComp {
                 pkid: rel.pkid,
                 reason,
                 properties: None,
             }),
+            wait,
+            OnError::Close,
             out,
         );
         Flow::Continue
@@ -326,6 +577,7 @@ impl Machine {
         let limits = &self.broker.config.limits;
         let mut return_codes = Vec::with_capacity(subscribe.filters.len());
         let mut retained: Vec<Delivery> = Vec::new();
+        let mut batch = WriteBatch::default();
         for filter in &subscribe.filters {
             let parsed = match parse_filter(&filter.path, &self.broker.topic_limits) {
                 Ok(parsed) => parsed,
@@ -362,6 +614,13 @@ impl Machine {
                 retain_handling: filter.retain_forward_rule.clone(),
                 identifier,
             };
+            if self.session.stored {
+                batch.push(WriteOp::PutSubscription {
+                    client: self.session.client_id.clone(),
+                    filter: filter.path.clone(),
+                    options: options.clone(),
+                });
+            }
             let outcome =
                 self.broker
                     .router
@@ -388,16 +647,22 @@ impl Machine {
                         message,
                         retain: true,
                         subscription_ids: identifier.into_iter().collect(),
+                        seq: None,
+                        dup: false,
                     });
                 }
             }
         }
-        self.send(
+        // A persistent session's SUBACK waits until the subscription is durable.
+        let wait = self.submit(batch);
+        self.reply(
             Packet::SubAck(SubAck {
                 pkid: subscribe.pkid,
                 return_codes,
                 properties: None,
             }),
+            wait,
+            OnError::Close,
             out,
         );
         // After the SUBACK, in the order found [MQTT-3.8.4-4].
@@ -407,6 +672,7 @@ impl Machine {
 
     fn on_unsubscribe(&mut self, unsubscribe: Unsubscribe, out: &mut BytesMut) -> Flow {
         let mut reasons = Vec::with_capacity(unsubscribe.filters.len());
+        let mut batch = WriteBatch::default();
         for filter in &unsubscribe.filters {
             let reason = match parse_filter(filter, &self.broker.topic_limits) {
                 Err(_) => UnsubAckReason::TopicFilterInvalid,
@@ -414,6 +680,12 @@ impl Machine {
                     self.broker
                         .router
                         .unsubscribe(&self.session.client_id, parsed);
+                    if self.session.stored {
+                        batch.push(WriteOp::DeleteSubscription {
+                            client: self.session.client_id.clone(),
+                            filter: filter.clone(),
+                        });
+                    }
                     if self.session.subscriptions.remove(filter).is_some() {
                         UnsubAckReason::Success
                     } else {
@@ -423,12 +695,15 @@ impl Machine {
             };
             reasons.push(reason);
         }
-        self.send(
+        let wait = self.submit(batch);
+        self.reply(
             Packet::UnsubAck(UnsubAck {
                 pkid: unsubscribe.pkid,
                 reasons,
                 properties: None,
             }),
+            wait,
+            OnError::Close,
             out,
         );
         Flow::Continue
@@ -475,6 +750,7 @@ impl Machine {
         let metrics = self.broker.metrics.clone();
         if delivery.message.is_expired(now) {
             metrics.messages_dropped_expired.inc();
+            self.stored_done(delivery.seq);
             return;
         }
         let mut properties = if self.v5() {
@@ -486,19 +762,20 @@ impl Machine {
         };
         let mut topic = delivery.message.topic.clone();
         let new_alias = self.outbound_alias(&mut topic, &mut properties);
-        let (pkid, state) = match delivery.qos {
-            QoS::AtMostOnce => (0, None),
-            QoS::AtLeastOnce => (
-                self.session.outbound.next_pkid().unwrap_or(0),
-                Some(InflightState::AwaitingPubAck),
-            ),
-            QoS::ExactlyOnce => (
-                self.session.outbound.next_pkid().unwrap_or(0),
-                Some(InflightState::AwaitingPubRec),
-            ),
+        // Stored entries use the packet id derived from their position, so a resend after a
+        // restart carries the id the client saw before.
+        let pkid = match (delivery.qos, delivery.seq) {
+            (QoS::AtMostOnce, _) => 0,
+            (_, Some(seq)) => pkid_for_seq(seq),
+            (_, None) => self.session.outbound.next_pkid().unwrap_or(0),
+        };
+        let state = match delivery.qos {
+            QoS::AtMostOnce => None,
+            QoS::AtLeastOnce => Some(InflightState::AwaitingPubAck),
+            QoS::ExactlyOnce => Some(InflightState::AwaitingPubRec),
         };
         let publish = Publish {
-            dup: false,
+            dup: delivery.dup && delivery.qos != QoS::AtMostOnce,
             qos: delivery.qos,
             retain: delivery.retain,
             topic,
@@ -524,8 +801,89 @@ impl Machine {
                 if let Some(topic) = new_alias {
                     self.outbound_aliases.remove(&topic);
                 }
+                self.stored_done(delivery.seq);
             }
         }
+    }
+
+    /// Whether durable entries may be waiting and the window has room for them.
+    pub fn wants_stored(&self) -> bool {
+        self.session.stored_pending && self.window_open()
+    }
+
+    /// Reads the next durable entries of this session's queue or log (as many as the in-flight
+    /// window allows) and sends them. Entries written before a restart carry DUP=1; entries
+    /// whose PUBREC was already received get PUBREL instead of PUBLISH.
+    pub fn fetch_stored(&mut self, out: &mut BytesMut, now: Instant) -> Flow {
+        let window = usize::from(
+            self.client
+                .receive_maximum
+                .min(self.broker.config.limits.max_inflight),
+        );
+        let room = window.saturating_sub(self.session.outbound.len());
+        if room == 0 {
+            return Flow::Continue;
+        }
+        let entries = match self.broker.storage.read_queue(
+            &self.session.client_id,
+            self.session.kind,
+            self.session.cursor,
+            room,
+        ) {
+            Ok(entries) => entries,
+            Err(e) => {
+                self.broker.metrics.storage_errors.inc();
+                tracing::error!(client_id = %self.session.client_id, error = %e, "reading stored messages failed");
+                return Flow::Close(
+                    DisconnectReasonCode::UnspecifiedError,
+                    "storage read failed",
+                );
+            }
+        };
+        if entries.len() < room {
+            self.session.stored_pending = false;
+        }
+        for entry in entries {
+            let pkid = pkid_for_seq(entry.seq);
+            if self.session.outbound.in_use(pkid) {
+                // 65535 entries further on, the id is still taken: wait for its ack.
+                self.session.stored_pending = true;
+                break;
+            }
+            // Entries skipped (expired, trimmed) count as done for the log's commit point.
+            for skipped in self.session.cursor..entry.seq {
+                if self.session.kind == crate::storage::ClientKind::Application {
+                    self.stored_done(Some(skipped));
+                }
+            }
+            self.session.cursor = entry.seq + 1;
+            let delivery = Delivery {
+                message: Arc::new(entry.delivery.message),
+                qos: entry.delivery.qos,
+                retain: entry.delivery.retain,
+                subscription_ids: entry.delivery.subscription_ids,
+                seq: Some(entry.seq),
+                dup: entry.seq < self.session.dup_below,
+            };
+            if entry.released {
+                self.session
+                    .outbound
+                    .push(pkid, delivery, InflightState::AwaitingPubComp);
+                let _ = encode(
+                    &Packet::PubRel(PubRel {
+                        pkid,
+                        reason: PubRelReason::Success,
+                        properties: None,
+                    }),
+                    self.version,
+                    self.client.max_packet_size,
+                    out,
+                );
+                continue;
+            }
+            self.deliver(delivery, out, now);
+        }
+        Flow::Continue
     }
 
     /// Uses or establishes a topic alias towards a v5 client that allows them. Returns the topic

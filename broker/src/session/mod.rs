@@ -9,13 +9,14 @@ pub mod machine;
 pub mod outbound;
 pub mod registry;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
 use crate::message::Delivery;
 use crate::router::{Mailbox, SubscriptionOptions};
+use crate::storage::ClientKind;
 use outbound::Outbound;
 
 /// Session Expiry Interval value meaning "never expires" (v5 §3.1.2.11.2).
@@ -40,11 +41,39 @@ pub struct Session {
     /// routed, so a duplicate PUBLISH with one of these ids must not be routed again
     /// [MQTT-4.3.3-10].
     pub inbound_qos2: HashSet<u16>,
+    /// DEVICE or APPLICATION.
+    pub kind: ClientKind,
+    /// The session has a record in durable storage (it was persistent at some point).
+    pub stored: bool,
+    /// Durable queue reading: the next sequence number to read.
+    pub cursor: u64,
+    /// Entries below this may have been sent before the broker restarted: resend with DUP=1.
+    pub dup_below: u64,
+    /// The durable queue may hold entries not read yet.
+    pub stored_pending: bool,
+    /// APPLICATION log: everything below this offset is acknowledged and committed.
+    pub committed: u64,
+    /// APPLICATION log: offsets at or above `committed` acknowledged out of order.
+    pub acked: BTreeSet<u64>,
 }
 
 impl Session {
-    pub fn new(client_id: Arc<str>, queue_capacity: usize, expiry_interval: u32) -> Session {
-        let (mailbox, queue) = Mailbox::new(client_id.clone(), queue_capacity);
+    /// A session whose durable queue (if any) starts at `next_seq`.
+    pub fn new(
+        client_id: Arc<str>,
+        queue_capacity: usize,
+        expiry_interval: u32,
+        kind: ClientKind,
+        next_seq: u64,
+    ) -> Session {
+        let persistent = expiry_interval > 0;
+        let (mailbox, queue) = Mailbox::new(
+            client_id.clone(),
+            queue_capacity,
+            kind,
+            persistent,
+            next_seq,
+        );
         Session {
             client_id,
             mailbox,
@@ -53,6 +82,39 @@ impl Session {
             expiry_interval,
             outbound: Outbound::default(),
             inbound_qos2: HashSet::new(),
+            kind,
+            stored: false,
+            cursor: next_seq.max(1),
+            dup_below: 0,
+            stored_pending: false,
+            committed: next_seq.max(1),
+            acked: BTreeSet::new(),
+        }
+    }
+
+    /// Records that the client acknowledged the stored entry `seq`; returns the write that makes
+    /// it durable: a DEVICE entry is deleted, an APPLICATION log commits its contiguous prefix.
+    pub fn ack_stored(&mut self, seq: u64) -> Option<crate::storage::WriteOp> {
+        use crate::storage::WriteOp;
+        match self.kind {
+            ClientKind::Device => Some(WriteOp::AckDevice {
+                client: self.client_id.clone(),
+                seq,
+            }),
+            ClientKind::Application => {
+                if seq < self.committed {
+                    return None;
+                }
+                self.acked.insert(seq);
+                let before = self.committed;
+                while self.acked.remove(&self.committed) {
+                    self.committed += 1;
+                }
+                (self.committed != before).then(|| WriteOp::CommitApplication {
+                    client: self.client_id.clone(),
+                    next_offset: self.committed,
+                })
+            }
         }
     }
 

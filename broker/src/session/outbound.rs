@@ -60,6 +60,11 @@ impl Outbound {
         }
     }
 
+    /// Whether `pkid` is taken by a message in flight.
+    pub fn in_use(&self, pkid: u16) -> bool {
+        self.inflight.iter().any(|i| i.pkid == pkid)
+    }
+
     pub fn push(&mut self, pkid: u16, delivery: Delivery, state: InflightState) {
         self.inflight.push_back(Inflight {
             pkid,
@@ -140,6 +145,8 @@ mod tests {
             qos: QoS::ExactlyOnce,
             retain: false,
             subscription_ids: vec![],
+            seq: None,
+            dup: false,
         }
     }
 

@@ -118,6 +118,20 @@ impl Registry {
         Some(epoch)
     }
 
+    /// Parks a session restored from storage at start; returns its offline epoch.
+    pub fn restore(&self, session: Session) -> u64 {
+        let epoch = self.next_id();
+        self.slots.lock().insert(
+            session.client_id.clone(),
+            Slot::Offline {
+                session: Box::new(session),
+                epoch,
+                will: None,
+            },
+        );
+        epoch
+    }
+
     /// Releases the slot of a non-persistent session whose connection closed.
     pub fn release(&self, client_id: &Arc<str>, conn_id: u64) {
         let mut slots = self.slots.lock();

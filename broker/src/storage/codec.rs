@@ -357,13 +357,19 @@ mod tests {
         let m = sample();
         let bytes = encode_delivery(QoS::AtLeastOnce, true, 42, &[7, 9], &m);
         let d = decode_delivery(Bytes::from(bytes)).unwrap();
-        assert_eq!((d.qos, d.retain, d.expires_at_ms), (QoS::AtLeastOnce, true, 42));
+        assert_eq!(
+            (d.qos, d.retain, d.expires_at_ms),
+            (QoS::AtLeastOnce, true, 42)
+        );
         assert_eq!(d.subscription_ids, vec![7, 9]);
         assert_eq!(d.message.topic, m.topic);
         assert_eq!(d.message.payload, m.payload);
         assert_eq!(d.message.qos, QoS::ExactlyOnce);
         assert!(d.message.retain);
-        assert_eq!(d.message.properties.user_properties, m.properties.user_properties);
+        assert_eq!(
+            d.message.properties.user_properties,
+            m.properties.user_properties
+        );
         assert_eq!(d.message.properties.content_type, m.properties.content_type);
         assert_eq!(&*d.message.publisher, "pub");
     }

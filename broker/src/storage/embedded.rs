@@ -161,10 +161,7 @@ impl Storage for EmbeddedStorage {
             let client: Arc<str> = Arc::from(k.value());
             let record = decode_session(v.value())?;
             let mut subscriptions = Vec::new();
-            for row in subs_t
-                .range((&*client, "")..)
-                .map_err(engine)?
-            {
+            for row in subs_t.range((&*client, "")..).map_err(engine)? {
                 let (k, v) = row.map_err(engine)?;
                 let (c, filter) = k.value();
                 if c != &*client {
@@ -187,8 +184,16 @@ impl Storage for EmbeddedStorage {
                     let mut range = device_t
                         .range((&*client, 0u64)..=(&*client, u64::MAX))
                         .map_err(engine)?;
-                    let first = range.next().transpose().map_err(engine)?.map(|(k, _)| k.value().1);
-                    let last = range.next_back().transpose().map_err(engine)?.map(|(k, _)| k.value().1);
+                    let first = range
+                        .next()
+                        .transpose()
+                        .map_err(engine)?
+                        .map(|(k, _)| k.value().1);
+                    let last = range
+                        .next_back()
+                        .transpose()
+                        .map_err(engine)?
+                        .map(|(k, _)| k.value().1);
                     match (first, last) {
                         (Some(f), Some(l)) => (l + 1, f),
                         (Some(f), None) => (f + 1, f),
@@ -342,7 +347,7 @@ impl Storage for EmbeddedStorage {
                 seq,
             });
         }
-        let _ = self.submit(batch);
+        self.submit_detached(batch);
         Ok(stats)
     }
 }
@@ -488,8 +493,11 @@ impl Writer {
                 options,
             } => {
                 let mut t = txn.open_table(SUBSCRIPTIONS).map_err(engine)?;
-                t.insert((&*client, filter.as_str()), codec::encode_options(&options).as_slice())
-                    .map_err(engine)?;
+                t.insert(
+                    (&*client, filter.as_str()),
+                    codec::encode_options(&options).as_slice(),
+                )
+                .map_err(engine)?;
             }
             WriteOp::DeleteSubscription { client, filter } => {
                 let mut t = txn.open_table(SUBSCRIPTIONS).map_err(engine)?;
@@ -540,7 +548,8 @@ impl Writer {
             }
             WriteOp::PutRetained { topic, record } => {
                 let mut t = txn.open_table(RETAINED).map_err(engine)?;
-                t.insert(topic.as_str(), record.as_slice()).map_err(engine)?;
+                t.insert(topic.as_str(), record.as_slice())
+                    .map_err(engine)?;
             }
             WriteOp::DeleteRetained { topic } => {
                 let mut t = txn.open_table(RETAINED).map_err(engine)?;
@@ -550,9 +559,7 @@ impl Writer {
                 if self.remove_entry(txn, &client, kind, seq)? {
                     match kind {
                         ClientKind::Device => self.metrics.device_messages_expired.inc(),
-                        ClientKind::Application => {
-                            self.metrics.application_messages_expired.inc()
-                        }
+                        ClientKind::Application => self.metrics.application_messages_expired.inc(),
                     }
                 }
             }
@@ -682,7 +689,8 @@ impl Writer {
             .remove(client)
             .map_err(engine)?;
         self.stats.remove(&(client.to_string(), ClientKind::Device));
-        self.stats.remove(&(client.to_string(), ClientKind::Application));
+        self.stats
+            .remove(&(client.to_string(), ClientKind::Application));
         Ok(())
     }
 }

@@ -200,6 +200,11 @@ pub struct SweepStats {
 pub trait Storage: Send + Sync + 'static {
     /// Queues a batch; never blocks. A full write queue fails the completion with `Overloaded`.
     fn submit(&self, batch: WriteBatch) -> Completion;
+    /// Submits a batch nobody waits for (writes whose loss in a crash only causes a redelivery
+    /// or a late cleanup). It is still applied in order with every other batch.
+    fn submit_detached(&self, batch: WriteBatch) {
+        drop(self.submit(batch));
+    }
     /// Reads everything needed to rebuild the broker's state.
     fn load(&self) -> Result<Snapshot, StorageError>;
     /// Up to `limit` live entries with `seq >= from`, in order. Expired entries are skipped.
