@@ -11,7 +11,7 @@ pub mod retained;
 pub mod topic;
 pub mod trie;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -32,15 +32,14 @@ use trie::SubscriptionTrie;
 /// session that owns the receiving side drains it. Bounded: see `limits.max_queued_messages`.
 ///
 /// A *persistent* session's QoS 1/2 messages do not travel through the channel: the router turns
-/// them into storage appends at the session's next sequence number, and the writer wakes
-/// `stored` once they are durable, so the session reads them back from its queue or log.
+/// them into storage appends, and the writer wakes `stored` once they are durable, so the
+/// session reads them back from its queue or log.
 #[derive(Debug)]
 pub struct Mailbox {
     pub client_id: Arc<str>,
     tx: mpsc::Sender<Delivery>,
     pub kind: ClientKind,
     persistent: AtomicBool,
-    next_seq: AtomicU64,
     /// Woken by the storage writer after entries for this session were committed.
     pub stored: Arc<Notify>,
 }
@@ -52,7 +51,6 @@ impl Mailbox {
         capacity: usize,
         kind: ClientKind,
         persistent: bool,
-        next_seq: u64,
     ) -> (Arc<Mailbox>, mpsc::Receiver<Delivery>) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let mailbox = Mailbox {
@@ -60,7 +58,6 @@ impl Mailbox {
             tx,
             kind,
             persistent: AtomicBool::new(persistent),
-            next_seq: AtomicU64::new(next_seq.max(1)),
             stored: Arc::new(Notify::new()),
         };
         (Arc::new(mailbox), rx)
@@ -73,11 +70,6 @@ impl Mailbox {
 
     pub fn set_persistent(&self, persistent: bool) {
         self.persistent.store(persistent, Ordering::Release);
-    }
-
-    /// The next sequence number that will be assigned (for diagnostics and restore).
-    pub fn next_seq(&self) -> u64 {
-        self.next_seq.load(Ordering::Acquire)
     }
 
     /// Queues a delivery without waiting. A full queue drops the delivery (counted by the caller);
@@ -325,7 +317,6 @@ impl Router {
             self.offer(mailbox, delivery, result);
             return;
         }
-        let seq = mailbox.next_seq.fetch_add(1, Ordering::AcqRel);
         let expires_at_ms = self.expiry_deadline(mailbox.kind, &delivery.message);
         let record = encode_delivery(
             delivery.qos,
@@ -337,7 +328,6 @@ impl Router {
         batch.push(WriteOp::Enqueue {
             client: mailbox.client_id.clone(),
             kind: mailbox.kind,
-            seq,
             record,
             notify: Some(mailbox.stored.clone()),
         });

@@ -58,7 +58,7 @@ pub struct Session {
 }
 
 impl Session {
-    /// A session whose durable queue (if any) starts at `next_seq`.
+    /// A session whose durable queue (if any) is read from `next_seq` on.
     pub fn new(
         client_id: Arc<str>,
         queue_capacity: usize,
@@ -67,13 +67,7 @@ impl Session {
         next_seq: u64,
     ) -> Session {
         let persistent = expiry_interval > 0;
-        let (mailbox, queue) = Mailbox::new(
-            client_id.clone(),
-            queue_capacity,
-            kind,
-            persistent,
-            next_seq,
-        );
+        let (mailbox, queue) = Mailbox::new(client_id.clone(), queue_capacity, kind, persistent);
         Session {
             client_id,
             mailbox,

@@ -84,6 +84,8 @@ pub struct EmbeddedStorage {
 struct QueueStats {
     count: u64,
     bytes: u64,
+    /// Sequence number the next append gets.
+    next_seq: u64,
 }
 
 fn engine<E: std::fmt::Display>(e: E) -> StorageError {
@@ -408,10 +410,21 @@ fn load_stats(db: &Database) -> Result<HashMap<(String, ClientKind), QueueStats>
         let table = txn.open_table(def).map_err(engine)?;
         for row in table.iter().map_err(engine)? {
             let (k, v) = row.map_err(engine)?;
-            let s = stats.entry((k.value().0.to_string(), kind)).or_default();
+            let (client, seq) = k.value();
+            let s = stats.entry((client.to_string(), kind)).or_default();
             s.count += 1;
             s.bytes += v.value().len() as u64;
+            s.next_seq = s.next_seq.max(seq + 1);
         }
+    }
+    // An APPLICATION log whose entries all aged out continues after its committed offset.
+    let offsets = txn.open_table(APP_OFFSETS).map_err(engine)?;
+    for row in offsets.iter().map_err(engine)? {
+        let (k, v) = row.map_err(engine)?;
+        let s = stats
+            .entry((k.value().to_string(), ClientKind::Application))
+            .or_default();
+        s.next_seq = s.next_seq.max(v.value());
     }
     Ok(stats)
 }
@@ -506,11 +519,10 @@ impl Writer {
             WriteOp::Enqueue {
                 client,
                 kind,
-                seq,
                 record,
                 notify: wake,
             } => {
-                self.enqueue(txn, &client, kind, seq, &record)?;
+                self.enqueue(txn, &client, kind, &record)?;
                 if let Some(n) = wake {
                     notify.push(n);
                 }
@@ -572,7 +584,6 @@ impl Writer {
         txn: &WriteTransaction,
         client: &str,
         kind: ClientKind,
-        seq: u64,
         record: &[u8],
     ) -> Result<(), StorageError> {
         let def = match kind {
@@ -580,15 +591,10 @@ impl Writer {
             ClientKind::Application => APP_LOG,
         };
         let mut t = txn.open_table(def).map_err(engine)?;
-        let previous = t
-            .insert((client, seq), record)
-            .map_err(engine)?
-            .map(|p| p.value().len() as u64);
         let stats = self.stats.entry((client.to_string(), kind)).or_default();
-        if let Some(len) = previous {
-            stats.count -= 1;
-            stats.bytes -= len;
-        }
+        let seq = stats.next_seq.max(1);
+        stats.next_seq = seq + 1;
+        t.insert((client, seq), record).map_err(engine)?;
         stats.count += 1;
         stats.bytes += record.len() as u64;
         match kind {

@@ -79,12 +79,16 @@ pub enum WriteOp {
         client: Arc<str>,
         filter: String,
     },
-    /// Appends an encoded delivery ([`codec::encode_delivery`]) at `seq`; `notify` is woken after
-    /// the commit so an online subscriber reads it.
+    /// Appends an encoded delivery ([`codec::encode_delivery`]) at the client's next sequence
+    /// number; `notify` is woken after the commit so an online subscriber reads it.
+    ///
+    /// The backend assigns the sequence number when it applies the write, not the caller: then
+    /// sequence order is commit order, and a reader that has seen entry N has seen every entry
+    /// below N that will ever exist — two publishers racing to the same subscriber cannot leave
+    /// a gap behind its read position.
     Enqueue {
         client: Arc<str>,
         kind: ClientKind,
-        seq: u64,
         record: Vec<u8>,
         notify: Option<Arc<Notify>>,
     },
