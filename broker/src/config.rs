@@ -474,7 +474,14 @@ fn apply_env(table: &mut toml::Table, var: &str, value: &str) -> Result<(), Conf
             .ok_or_else(|| env_err(format!("`{k}` is not a table")))?;
     }
     let leaf = keys[keys.len() - 1].clone();
-    node.insert(leaf, scalar(value));
+    // Paths and names are text even when they look like numbers (FERRYMQ_DATA_DIR=1234).
+    let text_keys = ["data_dir", "backend", "name"];
+    let parsed = if text_keys.contains(&leaf.as_str()) {
+        toml::Value::String(value.to_string())
+    } else {
+        scalar(value)
+    };
+    node.insert(leaf, parsed);
     Ok(())
 }
 

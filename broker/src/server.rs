@@ -127,5 +127,11 @@ impl Server {
         let max = self.broker.config.limits.max_connections;
         let all = u32::try_from(max).unwrap_or(u32::MAX);
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, self.connections.acquire_many(all)).await;
+        // Let the storage writer finish what the closing sessions submitted.
+        if let Ok(Ok(Err(e))) =
+            tokio::time::timeout(SHUTDOWN_GRACE, self.broker.storage.flush()).await
+        {
+            tracing::warn!(error = %e, "final storage flush failed");
+        }
     }
 }

@@ -147,6 +147,11 @@ impl Storage for EmbeddedStorage {
         completion
     }
 
+    fn flush(&self) -> Completion {
+        // Batches are applied in order, so an empty one completes after all earlier ones.
+        self.submit(WriteBatch::default())
+    }
+
     fn load(&self) -> Result<Snapshot, StorageError> {
         let txn = self.db.begin_read().map_err(engine)?;
         let sessions_t = txn.open_table(SESSIONS).map_err(engine)?;

@@ -209,6 +209,8 @@ pub trait Storage: Send + Sync + 'static {
     fn submit_detached(&self, batch: WriteBatch) {
         drop(self.submit(batch));
     }
+    /// Resolves once every batch submitted before it is applied (used at shutdown).
+    fn flush(&self) -> Completion;
     /// Reads everything needed to rebuild the broker's state.
     fn load(&self) -> Result<Snapshot, StorageError>;
     /// Up to `limit` live entries with `seq >= from`, in order. Expired entries are skipped.
