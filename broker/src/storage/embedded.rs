@@ -77,6 +77,8 @@ pub struct EmbeddedStorage {
     db: Arc<Database>,
     tx: mpsc::Sender<Request>,
     options: EmbeddedOptions,
+    /// Client id the next sweep starts at.
+    sweep_from: parking_lot::Mutex<String>,
 }
 
 /// Entry count and bytes of one queue or log, kept by the writer so limits need no reads.
@@ -130,7 +132,12 @@ impl EmbeddedStorage {
             .name("ferrymq-storage".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| StorageError::Engine(format!("starting the writer thread: {e}")))?;
-        Ok(EmbeddedStorage { db, tx, options })
+        Ok(EmbeddedStorage {
+            db,
+            tx,
+            options,
+            sweep_from: parking_lot::Mutex::new(String::new()),
+        })
     }
 }
 
@@ -287,58 +294,67 @@ impl Storage for EmbeddedStorage {
     fn sweep(&self, now_ms: u64, budget: usize) -> Result<SweepStats, StorageError> {
         // Find candidates on a read snapshot, then delete them through the writer like every
         // other write (an entry acknowledged meanwhile is simply not found again).
-        let mut stats = SweepStats::default();
+        //
+        // Queues are FIFO in time and share one TTL, so expired entries sit at the head of each
+        // client's range: per session only the head is examined, never the whole table. Entries
+        // with a shorter MQTT 5 expiry in the middle are skipped at read time and removed once
+        // they reach the head.
         let txn = self.db.begin_read().map_err(engine)?;
+        let sessions = txn.open_table(SESSIONS).map_err(engine)?;
         let device = txn.open_table(DEVICE_QUEUE).map_err(engine)?;
         let app = txn.open_table(APP_LOG).map_err(engine)?;
-        let mut expired: Vec<(ClientKind, String, u64)> = Vec::new();
-        // Queues are FIFO in time and share one TTL, so expired entries sit at the head of each
-        // client's range; entries with a shorter MQTT 5 expiry in the middle are skipped at
-        // read time and removed once they reach the head.
-        let mut last_client: Option<String> = None;
-        for row in device.iter().map_err(engine)? {
-            if expired.len() >= budget {
-                break;
-            }
-            let (k, v) = row.map_err(engine)?;
-            let (client, seq) = k.value();
-            if last_client.as_deref() == Some(client) {
-                continue;
-            }
-            let bytes = v.value();
-            let expires = if bytes.len() >= 10 {
-                (&bytes[2..10]).get_u64()
-            } else {
-                0
-            };
-            if expires != 0 && expires <= now_ms {
-                expired.push((ClientKind::Device, client.to_string(), seq));
-            } else {
-                last_client = Some(client.to_string());
-            }
-        }
         let cutoff = now_ms.saturating_sub(self.options.application_retention_ms);
-        let mut last_client: Option<String> = None;
-        for row in app.iter().map_err(engine)? {
-            if expired.len() >= budget {
+        let mut expired: Vec<(ClientKind, Arc<str>, u64)> = Vec::new();
+        // Sessions are visited round-robin from where the last sweep stopped, at most `budget`
+        // of them per sweep, so the work per tick stays bounded with many sessions too.
+        let start = self.sweep_from.lock().clone();
+        let mut next_start = String::new();
+        let mut examined = 0usize;
+        'clients: for row in sessions.range(start.as_str()..).map_err(engine)? {
+            let (k, v) = row.map_err(engine)?;
+            if examined >= budget {
+                next_start = k.value().to_string();
                 break;
             }
-            let (k, v) = row.map_err(engine)?;
-            let (client, seq) = k.value();
-            if last_client.as_deref() == Some(client) {
-                continue;
-            }
-            let mut bytes = Bytes::copy_from_slice(v.value());
-            let received = received_ms(&mut bytes);
-            if received < cutoff {
-                expired.push((ClientKind::Application, client.to_string(), seq));
-            } else {
-                last_client = Some(client.to_string());
+            examined += 1;
+            let client: Arc<str> = Arc::from(k.value());
+            let kind = decode_session(v.value())?.kind;
+            let table = match kind {
+                ClientKind::Device => &device,
+                ClientKind::Application => &app,
+            };
+            for entry in table
+                .range((&*client, 0u64)..=(&*client, u64::MAX))
+                .map_err(engine)?
+            {
+                if expired.len() >= budget {
+                    break 'clients;
+                }
+                let (k, v) = entry.map_err(engine)?;
+                let seq = k.value().1;
+                let bytes = v.value();
+                let due = match kind {
+                    ClientKind::Device => {
+                        let expires = if bytes.len() >= 10 {
+                            (&bytes[2..10]).get_u64()
+                        } else {
+                            0
+                        };
+                        expires != 0 && expires <= now_ms
+                    }
+                    ClientKind::Application => {
+                        received_ms(&mut Bytes::copy_from_slice(bytes)) < cutoff
+                    }
+                };
+                if !due {
+                    continue 'clients;
+                }
+                expired.push((kind, client.clone(), seq));
             }
         }
-        drop(device);
-        drop(app);
-        drop(txn);
+        drop((sessions, device, app, txn));
+        *self.sweep_from.lock() = next_start;
+        let mut stats = SweepStats::default();
         if expired.is_empty() {
             return Ok(stats);
         }
@@ -348,11 +364,7 @@ impl Storage for EmbeddedStorage {
                 ClientKind::Device => stats.device_expired += 1,
                 ClientKind::Application => stats.application_expired += 1,
             }
-            batch.push(WriteOp::Expire {
-                client: Arc::from(client),
-                kind,
-                seq,
-            });
+            batch.push(WriteOp::Expire { client, kind, seq });
         }
         self.submit_detached(batch);
         Ok(stats)
@@ -703,5 +715,238 @@ impl Writer {
         self.stats
             .remove(&(client.to_string(), ClientKind::Application));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::{Message, MessageProperties};
+    use crate::protocol::{QoS, RetainForwardRule};
+    use crate::router::SubscriptionOptions;
+    use std::time::{Duration, Instant};
+
+    fn message(payload: &'static str) -> Message {
+        Message {
+            topic: Bytes::from_static(b"t"),
+            payload: Bytes::from_static(payload.as_bytes()),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            properties: MessageProperties::default(),
+            received_at: Instant::now(),
+            publisher: Arc::from("p"),
+        }
+    }
+
+    fn enqueue(client: &str, kind: ClientKind, payload: &'static str, expires: u64) -> WriteOp {
+        WriteOp::Enqueue {
+            client: Arc::from(client),
+            kind,
+            record: codec::encode_delivery(
+                QoS::AtLeastOnce,
+                false,
+                expires,
+                &[],
+                &message(payload),
+            ),
+            notify: None,
+        }
+    }
+
+    fn open(dir: &Path, options: EmbeddedOptions) -> EmbeddedStorage {
+        // The previous instance's writer thread may still hold the file for a moment.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match EmbeddedStorage::open(dir, options.clone(), Arc::new(Metrics::default())) {
+                Ok(s) => return s,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
+    async fn write(storage: &EmbeddedStorage, ops: Vec<WriteOp>) {
+        storage.submit(WriteBatch { ops }).await.unwrap().unwrap();
+    }
+
+    fn seqs(storage: &EmbeddedStorage, client: &str, kind: ClientKind) -> Vec<u64> {
+        storage
+            .read_queue(client, kind, 0, 100)
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn device_queue_limit_trims_oldest_and_ack_deletes() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = EmbeddedOptions {
+            device_queue_limit: 3,
+            ..Default::default()
+        };
+        let storage = open(dir.path(), options);
+        let ops = (0..5)
+            .map(|_| enqueue("dev", ClientKind::Device, "m", 0))
+            .collect();
+        write(&storage, ops).await;
+        assert_eq!(seqs(&storage, "dev", ClientKind::Device), vec![3, 4, 5]);
+        write(
+            &storage,
+            vec![WriteOp::AckDevice {
+                client: Arc::from("dev"),
+                seq: 4,
+            }],
+        )
+        .await;
+        assert_eq!(seqs(&storage, "dev", ClientKind::Device), vec![3, 5]);
+    }
+
+    #[tokio::test]
+    async fn everything_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let client: Arc<str> = Arc::from("dev");
+        {
+            let storage = open(dir.path(), EmbeddedOptions::default());
+            let mut retained = BytesMut::new();
+            codec::encode_message(&message("kept"), &mut retained);
+            write(
+                &storage,
+                vec![
+                    WriteOp::PutSession {
+                        client: client.clone(),
+                        record: SessionRecord {
+                            kind: ClientKind::Device,
+                            expiry_interval: 60,
+                            disconnected_at_ms: 5,
+                        },
+                    },
+                    WriteOp::PutSubscription {
+                        client: client.clone(),
+                        filter: "a/#".into(),
+                        options: SubscriptionOptions {
+                            qos: QoS::ExactlyOnce,
+                            no_local: false,
+                            retain_as_published: false,
+                            retain_handling: RetainForwardRule::OnEverySubscribe,
+                            identifier: Some(3),
+                        },
+                    },
+                    enqueue("dev", ClientKind::Device, "one", 0),
+                    enqueue("dev", ClientKind::Device, "two", 0),
+                    WriteOp::MarkReleased {
+                        client: client.clone(),
+                        kind: ClientKind::Device,
+                        seq: 2,
+                    },
+                    WriteOp::PutInboundQos2 {
+                        client: client.clone(),
+                        pkid: 42,
+                    },
+                    WriteOp::PutRetained {
+                        topic: "t".into(),
+                        record: retained.to_vec(),
+                    },
+                ],
+            )
+            .await;
+        }
+        let storage = open(dir.path(), EmbeddedOptions::default());
+        let snapshot = storage.load().unwrap();
+        assert_eq!(snapshot.sessions.len(), 1);
+        let s = &snapshot.sessions[0];
+        assert_eq!(s.record.expiry_interval, 60);
+        assert_eq!(s.record.disconnected_at_ms, 5);
+        assert_eq!(s.subscriptions[0].0, "a/#");
+        assert_eq!(s.subscriptions[0].1.identifier, Some(3));
+        assert_eq!(s.inbound_qos2, vec![42]);
+        assert_eq!((s.read_from, s.next_seq), (1, 3));
+        assert_eq!(&snapshot.retained[0].payload[..], b"kept");
+        let entries = storage
+            .read_queue("dev", ClientKind::Device, 1, 10)
+            .unwrap();
+        assert_eq!(entries.len(), 2);
+        assert!(!entries[0].released && entries[1].released);
+        assert_eq!(&entries[1].delivery.message.payload[..], b"two");
+        // Sequence numbers continue after a restart.
+        write(
+            &storage,
+            vec![enqueue("dev", ClientKind::Device, "three", 0)],
+        )
+        .await;
+        assert_eq!(seqs(&storage, "dev", ClientKind::Device), vec![1, 2, 3]);
+        // Deleting the session removes everything it owns.
+        write(&storage, vec![WriteOp::DeleteSession { client }]).await;
+        let snapshot = storage.load().unwrap();
+        assert!(snapshot.sessions.is_empty());
+        assert!(seqs(&storage, "dev", ClientKind::Device).is_empty());
+    }
+
+    #[tokio::test]
+    async fn application_log_commits_and_resumes_after_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let client: Arc<str> = Arc::from("app");
+        let session = WriteOp::PutSession {
+            client: client.clone(),
+            record: SessionRecord {
+                kind: ClientKind::Application,
+                expiry_interval: u32::MAX,
+                disconnected_at_ms: 0,
+            },
+        };
+        {
+            let storage = open(dir.path(), EmbeddedOptions::default());
+            let mut ops = vec![session];
+            ops.extend((0..4).map(|_| enqueue("app", ClientKind::Application, "m", 0)));
+            ops.push(WriteOp::CommitApplication {
+                client: client.clone(),
+                next_offset: 3,
+            });
+            write(&storage, ops).await;
+            // The log keeps acknowledged entries until retention removes them.
+            assert_eq!(
+                seqs(&storage, "app", ClientKind::Application),
+                vec![1, 2, 3, 4]
+            );
+        }
+        let storage = open(dir.path(), EmbeddedOptions::default());
+        let snapshot = storage.load().unwrap();
+        assert_eq!(
+            (
+                snapshot.sessions[0].read_from,
+                snapshot.sessions[0].next_seq
+            ),
+            (3, 5)
+        );
+    }
+
+    #[tokio::test]
+    async fn sweep_removes_expired_heads_within_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = open(dir.path(), EmbeddedOptions::default());
+        let client: Arc<str> = Arc::from("dev");
+        let mut ops = vec![WriteOp::PutSession {
+            client: client.clone(),
+            record: SessionRecord {
+                kind: ClientKind::Device,
+                expiry_interval: 60,
+                disconnected_at_ms: 0,
+            },
+        }];
+        ops.extend((0..5).map(|_| enqueue("dev", ClientKind::Device, "old", 1)));
+        ops.push(enqueue("dev", ClientKind::Device, "new", 0));
+        write(&storage, ops).await;
+        // Expired entries are already invisible to readers.
+        assert_eq!(seqs(&storage, "dev", ClientKind::Device), vec![6]);
+        let stats = storage.sweep(now_ms(), 3).unwrap();
+        assert_eq!(stats.device_expired, 3, "bounded by the budget");
+        storage.flush().await.unwrap().unwrap();
+        let stats = storage.sweep(now_ms(), 100).unwrap();
+        assert_eq!(stats.device_expired, 2);
+        storage.flush().await.unwrap().unwrap();
+        assert_eq!(storage.sweep(now_ms(), 100).unwrap().device_expired, 0);
     }
 }
