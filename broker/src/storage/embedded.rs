@@ -309,14 +309,16 @@ impl Storage for EmbeddedStorage {
         // of them per sweep, so the work per tick stays bounded with many sessions too.
         let start = self.sweep_from.lock().clone();
         let mut next_start = String::new();
-        let mut examined = 0usize;
-        'clients: for row in sessions.range(start.as_str()..).map_err(engine)? {
+        'clients: for (examined, row) in sessions
+            .range(start.as_str()..)
+            .map_err(engine)?
+            .enumerate()
+        {
             let (k, v) = row.map_err(engine)?;
             if examined >= budget {
                 next_start = k.value().to_string();
                 break;
             }
-            examined += 1;
             let client: Arc<str> = Arc::from(k.value());
             let kind = decode_session(v.value())?.kind;
             let table = match kind {
