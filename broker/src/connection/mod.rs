@@ -27,8 +27,12 @@ use crate::session::machine::{Flow, Machine, PendingReply, MAX_PENDING_REPLIES};
 use crate::session::registry::Kick;
 use crate::storage::StorageError;
 
-/// Read at least this much free space before each read.
-const READ_CHUNK: usize = 16 * 1024;
+/// Free space made available for the first reads. Small, because an idle connection should
+/// cost little memory (most IoT connections are idle most of the time).
+const READ_CHUNK: usize = 1024;
+/// Largest read: a busy connection's read size doubles up to this whenever a read fills the
+/// buffer, so it drains many packets per syscall.
+const MAX_READ_CHUNK: usize = 64 * 1024;
 /// Stop taking new work (reads, deliveries) while this much output waits for the socket.
 const OUTPUT_HIGH_WATER: usize = 256 * 1024;
 /// Deliveries taken from the queue per wake-up before the socket gets a turn.
@@ -74,7 +78,8 @@ async fn run(
 ) -> std::io::Result<()> {
     let limits = broker.config.limits.clone();
     let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
-    let mut wbuf = BytesMut::with_capacity(READ_CHUNK);
+    // Allocated on first use: an idle connection writes nothing after CONNACK.
+    let mut wbuf = BytesMut::new();
     let mut decoder = Decoder::new(limits.max_packet_size);
 
     let connect_deadline = Duration::from_secs(limits.connect_timeout_secs);
@@ -181,6 +186,7 @@ async fn event_loop(
     let timer = tokio::time::sleep(next_check(idle_limit, last_read, write_timeout));
     tokio::pin!(timer);
     let (mut reader, mut writer) = stream.split();
+    let mut read_size = READ_CHUNK;
 
     loop {
         let now = Instant::now();
@@ -198,9 +204,10 @@ async fn event_loop(
         let watch_stored = !machine.session.stored_pending && machine.session.stored;
         let stored = machine.session.mailbox.stored.clone();
         let can_deliver = room && machine.window_open() && !machine.has_pending();
-        if rbuf.capacity() - rbuf.len() < READ_CHUNK / 4 {
-            rbuf.reserve(READ_CHUNK);
+        if rbuf.capacity() - rbuf.len() < read_size / 2 {
+            rbuf.reserve(read_size);
         }
+        let read_room = rbuf.capacity() - rbuf.len();
 
         tokio::select! {
             biased;
@@ -231,6 +238,9 @@ async fn event_loop(
                 Ok(n) => {
                     metrics.bytes_received.add(n as u64);
                     last_read = Instant::now();
+                    if n >= read_room {
+                        read_size = (read_size * 2).min(MAX_READ_CHUNK);
+                    }
                     loop {
                         match decoder.decode(rbuf) {
                             Ok(Some(packet)) => match machine.handle(packet, wbuf) {
