@@ -1,0 +1,180 @@
+//! Starting and stopping the brokers under comparison, each on its own loopback port with the
+//! settings in `e2e/bench/` (equivalent limits, persistence off).
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+const MOSQUITTO_CONF: &str = include_str!("../../bench/mosquitto.conf");
+const RUMQTTD_CONF: &str = include_str!("../../bench/rumqttd.toml");
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Ferrymq,
+    Mosquitto,
+    Rumqttd,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Ferrymq => "ferrymq",
+            Kind::Mosquitto => "mosquitto",
+            Kind::Rumqttd => "rumqttd",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BrokerSpec {
+    pub kind: Kind,
+    pub bin: PathBuf,
+}
+
+impl BrokerSpec {
+    /// `<bin> --version` (or the closest thing), for the report.
+    pub fn version(&self) -> String {
+        let arg = match self.kind {
+            Kind::Mosquitto => "-h",
+            _ => "--version",
+        };
+        Command::new(&self.bin)
+            .arg(arg)
+            .output()
+            .ok()
+            .and_then(|o| {
+                let text = String::from_utf8_lossy(&o.stdout).to_string();
+                text.lines().next().map(|l| l.trim().to_string())
+            })
+            .unwrap_or_else(|| "unknown".into())
+    }
+}
+
+/// A running broker; killed when dropped.
+pub struct Running {
+    pub kind: Kind,
+    pub addr: SocketAddr,
+    child: Child,
+    _dir: TempDir,
+}
+
+impl Running {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the process is still alive (a crash during a run is reported, not hidden).
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A scratch directory removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> anyhow::Result<TempDir> {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "ferrymq-bench-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(TempDir(dir))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A free loopback port (bound and released; good enough for a benchmark).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+pub fn start(spec: &BrokerSpec) -> anyhow::Result<Running> {
+    let port = free_port()?;
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let dir = TempDir::new(spec.kind.name())?;
+    // The broker runs in its scratch directory: resolve a relative path first.
+    let bin = std::fs::canonicalize(&spec.bin).unwrap_or_else(|_| spec.bin.clone());
+    let mut cmd = Command::new(bin);
+    match spec.kind {
+        Kind::Ferrymq => {
+            cmd.arg("--listen")
+                .arg(addr.to_string())
+                .arg("--data-dir")
+                .arg(dir.0.join("data"))
+                .env("FERRYMQ_LOG", "warn");
+        }
+        Kind::Mosquitto => {
+            let conf = dir.0.join("mosquitto.conf");
+            std::fs::write(&conf, MOSQUITTO_CONF.replace("@PORT@", &port.to_string()))?;
+            cmd.arg("-c").arg(conf);
+        }
+        Kind::Rumqttd => {
+            let conf = dir.0.join("rumqttd.toml");
+            std::fs::write(&conf, RUMQTTD_CONF.replace("@PORT@", &port.to_string()))?;
+            cmd.arg("--quiet").arg("-c").arg(conf);
+        }
+    }
+    let log = std::fs::File::create(dir.0.join("broker.log"))?;
+    cmd.stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .current_dir(&dir.0);
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("starting {} ({})", spec.kind.name(), spec.bin.display()))?;
+    let mut running = Running {
+        kind: spec.kind,
+        addr,
+        child,
+        _dir: dir,
+    };
+    wait_listening(&mut running)?;
+    Ok(running)
+}
+
+fn wait_listening(r: &mut Running) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(15) {
+        if !r.alive() {
+            let log = std::fs::read_to_string(r._dir.0.join("broker.log")).unwrap_or_default();
+            bail!("{} exited at startup:\n{log}", r.kind.name());
+        }
+        if TcpStream::connect_timeout(&r.addr, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("{} did not listen on {} within 15 s", r.kind.name(), r.addr)
+}
+
+/// Looks a program up on PATH (and in ~/.cargo/bin for rumqttd).
+pub fn find_bin(name: &str) -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    if let Some(home) = std::env::var_os("HOME") {
+        dirs.push(Path::new(&home).join(".cargo/bin"));
+    }
+    dirs.push("/usr/sbin".into());
+    dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
+}

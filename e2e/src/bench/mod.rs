@@ -1,0 +1,21 @@
+//! The ferrymq load generator (`ferrymq-bench`).
+//!
+//! * [`codec`]: a thin MQTT 3.1.1 client codec (encode in place, decode borrowed).
+//! * [`client`]: connect / subscribe setup.
+//! * [`scenario`]: what a run does, and the named suite.
+//! * [`run`]: publishers and subscribers for one scenario against one address, measured.
+//! * [`conns`]: the idle-connection scale test.
+//! * [`procstat`]: broker CPU and RSS from /proc.
+//! * [`brokers`]: starting ferrymq, Mosquitto and rumqttd with equivalent settings.
+//! * [`compare`]: the side-by-side comparison and the CI smoke mode.
+//! * [`report`]: human table, markdown.
+
+pub mod brokers;
+pub mod client;
+pub mod codec;
+pub mod compare;
+pub mod conns;
+pub mod procstat;
+pub mod report;
+pub mod run;
+pub mod scenario;

@@ -1,0 +1,35 @@
+//! Process-level test harness: the real `ferrymq` binary as a child process (spawn, SIGKILL,
+//! restart on the same port and data dir, SIGTERM), a raw MQTT client with full control over
+//! packet ids and DUP flags, retrying publishers, recording subscribers and a delivery checker.
+//!
+//! The harness builds nothing. [`BrokerProcess::start`] runs `FERRYMQ_BIN` or
+//! `<workspace>/target/<profile>/ferrymq`, so run `cargo build -p ferrymq-broker` (with
+//! `--release` for release) first. The tests in `e2e/tests/` do it themselves: they run
+//! `cargo build -p ferrymq-broker --release` once per test binary and use `target/release/ferrymq`
+//! unless `FERRYMQ_BIN` is set.
+//!
+//! Environment:
+//! * `FERRYMQ_BIN`: broker binary to run;
+//! * `FERRYMQ_E2E_SEED`: seed for every random choice (kill points); printed by every test;
+//! * `FERRYMQ_E2E_KEEP=1`: keep the temporary directories (data, config, `broker.log`);
+//! * `FERRYMQ_E2E_LOG`: `FERRYMQ_LOG` filter for the broker (default `info`);
+//! * `FERRYMQ_E2E_FAULT=wipe`: negative control, deletes the data dir before every restart so
+//!   the crash tests must fail (shows they can).
+
+pub mod mqtt;
+pub mod payload;
+mod process;
+pub mod rng;
+pub mod workload;
+
+pub use mqtt::{ConnAckInfo, ConnectOptions, Connection, Incoming, Message, Protocol};
+pub use payload::MsgId;
+pub use process::{
+    default_binary, free_port, target_dir, workspace_root, BrokerOptions, BrokerProcess, BIN_ENV,
+    FAULT_ENV, KEEP_ENV,
+};
+pub use rng::{random_kill_points, Rng, SEED_ENV};
+pub use workload::{
+    check_delivery, connect_retry, persistent, subscribe_and_leave, DeliveryCheck, Expectation,
+    Publisher, PublisherConfig, PublisherReport, Received, Subscriber,
+};
