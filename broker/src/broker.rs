@@ -135,7 +135,8 @@ impl Broker {
             session.stored = true;
             session.cursor = restored.read_from;
             session.committed = restored.read_from;
-            session.dup_below = restored.next_seq;
+            session.dup_below = restored.sent_upto + 1;
+            session.sent_upto = restored.sent_upto;
             session.stored_pending = true;
             session.inbound_qos2 = restored.inbound_qos2.into_iter().collect();
             entries += restored.next_seq.saturating_sub(restored.read_from);

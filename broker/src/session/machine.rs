@@ -883,6 +883,16 @@ impl Machine {
             }
             self.deliver(delivery, out, now);
         }
+        let sent = self.session.cursor.saturating_sub(1);
+        if self.session.stored && sent > self.session.sent_upto {
+            self.session.sent_upto = sent;
+            self.broker.storage.submit_detached(WriteBatch {
+                ops: vec![WriteOp::MarkSent {
+                    client: self.session.client_id.clone(),
+                    upto: sent,
+                }],
+            });
+        }
         Flow::Continue
     }
 

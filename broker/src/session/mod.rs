@@ -47,8 +47,10 @@ pub struct Session {
     pub stored: bool,
     /// Durable queue reading: the next sequence number to read.
     pub cursor: u64,
-    /// Entries below this may have been sent before the broker restarted: resend with DUP=1.
+    /// Entries below this were sent before the broker restarted: resend with DUP=1.
     pub dup_below: u64,
+    /// The highest stored entry sent to the client (recorded with `WriteOp::MarkSent`).
+    pub sent_upto: u64,
     /// The durable queue may hold entries not read yet.
     pub stored_pending: bool,
     /// APPLICATION log: everything below this offset is acknowledged and committed.
@@ -80,6 +82,7 @@ impl Session {
             stored: false,
             cursor: next_seq.max(1),
             dup_below: 0,
+            sent_upto: 0,
             stored_pending: false,
             committed: next_seq.max(1),
             acked: BTreeSet::new(),

@@ -10,9 +10,10 @@
 //! `sessions` (client) → record · `subscriptions` (client, filter) → options ·
 //! `device_queue` (client, seq) → delivery · `app_log` (client, offset) → delivery ·
 //! `app_offsets` (client) → committed offset · `released` (client, seq) → () ·
-//! `inbound_qos2` (client, pkid) → () · `retained` (topic) → message.
+//! `inbound_qos2` (client, pkid) → () · `retained` (topic) → message ·
+//! `sent_marks` (client) → highest entry sent.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::thread;
@@ -36,6 +37,7 @@ const APP_OFFSETS: TableDefinition<&str, u64> = TableDefinition::new("app_offset
 const RELEASED: TableDefinition<(&str, u64), ()> = TableDefinition::new("released");
 const INBOUND_QOS2: TableDefinition<(&str, u16), ()> = TableDefinition::new("inbound_qos2");
 const RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("retained");
+const SENT: TableDefinition<&str, u64> = TableDefinition::new("sent_marks");
 
 /// Batches waiting for the writer. When full, submissions fail fast with `Overloaded` (the
 /// publisher gets a v5 reason code or a disconnect) instead of queueing without bound.
@@ -118,14 +120,17 @@ impl EmbeddedStorage {
             txn.open_table(RELEASED).map_err(engine)?;
             txn.open_table(INBOUND_QOS2).map_err(engine)?;
             txn.open_table(RETAINED).map_err(engine)?;
+            txn.open_table(SENT).map_err(engine)?;
             txn.commit().map_err(engine)?;
         }
         let stats = load_stats(&db)?;
+        let live = load_live(&db)?;
         let (tx, rx) = mpsc::channel(WRITE_QUEUE_CAPACITY);
         let writer = Writer {
             db: db.clone(),
             options: options.clone(),
             stats,
+            live,
             metrics,
         };
         thread::Builder::new()
@@ -168,6 +173,7 @@ impl Storage for EmbeddedStorage {
         let offsets_t = txn.open_table(APP_OFFSETS).map_err(engine)?;
         let qos2_t = txn.open_table(INBOUND_QOS2).map_err(engine)?;
         let retained_t = txn.open_table(RETAINED).map_err(engine)?;
+        let sent_t = txn.open_table(SENT).map_err(engine)?;
 
         let mut snapshot = Snapshot::default();
         for row in sessions_t.iter().map_err(engine)? {
@@ -231,6 +237,11 @@ impl Storage for EmbeddedStorage {
                     (next, committed)
                 }
             };
+            let sent_upto = sent_t
+                .get(&*client)
+                .map_err(engine)?
+                .map(|v| v.value())
+                .unwrap_or(0);
             snapshot.sessions.push(RestoredSession {
                 client,
                 record,
@@ -238,6 +249,7 @@ impl Storage for EmbeddedStorage {
                 inbound_qos2,
                 next_seq,
                 read_from,
+                sent_upto,
             });
         }
         for row in retained_t.iter().map_err(engine)? {
@@ -448,11 +460,25 @@ fn load_stats(db: &Database) -> Result<HashMap<(String, ClientKind), QueueStats>
     Ok(stats)
 }
 
+fn load_live(db: &Database) -> Result<HashSet<String>, StorageError> {
+    let txn = db.begin_read().map_err(engine)?;
+    let table = txn.open_table(SESSIONS).map_err(engine)?;
+    let mut live = HashSet::new();
+    for row in table.iter().map_err(engine)? {
+        let (k, _) = row.map_err(engine)?;
+        live.insert(k.value().to_string());
+    }
+    Ok(live)
+}
+
 /// The writer thread's state.
 struct Writer {
     db: Arc<Database>,
     options: EmbeddedOptions,
     stats: HashMap<(String, ClientKind), QueueStats>,
+    /// Clients with a stored session. An append for anyone else is dropped: it was routed just
+    /// before the session ended, and storing it would leave an orphan nobody reads or sweeps.
+    live: HashSet<String>,
     metrics: Arc<Metrics>,
 }
 
@@ -475,6 +501,9 @@ impl Writer {
                 // rebuild them from what is actually stored.
                 if let Ok(stats) = load_stats(&self.db) {
                     self.stats = stats;
+                }
+                if let Ok(live) = load_live(&self.db) {
+                    self.live = live;
                 }
             }
             for request in group.drain(..) {
@@ -514,6 +543,7 @@ impl Writer {
     ) -> Result<(), StorageError> {
         match op {
             WriteOp::PutSession { client, record } => {
+                self.live.insert(client.to_string());
                 let mut t = txn.open_table(SESSIONS).map_err(engine)?;
                 t.insert(&*client, encode_session(&record).as_slice())
                     .map_err(engine)?;
@@ -541,6 +571,9 @@ impl Writer {
                 record,
                 notify: wake,
             } => {
+                if !self.live.contains(&*client) {
+                    return Ok(());
+                }
                 self.enqueue(txn, &client, kind, &record)?;
                 if let Some(n) = wake {
                     notify.push(n);
@@ -568,6 +601,15 @@ impl Writer {
             WriteOp::MarkReleased { client, seq, .. } => {
                 let mut r = txn.open_table(RELEASED).map_err(engine)?;
                 r.insert((&*client, seq), ()).map_err(engine)?;
+            }
+            WriteOp::MarkSent { client, upto } => {
+                if self.live.contains(&*client) {
+                    let mut t = txn.open_table(SENT).map_err(engine)?;
+                    let current = t.get(&*client).map_err(engine)?.map(|v| v.value());
+                    if current.is_none_or(|c| c < upto) {
+                        t.insert(&*client, upto).map_err(engine)?;
+                    }
+                }
             }
             WriteOp::PutInboundQos2 { client, pkid } => {
                 let mut t = txn.open_table(INBOUND_QOS2).map_err(engine)?;
@@ -678,6 +720,7 @@ impl Writer {
     }
 
     fn delete_session(&mut self, txn: &WriteTransaction, client: &str) -> Result<(), StorageError> {
+        self.live.remove(client);
         txn.open_table(SESSIONS)
             .map_err(engine)?
             .remove(client)
@@ -710,6 +753,10 @@ impl Writer {
             .retain_in((client, 0u16)..=(client, u16::MAX), |_, _| false)
             .map_err(engine)?;
         txn.open_table(APP_OFFSETS)
+            .map_err(engine)?
+            .remove(client)
+            .map_err(engine)?;
+        txn.open_table(SENT)
             .map_err(engine)?
             .remove(client)
             .map_err(engine)?;
@@ -791,9 +838,18 @@ mod tests {
             ..Default::default()
         };
         let storage = open(dir.path(), options);
-        let ops = (0..5)
-            .map(|_| enqueue("dev", ClientKind::Device, "m", 0))
-            .collect();
+        // An append for a client without a stored session is dropped (see Writer::live).
+        write(&storage, vec![enqueue("dev", ClientKind::Device, "m", 0)]).await;
+        assert!(seqs(&storage, "dev", ClientKind::Device).is_empty());
+        let mut ops = vec![WriteOp::PutSession {
+            client: Arc::from("dev"),
+            record: SessionRecord {
+                kind: ClientKind::Device,
+                expiry_interval: 60,
+                disconnected_at_ms: 0,
+            },
+        }];
+        ops.extend((0..5).map(|_| enqueue("dev", ClientKind::Device, "m", 0)));
         write(&storage, ops).await;
         assert_eq!(seqs(&storage, "dev", ClientKind::Device), vec![3, 4, 5]);
         write(

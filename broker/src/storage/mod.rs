@@ -108,6 +108,14 @@ pub enum WriteOp {
         kind: ClientKind,
         seq: u64,
     },
+    /// Entries up to `upto` have been sent to the client at least once. Written without waiting,
+    /// after the send: after a crash, entries above the last durable mark are resent with DUP=0
+    /// (never sent before, [MQTT-3.3.1-1]) and entries at or below it with DUP=1. Only sends in
+    /// the last group commit before a crash can be misflagged.
+    MarkSent {
+        client: Arc<str>,
+        upto: u64,
+    },
     /// An incoming QoS 2 PUBLISH was stored and PUBRECed; a resend must not be routed again.
     PutInboundQos2 {
         client: Arc<str>,
@@ -183,6 +191,8 @@ pub struct RestoredSession {
     pub next_seq: u64,
     /// Where reading starts: the oldest DEVICE entry, or the APPLICATION committed offset.
     pub read_from: u64,
+    /// The highest entry recorded as sent (0: none).
+    pub sent_upto: u64,
 }
 
 /// Everything durable, read once at start.
