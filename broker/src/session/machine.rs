@@ -850,12 +850,8 @@ impl Machine {
                 self.session.stored_pending = true;
                 break;
             }
-            // Entries skipped (expired, trimmed) count as done for the log's commit point.
-            for skipped in self.session.cursor..entry.seq {
-                if self.session.kind == crate::storage::ClientKind::Application {
-                    self.stored_done(Some(skipped));
-                }
-            }
+            // Entries skipped on the way (expired, removed by retention) need no ack: the
+            // APPLICATION commit point follows the read cursor (see Session::ack_stored).
             self.session.cursor = entry.seq + 1;
             let delivery = Delivery {
                 message: Arc::new(entry.delivery.message),

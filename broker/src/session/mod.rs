@@ -9,7 +9,7 @@ pub mod machine;
 pub mod outbound;
 pub mod registry;
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
@@ -55,8 +55,6 @@ pub struct Session {
     pub stored_pending: bool,
     /// APPLICATION log: everything below this offset is acknowledged and committed.
     pub committed: u64,
-    /// APPLICATION log: offsets at or above `committed` acknowledged out of order.
-    pub acked: BTreeSet<u64>,
 }
 
 impl Session {
@@ -85,12 +83,12 @@ impl Session {
             sent_upto: 0,
             stored_pending: false,
             committed: next_seq.max(1),
-            acked: BTreeSet::new(),
         }
     }
 
-    /// Records that the client acknowledged the stored entry `seq`; returns the write that makes
-    /// it durable: a DEVICE entry is deleted, an APPLICATION log commits its contiguous prefix.
+    /// Records that the client acknowledged the stored entry `seq` (already removed from the
+    /// in-flight window); returns the write that makes it durable: a DEVICE entry is deleted, an
+    /// APPLICATION log commits up to its oldest entry still unacknowledged.
     pub fn ack_stored(&mut self, seq: u64) -> Option<crate::storage::WriteOp> {
         use crate::storage::WriteOp;
         match self.kind {
@@ -99,15 +97,19 @@ impl Session {
                 seq,
             }),
             ClientKind::Application => {
-                if seq < self.committed {
+                // Entries are read in order, so everything below the read cursor is either
+                // acknowledged or still in flight: the commit point is the oldest in flight.
+                let oldest_in_flight = self
+                    .outbound
+                    .iter()
+                    .filter_map(|i| i.delivery.seq)
+                    .min()
+                    .unwrap_or(self.cursor);
+                if oldest_in_flight <= self.committed {
                     return None;
                 }
-                self.acked.insert(seq);
-                let before = self.committed;
-                while self.acked.remove(&self.committed) {
-                    self.committed += 1;
-                }
-                (self.committed != before).then(|| WriteOp::CommitApplication {
+                self.committed = oldest_in_flight;
+                Some(WriteOp::CommitApplication {
                     client: self.client_id.clone(),
                     next_offset: self.committed,
                 })
