@@ -82,7 +82,13 @@ impl Server {
             loop {
                 tokio::select! {
                     _ = purge_shutdown.changed() => return,
-                    _ = tick.tick() => purger.router.purge_expired_retained(),
+                    _ = tick.tick() => {
+                        let mut batch = crate::storage::WriteBatch::default();
+                        purger.router.purge_expired_retained(&mut batch);
+                        if !batch.is_empty() {
+                            purger.storage.submit_detached(batch);
+                        }
+                    }
                 }
             }
         });

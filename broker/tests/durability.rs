@@ -180,3 +180,50 @@ async fn expired_session_is_gone_with_its_queue() {
     assert!(!ack.session_present, "session outlived its expiry");
     assert!(sub.recv5_within(QUIET).await.is_none());
 }
+
+#[tokio::test]
+async fn application_client_cannot_end_its_session_on_disconnect() {
+    let (_server, addr) = start_with(|c| {
+        c.application_clients.push(ApplicationClientConfig {
+            client_id: "app5".into(),
+        })
+    })
+    .await;
+    let (mut app, ack) = Raw::connect5(addr, "app5", true, 0).await;
+    // Told that its session never expires.
+    assert_eq!(
+        ack.properties.and_then(|p| p.session_expiry_interval),
+        Some(u32::MAX)
+    );
+    app.subscribe5(
+        1,
+        common::filter5("a", rumqttc::v5::mqttbytes::QoS::AtLeastOnce),
+        None,
+    )
+    .await;
+    app.send5(v5::Packet::Disconnect(v5::Disconnect {
+        reason_code: v5::DisconnectReasonCode::NormalDisconnection,
+        properties: Some(v5::DisconnectProperties {
+            session_expiry_interval: Some(0),
+            reason_string: None,
+            user_properties: vec![],
+            server_reference: None,
+        }),
+    }))
+    .await;
+    drop(app);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (mut publ, _) = Raw::connect4(addr, "pub", true).await;
+    publ.publish4("a", QoS::AtLeastOnce, 1, false, b"kept")
+        .await;
+    publ.recv4().await;
+    let (mut app, ack) = Raw::connect5(addr, "app5", true, 0).await;
+    assert!(
+        ack.session_present,
+        "DISCONNECT with expiry 0 ended an APPLICATION session"
+    );
+    match app.recv5().await {
+        v5::Packet::Publish(p) => assert_eq!(&p.payload[..], b"kept"),
+        other => panic!("{other:?}"),
+    }
+}

@@ -697,3 +697,50 @@ fn application_client_offline_reads_everything_in_order() {
         "committed offset not kept: messages delivered again"
     );
 }
+
+/// A client whose type changes keeps no stale queue of the other kind: a DEVICE with 50 queued
+/// messages is listed as an APPLICATION client across a restart and starts empty.
+#[test]
+fn client_type_change_drops_the_stale_queue() {
+    let _serial = serial();
+    let rt = runtime();
+    let mut broker = start("type-change", None);
+    let addr = broker.addr();
+    let client = persistent("switcher", Protocol::V311);
+    rt.block_on(subscribe_and_leave(addr, &client, &[("sw/#", 1)]))
+        .expect("subscribe");
+    let cfg = PublisherConfig::new(
+        0,
+        ConnectOptions::v311("sw-pub"),
+        1,
+        50,
+        vec!["sw/t".into()],
+    );
+    let report = publish_all(&rt, addr, cfg);
+    assert!(
+        report.acked.iter().all(|a| *a),
+        "publishes not acknowledged"
+    );
+    broker.stop().expect("SIGTERM");
+    broker
+        .set_config("[[application_clients]]\nclient_id = \"switcher\"\n")
+        .expect("config");
+    broker.restart().expect("restart");
+    let mut sub = Subscriber::new(client);
+    let ack = rt
+        .block_on(sub.connect(addr, Duration::from_secs(10)))
+        .expect("reconnect");
+    let delivered = rt.block_on(sub.pump(Duration::from_secs(1))).expect("pump");
+    println!(
+        "type change: session_present={}, {delivered} stale messages delivered",
+        ack.session_present
+    );
+    assert!(
+        !ack.session_present,
+        "the DEVICE session survived a type change"
+    );
+    assert_eq!(
+        delivered, 0,
+        "stale DEVICE queue delivered to an APPLICATION client"
+    );
+}

@@ -125,7 +125,7 @@ pub(super) async fn handshake(
     } else if v5 {
         requested_expiry.min(max_expiry)
     } else if requested_expiry == NEVER_EXPIRES {
-        broker.config.session.v3_session_expiry_secs
+        broker.config.session.v3_session_expiry_secs.min(max_expiry)
     } else {
         0
     };

@@ -406,11 +406,20 @@ impl Router {
         out
     }
 
-    /// Drops expired retained messages. Called periodically.
-    pub fn purge_expired_retained(&self) {
+    /// Drops expired retained messages, in memory and (through `batch`) in storage. Called
+    /// periodically.
+    pub fn purge_expired_retained(&self, batch: &mut WriteBatch) {
         let now = Instant::now();
         let mut store = self.retained.write();
-        store.retain(|_, m| !m.is_expired(now));
+        store.retain(|topic, m| {
+            let keep = !m.is_expired(now);
+            if !keep {
+                batch.push(WriteOp::DeleteRetained {
+                    topic: topic.to_string(),
+                });
+            }
+            keep
+        });
         self.metrics.retained_messages.set(store.len() as u64);
     }
 

@@ -721,8 +721,12 @@ impl Machine {
                     "session expiry raised from 0 in DISCONNECT",
                 );
             }
-            self.session.expiry_interval =
-                expiry.min(self.broker.config.session.max_session_expiry_secs);
+            // APPLICATION sessions are always persistent: a client cannot end its own log by
+            // lowering the expiry on the way out.
+            if self.session.kind == crate::storage::ClientKind::Device {
+                self.session.expiry_interval =
+                    expiry.min(self.broker.config.session.max_session_expiry_secs);
+            }
         }
         // Only a Normal Disconnection (0x00) discards the will [MQTT-3.1.2-10].
         let publish_will = disconnect.reason_code != DisconnectReasonCode::NormalDisconnection;

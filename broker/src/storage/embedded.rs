@@ -42,6 +42,8 @@ const SENT: TableDefinition<&str, u64> = TableDefinition::new("sent_marks");
 /// Batches waiting for the writer. When full, submissions fail fast with `Overloaded` (the
 /// publisher gets a v5 reason code or a disconnect) instead of queueing without bound.
 const WRITE_QUEUE_CAPACITY: usize = 16_384;
+/// With `fsync = false`, the longest time between two durable commits.
+const UNSYNCED_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
 /// Batches folded into one transaction at most, to bound commit latency.
 const MAX_GROUP: usize = 4_096;
 
@@ -54,7 +56,9 @@ pub struct EmbeddedOptions {
     pub application_retention_ms: u64,
     /// APPLICATION log retention by size, bytes per client.
     pub application_retention_bytes: u64,
-    /// Commit with fsync. Off only for benchmarks that want to see the cost of it.
+    /// Commit with fsync. Off only for benchmarks that want to see the cost of it: then a commit
+    /// is made durable at least every 200 ms and on every flush, and a crash can lose the
+    /// acknowledged writes of that window.
     pub fsync: bool,
 }
 
@@ -132,6 +136,7 @@ impl EmbeddedStorage {
             stats,
             live,
             metrics,
+            last_durable: std::time::Instant::now(),
         };
         thread::Builder::new()
             .name("ferrymq-storage".into())
@@ -480,6 +485,8 @@ struct Writer {
     /// before the session ended, and storing it would leave an orphan nobody reads or sweeps.
     live: HashSet<String>,
     metrics: Arc<Metrics>,
+    /// When the last commit with fsync happened (only consulted with `fsync = false`).
+    last_durable: std::time::Instant,
 }
 
 impl Writer {
@@ -523,7 +530,15 @@ impl Writer {
         notify: &mut Vec<Arc<Notify>>,
     ) -> Result<(), StorageError> {
         let mut txn = self.db.begin_write().map_err(engine)?;
-        if !self.options.fsync {
+        // Without fsync, redb's non-durable commits reach the disk only with the next durable
+        // one, so make one at least every UNSYNCED_INTERVAL and for every flush (an empty batch,
+        // as at shutdown): the window of acknowledged-but-lost writes in a crash stays bounded.
+        let flush = group.iter().any(|r| r.batch.ops.is_empty());
+        let durable =
+            self.options.fsync || flush || self.last_durable.elapsed() >= UNSYNCED_INTERVAL;
+        if durable {
+            self.last_durable = std::time::Instant::now();
+        } else {
             txn.set_durability(redb::Durability::None).map_err(engine)?;
         }
         for request in group.iter_mut() {
