@@ -222,6 +222,10 @@ pub struct SessionConfig {
     /// disconnected, in seconds. v3 has no way to ask for one, so this bounds what would
     /// otherwise live forever.
     pub v3_session_expiry_secs: u32,
+    /// Base of the Response Information a v5 client gets when it sets Request Response
+    /// Information: `<prefix>/<client id>`, a topic it can build response topics under.
+    /// Empty: no Response Information is returned (the spec allows either).
+    pub response_topic_prefix: String,
 }
 
 impl Default for SessionConfig {
@@ -229,6 +233,7 @@ impl Default for SessionConfig {
         SessionConfig {
             max_session_expiry_secs: u32::MAX,
             v3_session_expiry_secs: 7 * 24 * 3600,
+            response_topic_prefix: "responses".into(),
         }
     }
 }
@@ -383,6 +388,13 @@ impl Config {
             return key(
                 "session.v3_session_expiry_secs",
                 "must be at least 1 (clean_session=0 asks for a session that outlives the connection)",
+            );
+        }
+        let prefix = &self.session.response_topic_prefix;
+        if prefix.contains(['+', '#', '\0']) || prefix.ends_with('/') {
+            return key(
+                "session.response_topic_prefix",
+                "must be a topic name without wildcards and without a trailing `/`",
             );
         }
         let mut ids = std::collections::HashSet::new();

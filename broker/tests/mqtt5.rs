@@ -1217,3 +1217,21 @@ async fn qos2_exactly_once_with_duplicate_publish() {
     assert!(matches!(publ.recv5().await, Packet::PubComp(_)));
     assert_eq!(&sub.recv_publish5().await.payload[..], b"again");
 }
+
+#[tokio::test]
+async fn response_information_when_requested() {
+    let (_server, addr) = common::start().await;
+    let mut connect = common::connect5_packet("asker", true, 0);
+    if let Some(p) = connect.properties.as_mut() {
+        p.request_response_info = Some(1);
+    }
+    let (_c, ack) = Raw::connect5_with(addr, connect, None).await;
+    assert_eq!(
+        ack.properties
+            .and_then(|p| p.response_information)
+            .as_deref(),
+        Some("responses/asker")
+    );
+    let (_c, ack) = Raw::connect5(addr, "quiet", true, 0).await;
+    assert_eq!(ack.properties.and_then(|p| p.response_information), None);
+}

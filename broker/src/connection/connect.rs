@@ -177,7 +177,11 @@ pub(super) async fn handshake(
         subscription_identifiers_available: None,
         shared_subscription_available: None,
         server_keep_alive,
-        response_information: None,
+        response_information: response_information(
+            &broker.config.session.response_topic_prefix,
+            connect.properties.request_response_info,
+            &client_id,
+        ),
         server_reference: None,
         authentication_method: None,
         authentication_data: None,
@@ -254,6 +258,11 @@ fn assign_client_id() -> String {
     format!("ferrymq-{nanos:x}-{n:x}")
 }
 
+/// Response Information for a v5 client that asked for it (v5 §3.1.2.11.6, §4.10).
+fn response_information(prefix: &str, requested: Option<u8>, client_id: &str) -> Option<String> {
+    (requested == Some(1) && !prefix.is_empty()).then(|| format!("{prefix}/{client_id}"))
+}
+
 /// The keep-alive in force and, for v5, the Server Keep Alive to announce when it differs.
 fn negotiate_keep_alive(requested: u16, max: u16) -> (u16, Option<u16>) {
     if max == 0 || (requested != 0 && requested <= max) {
@@ -285,6 +294,17 @@ async fn refuse(stream: &mut TcpStream, version: ProtocolVersion, code: ConnectR
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn response_information_only_when_requested() {
+        assert_eq!(
+            response_information("responses", Some(1), "c1").as_deref(),
+            Some("responses/c1")
+        );
+        assert_eq!(response_information("responses", Some(0), "c1"), None);
+        assert_eq!(response_information("responses", None, "c1"), None);
+        assert_eq!(response_information("", Some(1), "c1"), None);
+    }
 
     #[test]
     fn keep_alive_negotiation() {
