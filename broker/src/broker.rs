@@ -392,20 +392,12 @@ impl Broker {
 
     /// Publishes a will message as if the client had sent it.
     pub fn publish_will(&self, client_id: &Arc<str>, will: Will) {
-        let properties = will.properties.map(|p| MessageProperties {
-            payload_format_indicator: p.payload_format_indicator,
-            message_expiry_interval: p.message_expiry_interval,
-            response_topic: p.response_topic,
-            correlation_data: p.correlation_data,
-            user_properties: p.user_properties,
-            content_type: p.content_type,
-        });
         let message = Arc::new(Message {
             topic: will.topic.into(),
             payload: will.payload,
             qos: will.qos,
             retain: will.retain,
-            properties: properties.unwrap_or_default(),
+            properties: MessageProperties::from_will(will.properties),
             received_at: Instant::now(),
             publisher: client_id.clone(),
         });

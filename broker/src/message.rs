@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::protocol::{PublishProperties, QoS};
+use crate::protocol::{LastWillProperties, PublishProperties, QoS};
 
 /// One application message, immutable once routed.
 #[derive(Debug)]
@@ -55,6 +55,20 @@ impl MessageProperties {
                 content_type: p.content_type,
             },
         }
+    }
+
+    /// The same properties taken from a will (v5 §3.1.3.2): a will is published like a
+    /// PUBLISH carrying them.
+    pub fn from_will(props: Option<LastWillProperties>) -> MessageProperties {
+        Self::from_publish(props.map(|p| PublishProperties {
+            payload_format_indicator: p.payload_format_indicator,
+            message_expiry_interval: p.message_expiry_interval,
+            response_topic: p.response_topic,
+            correlation_data: p.correlation_data,
+            user_properties: p.user_properties,
+            content_type: p.content_type,
+            ..PublishProperties::default()
+        }))
     }
 
     fn is_empty(&self) -> bool {
