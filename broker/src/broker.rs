@@ -13,7 +13,7 @@ use crate::metrics::Metrics;
 use crate::protocol::Will;
 use crate::router::topic::{parse_filter, TopicLimits};
 use crate::router::Router;
-use crate::session::registry::{Claim, Kick, PendingWill, Registry};
+use crate::session::registry::{Claim, Due, Kick, PendingWill, Registry};
 use crate::session::{Session, NEVER_EXPIRES};
 use crate::storage::codec::now_ms;
 use crate::storage::embedded::{EmbeddedOptions, EmbeddedStorage};
@@ -151,13 +151,9 @@ impl Broker {
             sessions += 1;
             let epoch = self.registry.restore(session);
             if remaining != NEVER_EXPIRES {
-                let broker = self.clone();
-                let client = restored.client.clone();
-                tokio::spawn(async move {
-                    broker
-                        .run_offline_timers(client, epoch, remaining, 0, false)
-                        .await;
-                });
+                let deadline = now + u64::from(remaining) * 1000;
+                self.registry
+                    .schedule(&restored.client, epoch, deadline, Due::Expiry);
             }
         }
         let retained = snapshot.retained.len();
@@ -202,7 +198,7 @@ impl Broker {
                         // Clean Start ends the old session: a will still waiting on its delay is
                         // due now ("the Session ends, whichever happens first", v5 §3.1.3.2.2).
                         if let Some(p) = pending_will {
-                            self.publish_will(&client_id, p.will);
+                            self.publish_will(&client_id, *p.will);
                         }
                         self.discard(*session);
                         break (
@@ -338,7 +334,7 @@ impl Broker {
         // The will waits for min(will delay, session expiry) [MQTT-3.1.3-9].
         let (publish_now, pending) = match will {
             Some(w) if will_delay == 0 => (Some(w), None),
-            Some(w) => (None, Some(PendingWill { will: w })),
+            Some(w) => (None, Some(PendingWill { will: Box::new(w) })),
             None => (None, None),
         };
         let has_pending = pending.is_some();
@@ -348,46 +344,44 @@ impl Broker {
         if let Some(will) = publish_now {
             self.publish_will(&client_id, will);
         }
-        if expiry == NEVER_EXPIRES && !has_pending {
-            return;
+        let now = now_ms();
+        if has_pending && will_delay < expiry {
+            let deadline = now + u64::from(will_delay) * 1000;
+            self.registry
+                .schedule(&client_id, epoch, deadline, Due::Will);
         }
-        let broker = self.clone();
-        tokio::spawn(async move {
-            broker
-                .run_offline_timers(client_id, epoch, expiry, will_delay, has_pending)
-                .await;
-        });
+        if expiry != NEVER_EXPIRES {
+            let deadline = now + u64::from(expiry) * 1000;
+            self.registry
+                .schedule(&client_id, epoch, deadline, Due::Expiry);
+        }
     }
 
-    /// Sleeps through one offline period: publishes a delayed will when it falls due and removes
-    /// the session when it expires, unless the client came back meanwhile (epoch changed).
-    async fn run_offline_timers(
-        self: Arc<Self>,
-        client_id: Arc<str>,
-        epoch: u64,
-        expiry: u32,
-        will_delay: u32,
-        has_pending_will: bool,
-    ) {
-        let start = Instant::now();
-        if has_pending_will && will_delay < expiry {
-            tokio::time::sleep(Duration::from_secs(u64::from(will_delay))).await;
-            if let Some(p) = self.registry.take_due_will(&client_id, epoch) {
-                self.publish_will(&client_id, p.will);
+    /// Publishes delayed wills and removes expired sessions whose time has come, at most
+    /// `budget` per call. Called by a background task every [`crate::server`] tick.
+    pub fn expire_due(&self, budget: usize) -> usize {
+        let due = self.registry.take_due(now_ms(), budget);
+        let n = due.len();
+        for (client_id, epoch, what) in due {
+            match what {
+                Due::Will => {
+                    if let Some(p) = self.registry.take_due_will(&client_id, epoch) {
+                        self.publish_will(&client_id, *p.will);
+                    }
+                }
+                Due::Expiry => {
+                    if let Some((session, will)) = self.registry.expire(&client_id, epoch) {
+                        tracing::debug!(client_id = %client_id, "session expired");
+                        // The session ends: a will still waiting on its delay is due now.
+                        if let Some(p) = will {
+                            self.publish_will(&client_id, *p.will);
+                        }
+                        self.discard(session);
+                    }
+                }
             }
         }
-        if expiry == NEVER_EXPIRES {
-            return;
-        }
-        let total = Duration::from_secs(u64::from(expiry));
-        tokio::time::sleep(total.saturating_sub(start.elapsed())).await;
-        if let Some((session, will)) = self.registry.expire(&client_id, epoch) {
-            tracing::debug!(client_id = %client_id, "session expired");
-            if let Some(p) = will {
-                self.publish_will(&client_id, p.will);
-            }
-            self.discard(session);
-        }
+        n
     }
 
     /// Publishes a will message as if the client had sent it.

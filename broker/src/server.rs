@@ -18,6 +18,9 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// work per tick; a backlog drains over several ticks).
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 const SWEEP_BUDGET: usize = 10_000;
+/// How often session expiries and delayed wills are checked, and how many at most per tick.
+const EXPIRY_INTERVAL: Duration = Duration::from_millis(250);
+const EXPIRY_BUDGET: usize = 10_000;
 /// How often expired retained messages are purged.
 const RETAINED_PURGE_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -88,6 +91,19 @@ impl Server {
                         if !batch.is_empty() {
                             purger.storage.submit_detached(batch);
                         }
+                    }
+                }
+            }
+        });
+        let expirer = broker.clone();
+        let mut expiry_shutdown = shutdown_rx.clone();
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(EXPIRY_INTERVAL);
+            loop {
+                tokio::select! {
+                    _ = expiry_shutdown.changed() => return,
+                    _ = tick.tick() => {
+                        expirer.expire_due(EXPIRY_BUDGET);
                     }
                 }
             }

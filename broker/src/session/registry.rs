@@ -5,7 +5,7 @@
 //! old owner, never a reach into its state: the old connection closes itself, parks the session
 //! and answers, and the new connection then claims the parked session.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -25,7 +25,8 @@ pub struct Kick {
 /// A will waiting for its delay to pass (v5 Will Delay Interval).
 #[derive(Debug, Clone)]
 pub struct PendingWill {
-    pub will: Will,
+    /// Boxed: every session's registry slot is as large as its largest variant.
+    pub will: Box<Will>,
 }
 
 enum Slot {
@@ -39,8 +40,12 @@ enum Slot {
         /// period cannot expire a session that reconnected and left again.
         epoch: u64,
         will: Option<PendingWill>,
+        /// Keys of this period's entries in `Registry::deadlines`, removed when it ends.
+        deadlines: Vec<DeadlineKey>,
     },
 }
+
+type DeadlineKey = (u64, u64, u8);
 
 /// The outcome of claiming a client id for a new connection.
 pub enum Claim {
@@ -52,10 +57,22 @@ pub enum Claim {
     Busy(mpsc::Sender<Kick>),
 }
 
-/// All sessions by client id.
+/// What falls due for an offline session at a deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Due {
+    /// The delayed will is to be published.
+    Will,
+    /// The session expires.
+    Expiry,
+}
+
+/// All sessions by client id, and the deadlines of the offline ones.
 #[derive(Default)]
 pub struct Registry {
     slots: Mutex<HashMap<Arc<str>, Slot>>,
+    /// (deadline in ms since epoch, offline epoch) → client. One sweeper pops what is due, a
+    /// bounded number per tick, instead of a sleeping task per offline session.
+    deadlines: Mutex<BTreeMap<DeadlineKey, (Arc<str>, Due)>>,
     next_id: AtomicU64,
 }
 
@@ -77,8 +94,14 @@ impl Registry {
                 slots.insert(client_id.clone(), online);
                 Claim::Fresh
             }
-            Some(Slot::Offline { session, will, .. }) => {
+            Some(Slot::Offline {
+                session,
+                will,
+                deadlines,
+                ..
+            }) => {
                 slots.insert(client_id.clone(), online);
+                self.forget_deadlines(&deadlines);
                 Claim::Resumed(session, will)
             }
             Some(Slot::Online {
@@ -113,6 +136,7 @@ impl Registry {
                 session: Box::new(session),
                 epoch,
                 will,
+                deadlines: Vec::new(),
             },
         );
         Some(epoch)
@@ -127,9 +151,62 @@ impl Registry {
                 session: Box::new(session),
                 epoch,
                 will: None,
+                deadlines: Vec::new(),
             },
         );
         epoch
+    }
+
+    /// Schedules `due` for the offline period `epoch` of `client_id` at `deadline_ms` (nothing
+    /// when that period is already over).
+    pub fn schedule(&self, client_id: &Arc<str>, epoch: u64, deadline_ms: u64, due: Due) {
+        let tag = match due {
+            Due::Will => 0,
+            Due::Expiry => 1,
+        };
+        let key = (deadline_ms, epoch, tag);
+        let mut slots = self.slots.lock();
+        if let Some(Slot::Offline {
+            epoch: e,
+            deadlines,
+            ..
+        }) = slots.get_mut(client_id)
+        {
+            if *e == epoch {
+                deadlines.push(key);
+                self.deadlines.lock().insert(key, (client_id.clone(), due));
+            }
+        }
+    }
+
+    fn forget_deadlines(&self, keys: &[DeadlineKey]) {
+        if keys.is_empty() {
+            return;
+        }
+        let mut deadlines = self.deadlines.lock();
+        for key in keys {
+            deadlines.remove(key);
+        }
+    }
+
+    /// Takes up to `budget` deadlines that passed by `now_ms`, earliest first. An entry whose
+    /// session came back online or started a new offline period is simply stale: the epoch
+    /// checks in [`Registry::take_due_will`] and [`Registry::expire`] ignore it (entries of a
+    /// period that ended are normally removed with it).
+    pub fn take_due(&self, now_ms: u64, budget: usize) -> Vec<(Arc<str>, u64, Due)> {
+        let mut deadlines = self.deadlines.lock();
+        let mut due = Vec::new();
+        while due.len() < budget {
+            let Some(entry) = deadlines.first_entry() else {
+                break;
+            };
+            if entry.key().0 > now_ms {
+                break;
+            }
+            let ((_, epoch, _), (client, what)) = entry.remove_entry();
+            due.push((client, epoch, what));
+        }
+        due
     }
 
     /// Releases the slot of a non-persistent session whose connection closed.
@@ -158,7 +235,15 @@ impl Registry {
         let mut slots = self.slots.lock();
         match slots.get(client_id) {
             Some(Slot::Offline { epoch: e, .. }) if *e == epoch => match slots.remove(client_id) {
-                Some(Slot::Offline { session, will, .. }) => Some((*session, will)),
+                Some(Slot::Offline {
+                    session,
+                    will,
+                    deadlines,
+                    ..
+                }) => {
+                    self.forget_deadlines(&deadlines);
+                    Some((*session, will))
+                }
                 _ => None,
             },
             _ => None,
