@@ -37,6 +37,8 @@ const MAX_READ_CHUNK: usize = 64 * 1024;
 const OUTPUT_HIGH_WATER: usize = 256 * 1024;
 /// Deliveries taken from the queue per wake-up before the socket gets a turn.
 const DELIVERY_BATCH: usize = 256;
+/// Time a closing connection waits for storage writes its unsent acks depended on.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time allowed to flush a final DISCONNECT to a peer that is going away.
 const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -155,6 +157,7 @@ async fn run(
         }
     }
     let _ = stream.shutdown().await;
+    machine.settle_pending_writes(SETTLE_TIMEOUT).await;
     let (session, will) = machine.into_parts();
     broker.close_session(session, conn_id, if will_allowed { will } else { None });
     if let Some(done) = done {

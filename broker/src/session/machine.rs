@@ -312,6 +312,25 @@ impl Machine {
         }
     }
 
+    /// At the end of a connection: waits (bounded) for the writes its unsent replies depended
+    /// on. An incoming QoS 2 message whose write failed must not stay marked as received, or
+    /// the client's resend on the next connection would be taken for a duplicate and dropped.
+    pub async fn settle_pending_writes(&mut self, within: std::time::Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        while let Some(reply) = self.replies.pop_front() {
+            let Some(wait) = reply.wait else { continue };
+            let failed = match tokio::time::timeout_at(deadline, wait).await {
+                Ok(Ok(Ok(()))) => false,
+                Ok(_) => true,
+                // Still not written: assume the worst for QoS 2 and let a resend through.
+                Err(_) => true,
+            };
+            if let (true, OnError::PubRec(pkid)) = (failed, reply.on_error) {
+                self.session.inbound_qos2.remove(&pkid);
+            }
+        }
+    }
+
     /// Submits a batch unless it is empty.
     fn submit(&self, batch: WriteBatch) -> Option<Completion> {
         (!batch.is_empty()).then(|| self.broker.storage.submit(batch))
