@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use super::brokers::{self, BrokerSpec, Kind};
+use super::brokers::{self, BrokerSpec, Kind, StartOpts};
 use super::conns::{self, ConnResult};
 use super::report;
 use super::run::{self, RunResult};
@@ -33,13 +33,16 @@ fn machine_description() -> String {
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
             .unwrap_or_default()
     };
+    let tmp = std::env::temp_dir().display().to_string();
     format!(
-        "$ nproc\n{}\n$ lscpu | head -n 15\n{}\n$ uname -sr\n{}\n$ free -m | head -n 2\n{}\n$ ulimit -n\n{}",
+        "$ nproc\n{}\n$ lscpu | head -n 15\n{}\n$ uname -sr\n{}\n$ free -m | head -n 2\n{}\n$ ulimit -n; ulimit -Hn\n{}\n{}\n$ df -T {tmp}   # brokers' data directories\n{}",
         sh("nproc"),
         sh("lscpu | head -n 15"),
         sh("uname -sr"),
         sh("free -m | head -n 2"),
         super::procstat::raise_nofile_limit(),
+        sh("ulimit -Hn"),
+        sh(&format!("df -T {tmp}")),
     )
 }
 
@@ -64,7 +67,7 @@ pub async fn compare(opts: CompareOpts) -> anyhow::Result<()> {
     }
     if opts.conns > 0 {
         for spec in &opts.brokers {
-            let c = match brokers::start(spec) {
+            let c = match brokers::start(spec, &StartOpts::default()) {
                 Ok(mut b) => {
                     let c = conns::connection_scale(
                         b.addr,
@@ -122,8 +125,9 @@ pub async fn compare(opts: CompareOpts) -> anyhow::Result<()> {
             .unwrap_or(0.0);
         let settings = format!(
             "{} round(s); {dur:.0} s of load per scenario per broker; each run starts a fresh broker \
-             process; brokers take turns (the first broker rotates per scenario and round); \
-             connection test: {} connections asked, {} connecting at once, 1 round.",
+             process with a fresh data directory (ferrymq `--data-dir`, Mosquitto \
+             `persistence_location`); brokers take turns (the first broker rotates per scenario \
+             and round); connection test: {} connections asked, {} connecting at once, 1 round.",
             opts.rounds, opts.conns, opts.conn_concurrency
         );
         let section = report::markdown(&report::MarkdownInput {
@@ -156,7 +160,8 @@ async fn run_once(spec: &BrokerSpec, sc: &Scenario) -> RunResult {
         first_error: Some(format!("{e:#}")),
         ..RunResult::default()
     };
-    let mut b = match brokers::start(spec) {
+    // A fresh process and a fresh data directory for every run.
+    let mut b = match brokers::start(spec, &StartOpts::for_scenarios([sc])) {
         Ok(b) => b,
         Err(e) => return failed(e),
     };
@@ -176,6 +181,7 @@ async fn run_once(spec: &BrokerSpec, sc: &Scenario) -> RunResult {
         r.first_error
             .get_or_insert_with(|| "the broker process died".into());
     }
+    r.store_bytes = Some(b.data_bytes());
     r
 }
 
@@ -195,7 +201,7 @@ pub async fn smoke(
         kind: Kind::Ferrymq,
         bin,
     };
-    let mut broker = brokers::start(&spec)?;
+    let mut broker = brokers::start(&spec, &StartOpts::for_scenarios(&scenarios))?;
     let mut ok = true;
     println!("{}", report::header());
     for sc in &scenarios {
@@ -218,6 +224,27 @@ pub async fn smoke(
             }
         };
         println!("{}", report::line(&r));
+        // Persistent scenarios must go through the durable store: QoS 1/2 to a persistent
+        // session is written (and fsynced) before PUBACK, so the broker must have written.
+        if sc.persistent() && sc.qos > 0 {
+            let wrote = r.broker_disk_write_bytes.unwrap_or(0);
+            let store = broker
+                .data_dir()
+                .join(brokers::FERRYMQ_STORE_FILE)
+                .metadata()
+                .map(|m| m.len())
+                .unwrap_or(0);
+            println!(
+                "    durable path: broker wrote {:.1} MiB during the run, {} is {:.1} MiB",
+                wrote as f64 / 1048576.0,
+                brokers::FERRYMQ_STORE_FILE,
+                store as f64 / 1048576.0
+            );
+            if wrote == 0 || store == 0 {
+                println!("    FAILED: the persistent scenario did not write the durable store");
+                ok = false;
+            }
+        }
         let overflow = r.errors == 0 && r.lost > 0 && sc.overload() && !strict;
         if overflow && !sc.loss_allowed() {
             println!(

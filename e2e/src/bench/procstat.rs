@@ -28,6 +28,15 @@ pub fn status_kib(pid: u32, field: &str) -> Option<u64> {
     })
 }
 
+/// Bytes `pid` has caused to be written to storage so far (`write_bytes` of `/proc/<pid>/io`,
+/// counted when pages are dirtied, so a run's fsynced writes show up before writeback).
+pub fn io_write_bytes(pid: u32) -> Option<u64> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    io.lines()
+        .find_map(|l| l.strip_prefix("write_bytes:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 pub fn rss_kib(pid: u32) -> Option<u64> {
     status_kib(pid, "VmRSS")
 }

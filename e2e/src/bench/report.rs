@@ -107,6 +107,8 @@ pub struct Summary {
     pub broker_cpu: f64,
     pub bench_cpu: f64,
     pub peak_rss_kib: u64,
+    /// Median bytes the broker wrote to storage per run.
+    pub disk_write_bytes: f64,
 }
 
 pub fn summarize(results: &[RunResult]) -> BTreeMap<(String, String), Summary> {
@@ -140,6 +142,11 @@ pub fn summarize(results: &[RunResult]) -> BTreeMap<(String, String), Summary> {
                     .filter_map(|r| r.broker_peak_rss_kib)
                     .max()
                     .unwrap_or(0),
+                disk_write_bytes: m(&|r| {
+                    r.broker_disk_write_bytes
+                        .map(|b| b as f64)
+                        .unwrap_or(f64::NAN)
+                }),
             };
             (k, s)
         })
@@ -269,7 +276,7 @@ pub fn markdown(inp: &MarkdownInput<'_>) -> String {
     );
     let _ = writeln!(
         md,
-        "| scenario | broker | lost / expected | dup | errors | broker CPU | broker peak RSS | bench CPU |\n|---|---|---:|---:|---:|---:|---:|---:|"
+        "| scenario | broker | lost / expected | dup | errors | broker CPU | broker peak RSS | broker disk writes | bench CPU |\n|---|---|---:|---:|---:|---:|---:|---:|---:|"
     );
     for sc in inp.scenarios {
         for b in inp.brokers {
@@ -280,7 +287,7 @@ pub fn markdown(inp: &MarkdownInput<'_>) -> String {
                 };
                 let _ = writeln!(
                     md,
-                    "| `{}` | {} | {} / {} | {} | {} | {:.2} | {:.0} MiB | {:.2} |",
+                    "| `{}` | {} | {} / {} | {} | {} | {:.2} | {:.0} MiB | {} | {:.2} |",
                     sc.name,
                     b,
                     s.lost,
@@ -289,12 +296,15 @@ pub fn markdown(inp: &MarkdownInput<'_>) -> String {
                     err,
                     s.broker_cpu,
                     s.peak_rss_kib as f64 / 1024.0,
+                    fmt_bytes(s.disk_write_bytes),
                     s.bench_cpu
                 );
             }
         }
     }
     let _ = writeln!(md);
+
+    durable_section(&mut md, inp, &sum);
 
     if !inp.conns.is_empty() {
         let _ = writeln!(md, "### Connection scale (idle clean-session clients)\n");
@@ -321,6 +331,8 @@ pub fn markdown(inp: &MarkdownInput<'_>) -> String {
         let _ = writeln!(md);
     }
 
+    targets_section(&mut md, inp, &sum);
+
     let _ = writeln!(md, "### Scenarios\n");
     for sc in inp.scenarios {
         let _ = writeln!(
@@ -328,7 +340,9 @@ pub fn markdown(inp: &MarkdownInput<'_>) -> String {
             "- `{}`: {}{}",
             sc.name,
             sc.description,
-            if sc.clean_subscribers {
+            if sc.application {
+                " (subscriber: ferrymq APPLICATION client; clean_session=false elsewhere)"
+            } else if sc.clean_subscribers {
                 ""
             } else {
                 " (subscribers: clean_session=false)"
@@ -336,6 +350,203 @@ pub fn markdown(inp: &MarkdownInput<'_>) -> String {
         );
     }
     md
+}
+
+fn fmt_bytes(bytes: f64) -> String {
+    if !bytes.is_finite() {
+        "–".into()
+    } else if bytes == 0.0 {
+        "0".into()
+    } else if bytes < 1048576.0 {
+        format!("{:.0} KiB", bytes / 1024.0)
+    } else {
+        format!("{:.1} MiB", bytes / 1048576.0)
+    }
+}
+
+type Sums = BTreeMap<(String, String), Summary>;
+
+fn sget<'a>(sum: &'a Sums, sc: &str, b: &str) -> Option<&'a Summary> {
+    sum.get(&(sc.to_string(), b.to_string()))
+}
+
+/// What each broker promises when it acknowledges a QoS 1 message to a persistent session.
+fn durability_of(broker: &str) -> &'static str {
+    match broker {
+        "ferrymq" => "written to its redb store and fsynced (group commit) before PUBACK",
+        "mosquitto" => {
+            "`persistence true`, `autosave_interval 1`: the in-memory database is snapshotted to \
+             disk once a second; nothing is written before PUBACK, so messages acknowledged since \
+             the last snapshot are lost in a crash"
+        }
+        "rumqttd" => "no disk persistence at all: everything is in memory and lost in a crash",
+        _ => "unknown",
+    }
+}
+
+/// Non-durable references for the "durable ≥ Mosquitto's non-durable QoS 1" target.
+const DURABLE_VS_PLAIN: [(&str, &str); 2] = [
+    ("p2p-qos1-persistent", "p2p-qos1-64b"),
+    ("pairs10-qos1-persistent", "pairs10-qos1-64b"),
+];
+
+/// Persistent-subscriber scenarios side by side, with what each broker wrote to disk.
+fn durable_section(md: &mut String, inp: &MarkdownInput<'_>, sum: &Sums) {
+    let persistent: Vec<&Scenario> = inp
+        .scenarios
+        .iter()
+        .filter(|s| s.persistent() && s.qos > 0)
+        .collect();
+    if persistent.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "### Durable: QoS 1 to persistent subscribers (deliveries/s / p99 / bytes the broker wrote to disk per run; medians)\n"
+    );
+    for b in inp.brokers {
+        let _ = writeln!(md, "- **{b}**: {}.", durability_of(b));
+    }
+    let _ = writeln!(md);
+    let mut head = String::from("| scenario |");
+    let mut rule = String::from("|---|");
+    for b in inp.brokers {
+        let _ = write!(head, " {b} |");
+        rule.push_str("---:|");
+    }
+    let _ = writeln!(md, "{head}\n{rule}");
+    let mut rows: Vec<(String, &str)> = persistent
+        .iter()
+        .map(|s| (format!("`{}`", s.name), s.name.as_str()))
+        .collect();
+    for (durable, plain) in DURABLE_VS_PLAIN {
+        if persistent.iter().any(|s| s.name == durable)
+            && inp.scenarios.iter().any(|s| s.name == plain)
+        {
+            rows.push((
+                format!("`{plain}` (clean session, nothing durable; reference)"),
+                plain,
+            ));
+        }
+    }
+    for (label, name) in rows {
+        let mut row = format!("| {label} |");
+        for b in inp.brokers {
+            match sget(sum, name, b) {
+                Some(s) => {
+                    let _ = write!(
+                        row,
+                        " {} / {} / {} |",
+                        fmt_rate(s.deliver_rate),
+                        fmt_us(s.p99_us),
+                        fmt_bytes(s.disk_write_bytes)
+                    );
+                }
+                None => row.push_str(" – |"),
+            }
+        }
+        let _ = writeln!(md, "{row}");
+    }
+    let _ = writeln!(md);
+}
+
+/// The issue's targets, computed from the medians.
+fn targets_section(md: &mut String, inp: &MarkdownInput<'_>, sum: &Sums) {
+    let rate = |sc: &str, b: &str| sget(sum, sc, b).map(|s| s.deliver_rate);
+    let p99 = |sc: &str, b: &str| sget(sum, sc, b).map(|s| s.p99_us);
+    let yes = |ok: bool| if ok { "yes" } else { "**no**" };
+    let mut rows: Vec<(String, String, String)> = Vec::new();
+    for (sc, label) in [
+        (
+            "p2p-qos0-64b",
+            "non-persistent QoS 0 p2p ≥ rumqttd and ≥ 2× Mosquitto",
+        ),
+        (
+            "p2p-qos1-64b",
+            "non-persistent QoS 1 p2p ≥ rumqttd and ≥ 2× Mosquitto",
+        ),
+        (
+            "pairs10-qos1-64b",
+            "non-persistent QoS 1, 10 pairs ≥ rumqttd and ≥ 2× Mosquitto",
+        ),
+    ] {
+        if let (Some(f), Some(m), Some(r)) = (
+            rate(sc, "ferrymq"),
+            rate(sc, "mosquitto"),
+            rate(sc, "rumqttd"),
+        ) {
+            let lost = sget(sum, sc, "ferrymq")
+                .filter(|s| s.lost > 0)
+                .map(|s| format!("; ferrymq lost {} of {}", s.lost, s.expected))
+                .unwrap_or_default();
+            rows.push((
+                format!("{label} (`{sc}`)"),
+                format!(
+                    "{} = {:.2}× rumqttd ({}), {:.2}× Mosquitto ({}){lost}",
+                    fmt_rate(f),
+                    f / r,
+                    fmt_rate(r),
+                    f / m,
+                    fmt_rate(m)
+                ),
+                yes(f >= r && f >= 2.0 * m).into(),
+            ));
+        }
+    }
+    for sc in ["latency-qos0-20k", "latency-qos1-10k"] {
+        if let (Some(f), Some(m)) = (p99(sc, "ferrymq"), p99(sc, "mosquitto")) {
+            rows.push((
+                format!("p99 ≤ Mosquitto's at equal offered load (`{sc}`)"),
+                format!("{} vs {}", fmt_us(f), fmt_us(m)),
+                yes(f <= m).into(),
+            ));
+        }
+    }
+    for (durable, plain) in DURABLE_VS_PLAIN {
+        if let (Some(f), Some(m)) = (rate(durable, "ferrymq"), rate(plain, "mosquitto")) {
+            rows.push((
+                format!(
+                    "durable QoS 1 to persistent subscribers ≥ Mosquitto's non-durable QoS 1 \
+                     (ferrymq `{durable}` vs Mosquitto `{plain}`)"
+                ),
+                format!("{} vs {} = {:.2}×", fmt_rate(f), fmt_rate(m), f / m),
+                yes(f >= m).into(),
+            ));
+        }
+    }
+    if let Some(c) = inp.conns.iter().find(|c| c.broker == "ferrymq") {
+        if let Some(b) = c.rss_per_conn_bytes {
+            rows.push((
+                "idle memory ≤ 8 KiB per connection".into(),
+                format!("{:.2} KiB ({} connections)", b / 1024.0, c.connected),
+                yes(b <= 8.0 * 1024.0).into(),
+            ));
+        }
+        rows.push((
+            "100 000 concurrent connections".into(),
+            format!(
+                "{} of {} asked (open-file limit {}; the broker and the generator need one \
+                 descriptor per connection each)",
+                c.connected, c.target, c.nofile_limit
+            ),
+            if c.connected >= 100_000 {
+                "yes".into()
+            } else if c.connected == c.target {
+                "not testable here (all asked connected)".into()
+            } else {
+                "**no**".into()
+            },
+        ));
+    }
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(md, "### Targets (computed from the medians above)\n");
+    let _ = writeln!(md, "| target | measured | met? |\n|---|---|---|");
+    for (t, m, ok) in rows {
+        let _ = writeln!(md, "| {t} | {m} | {ok} |");
+    }
+    let _ = writeln!(md);
 }
 
 pub const BEGIN: &str =

@@ -142,6 +142,10 @@ pub struct RunResult {
     /// Broker CPU in cores (1.0 = one core busy) over the run, when its pid is known.
     pub broker_cpu: Option<f64>,
     pub broker_peak_rss_kib: Option<u64>,
+    /// Bytes the broker wrote to storage during the run (`/proc/<pid>/io` write_bytes).
+    pub broker_disk_write_bytes: Option<u64>,
+    /// Size of the broker's data directory after the run (filled in by the launcher).
+    pub store_bytes: Option<u64>,
     /// The load generator's own CPU in cores.
     pub bench_cpu: f64,
 }
@@ -217,9 +221,8 @@ pub async fn run_scenario(
     for i in 0..sc.subscribers {
         let (sc, run_id) = (sc.clone(), run_id.clone());
         sub_setups.push(tokio::spawn(async move {
-            let id = format!("fmqb-{run_id}-s{i}");
-            let (mut stream, mut buf) =
-                client::connect(addr, None, &id, sc.clean_subscribers).await?;
+            let id = sc.subscriber_id(&run_id, i);
+            let (mut stream, mut buf) = client::connect(addr, None, &id, !sc.persistent()).await?;
             client::subscribe(&mut stream, &mut buf, &sc.layout.filter(&run_id, i), qos).await?;
             anyhow::Ok((stream, buf))
         }));
@@ -243,6 +246,7 @@ pub async fn run_scenario(
     let received_total = Arc::new(AtomicU64::new(0));
     let (stop_tx, stop_rx) = watch::channel(false);
     let cpu0 = broker_pid.and_then(procstat::cpu_seconds);
+    let io0 = broker_pid.and_then(procstat::io_write_bytes);
     let self_cpu0 = procstat::cpu_seconds(std::process::id()).unwrap_or(0.0);
     let sampler = broker_pid.map(procstat::RssSampler::start);
 
@@ -316,6 +320,10 @@ pub async fn run_scenario(
         (Some(c1), Some(c0)) => Some((c1 - c0) / wall),
         _ => None,
     };
+    let broker_disk_write_bytes = match (broker_pid.and_then(procstat::io_write_bytes), io0) {
+        (Some(w1), Some(w0)) => Some(w1.saturating_sub(w0)),
+        _ => None,
+    };
     let bench_cpu = (procstat::cpu_seconds(std::process::id()).unwrap_or(0.0) - self_cpu0) / wall;
     let broker_peak_rss_kib = sampler.map(|s| s.finish());
 
@@ -325,6 +333,7 @@ pub async fn run_scenario(
         expected,
         broker_cpu,
         broker_peak_rss_kib,
+        broker_disk_write_bytes,
         bench_cpu,
         ..RunResult::default()
     };

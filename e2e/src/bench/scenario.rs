@@ -62,6 +62,11 @@ pub struct Scenario {
     pub window: usize,
     /// Subscribers connect with clean_session=false (persistent sessions) when false.
     pub clean_subscribers: bool,
+    /// Subscribers are ferrymq APPLICATION clients (their ids are listed in the broker's
+    /// `[[application_clients]]`; durable log). Other brokers see ordinary persistent sessions.
+    /// Implies persistent subscribers.
+    #[serde(default)]
+    pub application: bool,
     #[serde(with = "secs")]
     pub duration: Duration,
 }
@@ -76,6 +81,33 @@ mod secs {
 }
 
 impl Scenario {
+    /// Client id of subscriber `i`. APPLICATION subscribers have fixed ids (the broker must list
+    /// them in its configuration before it starts); everyone else is unique per run.
+    pub fn subscriber_id(&self, run_id: &str, i: usize) -> String {
+        if self.application {
+            format!("fmqb-app-{}-s{i}", self.name)
+        } else {
+            format!("fmqb-{run_id}-s{i}")
+        }
+    }
+
+    /// The client ids a ferrymq broker must know as APPLICATION clients for this scenario.
+    pub fn application_client_ids(&self) -> Vec<String> {
+        if self.application {
+            (0..self.subscribers)
+                .map(|i| self.subscriber_id("", i))
+                .collect()
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// Whether subscribers keep a session across connections (clean_session=false): the
+    /// scenarios where durability settings apply.
+    pub fn persistent(&self) -> bool {
+        !self.clean_subscribers || self.application
+    }
+
     pub fn qos(&self) -> QoS {
         QoS::from_u8(self.qos).unwrap_or(QoS::AtMostOnce)
     }
@@ -131,6 +163,7 @@ pub fn suite(duration: Duration) -> Vec<Scenario> {
              rate,
              window,
              clean_subscribers| Scenario {
+        application: false,
         name: name.to_string(),
         description: description.to_string(),
         publishers,
@@ -144,15 +177,19 @@ pub fn suite(duration: Duration) -> Vec<Scenario> {
         duration,
     };
     use Layout::*;
+    let mut app = s("fanin-qos1-application", "100 devices at 100 msg/s each -> 1 APPLICATION client (bench/in/+; ferrymq: listed in [[application_clients]], durable log; others: persistent subscriber), QoS 1, 64 B", 100, 1, FanIn, 1, 64, Some(100.0), 10, false);
+    app.application = true;
     vec![
         s("p2p-qos0-64b", "1 publisher -> 1 subscriber, QoS 0, 64 B, max rate", 1, 1, Pairs, 0, 64, None, 20, true),
         s("p2p-qos1-64b", "1 -> 1, QoS 1, 64 B, 20 in flight, max rate", 1, 1, Pairs, 1, 64, None, 20, true),
         s("p2p-qos2-64b", "1 -> 1, QoS 2, 64 B, 20 in flight, max rate", 1, 1, Pairs, 2, 64, None, 20, true),
         s("p2p-qos1-1k", "1 -> 1, QoS 1, 1 KiB, 20 in flight, max rate", 1, 1, Pairs, 1, 1024, None, 20, true),
         s("pairs10-qos1-64b", "10 independent pairs, QoS 1, 64 B, 20 in flight each", 10, 10, Pairs, 1, 64, None, 20, true),
-        s("fanin-qos1-persistent", "100 devices at 100 msg/s each -> 1 persistent application subscriber (bench/in/+), QoS 1, 64 B", 100, 1, FanIn, 1, 64, Some(100.0), 10, false),
+        s("fanin-qos1-persistent", "100 devices at 100 msg/s each -> 1 persistent DEVICE subscriber (bench/in/+), QoS 1, 64 B", 100, 1, FanIn, 1, 64, Some(100.0), 10, false),
+        app,
         s("fanout-qos0-64b", "1 publisher -> 50 subscribers, QoS 0, 64 B, 2,000 msg/s", 1, 50, FanOut, 0, 64, Some(2_000.0), 20, true),
         s("fanout-qos1-persistent", "1 publisher -> 50 persistent device subscribers, QoS 1, 64 B, 20 in flight", 1, 50, FanOut, 1, 64, None, 20, false),
+        s("pairs10-qos1-persistent", "10 pairs, persistent device subscribers (clean_session=false), QoS 1, 64 B, 20 in flight each (group commit across publishers)", 10, 10, Pairs, 1, 64, None, 20, false),
         s("p2p-qos1-persistent", "1 -> 1 persistent device subscriber (clean_session=false), QoS 1, 64 B, 20 in flight", 1, 1, Pairs, 1, 64, None, 20, false),
         s("latency-qos0-20k", "1 -> 1, QoS 0, 64 B, fixed 20,000 msg/s (latency under fixed load)", 1, 1, Pairs, 0, 64, Some(20_000.0), 20, true),
         s("latency-qos1-10k", "1 -> 1, QoS 1, 64 B, fixed 10,000 msg/s (latency under fixed load)", 1, 1, Pairs, 1, 64, Some(10_000.0), 100, true),

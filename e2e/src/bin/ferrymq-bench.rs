@@ -188,6 +188,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<bool> {
                     rate: a.rate,
                     window: a.window,
                     clean_subscribers: !a.persistent,
+                    application: false,
                     duration,
                 }]
             } else {
