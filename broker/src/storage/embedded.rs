@@ -76,6 +76,11 @@ impl Default for EmbeddedOptions {
 struct Request {
     batch: WriteBatch,
     done: oneshot::Sender<Result<(), StorageError>>,
+    /// Someone waits for this batch to be durable (an ack depends on it). Detached batches
+    /// (acknowledgement deletes, sent marks, disconnect times) ride along with the next durable
+    /// commit instead of paying an fsync of their own: losing them in a crash costs only a
+    /// redelivery with DUP=1.
+    durable: bool,
 }
 
 /// The embedded store.
@@ -151,10 +156,15 @@ impl EmbeddedStorage {
     }
 }
 
-impl Storage for EmbeddedStorage {
-    fn submit(&self, batch: WriteBatch) -> Completion {
+impl EmbeddedStorage {
+    fn send(&self, batch: WriteBatch, durable: bool) -> Completion {
         let (done, completion) = oneshot::channel();
-        if let Err(e) = self.tx.try_send(Request { batch, done }) {
+        let request = Request {
+            batch,
+            done,
+            durable,
+        };
+        if let Err(e) = self.tx.try_send(request) {
             let (request, error) = match e {
                 mpsc::error::TrySendError::Full(r) => (r, StorageError::Overloaded),
                 mpsc::error::TrySendError::Closed(r) => (r, StorageError::Closed),
@@ -162,6 +172,16 @@ impl Storage for EmbeddedStorage {
             let _ = request.done.send(Err(error));
         }
         completion
+    }
+}
+
+impl Storage for EmbeddedStorage {
+    fn submit(&self, batch: WriteBatch) -> Completion {
+        self.send(batch, true)
+    }
+
+    fn submit_detached(&self, batch: WriteBatch) {
+        drop(self.send(batch, false));
     }
 
     fn flush(&self) -> Completion {
@@ -533,9 +553,14 @@ impl Writer {
         // Without fsync, redb's non-durable commits reach the disk only with the next durable
         // one, so make one at least every UNSYNCED_INTERVAL and for every flush (an empty batch,
         // as at shutdown): the window of acknowledged-but-lost writes in a crash stays bounded.
+        // Detached-only groups are committed without fsync and become durable with the next
+        // durable commit (redb makes every earlier commit durable with it), or after
+        // UNSYNCED_INTERVAL at the latest.
         let flush = group.iter().any(|r| r.batch.ops.is_empty());
-        let durable =
-            self.options.fsync || flush || self.last_durable.elapsed() >= UNSYNCED_INTERVAL;
+        let wanted = group.iter().any(|r| r.durable);
+        let durable = (self.options.fsync && wanted)
+            || flush
+            || self.last_durable.elapsed() >= UNSYNCED_INTERVAL;
         if durable {
             self.last_durable = std::time::Instant::now();
         } else {
