@@ -399,7 +399,11 @@ impl Broker {
         if message.retain {
             self.router.retain(&message, &mut batch);
         }
-        self.router.publish(&message, &mut batch);
+        let routed = self.router.publish(&message, &mut batch);
+        // Nobody reads on behalf of a will, so there is no publisher to hold back.
+        self.metrics
+            .messages_dropped_queue_full
+            .add(routed.full.len() as u64);
         // Nobody waits for a will's acknowledgement; it is stored for persistent subscribers
         // all the same.
         if !batch.is_empty() {

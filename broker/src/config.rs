@@ -190,6 +190,11 @@ pub struct Limits {
     pub write_timeout_secs: u64,
     /// Concurrent connections; further connections are closed right after accept.
     pub max_connections: usize,
+    /// When a connected subscriber's queue (`max_queued_messages`) is full, the publisher stops
+    /// reading and waits up to this long for room (backpressure), then drops the message for that
+    /// subscriber and drops further overflow for it at once until it has drained half its queue.
+    /// 0: never wait, drop at once. Offline sessions never make publishers wait.
+    pub slow_subscriber_wait_ms: u64,
 }
 
 impl Default for Limits {
@@ -207,6 +212,7 @@ impl Default for Limits {
             max_keep_alive_secs: 0,
             write_timeout_secs: 60,
             max_connections: 1_000_000,
+            slow_subscriber_wait_ms: 1_000,
         }
     }
 }

@@ -477,3 +477,33 @@ async fn clean_session_queue_is_bounded_and_drops_newest() {
     // One in flight, five queued; the rest were dropped.
     assert_eq!(got, vec![0, 1, 2, 3, 4, 5]);
 }
+
+#[tokio::test]
+async fn a_connected_subscriber_that_keeps_up_loses_nothing_under_overload() {
+    // Queue of 5 and one message in flight: a publisher that floods must be held back (it stops
+    // being read) rather than have its messages dropped for a subscriber that is reading.
+    let (_server, addr) = start_with(|c| {
+        c.limits.max_queued_messages = 5;
+        c.limits.max_inflight = 1;
+    })
+    .await;
+    let (mut sub, _) = Raw::connect4(addr, "reader", true).await;
+    sub.subscribe4(1, "flood", QoS::AtLeastOnce).await;
+    let (mut publ, _) = Raw::connect4(addr, "flooder", true).await;
+    const N: u16 = 300;
+    let publisher = tokio::spawn(async move {
+        for i in 0..N {
+            publ.publish4("flood", QoS::AtLeastOnce, i + 1, false, &i.to_be_bytes())
+                .await;
+        }
+        for _ in 0..N {
+            assert!(matches!(publ.recv4().await, Packet::PubAck(_)));
+        }
+    });
+    for i in 0..N {
+        let m = publish_of(sub.recv4().await);
+        assert_eq!(m.payload[..], i.to_be_bytes(), "lost or reordered at {i}");
+        sub.send4(Packet::PubAck(v4::PubAck::new(m.pkid))).await;
+    }
+    publisher.await.unwrap();
+}

@@ -160,6 +160,7 @@ pub(super) async fn handshake(
             return Ok(None);
         }
     };
+    session.mailbox.set_online(true);
     // The kick sender stays in the registry; the connection keeps only the receiver.
     drop(kick_tx);
 

@@ -158,6 +158,14 @@ async fn run(
     }
     let _ = stream.shutdown().await;
     machine.settle_pending_writes(SETTLE_TIMEOUT).await;
+    machine.session.mailbox.set_online(false);
+    if !machine.blocked.is_empty() {
+        broker
+            .metrics
+            .messages_dropped_queue_full
+            .add(machine.blocked.len() as u64);
+        machine.blocked.clear();
+    }
     let (session, will) = machine.into_parts();
     broker.close_session(session, conn_id, if will_allowed { will } else { None });
     if let Some(done) = done {
@@ -190,6 +198,8 @@ async fn event_loop(
     tokio::pin!(timer);
     let (mut reader, mut writer) = stream.split();
     let mut read_size = READ_CHUNK;
+    let slow_wait = Duration::from_millis(broker.config.limits.slow_subscriber_wait_ms);
+    let mut blocked_since: Option<tokio::time::Instant> = None;
 
     loop {
         let now = Instant::now();
@@ -203,7 +213,14 @@ async fn event_loop(
             return End::Close(code, why);
         }
         let room = wbuf.len() < OUTPUT_HIGH_WATER;
-        let can_read = room && machine.replies.len() < MAX_PENDING_REPLIES;
+        let can_read =
+            room && machine.replies.len() < MAX_PENDING_REPLIES && machine.blocked.is_empty();
+        if machine.blocked.is_empty() {
+            blocked_since = None;
+        } else if blocked_since.is_none() {
+            blocked_since = Some(tokio::time::Instant::now());
+        }
+        let blocked_deadline = blocked_since.unwrap_or_else(tokio::time::Instant::now) + slow_wait;
         let watch_stored = !machine.session.stored_pending && machine.session.stored;
         let stored = machine.session.mailbox.stored.clone();
         let can_deliver = room && machine.window_open() && !machine.has_pending();
@@ -231,6 +248,11 @@ async fn event_loop(
             done = front_completion(&mut machine.replies), if !machine.replies.is_empty() => {
                 if let Flow::Close(code, why) = machine.complete_front(done, wbuf) {
                     return End::Close(code, why);
+                }
+            }
+            dropped = place_blocked(&mut machine.blocked, blocked_deadline), if !machine.blocked.is_empty() => {
+                if dropped > 0 {
+                    metrics.messages_dropped_queue_full.add(dropped);
                 }
             }
             _ = stored.notified(), if watch_stored => {
@@ -266,6 +288,7 @@ async fn event_loop(
                 if let Some(delivery) = delivery {
                     let now = Instant::now();
                     machine.deliver(delivery, wbuf, now);
+                    machine.session.mailbox.note_drained();
                     // Take what else is already queued, so it leaves in the same write.
                     for _ in 1..DELIVERY_BATCH {
                         if !machine.window_open() || wbuf.len() >= OUTPUT_HIGH_WATER {
@@ -303,6 +326,37 @@ fn fill_stored(machine: &mut Machine, wbuf: &mut BytesMut, now: Instant) -> Flow
         return machine.fetch_stored(wbuf, now);
     }
     Flow::Continue
+}
+
+/// Places deliveries that found a subscriber's queue full, waiting for room until `deadline`;
+/// what is still unplaced then is dropped and its subscriber marked slow. Returns how many were
+/// dropped. Cancel-safe: a delivery leaves `blocked` only when it is placed or dropped.
+async fn place_blocked(
+    blocked: &mut VecDeque<(Arc<crate::router::Mailbox>, crate::message::Delivery)>,
+    deadline: tokio::time::Instant,
+) -> u64 {
+    let mut dropped = 0;
+    while let Some((mailbox, _)) = blocked.front() {
+        let mailbox = mailbox.clone();
+        let reserved = tokio::time::timeout_at(deadline, mailbox.reserve()).await;
+        match reserved {
+            Ok(Some(permit)) => {
+                if let Some((_, delivery)) = blocked.pop_front() {
+                    permit.send(delivery);
+                }
+            }
+            // The session ended meanwhile.
+            Ok(None) => {
+                blocked.pop_front();
+            }
+            Err(_) => {
+                mailbox.mark_slow();
+                dropped += blocked.len() as u64;
+                blocked.clear();
+            }
+        }
+    }
+    dropped
 }
 
 /// Waits for the storage write the oldest queued reply depends on.

@@ -40,6 +40,10 @@ pub struct Mailbox {
     tx: mpsc::Sender<Delivery>,
     pub kind: ClientKind,
     persistent: AtomicBool,
+    /// A connection is draining the queue right now.
+    online: AtomicBool,
+    /// A publisher recently waited for room in vain (see `mark_slow`).
+    slow: AtomicBool,
     /// Woken by the storage writer after entries for this session were committed.
     pub stored: Arc<Notify>,
 }
@@ -58,6 +62,8 @@ impl Mailbox {
             tx,
             kind,
             persistent: AtomicBool::new(persistent),
+            online: AtomicBool::new(false),
+            slow: AtomicBool::new(false),
             stored: Arc::new(Notify::new()),
         };
         (Arc::new(mailbox), rx)
@@ -72,19 +78,51 @@ impl Mailbox {
         self.persistent.store(persistent, Ordering::Release);
     }
 
-    /// Queues a delivery without waiting. A full queue drops the delivery (counted by the caller);
-    /// a closed one means the session ended between match and send, which is not an error.
+    /// Queues a delivery without waiting. A full queue hands the delivery back; a closed one
+    /// means the session ended between match and send, which is not an error.
     fn offer(&self, delivery: Delivery) -> Result<(), Offer> {
         match self.tx.try_send(delivery) {
             Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(_)) => Err(Offer::Full),
+            Err(mpsc::error::TrySendError::Full(d)) => Err(Offer::Full(d)),
             Err(mpsc::error::TrySendError::Closed(_)) => Err(Offer::Closed),
         }
+    }
+
+    /// Marks whether a connection is draining this mailbox now.
+    pub fn set_online(&self, online: bool) {
+        self.online.store(online, Ordering::Release);
+        if !online {
+            self.slow.store(false, Ordering::Release);
+        }
+    }
+
+    /// Whether publishers should wait for room rather than drop: only for a connected client
+    /// that has not already made a publisher wait in vain (see `limits.slow_subscriber_wait_ms`).
+    fn worth_waiting_for(&self) -> bool {
+        self.online.load(Ordering::Acquire) && !self.slow.load(Ordering::Acquire)
+    }
+
+    /// A publisher waited `slow_subscriber_wait_ms` for room in vain: further overflow is dropped
+    /// at once until the client has drained half its queue.
+    pub fn mark_slow(&self) {
+        self.slow.store(true, Ordering::Release);
+    }
+
+    /// Called by the draining connection: clears the slow mark once half the queue is free.
+    pub fn note_drained(&self) {
+        if self.slow.load(Ordering::Relaxed) && self.tx.capacity() * 2 >= self.tx.max_capacity() {
+            self.slow.store(false, Ordering::Release);
+        }
+    }
+
+    /// Waits for room in the queue (cancel-safe: nothing is lost when the wait is abandoned).
+    pub async fn reserve(&self) -> Option<mpsc::Permit<'_, Delivery>> {
+        self.tx.reserve().await.ok()
     }
 }
 
 enum Offer {
-    Full,
+    Full(Delivery),
     Closed,
 }
 
@@ -353,10 +391,16 @@ impl Router {
         }
     }
 
-    fn offer(&self, mailbox: &Mailbox, delivery: Delivery, result: &mut RouteResult) {
+    fn offer(&self, mailbox: &Arc<Mailbox>, delivery: Delivery, result: &mut RouteResult) {
         match mailbox.offer(delivery) {
             Ok(()) => result.queued += 1,
-            Err(Offer::Full) => {
+            // A connected subscriber that is keeping up is worth waiting for: the publisher
+            // holds the delivery and stops reading until there is room (backpressure instead
+            // of loss).
+            Err(Offer::Full(delivery)) if mailbox.worth_waiting_for() => {
+                result.full.push((mailbox.clone(), delivery));
+            }
+            Err(Offer::Full(_)) => {
                 result.dropped += 1;
                 self.metrics.messages_dropped_queue_full.inc();
             }
@@ -472,7 +516,7 @@ fn pick_member(group: &SharedGroup) -> Option<(Arc<Mailbox>, &SubscriptionOption
 }
 
 /// Outcome of routing one message.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default)]
 pub struct RouteResult {
     /// Subscriptions (and shared groups) whose filter matched.
     pub matched: usize,
@@ -482,4 +526,7 @@ pub struct RouteResult {
     pub dropped: usize,
     /// Deliveries added to the storage batch for persistent sessions.
     pub stored: usize,
+    /// Deliveries for connected subscribers whose queue was full: the publisher's connection
+    /// waits for room (bounded by `limits.slow_subscriber_wait_ms`) before reading on.
+    pub full: Vec<(Arc<Mailbox>, Delivery)>,
 }

@@ -94,6 +94,9 @@ pub struct Machine {
     pending: VecDeque<Delivery>,
     /// Responses waiting for storage, in arrival order.
     pub replies: VecDeque<PendingReply>,
+    /// Deliveries this connection's publishes could not place because a connected subscriber's
+    /// queue was full; the connection waits for room before it reads on.
+    pub blocked: VecDeque<(Arc<crate::router::Mailbox>, Delivery)>,
 }
 
 impl Machine {
@@ -116,6 +119,7 @@ impl Machine {
             outbound_aliases: HashMap::new(),
             pending: VecDeque::new(),
             replies: VecDeque::new(),
+            blocked: VecDeque::new(),
         }
     }
 
@@ -398,10 +402,11 @@ impl Machine {
         if message.retain {
             self.broker.router.retain(&message, &mut batch);
         }
-        let routed = self.broker.router.publish(&message, &mut batch);
+        let mut routed = self.broker.router.publish(&message, &mut batch);
         if routed.matched == 0 {
             metrics.messages_dropped_no_subscribers.inc();
         }
+        self.blocked.extend(routed.full.drain(..));
         if message.qos == QoS::ExactlyOnce {
             self.session.inbound_qos2.insert(pkid);
             if self.session.stored {
