@@ -507,3 +507,24 @@ async fn a_connected_subscriber_that_keeps_up_loses_nothing_under_overload() {
     }
     publisher.await.unwrap();
 }
+
+#[tokio::test]
+async fn packets_pipelined_behind_connect_are_handled() {
+    let (_server, addr) = start().await;
+    let mut c = Raw::connect(addr).await;
+    let mut bytes = bytes::BytesMut::new();
+    let mut connect = v4::Connect::new("pipeliner");
+    connect.keep_alive = 30;
+    connect.write(&mut bytes).unwrap();
+    let mut sub = v4::Subscribe::new("pipe", QoS::AtMostOnce);
+    sub.pkid = 1;
+    sub.write(&mut bytes).unwrap();
+    v4::Publish::new("pipe", QoS::AtMostOnce, b"same segment".to_vec())
+        .write(&mut bytes)
+        .unwrap();
+    // One write: CONNECT, SUBSCRIBE and PUBLISH arrive together, and nothing follows.
+    c.send_bytes(&bytes).await;
+    assert!(matches!(c.recv4().await, Packet::ConnAck(_)));
+    assert!(matches!(c.recv4().await, Packet::SubAck(_)));
+    assert_eq!(&publish_of(c.recv4().await).payload[..], b"same segment");
+}

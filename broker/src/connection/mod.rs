@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use rumqttc::v5::mqttbytes::v5::Packet;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -196,7 +196,11 @@ async fn event_loop(
     let mut write_stalled_since: Option<Instant> = None;
     let timer = tokio::time::sleep(next_check(idle_limit, last_read, write_timeout));
     tokio::pin!(timer);
-    let (mut reader, mut writer) = stream.split();
+    // Packets that arrived in the same read as CONNECT are already buffered.
+    if let Some(end) = handle_buffered(decoder, rbuf, machine, wbuf) {
+        return end;
+    }
+    let (reader, mut writer) = stream.split();
     let mut read_size = READ_CHUNK;
     let slow_wait = Duration::from_millis(broker.config.limits.slow_subscriber_wait_ms);
     let mut blocked_since: Option<tokio::time::Instant> = None;
@@ -224,10 +228,6 @@ async fn event_loop(
         let watch_stored = !machine.session.stored_pending && machine.session.stored;
         let stored = machine.session.mailbox.stored.clone();
         let can_deliver = room && machine.window_open() && !machine.has_pending();
-        if rbuf.capacity() - rbuf.len() < read_size / 2 {
-            rbuf.reserve(read_size);
-        }
-        let read_room = rbuf.capacity() - rbuf.len();
 
         tokio::select! {
             biased;
@@ -258,32 +258,37 @@ async fn event_loop(
             _ = stored.notified(), if watch_stored => {
                 machine.session.stored_pending = true;
             }
-            read = reader.read_buf(rbuf), if can_read => match read {
-                Ok(0) | Err(_) => return End::SocketClosed,
-                Ok(n) => {
+            // Wait for readability first and take buffer space only then: an idle connection
+            // holds no read buffer at all.
+            ready = reader.as_ref().readable(), if can_read => {
+                if ready.is_err() {
+                    return End::SocketClosed;
+                }
+                if rbuf.capacity() - rbuf.len() < read_size / 2 {
+                    rbuf.reserve(read_size);
+                }
+                let read_room = rbuf.capacity() - rbuf.len();
+                let n = match reader.as_ref().try_read_buf(rbuf) {
+                    Ok(0) => return End::SocketClosed,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(_) => return End::SocketClosed,
+                };
+                {
                     metrics.bytes_received.add(n as u64);
                     last_read = Instant::now();
                     if n >= read_room {
                         read_size = (read_size * 2).min(MAX_READ_CHUNK);
                     }
-                    loop {
-                        match decoder.decode(rbuf) {
-                            Ok(Some(packet)) => match machine.handle(packet, wbuf) {
-                                Flow::Continue => {}
-                                Flow::ClientDisconnected { publish_will } => {
-                                    return End::ClientDisconnect { publish_will }
-                                }
-                                Flow::Close(code, why) => return End::Close(code, why),
-                            },
-                            Ok(None) => break,
-                            Err(e) => {
-                                tracing::debug!(error = %e, "protocol error");
-                                return End::Close(e.disconnect_reason(), "protocol error");
-                            }
-                        }
+                    if let Some(end) = handle_buffered(decoder, rbuf, machine, wbuf) {
+                        return end;
+                    }
+                    // A quiet connection gives its (small) buffer back between packets.
+                    if rbuf.is_empty() && read_size == READ_CHUNK {
+                        *rbuf = BytesMut::new();
                     }
                 }
-            },
+            }
             delivery = machine.session.queue.recv(), if can_deliver => {
                 if let Some(delivery) = delivery {
                     let now = Instant::now();
@@ -315,6 +320,31 @@ async fn event_loop(
                 }
                 let next = next_check(idle_limit, last_read, write_timeout);
                 timer.as_mut().reset(tokio::time::Instant::now() + next);
+            }
+        }
+    }
+}
+
+/// Decodes and handles every complete packet in `rbuf`. `Some` when the connection must end.
+fn handle_buffered(
+    decoder: &mut Decoder,
+    rbuf: &mut BytesMut,
+    machine: &mut Machine,
+    wbuf: &mut BytesMut,
+) -> Option<End> {
+    loop {
+        match decoder.decode(rbuf) {
+            Ok(Some(packet)) => match machine.handle(packet, wbuf) {
+                Flow::Continue => {}
+                Flow::ClientDisconnected { publish_will } => {
+                    return Some(End::ClientDisconnect { publish_will })
+                }
+                Flow::Close(code, why) => return Some(End::Close(code, why)),
+            },
+            Ok(None) => return None,
+            Err(e) => {
+                tracing::debug!(error = %e, "protocol error");
+                return Some(End::Close(e.disconnect_reason(), "protocol error"));
             }
         }
     }
