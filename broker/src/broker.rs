@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::auth::{AllowAll, Authenticator};
 use crate::config::Config;
@@ -176,14 +176,14 @@ impl Broker {
         self: &Arc<Self>,
         client_id: Arc<str>,
         conn_id: u64,
-        kick: &mpsc::Sender<Kick>,
+        mut kick: Option<oneshot::Sender<Kick>>,
         clean_start: bool,
         expiry_interval: u32,
     ) -> Result<(Session, bool), OpenError> {
         let kind = self.client_kind(&client_id);
         let deadline = tokio::time::Instant::now() + TAKEOVER_TIMEOUT;
         let (mut session, present) = loop {
-            match self.registry.claim(&client_id, conn_id, kick) {
+            match self.registry.claim(&client_id, conn_id, &mut kick) {
                 Claim::Fresh => {
                     break (
                         self.new_session(client_id.clone(), expiry_interval, kind),
@@ -215,13 +215,15 @@ impl Broker {
                 }
                 Claim::Busy(other) => {
                     let (done_tx, done_rx) = oneshot::channel();
-                    if other.send(Kick { done: done_tx }).await.is_ok() {
+                    match other.map(|o| o.send(Kick { done: done_tx })) {
                         // Either the old owner parks/releases and answers, or it is already
                         // gone; both end the wait.
-                        let _ = tokio::time::timeout_at(deadline, done_rx).await;
-                    } else {
-                        // Its task is finishing; give it a moment to release the slot.
-                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        Some(Ok(())) => {
+                            let _ = tokio::time::timeout_at(deadline, done_rx).await;
+                        }
+                        // Its task is finishing, or another connection is kicking it: give
+                        // it a moment to release the slot.
+                        _ => tokio::time::sleep(Duration::from_millis(5)).await,
                     }
                     if tokio::time::Instant::now() >= deadline {
                         return Err(OpenError::TakeoverTimeout);

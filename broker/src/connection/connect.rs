@@ -9,7 +9,7 @@ use bytes::BytesMut;
 use rumqttc::v5::mqttbytes::v5::Packet;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::oneshot;
 
 use super::READ_CHUNK;
 use crate::auth::{AuthDecision, Credentials};
@@ -27,7 +27,7 @@ use crate::session::NEVER_EXPIRES;
 pub(super) struct Accepted {
     pub machine: Machine,
     pub conn_id: u64,
-    pub kick_rx: mpsc::Receiver<Kick>,
+    pub kick_rx: oneshot::Receiver<Kick>,
     /// Keep-alive in force, seconds (0 = none).
     pub keep_alive: u16,
     pub session_present: bool,
@@ -138,12 +138,12 @@ pub(super) async fn handshake(
 
     let client_id: Arc<str> = Arc::from(client_id);
     let conn_id = broker.registry.next_id();
-    let (kick_tx, kick_rx) = mpsc::channel(1);
+    let (kick_tx, kick_rx) = oneshot::channel();
     let (session, session_present) = match broker
         .open_session(
             client_id.clone(),
             conn_id,
-            &kick_tx,
+            Some(kick_tx),
             connect.clean_start,
             expiry,
         )
@@ -161,8 +161,6 @@ pub(super) async fn handshake(
         }
     };
     session.mailbox.set_online(true);
-    // The kick sender stays in the registry; the connection keeps only the receiver.
-    drop(kick_tx);
 
     let properties = v5.then(|| ConnAckProperties {
         session_expiry_interval: (expiry != requested_expiry).then_some(expiry),

@@ -17,7 +17,7 @@ use bytes::{Buf, BytesMut};
 use rumqttc::v5::mqttbytes::v5::Packet;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 
 use crate::broker::Broker;
 use crate::protocol::{
@@ -108,6 +108,10 @@ async fn run(
         connack,
     } = accepted;
     let mut machine = machine;
+    if rbuf.is_empty() {
+        // Most clients go quiet after CONNECT: hold no read buffer until they speak again.
+        rbuf = BytesMut::new();
+    }
     let client_id = machine.session.client_id.clone();
     wbuf.extend_from_slice(&connack);
     if session_present {
@@ -184,7 +188,7 @@ async fn event_loop(
     decoder: &mut Decoder,
     rbuf: &mut BytesMut,
     wbuf: &mut BytesMut,
-    mut kick_rx: mpsc::Receiver<Kick>,
+    mut kick_rx: oneshot::Receiver<Kick>,
     shutdown: &mut watch::Receiver<bool>,
     keep_alive: u16,
 ) -> End {
@@ -204,6 +208,7 @@ async fn event_loop(
     let mut read_size = READ_CHUNK;
     let slow_wait = Duration::from_millis(broker.config.limits.slow_subscriber_wait_ms);
     let mut blocked_since: Option<tokio::time::Instant> = None;
+    let mut kick_closed = false;
 
     loop {
         let now = Instant::now();
@@ -231,11 +236,12 @@ async fn event_loop(
 
         tokio::select! {
             biased;
-            kick = kick_rx.recv() => {
-                if let Some(kick) = kick {
-                    return End::TakenOver(kick.done);
-                }
-            }
+            kick = &mut kick_rx, if !kick_closed => match kick {
+                Ok(kick) => return End::TakenOver(kick.done),
+                // The registry dropped the sender without kicking (it is shutting down this
+                // slot); nothing to wait for any more.
+                Err(_) => kick_closed = true,
+            },
             _ = shutdown.changed() => return End::Shutdown,
             written = writer.write(wbuf), if !wbuf.is_empty() => match written {
                 Ok(0) | Err(_) => return End::SocketClosed,

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use super::Session;
 use crate::protocol::Will;
@@ -32,7 +32,9 @@ pub struct PendingWill {
 enum Slot {
     Online {
         conn_id: u64,
-        kick: mpsc::Sender<Kick>,
+        /// Taken by the first connection that wants the session; a oneshot because a
+        /// connection is kicked at most once (and it costs far less memory than a channel).
+        kick: Option<oneshot::Sender<Kick>>,
     },
     Offline {
         session: Box<Session>,
@@ -53,8 +55,9 @@ pub enum Claim {
     Fresh,
     /// The parked session, and its pending will if one was waiting.
     Resumed(Box<Session>, Option<PendingWill>),
-    /// Someone holds it online: kick them with this sender and try again.
-    Busy(mpsc::Sender<Kick>),
+    /// Someone holds it online: kick them with this sender (`None` when another connection is
+    /// already kicking them) and try again.
+    Busy(Option<oneshot::Sender<Kick>>),
 }
 
 /// What falls due for an offline session at a deadline.
@@ -83,41 +86,36 @@ impl Registry {
     }
 
     /// Marks `client_id` as owned by connection `conn_id` unless someone else holds it online.
-    pub fn claim(&self, client_id: &Arc<str>, conn_id: u64, kick: &mpsc::Sender<Kick>) -> Claim {
+    /// On success the connection's kick sender (taken from `kick`) moves into the slot.
+    pub fn claim(
+        &self,
+        client_id: &Arc<str>,
+        conn_id: u64,
+        kick: &mut Option<oneshot::Sender<Kick>>,
+    ) -> Claim {
         let mut slots = self.slots.lock();
+        match slots.get_mut(client_id) {
+            Some(Slot::Online { kick: other, .. }) => {
+                // Only one kicker at a time takes the sender; later ones wait for the slot.
+                return Claim::Busy(other.take());
+            }
+            None | Some(Slot::Offline { .. }) => {}
+        }
         let online = Slot::Online {
             conn_id,
-            kick: kick.clone(),
+            kick: kick.take(),
         };
-        match slots.remove(client_id) {
-            None => {
-                slots.insert(client_id.clone(), online);
-                Claim::Fresh
-            }
+        match slots.insert(client_id.clone(), online) {
             Some(Slot::Offline {
                 session,
                 will,
                 deadlines,
                 ..
             }) => {
-                slots.insert(client_id.clone(), online);
                 self.forget_deadlines(&deadlines);
                 Claim::Resumed(session, will)
             }
-            Some(Slot::Online {
-                conn_id: other,
-                kick: other_kick,
-            }) => {
-                let sender = other_kick.clone();
-                slots.insert(
-                    client_id.clone(),
-                    Slot::Online {
-                        conn_id: other,
-                        kick: other_kick,
-                    },
-                );
-                Claim::Busy(sender)
-            }
+            _ => Claim::Fresh,
         }
     }
 
