@@ -58,6 +58,9 @@ pub async fn compare(opts: CompareOpts) -> anyhow::Result<()> {
                 let spec = &opts.brokers[(k + round + si) % n];
                 let r = run_once(spec, sc).await;
                 println!("{}", report::line(&r));
+                if let Some(ack) = report::ack_line(&r) {
+                    println!("{ack}");
+                }
                 if let Some(e) = &r.first_error {
                     println!("    first error: {e}");
                 }
@@ -224,6 +227,9 @@ pub async fn smoke(
             }
         };
         println!("{}", report::line(&r));
+        if let Some(ack) = report::ack_line(&r) {
+            println!("{ack}");
+        }
         // Persistent scenarios must go through the durable store: QoS 1/2 to a persistent
         // session is written (and fsynced) before PUBACK, so the broker must have written.
         if sc.persistent() && sc.qos > 0 {

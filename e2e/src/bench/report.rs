@@ -56,6 +56,20 @@ pub fn line(r: &RunResult) -> String {
     )
 }
 
+/// The publisher-side publish → PUBACK/PUBCOMP latency of a QoS 1/2 run, as an indented line.
+pub fn ack_line(r: &RunResult) -> Option<String> {
+    r.ack_latency.as_ref().map(|a| {
+        format!(
+            "    publish→ack: p50 {}  p99 {}  p99.9 {}  max {}  ({} acks)",
+            fmt_us(a.p50_us),
+            fmt_us(a.p99_us),
+            fmt_us(a.p999_us),
+            fmt_us(a.max_us),
+            a.count
+        )
+    })
+}
+
 pub fn conn_line(c: &ConnResult) -> String {
     format!(
         "connections {:<10} {} of {} connected ({} failed) in {:.1} s = {}/s; broker RSS {} -> {} KiB = {} per connection{}",

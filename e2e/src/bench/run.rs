@@ -139,6 +139,9 @@ pub struct RunResult {
     /// Unique deliveries per second, over all subscribers.
     pub deliver_rate: f64,
     pub latency: Latency,
+    /// Publish → PUBACK (QoS 1) / PUBCOMP (QoS 2) as the publisher sees it; `None` for QoS 0.
+    /// With a persistent subscriber this includes the broker's fsync.
+    pub ack_latency: Option<Latency>,
     /// Broker CPU in cores (1.0 = one core busy) over the run, when its pid is known.
     pub broker_cpu: Option<f64>,
     pub broker_peak_rss_kib: Option<u64>,
@@ -160,6 +163,8 @@ impl RunResult {
 struct PubOutcome {
     sent: u64,
     acked: u64,
+    /// Publish → acknowledgement latency, ns.
+    ack_hist: Histogram<u64>,
     /// Sequence numbers that were acknowledged (QoS 1/2).
     acked_bits: Bits,
     errors: u64,
@@ -338,9 +343,11 @@ pub async fn run_scenario(
         ..RunResult::default()
     };
     let mut errors = Errors::new();
+    let mut ack_hist = new_histogram();
     for p in &pub_out {
         r.sent += p.sent;
         r.acked += p.acked;
+        let _ = ack_hist.add(&p.ack_hist);
         errors.count += p.errors;
         if errors.first.is_none() {
             errors.first.clone_from(&p.first_error);
@@ -389,6 +396,9 @@ pub async fn run_scenario(
         / r.send_secs.max(1e-9);
     r.deliver_rate = unique as f64 / r.deliver_secs.max(r.send_secs).max(1e-9);
     r.latency = Latency::from(&hist);
+    if qos != QoS::AtMostOnce && !ack_hist.is_empty() {
+        r.ack_latency = Some(Latency::from(&ack_hist));
+    }
     Ok(r)
 }
 
@@ -434,11 +444,18 @@ async fn publisher(
     } else {
         vec![u64::MAX; 65536]
     };
+    // packet id -> when that publish was queued for writing (ns on the process clock).
+    let mut sent_at: Vec<u64> = if qos == QoS::AtMostOnce {
+        Vec::new()
+    } else {
+        vec![0; 65536]
+    };
     let mut next_pkid: u16 = 1;
     let mut inflight = 0usize;
     let mut out = PubOutcome {
         sent: 0,
         acked: 0,
+        ack_hist: new_histogram(),
         acked_bits: Bits::default(),
         errors: 0,
         first_error: None,
@@ -468,6 +485,7 @@ async fn publisher(
                     }
                     let p = next_pkid;
                     by_pkid[p as usize] = seq;
+                    sent_at[p as usize] = now_ns();
                     next_pkid = next_pkid.checked_add(1).unwrap_or(1);
                     inflight += 1;
                     p
@@ -549,6 +567,8 @@ async fn publisher(
                                     errors
                                         .add(|| format!("publisher {idx}: ack for unknown id {p}"));
                                 } else {
+                                    let took = now_ns().saturating_sub(sent_at[p as usize]);
+                                    let _ = out.ack_hist.record(took.max(1));
                                     out.acked_bits.set(seq);
                                     out.acked += 1;
                                     inflight -= 1;

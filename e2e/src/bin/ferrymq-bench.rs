@@ -200,6 +200,9 @@ async fn main_async(cli: Cli) -> anyhow::Result<bool> {
             for sc in &scenarios {
                 let r = run::run_scenario(a.addr, sc, &a.broker, a.broker_pid).await?;
                 println!("{}", report::line(&r));
+                if let Some(ack) = report::ack_line(&r) {
+                    println!("{ack}");
+                }
                 if let Some(e) = &r.first_error {
                     println!("    first error: {e}");
                 }
