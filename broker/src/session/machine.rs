@@ -352,8 +352,7 @@ impl Machine {
     }
 
     fn on_publish(&mut self, mut publish: Publish, out: &mut BytesMut) -> Flow {
-        let metrics = self.broker.metrics.clone();
-        metrics.messages_received.inc();
+        self.broker.metrics.messages_received.inc();
         if let Some(flow) = self.resolve_inbound_alias(&mut publish) {
             return flow;
         }
@@ -404,7 +403,7 @@ impl Machine {
         }
         let mut routed = self.broker.router.publish(&message, &mut batch);
         if routed.matched == 0 {
-            metrics.messages_dropped_no_subscribers.inc();
+            self.broker.metrics.messages_dropped_no_subscribers.inc();
         }
         self.blocked.extend(routed.full.drain(..));
         if message.qos == QoS::ExactlyOnce {
@@ -775,9 +774,8 @@ impl Machine {
 
     /// Encodes one delivery as a PUBLISH to this client.
     pub fn deliver(&mut self, delivery: Delivery, out: &mut BytesMut, now: Instant) {
-        let metrics = self.broker.metrics.clone();
         if delivery.message.is_expired(now) {
-            metrics.messages_dropped_expired.inc();
+            self.broker.metrics.messages_dropped_expired.inc();
             self.stored_done(delivery.seq);
             return;
         }
@@ -818,14 +816,14 @@ impl Machine {
             out,
         ) {
             Ok(_) => {
-                metrics.messages_sent.inc();
+                self.broker.metrics.messages_sent.inc();
                 if let Some(state) = state {
                     self.session.outbound.push(pkid, delivery, state);
                 }
             }
             Err(_) => {
                 // Larger than the client accepts: discard as if delivered [MQTT-3.1.2-25].
-                metrics.messages_dropped_too_large.inc();
+                self.broker.metrics.messages_dropped_too_large.inc();
                 if let Some(topic) = new_alias {
                     self.outbound_aliases.remove(&topic);
                 }
