@@ -8,6 +8,8 @@
 //! subscriber's FIFO queue keeps that order (MQTT 4.6 ordered topics).
 
 pub mod retained;
+#[cfg(test)]
+mod testing;
 pub mod topic;
 pub mod trie;
 

@@ -496,51 +496,11 @@ mod tests {
         assert_eq!(all, vec![1, 2, 3, 4]);
     }
 
-    /// SplitMix64: a tiny deterministic PRNG so the property test needs no dependency.
-    struct Rng(u64);
-    impl Rng {
-        fn new(seed: u64) -> Self {
-            Self(seed)
-        }
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
-    }
-
-    const TOPIC_LEVELS: [&str; 5] = ["a", "b", "", "$SYS", "$x"];
-
-    fn random_topic(rng: &mut Rng) -> String {
-        let n = 1 + rng.below(4);
-        (0..n)
-            .map(|_| TOPIC_LEVELS[rng.below(TOPIC_LEVELS.len())])
-            .collect::<Vec<_>>()
-            .join("/")
-    }
-
-    fn random_filter(rng: &mut Rng) -> String {
-        let n = 1 + rng.below(4);
-        let mut levels: Vec<&str> = (0..n)
-            .map(|_| match rng.below(7) {
-                0 | 1 => "+",
-                i => TOPIC_LEVELS[i - 2],
-            })
-            .collect();
-        if rng.below(3) == 0 {
-            levels.push("#");
-        }
-        levels.join("/")
-    }
+    use crate::router::testing::{random_filter, random_topic, Rng};
 
     #[test]
     fn property_trie_agrees_with_brute_force() {
-        let mut rng = Rng::new(0x5EED);
+        let mut rng = Rng(0x5EED);
         // Guards against a vacuous test: the generators must produce plenty of matches.
         let mut total_matches = 0usize;
         for round in 0..20 {
