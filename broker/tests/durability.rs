@@ -19,6 +19,20 @@ fn publish_of(p: Packet) -> v4::Publish {
     }
 }
 
+/// Connects a v5 client with the given session expiry, subscribes at QoS 1 and leaves, so its
+/// session waits offline.
+async fn park_subscriber5(addr: std::net::SocketAddr, id: &str, expiry: u32, filter: &str) {
+    let (mut sub, _) = Raw::connect5(addr, id, true, expiry).await;
+    sub.subscribe5(
+        1,
+        common::filter5(filter, rumqttc::v5::mqttbytes::QoS::AtLeastOnce),
+        None,
+    )
+    .await;
+    drop(sub);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
 #[tokio::test]
 async fn application_client_is_always_persistent_and_reads_everything_in_order() {
     let (_server, addr) = start_with(|c| {
@@ -93,15 +107,7 @@ async fn acks_leave_in_arrival_order_when_some_wait_for_storage() {
 #[tokio::test]
 async fn device_queue_ttl_and_message_expiry() {
     let (_server, addr) = start_with(|c| c.device.message_ttl_secs = 1).await;
-    let (mut sub, _) = Raw::connect5(addr, "meter", true, 3600).await;
-    sub.subscribe5(
-        1,
-        common::filter5("m", rumqttc::v5::mqttbytes::QoS::AtLeastOnce),
-        None,
-    )
-    .await;
-    drop(sub);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    park_subscriber5(addr, "meter", 3600, "m").await;
     let (mut publ, _) = Raw::connect4(addr, "pub", true).await;
     publ.publish4("m", QoS::AtLeastOnce, 1, false, b"old").await;
     publ.recv4().await;
@@ -125,15 +131,7 @@ async fn device_queue_ttl_and_message_expiry() {
 #[tokio::test]
 async fn shorter_message_expiry_wins_over_the_device_ttl() {
     let (_server, addr) = start_with(|_| {}).await;
-    let (mut sub, _) = Raw::connect5(addr, "meter", true, 3600).await;
-    sub.subscribe5(
-        1,
-        common::filter5("m", rumqttc::v5::mqttbytes::QoS::AtLeastOnce),
-        None,
-    )
-    .await;
-    drop(sub);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    park_subscriber5(addr, "meter", 3600, "m").await;
     let (mut publ, _) = Raw::connect5(addr, "pub5", true, 0).await;
     for (pkid, expiry, body) in [(1u16, Some(1u32), "short"), (2, None, "long")] {
         let properties = expiry.map(|e| v5::PublishProperties {
@@ -162,15 +160,7 @@ async fn shorter_message_expiry_wins_over_the_device_ttl() {
 #[tokio::test]
 async fn expired_session_is_gone_with_its_queue() {
     let (_server, addr) = start_with(|_| {}).await;
-    let (mut sub, _) = Raw::connect5(addr, "brief", true, 1).await;
-    sub.subscribe5(
-        1,
-        common::filter5("e", rumqttc::v5::mqttbytes::QoS::AtLeastOnce),
-        None,
-    )
-    .await;
-    drop(sub);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    park_subscriber5(addr, "brief", 1, "e").await;
     let (mut publ, _) = Raw::connect4(addr, "pub", true).await;
     publ.publish4("e", QoS::AtLeastOnce, 1, false, b"late")
         .await;

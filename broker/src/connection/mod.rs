@@ -138,7 +138,9 @@ async fn run(
         End::SocketClosed => (true, None, None),
         End::Close(code, why) => {
             tracing::debug!(%peer, client_id = %client_id, ?code, why, "closing connection");
-            broker.metrics.protocol_errors.inc();
+            if is_client_violation(code) {
+                broker.metrics.protocol_errors.inc();
+            }
             (true, Some((code, why)), None)
         }
         End::TakenOver(done) => (
@@ -231,7 +233,6 @@ async fn event_loop(
         }
         let blocked_deadline = blocked_since.unwrap_or_else(tokio::time::Instant::now) + slow_wait;
         let watch_stored = !machine.session.stored_pending && machine.session.stored;
-        let stored = machine.session.mailbox.stored.clone();
         let can_deliver = room && machine.window_open() && !machine.has_pending();
 
         tokio::select! {
@@ -261,7 +262,7 @@ async fn event_loop(
                     metrics.messages_dropped_queue_full.add(dropped);
                 }
             }
-            _ = stored.notified(), if watch_stored => {
+            _ = machine.session.mailbox.stored.notified(), if watch_stored => {
                 machine.session.stored_pending = true;
             }
             // Wait for readability first and take buffer space only then: an idle connection
@@ -354,6 +355,20 @@ fn handle_buffered(
             }
         }
     }
+}
+
+/// Whether a close reason blames the client's input (as opposed to a keep-alive timeout or a
+/// storage failure), for the `protocol_errors` counter.
+fn is_client_violation(code: DisconnectReasonCode) -> bool {
+    matches!(
+        code,
+        DisconnectReasonCode::MalformedPacket
+            | DisconnectReasonCode::ProtocolError
+            | DisconnectReasonCode::TopicNameInvalid
+            | DisconnectReasonCode::TopicAliasInvalid
+            | DisconnectReasonCode::ReceiveMaximumExceeded
+            | DisconnectReasonCode::PacketTooLarge
+    )
 }
 
 /// Reads durable entries into the output while the window allows.

@@ -67,16 +67,6 @@ impl Decoder {
         self.max_packet_size
     }
 
-    /// Total size (fixed header included) of the packet at the front of `buf` once its fixed
-    /// header is complete, so a reader can reserve that much before reading on. Does not
-    /// check the size limit; `decode` does.
-    pub fn frame_len(buf: &[u8]) -> Option<usize> {
-        match validate::fixed_header(buf) {
-            Ok(Some((_, header_len, remaining))) => Some(header_len + remaining),
-            _ => None,
-        }
-    }
-
     /// Decodes ONE complete packet from the front of `buf` (consuming its bytes) or returns
     /// `Ok(None)`, leaving `buf` untouched, when more bytes are needed.
     ///

@@ -371,7 +371,6 @@ impl Router {
             record,
             notify: Some(mailbox.stored.clone()),
         });
-        result.stored += 1;
     }
 
     /// When a stored delivery expires (ms since epoch; 0 = never): the DEVICE TTL or the MQTT 5
@@ -395,17 +394,14 @@ impl Router {
 
     fn offer(&self, mailbox: &Arc<Mailbox>, delivery: Delivery, result: &mut RouteResult) {
         match mailbox.offer(delivery) {
-            Ok(()) => result.queued += 1,
+            Ok(()) => {}
             // A connected subscriber that is keeping up is worth waiting for: the publisher
             // holds the delivery and stops reading until there is room (backpressure instead
             // of loss).
             Err(Offer::Full(delivery)) if mailbox.worth_waiting_for() => {
                 result.full.push((mailbox.clone(), delivery));
             }
-            Err(Offer::Full(_)) => {
-                result.dropped += 1;
-                self.metrics.messages_dropped_queue_full.inc();
-            }
+            Err(Offer::Full(_)) => self.metrics.messages_dropped_queue_full.inc(),
             Err(Offer::Closed) => {}
         }
     }
@@ -468,11 +464,6 @@ impl Router {
         });
         self.metrics.retained_messages.set(store.len() as u64);
     }
-
-    /// Number of (filter, subscriber) entries, shared groups counted once.
-    pub fn subscription_count(&self) -> usize {
-        self.subscriptions.read().len()
-    }
 }
 
 /// A copy of `message` that owns its bytes. Incoming topic and payload are slices of a
@@ -522,12 +513,6 @@ fn pick_member(group: &SharedGroup) -> Option<(Arc<Mailbox>, &SubscriptionOption
 pub struct RouteResult {
     /// Subscriptions (and shared groups) whose filter matched.
     pub matched: usize,
-    /// Deliveries placed in outbound queues.
-    pub queued: usize,
-    /// Deliveries dropped because a queue was full.
-    pub dropped: usize,
-    /// Deliveries added to the storage batch for persistent sessions.
-    pub stored: usize,
     /// Deliveries for connected subscribers whose queue was full: the publisher's connection
     /// waits for room (bounded by `limits.slow_subscriber_wait_ms`) before reading on.
     pub full: Vec<(Arc<Mailbox>, Delivery)>,

@@ -10,7 +10,7 @@ use bytes::{Bytes, BytesMut};
 use rumqttc::v5::mqttbytes::v5::Packet;
 
 use super::outbound::InflightState;
-use super::{Session, NEVER_EXPIRES};
+use super::Session;
 use crate::broker::Broker;
 use crate::message::{min_qos, Delivery, Message, MessageProperties};
 use crate::protocol::{
@@ -265,54 +265,47 @@ impl Machine {
     ) -> Option<Flow> {
         self.broker.metrics.storage_errors.inc();
         tracing::warn!(client_id = %self.session.client_id, error = %error, "storage write failed; not acknowledging");
+        self.forget_unstored(on_error);
         let quota = matches!(error, StorageError::Overloaded);
-        match (on_error, self.v5()) {
-            (OnError::PubAck(pkid), true) => {
-                let reason = if quota {
+        let refusal = match (on_error, self.v5()) {
+            (OnError::PubAck(pkid), true) => Packet::PubAck(PubAck {
+                pkid,
+                reason: if quota {
                     PubAckReason::QuotaExceeded
                 } else {
                     PubAckReason::UnspecifiedError
-                };
-                let _ = encode(
-                    &Packet::PubAck(PubAck {
-                        pkid,
-                        reason,
-                        properties: None,
-                    }),
-                    self.version,
-                    self.client.max_packet_size,
-                    out,
-                );
-                None
-            }
-            (OnError::PubRec(pkid), true) => {
-                // The message was not stored, so a resend must be routed again.
-                self.session.inbound_qos2.remove(&pkid);
-                let reason = if quota {
+                },
+                properties: None,
+            }),
+            (OnError::PubRec(pkid), true) => Packet::PubRec(PubRec {
+                pkid,
+                reason: if quota {
                     PubRecReason::QuotaExceeded
                 } else {
                     PubRecReason::UnspecifiedError
-                };
-                let _ = encode(
-                    &Packet::PubRec(PubRec {
-                        pkid,
-                        reason,
-                        properties: None,
-                    }),
-                    self.version,
-                    self.client.max_packet_size,
-                    out,
-                );
-                None
-            }
-            _ => Some(Flow::Close(
-                if quota {
+                },
+                properties: None,
+            }),
+            // v3 acks can only say "stored", and other replies have no failure form.
+            _ => {
+                let code = if quota {
                     DisconnectReasonCode::QuotaExceeded
                 } else {
                     DisconnectReasonCode::UnspecifiedError
-                },
-                "storage write failed",
-            )),
+                };
+                return Some(Flow::Close(code, "storage write failed"));
+            }
+        };
+        let _ = encode(&refusal, self.version, self.client.max_packet_size, out);
+        None
+    }
+
+    /// Undoes the in-memory state a failed (or abandoned) write stood for: an incoming QoS 2
+    /// message that was not stored must not stay marked as received, or the client's resend
+    /// would be taken for a duplicate and dropped.
+    fn forget_unstored(&mut self, on_error: OnError) {
+        if let OnError::PubRec(pkid) = on_error {
+            self.session.inbound_qos2.remove(&pkid);
         }
     }
 
@@ -329,8 +322,8 @@ impl Machine {
                 // Still not written: assume the worst for QoS 2 and let a resend through.
                 Err(_) => true,
             };
-            if let (true, OnError::PubRec(pkid)) = (failed, reply.on_error) {
-                self.session.inbound_qos2.remove(&pkid);
+            if failed {
+                self.forget_unstored(reply.on_error);
             }
         }
     }
@@ -982,16 +975,6 @@ impl Machine {
         for packet in packets {
             self.send(packet, out);
         }
-    }
-
-    /// The Session Expiry Interval in force.
-    pub fn expiry_interval(&self) -> u32 {
-        self.session.expiry_interval
-    }
-
-    /// Whether the session ends with this connection.
-    pub fn never_expires(&self) -> bool {
-        self.session.expiry_interval == NEVER_EXPIRES
     }
 
     /// Gives the session and will back when the connection ends.

@@ -114,13 +114,6 @@ impl Outbound {
     pub fn iter(&self) -> impl Iterator<Item = &Inflight> {
         self.inflight.iter()
     }
-
-    /// Drops a message that could not be sent after all (too large for the client).
-    pub fn forget(&mut self, pkid: u16) {
-        if let Some(i) = self.inflight.iter().position(|i| i.pkid == pkid) {
-            self.inflight.remove(i);
-        }
-    }
 }
 
 #[cfg(test)]

@@ -247,22 +247,4 @@ impl Registry {
             _ => None,
         }
     }
-
-    /// Kick senders of every online connection (for shutdown and admin use).
-    pub fn online_count(&self) -> usize {
-        self.slots
-            .lock()
-            .values()
-            .filter(|s| matches!(s, Slot::Online { .. }))
-            .count()
-    }
-
-    /// Number of sessions, online and offline.
-    pub fn len(&self) -> usize {
-        self.slots.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
