@@ -17,6 +17,8 @@ use crate::session::registry::{Claim, Due, Kick, PendingWill, Registry};
 use crate::session::{Session, NEVER_EXPIRES};
 use crate::storage::codec::now_ms;
 use crate::storage::embedded::{EmbeddedOptions, EmbeddedStorage};
+use crate::storage::kafka::PublishLog;
+use crate::storage::kafka_postgres::KafkaPostgresStorage;
 use crate::storage::{ClientKind, SessionRecord, Storage, StorageError, WriteBatch, WriteOp};
 
 /// How long a new connection waits for the previous owner of its client id to let go.
@@ -31,6 +33,10 @@ pub struct Broker {
     pub metrics: Arc<Metrics>,
     pub topic_limits: TopicLimits,
     pub storage: Arc<dyn Storage>,
+    /// The Kafka publish log, with `storage.backend = "kafka+postgres"`: PUBLISHes are appended
+    /// to it and acknowledged once Kafka has them; the router consumes it. `None` on embedded
+    /// storage, where the publishing connection routes and stores in one step.
+    pub publish_log: Option<Arc<PublishLog>>,
 }
 
 /// Why a session could not be opened.
@@ -44,24 +50,31 @@ pub enum OpenError {
 
 impl Broker {
     /// Opens the configured storage, restores what it holds and returns the broker.
-    pub fn open(config: Config) -> Result<Arc<Broker>, StorageError> {
-        Self::open_with_authenticator(config, Arc::new(AllowAll))
+    pub async fn open(config: Config) -> Result<Arc<Broker>, StorageError> {
+        Self::open_with_authenticator(config, Arc::new(AllowAll)).await
     }
 
-    pub fn open_with_authenticator(
+    pub async fn open_with_authenticator(
         config: Config,
         auth: Arc<dyn Authenticator>,
     ) -> Result<Arc<Broker>, StorageError> {
         let metrics = Arc::new(Metrics::default());
-        let options = EmbeddedOptions {
-            device_queue_limit: config.device.queue_limit,
-            application_retention_ms: config.application.retention_secs.saturating_mul(1000),
-            application_retention_bytes: config.application.retention_bytes,
-            fsync: config.storage.fsync,
+        let (storage, publish_log): (Arc<dyn Storage>, _) = if config.storage.is_kafka_postgres() {
+            let backend = KafkaPostgresStorage::connect(&config, metrics.clone()).await?;
+            let log = backend.publish_log();
+            (Arc::new(backend), Some(log))
+        } else {
+            let options = EmbeddedOptions {
+                device_queue_limit: config.device.queue_limit,
+                application_retention_ms: config.application.retention_secs.saturating_mul(1000),
+                application_retention_bytes: config.application.retention_bytes,
+                fsync: config.storage.fsync,
+            };
+            let storage = EmbeddedStorage::open(&config.data_dir, options, metrics.clone())?;
+            (Arc::new(storage), None)
         };
-        let storage = EmbeddedStorage::open(&config.data_dir, options, metrics.clone())?;
-        let broker = Self::with_parts(config, auth, Arc::new(storage), metrics);
-        broker.restore()?;
+        let broker = Self::with_parts(config, auth, storage, metrics, publish_log);
+        broker.restore().await?;
         Ok(broker)
     }
 
@@ -70,6 +83,7 @@ impl Broker {
         auth: Arc<dyn Authenticator>,
         storage: Arc<dyn Storage>,
         metrics: Arc<Metrics>,
+        publish_log: Option<Arc<PublishLog>>,
     ) -> Arc<Broker> {
         let topic_limits = TopicLimits {
             max_topic_len: config.limits.max_topic_len,
@@ -82,6 +96,7 @@ impl Broker {
             metrics,
             topic_limits,
             storage,
+            publish_log,
             config,
         })
     }
@@ -98,8 +113,8 @@ impl Broker {
     /// Rebuilds sessions, subscriptions and retained messages from storage, after a clean stop or
     /// a crash. Every restored session starts offline; its expiry counts from when its client
     /// disconnected (or from now, when the broker died while it was connected).
-    fn restore(self: &Arc<Self>) -> Result<(), StorageError> {
-        let snapshot = self.storage.load()?;
+    async fn restore(self: &Arc<Self>) -> Result<(), StorageError> {
+        let snapshot = self.storage.load().await?;
         let now = now_ms();
         let (mut sessions, mut entries) = (0usize, 0u64);
         for restored in snapshot.sessions {
@@ -231,6 +246,21 @@ impl Broker {
                 }
             }
         };
+        if kind == ClientKind::Application {
+            match self.storage.prepare_application(&client_id).await {
+                Ok(Some(start)) if !present => {
+                    session.cursor = start;
+                    session.committed = start;
+                    session.stored_pending = true;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(client_id = %client_id, error = %e, "APPLICATION client refused: its log is not available");
+                    self.release_failed_open(session, conn_id);
+                    return Err(e.into());
+                }
+            }
+        }
         if session.is_persistent() {
             let record = SessionRecord {
                 kind,
@@ -309,6 +339,7 @@ impl Broker {
     /// session when the client asked for a delay.
     pub fn close_session(self: &Arc<Self>, session: Session, conn_id: u64, will: Option<Will>) {
         let client_id = session.client_id.clone();
+        self.storage.client_offline(&client_id);
         let will_delay = will
             .as_ref()
             .and_then(|w| w.properties.as_ref())
@@ -397,6 +428,18 @@ impl Broker {
             received_at: Instant::now(),
             publisher: client_id.clone(),
         });
+        if let Some(log) = &self.publish_log {
+            // Through the publish log like any PUBLISH, so the router stores it for persistent
+            // subscribers; nobody waits for it, but a failure is worth a log line.
+            let appended = log.append(&message);
+            let client_id = client_id.clone();
+            tokio::spawn(async move {
+                if let Ok(Err(e)) = appended.await {
+                    tracing::warn!(client_id = %client_id, error = %e, "will message could not be appended to the publish log");
+                }
+            });
+            return;
+        }
         let mut batch = WriteBatch::default();
         if message.retain {
             self.router.retain(&message, &mut batch);

@@ -44,6 +44,10 @@ pub struct Config {
     pub limits: Limits,
     pub session: SessionConfig,
     pub storage: StorageConfig,
+    /// The publish log and APPLICATION logs when `storage.backend = "kafka+postgres"`.
+    pub kafka: KafkaConfig,
+    /// The session store and DEVICE queues when `storage.backend = "kafka+postgres"`.
+    pub postgres: PostgresConfig,
     pub device: DeviceConfig,
     pub application: ApplicationConfig,
     /// Clients treated as APPLICATION clients (until credentials carry the client type).
@@ -58,6 +62,8 @@ impl Default for Config {
             limits: Limits::default(),
             session: SessionConfig::default(),
             storage: StorageConfig::default(),
+            kafka: KafkaConfig::default(),
+            postgres: PostgresConfig::default(),
             device: DeviceConfig::default(),
             application: ApplicationConfig::default(),
             application_clients: Vec::new(),
@@ -78,7 +84,9 @@ impl Config {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StorageConfig {
-    /// `embedded`: a redb database under `data_dir` (the only backend in this version).
+    /// `embedded`: a redb database under `data_dir`. `kafka+postgres`: the publish log and
+    /// APPLICATION logs in Kafka, sessions and DEVICE queues in PostgreSQL (see `[kafka]` and
+    /// `[postgres]`).
     pub backend: String,
     /// fsync every group commit. Turning it off trades the durability promise for speed; only
     /// for benchmarks and tests that measure that trade.
@@ -90,6 +98,88 @@ impl Default for StorageConfig {
         StorageConfig {
             backend: "embedded".into(),
             fsync: true,
+        }
+    }
+}
+
+/// The storage backend names `storage.backend` accepts.
+pub const BACKEND_EMBEDDED: &str = "embedded";
+pub const BACKEND_KAFKA_POSTGRES: &str = "kafka+postgres";
+
+impl StorageConfig {
+    pub fn is_kafka_postgres(&self) -> bool {
+        self.backend == BACKEND_KAFKA_POSTGRES
+    }
+}
+
+/// Kafka: the publish log `<topic_prefix>.msg.all` and one topic per APPLICATION client.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// `host:port[,host:port…]` (librdkafka `bootstrap.servers`).
+    pub bootstrap_servers: String,
+    /// Prefix of every topic and consumer group the broker uses.
+    pub topic_prefix: String,
+    /// Partitions of `<prefix>.msg.all` when the broker creates it.
+    pub msg_all_partitions: i32,
+    /// Replication factor of topics the broker creates; -1 takes the cluster's
+    /// `default.replication.factor`.
+    pub replication_factor: i32,
+    /// librdkafka `linger.ms`: how long the producer may wait to fill a batch.
+    pub linger_ms: u32,
+    /// librdkafka `batch.size` in bytes.
+    pub batch_size: u32,
+    /// A record not acknowledged by Kafka within this time fails, and so does the PUBLISH
+    /// (librdkafka `message.timeout.ms`).
+    pub produce_timeout_ms: u32,
+    /// Records the producer may hold unacknowledged (librdkafka
+    /// `queue.buffering.max.messages`); beyond it publishers get "quota exceeded".
+    pub max_pending_records: u32,
+    /// Create `<prefix>.app.<client>` when an APPLICATION client first needs it. When false the
+    /// topic must exist (the operator provisions it) and a client without one is refused.
+    pub auto_create_application_topics: bool,
+    /// Extra librdkafka properties for every client (TLS, SASL, …), passed through unchanged.
+    pub properties: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            bootstrap_servers: "localhost:9092".into(),
+            topic_prefix: "ferrymq".into(),
+            msg_all_partitions: 16,
+            replication_factor: -1,
+            linger_ms: 1,
+            batch_size: 1 << 20,
+            produce_timeout_ms: 10_000,
+            max_pending_records: 100_000,
+            auto_create_application_topics: true,
+            properties: Default::default(),
+        }
+    }
+}
+
+/// PostgreSQL: sessions, subscriptions, DEVICE queues, retained messages, in-flight state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// `postgres://user:password@host:port/database` (libpq URL syntax, as sqlx reads it).
+    pub url: String,
+    /// The schema holding the broker's tables; created with the migrations when missing.
+    pub schema: String,
+    /// Connections in the pool.
+    pub max_connections: u32,
+    /// Seconds to wait for a connection at start and from the pool.
+    pub connect_timeout_secs: u64,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        PostgresConfig {
+            url: "postgres://localhost/ferrymq".into(),
+            schema: "ferrymq".into(),
+            max_connections: 8,
+            connect_timeout_secs: 5,
         }
     }
 }
@@ -369,14 +459,17 @@ impl Config {
         if l.max_connections == 0 {
             return key("limits.max_connections", "must be at least 1");
         }
-        if self.storage.backend != "embedded" {
+        if self.storage.backend != BACKEND_EMBEDDED && !self.storage.is_kafka_postgres() {
             return key(
                 "storage.backend",
                 &format!(
-                    "`{}` is not available; this version has `embedded`",
+                    "`{}` is not a backend; use `{BACKEND_EMBEDDED}` or `{BACKEND_KAFKA_POSTGRES}`",
                     self.storage.backend
                 ),
             );
+        }
+        if self.storage.is_kafka_postgres() {
+            self.validate_kafka_postgres()?;
         }
         if self.device.queue_limit == 0 {
             return key("device.queue_limit", "must be at least 1");
@@ -417,6 +510,86 @@ impl Config {
                     &format!("`{}` is listed twice", app.client_id),
                 );
             }
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    fn validate_kafka_postgres(&self) -> Result<(), ConfigError> {
+        let key = |key: &str, message: &str| {
+            Err(ConfigError::Key {
+                key: key.to_string(),
+                message: message.to_string(),
+            })
+        };
+        let k = &self.kafka;
+        if k.bootstrap_servers.trim().is_empty() {
+            return key("kafka.bootstrap_servers", "must name at least one broker");
+        }
+        // Kafka topic names: [a-zA-Z0-9._-], at most 249 characters; the prefix leaves room for
+        // `.app.<64 hex digits>`.
+        if k.topic_prefix.is_empty()
+            || k.topic_prefix.len() > 150
+            || !k
+                .topic_prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        {
+            return key(
+                "kafka.topic_prefix",
+                "must be 1 to 150 characters of a-z, A-Z, 0-9, `.`, `_`, `-`",
+            );
+        }
+        if k.msg_all_partitions < 1 {
+            return key("kafka.msg_all_partitions", "must be at least 1");
+        }
+        if k.replication_factor == 0 || k.replication_factor < -1 {
+            return key(
+                "kafka.replication_factor",
+                "must be -1 (cluster default) or at least 1",
+            );
+        }
+        if k.produce_timeout_ms < 100 {
+            return key("kafka.produce_timeout_ms", "must be at least 100");
+        }
+        if k.max_pending_records == 0 {
+            return key("kafka.max_pending_records", "must be at least 1");
+        }
+        for reserved in ["bootstrap.servers", "acks", "enable.idempotence"] {
+            if k.properties.contains_key(reserved) {
+                return key(
+                    &format!("kafka.properties.\"{reserved}\""),
+                    "is set by the broker (acks=all and idempotence are what make an acknowledged PUBLISH durable)",
+                );
+            }
+        }
+        let p = &self.postgres;
+        if !(p.url.starts_with("postgres://") || p.url.starts_with("postgresql://")) {
+            return key("postgres.url", "must be a postgres:// or postgresql:// URL");
+        }
+        let schema_ok = p.schema.len() <= 63
+            && p.schema
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+            && p.schema
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if !schema_ok {
+            return key(
+                "postgres.schema",
+                "must be a lowercase SQL identifier: a-z, 0-9, `_`, not starting with a digit, at most 63 characters",
+            );
+        }
+        if p.max_connections < 2 {
+            return key(
+                "postgres.max_connections",
+                "must be at least 2 (one connection holds the node lock)",
+            );
+        }
+        if p.connect_timeout_secs == 0 {
+            return key("postgres.connect_timeout_secs", "must be at least 1");
         }
         Ok(())
     }
@@ -476,6 +649,8 @@ fn apply_env(table: &mut toml::Table, var: &str, value: &str) -> Result<(), Conf
         "limits",
         "session",
         "storage",
+        "kafka",
+        "postgres",
         "device",
         "application",
     ];
@@ -493,8 +668,19 @@ fn apply_env(table: &mut toml::Table, var: &str, value: &str) -> Result<(), Conf
     }
     let leaf = keys[keys.len() - 1].clone();
     // Paths and names are text even when they look like numbers (FERRYMQ_DATA_DIR=1234).
-    let text_keys = ["data_dir", "backend", "name"];
-    let parsed = if text_keys.contains(&leaf.as_str()) {
+    let text_keys = [
+        "data_dir",
+        "backend",
+        "name",
+        "bootstrap_servers",
+        "topic_prefix",
+        "url",
+        "schema",
+    ];
+    // librdkafka properties are strings whatever they look like (`enable.ssl.certificate.verification=false`).
+    let parsed = if text_keys.contains(&leaf.as_str())
+        || keys[0] == "kafka" && keys.get(1).is_some_and(|k| k == "properties")
+    {
         toml::Value::String(value.to_string())
     } else {
         scalar(value)

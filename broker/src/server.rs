@@ -48,7 +48,7 @@ pub enum StartError {
 impl Server {
     /// Binds every listener and starts serving.
     pub async fn start(config: Config) -> Result<Server, StartError> {
-        let broker = Broker::open(config).map_err(StartError::Storage)?;
+        let broker = Broker::open(config).await.map_err(StartError::Storage)?;
         Self::start_with(broker).await
     }
 
@@ -117,16 +117,22 @@ impl Server {
                     _ = sweep_shutdown.changed() => return,
                     _ = tick.tick() => {}
                 }
-                let storage = sweeper.storage.clone();
-                let swept = tokio::task::spawn_blocking(move || {
-                    storage.sweep(crate::storage::codec::now_ms(), SWEEP_BUDGET)
-                })
-                .await;
-                if let Ok(Err(e)) = swept {
+                let swept = sweeper
+                    .storage
+                    .sweep(crate::storage::codec::now_ms(), SWEEP_BUDGET)
+                    .await;
+                if let Err(e) = swept {
                     tracing::warn!(error = %e, "expiry sweep failed");
                 }
             }
         });
+        if let Some(log) = broker.publish_log.clone() {
+            tasks.spawn(crate::storage::kafka::router::run(
+                broker.clone(),
+                log,
+                shutdown_rx.clone(),
+            ));
+        }
         Ok(Server {
             broker,
             addrs,

@@ -1,5 +1,10 @@
 //! Crash tests: the real `ferrymq` binary, real TCP, real SIGKILL.
 //!
+//! Every test runs twice: on the embedded backend (module `embedded`) and on Kafka + PostgreSQL
+//! (module `kafka_postgres`: a tansu broker and a private PostgreSQL cluster are started for the
+//! test; kill -9 hits the broker only). The second set is skipped, with a message, where tansu or
+//! PostgreSQL is not installed, unless `FERRYMQ_REQUIRE_SERVICES=1` (CI) makes that a failure.
+//!
 //! Every test builds the broker once (`cargo build -p ferrymq-broker --release`, skipped when
 //! `FERRYMQ_BIN` is set), runs it as a child process with its own data dir and port, and drives it
 //! with the raw MQTT client of `ferrymq_e2e::harness`. The tests of this file run one at a time
@@ -7,231 +12,23 @@
 //!
 //! Random choices (kill points, pauses) print their seed; replay with `FERRYMQ_E2E_SEED=<seed>`.
 
-use std::collections::HashSet;
-use std::path::PathBuf;
-use std::process::Command;
+mod common;
+
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::*;
 use ferrymq_e2e::harness::{
-    check_delivery, persistent, random_kill_points, subscribe_and_leave, target_dir,
-    workspace_root, BrokerOptions, BrokerProcess, ConnectOptions, DeliveryCheck, Expectation,
-    MsgId, Protocol, Publisher, PublisherConfig, PublisherReport, Rng, Subscriber, BIN_ENV,
+    check_delivery, persistent, random_kill_points, subscribe_and_leave, ConnectOptions,
+    Expectation, Protocol, PublisherConfig, Rng, Subscriber,
 };
-use tokio::runtime::Runtime;
-use tokio::task::JoinHandle;
-
-/// The broker binary: `FERRYMQ_BIN`, or a release build made once per test binary.
-fn broker_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(bin) = std::env::var_os(BIN_ENV) {
-            return PathBuf::from(bin);
-        }
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let started = Instant::now();
-        let status = Command::new(cargo)
-            .args(["build", "-p", "ferrymq-broker", "--release"])
-            .current_dir(workspace_root())
-            .status()
-            .expect("running cargo build -p ferrymq-broker --release");
-        assert!(
-            status.success(),
-            "cargo build -p ferrymq-broker --release failed"
-        );
-        println!("broker release build took {:?}", started.elapsed());
-        target_dir().join("release").join("ferrymq")
-    })
-    .clone()
-}
-
-/// One crash test at a time.
-fn serial() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn runtime() -> Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
-
-fn start(name: &str, config: Option<&str>) -> BrokerProcess {
-    let mut opts = BrokerOptions::new(name).binary(broker_bin());
-    if let Some(config) = config {
-        opts = opts.config(config);
-    }
-    BrokerProcess::start(opts).expect("starting the broker")
-}
-
-/// Polls `cond` every 5 ms until it holds; panics with `what` after `timeout`.
-fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !cond() {
-        assert!(
-            started.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-fn topics(prefix: &str, publisher: u32, n: usize) -> Vec<String> {
-    (0..n)
-        .map(|k| format!("{prefix}/p{publisher}/t{k}"))
-        .collect()
-}
-
-fn spawn_publisher(
-    rt: &Runtime,
-    cfg: PublisherConfig,
-    progress: &Arc<AtomicU64>,
-    addr: std::net::SocketAddr,
-) -> JoinHandle<anyhow::Result<PublisherReport>> {
-    rt.spawn(Publisher::new(cfg, progress.clone()).run(addr))
-}
-
-fn join_publishers(
-    rt: &Runtime,
-    handles: Vec<JoinHandle<anyhow::Result<PublisherReport>>>,
-    timeout: Duration,
-) -> Vec<PublisherReport> {
-    rt.block_on(async {
-        tokio::time::timeout(timeout, async {
-            let mut reports = Vec::new();
-            for h in handles {
-                reports.push(
-                    h.await
-                        .expect("publisher task panicked")
-                        .expect("publisher"),
-                );
-            }
-            reports
-        })
-        .await
-        .expect("publishers did not finish in time")
-    })
-}
-
-fn print_publishers(reports: &[PublisherReport]) {
-    for r in reports {
-        println!(
-            "  publisher {}: {} acked, {} completed, {} connections, {} messages resent with DUP, \
-             {} PUBREL resent, {} retried, {} rejected, {} unexpected acks, sessions lost {}, {:?}",
-            r.id,
-            r.acked_count(),
-            r.completed,
-            r.connections,
-            r.resent_dup,
-            r.resent_pubrel,
-            r.retried(),
-            r.rejected,
-            r.unexpected_acks,
-            r.sessions_lost,
-            r.elapsed
-        );
-    }
-}
-
-fn report_drain(
-    name: &str,
-    sub: &Subscriber,
-    session_present: bool,
-    elapsed: Duration,
-    check: &DeliveryCheck,
-) {
-    let timing = match sub.done_after {
-        Some(busy) => format!(
-            "all expected after {busy:?} ({:.0} msg/s)",
-            sub.received.len() as f64 / busy.as_secs_f64().max(1e-3)
-        ),
-        None => "NOT all expected arrived".to_string(),
-    };
-    println!(
-        "{name}: session_present={session_present} | {} delivered, {timing}, {} connections, \
-         {elapsed:?} in all | {}",
-        sub.received.len(),
-        sub.connections,
-        check.summary()
-    );
-}
-
-/// Connects a persistent subscriber, reads until every `must` message arrived and then `idle`
-/// passes quietly, and checks the result.
-fn drain(
-    rt: &Runtime,
-    name: &str,
-    addr: std::net::SocketAddr,
-    opts: ConnectOptions,
-    expect: &Expectation,
-    idle: Duration,
-) -> (Subscriber, DeliveryCheck, bool) {
-    let mut sub = Subscriber::new(opts);
-    let started = Instant::now();
-    let ack = rt
-        .block_on(sub.connect(addr, Duration::from_secs(20)))
-        .expect("subscriber connect");
-    let must = expect.must.clone();
-    let result = rt.block_on(sub.receive_until(
-        addr,
-        move |s| {
-            s.received.len() >= must.len() && {
-                let got: HashSet<MsgId> = s.received.iter().map(|r| r.id).collect();
-                must.iter().all(|id| got.contains(id))
-            }
-        },
-        idle,
-        Duration::from_secs(120),
-    ));
-    if let Err(e) = &result {
-        println!("{name}: {e:#}");
-    }
-    let elapsed = started.elapsed();
-    let check = check_delivery(name, &sub.received, expect);
-    report_drain(name, &sub, ack.session_present, elapsed, &check);
-    (sub, check, ack.session_present)
-}
-
-/// Like [`drain`] but with a fast "everything arrived" test for large runs.
-fn drain_large(
-    rt: &Runtime,
-    name: &str,
-    addr: std::net::SocketAddr,
-    opts: ConnectOptions,
-    expect: &Expectation,
-) -> (Subscriber, DeliveryCheck, bool) {
-    let mut sub = Subscriber::new(opts);
-    let started = Instant::now();
-    let ack = rt
-        .block_on(sub.connect(addr, Duration::from_secs(20)))
-        .expect("subscriber connect");
-    let must = expect.must.len();
-    let result = rt.block_on(sub.receive_until(
-        addr,
-        move |s| s.received.len() >= must && s.unique() >= must,
-        Duration::from_secs(2),
-        Duration::from_secs(150),
-    ));
-    if let Err(e) = &result {
-        println!("{name}: {e:#}");
-    }
-    let elapsed = started.elapsed();
-    let check = check_delivery(name, &sub.received, expect);
-    report_drain(name, &sub, ack.session_present, elapsed, &check);
-    (sub, check, ack.session_present)
-}
 
 /// Harness baseline, no failures: 4 v3.1.1 publishers, 8,000 QoS 1 messages to an offline
 /// persistent DEVICE subscriber; everything arrives exactly once and in order.
-#[test]
-fn baseline_without_kills_delivers_exactly_once_in_order() {
-    let _serial = serial();
+fn baseline_without_kills_delivers_exactly_once_in_order(backend: &Backend) {
     let rt = runtime();
-    let broker = start("baseline", None);
+    let broker = backend.start("baseline", "");
     let addr = broker.addr();
     let device = persistent("base-device", Protocol::V311);
     rt.block_on(subscribe_and_leave(addr, &device, &[("base/#", 1)]))
@@ -268,12 +65,15 @@ fn baseline_without_kills_delivers_exactly_once_in_order() {
 /// and an offline APPLICATION subscriber; SIGKILL at 3 random points; publishers resend what was
 /// not acknowledged (DUP=1). No acknowledged message may be missing; duplicates must be explained
 /// by publisher resends or carry DUP=1; first occurrences keep per-publisher, per-topic order.
-#[test]
-fn qos1_100k_messages_survive_three_kills() {
+fn qos1_100k_messages_survive_three_kills(backend: &Backend) {
     const PUBLISHERS: u32 = 4;
-    const PER_PUBLISHER: u64 = 25_000;
-    const TOTAL: u64 = PUBLISHERS as u64 * PER_PUBLISHER;
-    let _serial = serial();
+    // The embedded run is the 100,000-message proof; on Kafka + PostgreSQL (tansu, in memory, on
+    // the same 2 cores) a fifth of it keeps the CI budget.
+    let per_publisher: u64 = match backend {
+        Backend::Embedded => 25_000,
+        Backend::KafkaPostgres(_) => 5_000,
+    };
+    let total: u64 = PUBLISHERS as u64 * per_publisher;
     let rt = runtime();
     let config = r#"
 [limits]
@@ -285,7 +85,7 @@ queue_limit = 200000
 [[application_clients]]
 client_id = "crash-app"
 "#;
-    let mut broker = start("qos1-kills", Some(config));
+    let mut broker = backend.start("qos1-kills", config);
     let addr = broker.addr();
     let device = persistent("crash-device", Protocol::V311);
     let app = persistent("crash-app", Protocol::V311);
@@ -295,8 +95,11 @@ client_id = "crash-app"
         .expect("application subscribe");
 
     let mut rng = Rng::from_env("qos1_100k_messages_survive_three_kills");
-    let kill_points = random_kill_points(&mut rng, 3, TOTAL / 10..TOTAL * 9 / 10);
-    println!("qos1: {TOTAL} messages, {PUBLISHERS} publishers, kills after {kill_points:?} acks");
+    let kill_points = random_kill_points(&mut rng, 3, total / 10..total * 9 / 10);
+    println!(
+        "qos1 ({}): {total} messages, {PUBLISHERS} publishers, kills after {kill_points:?} acks",
+        backend.name()
+    );
     let progress = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let handles: Vec<_> = (0..PUBLISHERS)
@@ -305,7 +108,7 @@ client_id = "crash-app"
                 p,
                 persistent(&format!("crash-pub-{p}"), Protocol::V311),
                 1,
-                PER_PUBLISHER,
+                per_publisher,
                 topics("crash", p, 4),
             );
             spawn_publisher(&rt, cfg, &progress, addr)
@@ -317,7 +120,7 @@ client_id = "crash-app"
             progress.load(Ordering::Relaxed) >= *point || handles.iter().all(|h| h.is_finished())
         });
         let acked = progress.load(Ordering::Relaxed);
-        assert!(acked < TOTAL, "publishers finished before kill {}", i + 1);
+        assert!(acked < total, "publishers finished before kill {}", i + 1);
         broker.kill_9().expect("kill -9");
         let pause = Duration::from_millis(rng.range(0..300));
         std::thread::sleep(pause);
@@ -334,14 +137,14 @@ client_id = "crash-app"
     let reports = join_publishers(&rt, handles, Duration::from_secs(240));
     let publish_time = started.elapsed();
     println!(
-        "qos1: {TOTAL} messages acked in {publish_time:?} ({:.0} msg/s, broker down {downtime:?}), \
+        "qos1: {total} messages acked in {publish_time:?} ({:.0} msg/s, broker down {downtime:?}), \
          {} kills",
-        TOTAL as f64 / publish_time.as_secs_f64(),
+        total as f64 / publish_time.as_secs_f64(),
         broker.kills()
     );
     print_publishers(&reports);
     let expect = Expectation::from_reports(&reports);
-    assert_eq!(expect.must.len() as u64, TOTAL);
+    assert_eq!(expect.must.len() as u64, total);
 
     let (_, dev_check, dev_present) = drain_large(&rt, "DEVICE", addr, device, &expect);
     let (_, app_check, app_present) = drain_large(&rt, "APPLICATION", addr, app, &expect);
@@ -364,12 +167,10 @@ client_id = "crash-app"
 /// slow persistent QoS 2 subscriber stays subscribed and reconnects. The broker is killed once
 /// while publishing and once while the subscriber is mid-flow. Every message reaches the
 /// application exactly once.
-#[test]
-fn qos2_exactly_once_across_kills() {
+fn qos2_exactly_once_across_kills(backend: &Backend) {
     const N: u64 = 2_000;
-    let _serial = serial();
     let rt = runtime();
-    let mut broker = start("qos2-kills", None);
+    let mut broker = backend.start("qos2-kills", "");
     let addr = broker.addr();
     let mut rng = Rng::from_env("qos2_exactly_once_across_kills");
 
@@ -471,36 +272,12 @@ fn qos2_exactly_once_across_kills() {
     );
 }
 
-fn ids(publisher: u32, seqs: std::ops::Range<u64>) -> Expectation {
-    let mut e = Expectation {
-        exactly_once: true,
-        ..Default::default()
-    };
-    for seq in seqs {
-        let id = MsgId { publisher, seq };
-        e.must.insert(id);
-        e.may.insert(id, 1);
-    }
-    e
-}
-
-fn publish_all(rt: &Runtime, addr: std::net::SocketAddr, cfg: PublisherConfig) -> PublisherReport {
-    let progress = Arc::new(AtomicU64::new(0));
-    let handle = spawn_publisher(rt, cfg, &progress, addr);
-    let mut reports = join_publishers(rt, vec![handle], Duration::from_secs(60));
-    let report = reports.remove(0);
-    assert_eq!(report.acked_count(), report.sends.len() as u64);
-    report
-}
-
 /// (3a) DEVICE queue limit: 250 messages to an offline persistent subscriber with
 /// `device.queue_limit = 100`, then a SIGKILL; the subscriber gets exactly the newest 100, in order.
-#[test]
-fn device_queue_limit_keeps_the_newest() {
-    let _serial = serial();
+fn device_queue_limit_keeps_the_newest(backend: &Backend) {
     let rt = runtime();
     let config = "[device]\nqueue_limit = 100\nmessage_ttl_secs = 3600\n";
-    let mut broker = start("queue-limit", Some(config));
+    let mut broker = backend.start("queue-limit", config);
     let addr = broker.addr();
     let device = persistent("ql-device", Protocol::V311);
     rt.block_on(subscribe_and_leave(addr, &device, &[("ql/#", 1)]))
@@ -528,12 +305,10 @@ fn device_queue_limit_keeps_the_newest() {
 
 /// (3b) DEVICE message TTL: with `device.message_ttl_secs = 2`, messages queued before a 3.5 s
 /// pause (with a SIGKILL in it) are not delivered; messages queued right before reconnecting are.
-#[test]
-fn device_ttl_expires_across_a_restart() {
-    let _serial = serial();
+fn device_ttl_expires_across_a_restart(backend: &Backend) {
     let rt = runtime();
     let config = "[device]\nqueue_limit = 10000\nmessage_ttl_secs = 2\n";
-    let mut broker = start("ttl", Some(config));
+    let mut broker = backend.start("ttl", config);
     let addr = broker.addr();
     let device = persistent("ttl-device", Protocol::V311);
     rt.block_on(subscribe_and_leave(addr, &device, &[("ttl/#", 1)]))
@@ -572,12 +347,10 @@ fn device_ttl_expires_across_a_restart() {
 /// (3c) A v5 Message Expiry Interval shorter than the DEVICE TTL wins: messages with expiry 1 s
 /// are gone after 2.5 s (and a SIGKILL); those without expiry or with a long one are delivered,
 /// the latter with the remaining interval.
-#[test]
-fn v5_message_expiry_shorter_than_ttl_wins() {
-    let _serial = serial();
+fn v5_message_expiry_shorter_than_ttl_wins(backend: &Backend) {
     let rt = runtime();
     let config = "[device]\nmessage_ttl_secs = 3600\n";
-    let mut broker = start("v5-expiry", Some(config));
+    let mut broker = backend.start("v5-expiry", config);
     let addr = broker.addr();
     let device = persistent("exp-device", Protocol::V5).session_expiry(3600);
     rt.block_on(subscribe_and_leave(addr, &device, &[("exp/#", 1)]))
@@ -630,12 +403,10 @@ fn v5_message_expiry_shorter_than_ttl_wins() {
 /// (4) An APPLICATION client offline for the whole run, with a graceful restart (SIGTERM) in
 /// between, reads all 10,000 messages exactly once and in order; after another graceful restart
 /// its committed offset holds and nothing is delivered again.
-#[test]
-fn application_client_offline_reads_everything_in_order() {
-    let _serial = serial();
+fn application_client_offline_reads_everything_in_order(backend: &Backend) {
     let rt = runtime();
     let config = "[[application_clients]]\nclient_id = \"app-offline\"\n";
-    let mut broker = start("app-offline", Some(config));
+    let mut broker = backend.start("app-offline", config);
     let addr = broker.addr();
     let app = persistent("app-offline", Protocol::V311);
     rt.block_on(subscribe_and_leave(addr, &app, &[("app/#", 1)]))
@@ -700,11 +471,9 @@ fn application_client_offline_reads_everything_in_order() {
 
 /// A client whose type changes keeps no stale queue of the other kind: a DEVICE with 50 queued
 /// messages is listed as an APPLICATION client across a restart and starts empty.
-#[test]
-fn client_type_change_drops_the_stale_queue() {
-    let _serial = serial();
+fn client_type_change_drops_the_stale_queue(backend: &Backend) {
     let rt = runtime();
-    let mut broker = start("type-change", None);
+    let mut broker = backend.start("type-change", "");
     let addr = broker.addr();
     let client = persistent("switcher", Protocol::V311);
     rt.block_on(subscribe_and_leave(addr, &client, &[("sw/#", 1)]))
@@ -743,4 +512,134 @@ fn client_type_change_drops_the_stale_queue() {
         delivered, 0,
         "stale DEVICE queue delivered to an APPLICATION client"
     );
+}
+
+/// The scenarios on the embedded backend.
+mod embedded {
+    use super::*;
+
+    #[test]
+    fn baseline_without_kills_delivers_exactly_once_in_order() {
+        let _serial = serial();
+        super::baseline_without_kills_delivers_exactly_once_in_order(&Backend::Embedded);
+    }
+
+    #[test]
+    fn qos1_100k_messages_survive_three_kills() {
+        let _serial = serial();
+        super::qos1_100k_messages_survive_three_kills(&Backend::Embedded);
+    }
+
+    #[test]
+    fn qos2_exactly_once_across_kills() {
+        let _serial = serial();
+        super::qos2_exactly_once_across_kills(&Backend::Embedded);
+    }
+
+    #[test]
+    fn device_queue_limit_keeps_the_newest() {
+        let _serial = serial();
+        super::device_queue_limit_keeps_the_newest(&Backend::Embedded);
+    }
+
+    #[test]
+    fn device_ttl_expires_across_a_restart() {
+        let _serial = serial();
+        super::device_ttl_expires_across_a_restart(&Backend::Embedded);
+    }
+
+    #[test]
+    fn v5_message_expiry_shorter_than_ttl_wins() {
+        let _serial = serial();
+        super::v5_message_expiry_shorter_than_ttl_wins(&Backend::Embedded);
+    }
+
+    #[test]
+    fn application_client_offline_reads_everything_in_order() {
+        let _serial = serial();
+        super::application_client_offline_reads_everything_in_order(&Backend::Embedded);
+    }
+
+    #[test]
+    fn client_type_change_drops_the_stale_queue() {
+        let _serial = serial();
+        super::client_type_change_drops_the_stale_queue(&Backend::Embedded);
+    }
+}
+
+/// The same scenarios on Kafka (tansu) + PostgreSQL.
+mod kafka_postgres {
+    use super::*;
+
+    #[test]
+    fn baseline_without_kills_delivers_exactly_once_in_order() {
+        let _serial = serial();
+        let Some(backend) = Backend::kafka_postgres() else {
+            return;
+        };
+        super::baseline_without_kills_delivers_exactly_once_in_order(&backend);
+    }
+
+    #[test]
+    fn qos1_100k_messages_survive_three_kills() {
+        let _serial = serial();
+        let Some(backend) = Backend::kafka_postgres() else {
+            return;
+        };
+        super::qos1_100k_messages_survive_three_kills(&backend);
+    }
+
+    #[test]
+    fn qos2_exactly_once_across_kills() {
+        let _serial = serial();
+        let Some(backend) = Backend::kafka_postgres() else {
+            return;
+        };
+        super::qos2_exactly_once_across_kills(&backend);
+    }
+
+    #[test]
+    fn device_queue_limit_keeps_the_newest() {
+        let _serial = serial();
+        let Some(backend) = Backend::kafka_postgres() else {
+            return;
+        };
+        super::device_queue_limit_keeps_the_newest(&backend);
+    }
+
+    #[test]
+    fn device_ttl_expires_across_a_restart() {
+        let _serial = serial();
+        let Some(backend) = Backend::kafka_postgres() else {
+            return;
+        };
+        super::device_ttl_expires_across_a_restart(&backend);
+    }
+
+    #[test]
+    fn v5_message_expiry_shorter_than_ttl_wins() {
+        let _serial = serial();
+        let Some(backend) = Backend::kafka_postgres() else {
+            return;
+        };
+        super::v5_message_expiry_shorter_than_ttl_wins(&backend);
+    }
+
+    #[test]
+    fn application_client_offline_reads_everything_in_order() {
+        let _serial = serial();
+        let Some(backend) = Backend::kafka_postgres() else {
+            return;
+        };
+        super::application_client_offline_reads_everything_in_order(&backend);
+    }
+
+    #[test]
+    fn client_type_change_drops_the_stale_queue() {
+        let _serial = serial();
+        let Some(backend) = Backend::kafka_postgres() else {
+            return;
+        };
+        super::client_type_change_drops_the_stale_queue(&backend);
+    }
 }

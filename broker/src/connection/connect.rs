@@ -154,6 +154,11 @@ pub(super) async fn handshake(
             tracing::warn!(%peer, client_id = %client_id, error = %e, "refusing connection");
             let code = match e {
                 OpenError::TakeoverTimeout => ConnectReturnCode::ServerBusy,
+                // The APPLICATION client has no Kafka topic and the broker may not create one:
+                // a provisioning problem, not an outage.
+                OpenError::Storage(crate::storage::StorageError::MissingTopic(_)) => {
+                    ConnectReturnCode::ImplementationSpecificError
+                }
                 OpenError::Storage(_) => ConnectReturnCode::ServerUnavailable,
             };
             refuse(stream, version, code).await;

@@ -265,6 +265,11 @@ async fn event_loop(
             _ = machine.session.mailbox.stored.notified(), if watch_stored => {
                 machine.session.stored_pending = true;
             }
+            read = stored_read(&mut machine.stored_read), if machine.stored_read.is_some() => {
+                if let Flow::Close(code, why) = machine.stored_arrived(read, wbuf, Instant::now()) {
+                    return End::Close(code, why);
+                }
+            }
             // Wait for readability first and take buffer space only then: an idle connection
             // holds no read buffer at all.
             ready = reader.as_ref().readable(), if can_read => {
@@ -379,10 +384,24 @@ fn fill_stored(machine: &mut Machine, wbuf: &mut BytesMut, now: Instant) -> Flow
     Flow::Continue
 }
 
+/// Waits for a read of the durable queue the backend answers later.
+async fn stored_read(
+    pending: &mut Option<
+        oneshot::Receiver<Result<Vec<crate::storage::QueuedEntry>, crate::storage::StorageError>>,
+    >,
+) -> Result<Vec<crate::storage::QueuedEntry>, crate::storage::StorageError> {
+    match pending.as_mut() {
+        Some(rx) => rx
+            .await
+            .unwrap_or(Err(crate::storage::StorageError::Closed)),
+        None => std::future::pending().await,
+    }
+}
+
 /// Places deliveries that found a subscriber's queue full, waiting for room until `deadline`;
 /// what is still unplaced then is dropped and its subscriber marked slow. Returns how many were
 /// dropped. Cancel-safe: a delivery leaves `blocked` only when it is placed or dropped.
-async fn place_blocked(
+pub(crate) async fn place_blocked(
     blocked: &mut VecDeque<(Arc<crate::router::Mailbox>, crate::message::Delivery)>,
     deadline: tokio::time::Instant,
 ) -> u64 {

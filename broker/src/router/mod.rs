@@ -370,6 +370,7 @@ impl Router {
             kind: mailbox.kind,
             record,
             notify: Some(mailbox.stored.clone()),
+            origin: None,
         });
     }
 

@@ -21,7 +21,9 @@ use crate::protocol::{
 };
 use crate::router::topic::{parse_filter, validate_topic_name, ParsedFilter};
 use crate::router::SubscriptionOptions;
-use crate::storage::{pkid_for_seq, Completion, StorageError, WriteBatch, WriteOp};
+use crate::storage::{
+    pkid_for_seq, Completion, QueueRead, QueuedEntry, StorageError, WriteBatch, WriteOp,
+};
 
 /// What the connection should do after a packet.
 #[derive(Debug, PartialEq, Eq)]
@@ -97,6 +99,10 @@ pub struct Machine {
     /// Deliveries this connection's publishes could not place because a connected subscriber's
     /// queue was full; the connection waits for room before it reads on.
     pub blocked: VecDeque<(Arc<crate::router::Mailbox>, Delivery)>,
+    /// A read of the durable queue or log that the backend answers later.
+    pub stored_read: Option<tokio::sync::oneshot::Receiver<Result<Vec<QueuedEntry>, StorageError>>>,
+    /// How many entries that read asked for.
+    stored_asked: usize,
 }
 
 impl Machine {
@@ -120,6 +126,8 @@ impl Machine {
             pending: VecDeque::new(),
             replies: VecDeque::new(),
             blocked: VecDeque::new(),
+            stored_read: None,
+            stored_asked: 0,
         }
     }
 
@@ -390,6 +398,9 @@ impl Machine {
             received_at: Instant::now(),
             publisher: self.session.client_id.clone(),
         });
+        if let Some(log) = self.broker.publish_log.clone() {
+            return self.publish_to_log(&log, &message, pkid, out);
+        }
         let mut batch = WriteBatch::default();
         if message.retain {
             self.broker.router.retain(&message, &mut batch);
@@ -444,6 +455,59 @@ impl Machine {
                         properties: None,
                     }),
                     wait,
+                    OnError::PubRec(pkid),
+                    out,
+                );
+            }
+        }
+        Flow::Continue
+    }
+
+    /// The Kafka backend's publish step: append to the publish log and acknowledge once Kafka
+    /// has the record (acks=all); the router consumes the log and delivers. Whether anyone is
+    /// subscribed is not known yet at that point, so v5 acks say Success, never 0x10.
+    fn publish_to_log(
+        &mut self,
+        log: &crate::storage::kafka::PublishLog,
+        message: &Arc<Message>,
+        pkid: u16,
+        out: &mut BytesMut,
+    ) -> Flow {
+        let appended = log.append(message);
+        match message.qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => self.reply(
+                Packet::PubAck(PubAck {
+                    pkid,
+                    reason: PubAckReason::Success,
+                    properties: None,
+                }),
+                Some(appended),
+                OnError::PubAck(pkid),
+                out,
+            ),
+            QoS::ExactlyOnce => {
+                self.session.inbound_qos2.insert(pkid);
+                let wait = if self.session.stored {
+                    // PUBREC promises both: the message is in the log and a resend of this
+                    // packet id will not be routed twice.
+                    let marked = self.broker.storage.submit(WriteBatch {
+                        ops: vec![WriteOp::PutInboundQos2 {
+                            client: self.session.client_id.clone(),
+                            pkid,
+                        }],
+                    });
+                    both(appended, marked)
+                } else {
+                    appended
+                };
+                self.reply(
+                    Packet::PubRec(PubRec {
+                        pkid,
+                        reason: PubRecReason::Success,
+                        properties: None,
+                    }),
+                    Some(wait),
                     OnError::PubRec(pkid),
                     out,
                 );
@@ -832,23 +896,50 @@ impl Machine {
 
     /// Reads the next durable entries of this session's queue or log (as many as the in-flight
     /// window allows) and sends them. Entries written before a restart carry DUP=1; entries
-    /// whose PUBREC was already received get PUBREL instead of PUBLISH.
+    /// whose PUBREC was already received get PUBREL instead of PUBLISH. A backend that reads
+    /// over the network answers later: the read is parked in `stored_read` and the connection
+    /// hands its result to [`Machine::stored_arrived`].
     pub fn fetch_stored(&mut self, out: &mut BytesMut, now: Instant) -> Flow {
-        let window = usize::from(
-            self.client
-                .receive_maximum
-                .min(self.broker.config.limits.max_inflight),
-        );
-        let room = window.saturating_sub(self.session.outbound.len());
+        if self.stored_read.is_some() {
+            return Flow::Continue;
+        }
+        let room = self.stored_room();
         if room == 0 {
             return Flow::Continue;
         }
-        let entries = match self.broker.storage.read_queue(
+        self.stored_asked = room;
+        match self.broker.storage.read_queue(
             &self.session.client_id,
             self.session.kind,
             self.session.cursor,
             room,
         ) {
+            QueueRead::Ready(result) => self.stored_arrived(result, out, now),
+            QueueRead::Pending(rx) => {
+                self.stored_read = Some(rx);
+                Flow::Continue
+            }
+        }
+    }
+
+    fn stored_room(&self) -> usize {
+        let window = usize::from(
+            self.client
+                .receive_maximum
+                .min(self.broker.config.limits.max_inflight),
+        );
+        window.saturating_sub(self.session.outbound.len())
+    }
+
+    /// Sends what a read of the queue or log returned.
+    pub fn stored_arrived(
+        &mut self,
+        result: Result<Vec<QueuedEntry>, StorageError>,
+        out: &mut BytesMut,
+        now: Instant,
+    ) -> Flow {
+        self.stored_read = None;
+        let entries = match result {
             Ok(entries) => entries,
             Err(e) => {
                 self.broker.metrics.storage_errors.inc();
@@ -859,7 +950,8 @@ impl Machine {
                 );
             }
         };
-        if entries.len() < room {
+        // Fewer than asked for: the queue is drained for now.
+        if entries.len() < self.stored_asked {
             self.session.stored_pending = false;
         }
         for entry in entries {
@@ -981,6 +1073,17 @@ impl Machine {
     pub fn into_parts(self) -> (Session, Option<Will>) {
         (self.session, self.will)
     }
+}
+
+/// A completion that resolves when both resolve, with the first error.
+fn both(a: Completion, b: Completion) -> Completion {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let a = a.await.unwrap_or(Err(StorageError::Closed));
+        let b = b.await.unwrap_or(Err(StorageError::Closed));
+        let _ = tx.send(a.and(b));
+    });
+    rx
 }
 
 fn rec_code(reason: PubRecReason) -> u8 {

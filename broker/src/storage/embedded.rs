@@ -24,8 +24,8 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::codec::{self, decode_delivery, now_ms};
 use super::{
-    ClientKind, Completion, QueuedEntry, RestoredSession, SessionRecord, Snapshot, Storage,
-    StorageError, SweepStats, WriteBatch, WriteOp,
+    ClientKind, Completion, QueueRead, QueuedEntry, RestoredSession, SessionRecord, Snapshot,
+    Storage, StorageError, SweepStats, WriteBatch, WriteOp,
 };
 use crate::metrics::Metrics;
 
@@ -83,13 +83,14 @@ struct Request {
     durable: bool,
 }
 
-/// The embedded store.
+/// The embedded store. Cloning gives another handle on the same database and writer.
+#[derive(Clone)]
 pub struct EmbeddedStorage {
     db: Arc<Database>,
     tx: mpsc::Sender<Request>,
     options: EmbeddedOptions,
     /// Client id the next sweep starts at.
-    sweep_from: parking_lot::Mutex<String>,
+    sweep_from: Arc<parking_lot::Mutex<String>>,
 }
 
 /// Entry count and bytes of one queue or log, kept by the writer so limits need no reads.
@@ -151,7 +152,7 @@ impl EmbeddedStorage {
             db,
             tx,
             options,
-            sweep_from: parking_lot::Mutex::new(String::new()),
+            sweep_from: Arc::new(parking_lot::Mutex::new(String::new())),
         })
     }
 }
@@ -175,6 +176,7 @@ impl EmbeddedStorage {
     }
 }
 
+#[async_trait::async_trait]
 impl Storage for EmbeddedStorage {
     fn submit(&self, batch: WriteBatch) -> Completion {
         self.send(batch, true)
@@ -189,7 +191,32 @@ impl Storage for EmbeddedStorage {
         self.submit(WriteBatch::default())
     }
 
-    fn load(&self) -> Result<Snapshot, StorageError> {
+    async fn load(&self) -> Result<Snapshot, StorageError> {
+        self.load_blocking()
+    }
+
+    fn read_queue(
+        &self,
+        client: &Arc<str>,
+        kind: ClientKind,
+        from: u64,
+        limit: usize,
+    ) -> QueueRead {
+        // A local read of a few pages: cheaper than a hop to another thread.
+        QueueRead::Ready(self.read_queue_blocking(client, kind, from, limit))
+    }
+
+    async fn sweep(&self, now_ms: u64, budget: usize) -> Result<SweepStats, StorageError> {
+        // Bounded, but a sweep may touch many pages: keep it off the connection threads.
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.sweep_blocking(now_ms, budget))
+            .await
+            .map_err(|e| StorageError::Engine(format!("sweep task: {e}")))?
+    }
+}
+
+impl EmbeddedStorage {
+    fn load_blocking(&self) -> Result<Snapshot, StorageError> {
         let txn = self.db.begin_read().map_err(engine)?;
         let sessions_t = txn.open_table(SESSIONS).map_err(engine)?;
         let subs_t = txn.open_table(SUBSCRIPTIONS).map_err(engine)?;
@@ -287,7 +314,7 @@ impl Storage for EmbeddedStorage {
         Ok(snapshot)
     }
 
-    fn read_queue(
+    fn read_queue_blocking(
         &self,
         client: &str,
         kind: ClientKind,
@@ -328,7 +355,7 @@ impl Storage for EmbeddedStorage {
         Ok(out)
     }
 
-    fn sweep(&self, now_ms: u64, budget: usize) -> Result<SweepStats, StorageError> {
+    fn sweep_blocking(&self, now_ms: u64, budget: usize) -> Result<SweepStats, StorageError> {
         // Find candidates on a read snapshot, then delete them through the writer like every
         // other write (an entry acknowledged meanwhile is simply not found again).
         //
@@ -610,6 +637,7 @@ impl Writer {
                 kind,
                 record,
                 notify: wake,
+                ..
             } => {
                 if !self.live.contains(&*client) {
                     return Ok(());
@@ -668,6 +696,8 @@ impl Writer {
                 let mut t = txn.open_table(RETAINED).map_err(engine)?;
                 t.remove(topic.as_str()).map_err(engine)?;
             }
+            // Only the Kafka backend's log router writes positions.
+            WriteOp::RouterPosition { .. } => {}
             WriteOp::Expire { client, kind, seq } => {
                 if self.remove_entry(txn, &client, kind, seq)? {
                     match kind {
@@ -839,6 +869,7 @@ mod tests {
                 &message(payload),
             ),
             notify: None,
+            origin: None,
         }
     }
 
@@ -863,7 +894,7 @@ mod tests {
 
     fn seqs(storage: &EmbeddedStorage, client: &str, kind: ClientKind) -> Vec<u64> {
         storage
-            .read_queue(client, kind, 0, 100)
+            .read_queue_blocking(client, kind, 0, 100)
             .unwrap()
             .iter()
             .map(|e| e.seq)
@@ -953,7 +984,7 @@ mod tests {
             .await;
         }
         let storage = open(dir.path(), EmbeddedOptions::default());
-        let snapshot = storage.load().unwrap();
+        let snapshot = storage.load_blocking().unwrap();
         assert_eq!(snapshot.sessions.len(), 1);
         let s = &snapshot.sessions[0];
         assert_eq!(s.record.expiry_interval, 60);
@@ -964,7 +995,7 @@ mod tests {
         assert_eq!((s.read_from, s.next_seq), (1, 3));
         assert_eq!(&snapshot.retained[0].payload[..], b"kept");
         let entries = storage
-            .read_queue("dev", ClientKind::Device, 1, 10)
+            .read_queue_blocking("dev", ClientKind::Device, 1, 10)
             .unwrap();
         assert_eq!(entries.len(), 2);
         assert!(!entries[0].released && entries[1].released);
@@ -978,7 +1009,7 @@ mod tests {
         assert_eq!(seqs(&storage, "dev", ClientKind::Device), vec![1, 2, 3]);
         // Deleting the session removes everything it owns.
         write(&storage, vec![WriteOp::DeleteSession { client }]).await;
-        let snapshot = storage.load().unwrap();
+        let snapshot = storage.load_blocking().unwrap();
         assert!(snapshot.sessions.is_empty());
         assert!(seqs(&storage, "dev", ClientKind::Device).is_empty());
     }
@@ -1011,7 +1042,7 @@ mod tests {
             );
         }
         let storage = open(dir.path(), EmbeddedOptions::default());
-        let snapshot = storage.load().unwrap();
+        let snapshot = storage.load_blocking().unwrap();
         assert_eq!(
             (
                 snapshot.sessions[0].read_from,
@@ -1039,12 +1070,18 @@ mod tests {
         write(&storage, ops).await;
         // Expired entries are already invisible to readers.
         assert_eq!(seqs(&storage, "dev", ClientKind::Device), vec![6]);
-        let stats = storage.sweep(now_ms(), 3).unwrap();
+        let stats = storage.sweep_blocking(now_ms(), 3).unwrap();
         assert_eq!(stats.device_expired, 3, "bounded by the budget");
         storage.flush().await.unwrap().unwrap();
-        let stats = storage.sweep(now_ms(), 100).unwrap();
+        let stats = storage.sweep_blocking(now_ms(), 100).unwrap();
         assert_eq!(stats.device_expired, 2);
         storage.flush().await.unwrap().unwrap();
-        assert_eq!(storage.sweep(now_ms(), 100).unwrap().device_expired, 0);
+        assert_eq!(
+            storage
+                .sweep_blocking(now_ms(), 100)
+                .unwrap()
+                .device_expired,
+            0
+        );
     }
 }

@@ -21,6 +21,9 @@
 
 pub mod codec;
 pub mod embedded;
+pub mod kafka;
+pub mod kafka_postgres;
+pub mod postgres;
 
 use std::sync::Arc;
 
@@ -59,7 +62,7 @@ pub struct SessionRecord {
 }
 
 /// One change to durable state.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum WriteOp {
     PutSession {
         client: Arc<str>,
@@ -91,6 +94,16 @@ pub enum WriteOp {
         kind: ClientKind,
         record: Vec<u8>,
         notify: Option<Arc<Notify>>,
+        /// Where the message came from in the Kafka publish log (partition, offset), set by the
+        /// log router so that a replay after a crash can recognise appends it already made.
+        origin: Option<(i32, i64)>,
+    },
+    /// The log router has stored everything of a publish-log partition below `next_offset`.
+    /// Written in the same transaction as the batch's queue writes, so a replay after a crash
+    /// starts exactly after what was stored (Kafka backend only).
+    RouterPosition {
+        partition: i32,
+        next_offset: i64,
     },
     /// The DEVICE client acknowledged the entry (PUBACK, or PUBCOMP for QoS 2).
     AckDevice {
@@ -141,7 +154,7 @@ pub enum WriteOp {
 }
 
 /// Operations applied together, atomically and durably.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct WriteBatch {
     pub ops: Vec<WriteOp>,
 }
@@ -166,10 +179,19 @@ pub enum StorageError {
     Overloaded,
     #[error("storage is shut down")]
     Closed,
+    /// The APPLICATION client's Kafka topic does not exist and may not be created by the broker.
+    #[error("missing Kafka topic {0}")]
+    MissingTopic(String),
 }
 
 /// Resolves when a submitted batch is durable (or failed).
 pub type Completion = oneshot::Receiver<Result<(), StorageError>>;
+
+/// The answer to [`Storage::read_queue`]: at once (a local read) or later (a network read).
+pub enum QueueRead {
+    Ready(Result<Vec<QueuedEntry>, StorageError>),
+    Pending(oneshot::Receiver<Result<Vec<QueuedEntry>, StorageError>>),
+}
 
 /// One entry read back from a queue or log.
 #[derive(Debug)]
@@ -211,6 +233,7 @@ pub struct SweepStats {
 
 /// A storage backend. Implementations: [`embedded::EmbeddedStorage`] (the default, under the data
 /// directory); the production backend (Kafka + PostgreSQL) implements the same seam.
+#[async_trait::async_trait]
 pub trait Storage: Send + Sync + 'static {
     /// Queues a batch; never blocks. A full write queue fails the completion with `Overloaded`.
     fn submit(&self, batch: WriteBatch) -> Completion;
@@ -222,17 +245,29 @@ pub trait Storage: Send + Sync + 'static {
     /// Resolves once every batch submitted before it is applied (used at shutdown).
     fn flush(&self) -> Completion;
     /// Reads everything needed to rebuild the broker's state.
-    fn load(&self) -> Result<Snapshot, StorageError>;
+    async fn load(&self) -> Result<Snapshot, StorageError>;
     /// Up to `limit` live entries with `seq >= from`, in order. Expired entries are skipped.
-    fn read_queue(
-        &self,
-        client: &str,
-        kind: ClientKind,
-        from: u64,
-        limit: usize,
-    ) -> Result<Vec<QueuedEntry>, StorageError>;
+    /// A backend whose reads cross the network may wait a little for the first entry and
+    /// return fewer than `limit`; the session reads again when `Mailbox::stored` is woken.
+    fn read_queue(&self, client: &Arc<str>, kind: ClientKind, from: u64, limit: usize)
+        -> QueueRead;
     /// Removes expired entries, at most `budget` of them. Bounded work per call.
-    fn sweep(&self, now_ms: u64, budget: usize) -> Result<SweepStats, StorageError>;
+    async fn sweep(&self, now_ms: u64, budget: usize) -> Result<SweepStats, StorageError>;
+    /// Whether the backend can take writes now (the readiness probe). Cheap: reports what the
+    /// backend last observed, it does not probe on every call.
+    fn health(&self) -> Result<(), StorageError> {
+        Ok(())
+    }
+    /// Checks, at CONNECT, that an APPLICATION client's log can be used, creating it when the
+    /// configuration allows. Returns where a session that is new to this broker starts reading
+    /// (`None`: at the beginning of its log, as on embedded storage, where a new session's log
+    /// is empty). A log that outlives its session (a Kafka topic) starts at its end.
+    async fn prepare_application(&self, _client: &Arc<str>) -> Result<Option<u64>, StorageError> {
+        Ok(None)
+    }
+    /// The session `client` ended for good or went offline: release per-client resources
+    /// (readers, caches). Nothing durable changes.
+    fn client_offline(&self, _client: &str) {}
 }
 
 /// The MQTT packet id used for the stored entry `seq` (1..=65535, never 0).

@@ -20,6 +20,7 @@ pub mod mqtt;
 pub mod payload;
 mod process;
 pub mod rng;
+pub mod services;
 pub mod workload;
 
 pub use mqtt::{ConnAckInfo, ConnectOptions, Connection, Incoming, Message, Protocol};

@@ -286,6 +286,31 @@ impl Connection {
         }
     }
 
+    /// Queues a PUBLISH with RETAIN set.
+    pub fn queue_retained(
+        &mut self,
+        topic: &str,
+        qos: u8,
+        pkid: u16,
+        payload: Bytes,
+    ) -> anyhow::Result<()> {
+        let pkid = if qos == 0 { 0 } else { pkid };
+        match self.protocol {
+            Protocol::V311 => {
+                let mut p = v4::Publish::from_bytes(topic, qos4(qos)?, payload);
+                p.pkid = pkid;
+                p.retain = true;
+                self.encode4(v4::Packet::Publish(p))
+            }
+            Protocol::V5 => {
+                let mut p = v5::Publish::new(topic, qos5(qos)?, payload, None);
+                p.pkid = pkid;
+                p.retain = true;
+                self.encode5(v5::Packet::Publish(p))
+            }
+        }
+    }
+
     pub fn queue_puback(&mut self, pkid: u16) -> anyhow::Result<()> {
         match self.protocol {
             Protocol::V311 => self.encode4(v4::Packet::PubAck(v4::PubAck::new(pkid))),

@@ -1,0 +1,258 @@
+//! APPLICATION logs in Kafka: one single-partition topic per client (one partition, so the log
+//! is totally ordered), appended to by the router, read by the client's session.
+//!
+//! Sequence numbers are Kafka offsets plus one (sequence 0 means "none" elsewhere). Reading is
+//! asynchronous: each online APPLICATION client has a reader (a consumer assigned to its
+//! partition, no consumer-group membership, so no rebalances) that the session asks for the next
+//! entries; the reader answers through a channel, never blocking a connection task. The
+//! committed offset lives in PostgreSQL with the rest of the session (see the postgres module),
+//! advanced only over what the client acknowledged.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message as _;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::oneshot;
+
+use super::record::{self, SubscriberPart};
+use super::{application_topic, kafka_error, Kafka};
+use crate::storage::codec::{decode_delivery, now_ms};
+use crate::storage::{Completion, QueueRead, QueuedEntry, StorageError};
+
+/// How long a read waits for the first record before answering "nothing yet"; the session reads
+/// again when the router wakes it.
+const FIRST_RECORD_WAIT: Duration = Duration::from_millis(500);
+
+/// One client's reader.
+struct Reader {
+    consumer: StreamConsumer,
+    /// The offset the consumer will return next.
+    position: i64,
+}
+
+/// The APPLICATION side of the Kafka backend.
+pub struct ApplicationLogs {
+    kafka: Arc<Kafka>,
+    readers: parking_lot::Mutex<HashMap<Arc<str>, Arc<tokio::sync::Mutex<Reader>>>>,
+    /// Entries whose PUBREC was received (QoS 2 in flight), per client: kept here so a read
+    /// needs no database round trip; loaded at start, maintained by the writer.
+    pub released: Arc<parking_lot::Mutex<HashMap<Arc<str>, BTreeSet<u64>>>>,
+}
+
+impl ApplicationLogs {
+    pub fn new(kafka: Arc<Kafka>) -> ApplicationLogs {
+        ApplicationLogs {
+            kafka,
+            readers: Default::default(),
+            released: Default::default(),
+        }
+    }
+
+    pub fn topic(&self, client: &str) -> String {
+        application_topic(&self.kafka.config.topic_prefix, client)
+    }
+
+    /// Topic settings for topics the broker creates: retention from `[application]`.
+    pub fn topic_config(retention_ms: u64, retention_bytes: u64) -> Vec<(&'static str, String)> {
+        vec![
+            ("retention.ms", retention_ms.to_string()),
+            ("retention.bytes", retention_bytes.to_string()),
+        ]
+    }
+
+    /// Makes sure the client's topic exists (created when allowed) and returns the sequence
+    /// number its log ends at: where a brand-new session starts reading.
+    pub async fn prepare(
+        &self,
+        client: &str,
+        topic_config: &[(&str, String)],
+    ) -> Result<u64, StorageError> {
+        let topic = self.topic(client);
+        let create = self.kafka.config.auto_create_application_topics;
+        self.kafka
+            .ensure_topic(&topic, 1, topic_config, create)
+            .await?;
+        let (_, high) = self.kafka.watermarks(&topic, 0).await?;
+        Ok(high.max(0) as u64 + 1)
+    }
+
+    /// The sequence number the next append to `client`'s log will get.
+    pub async fn next_seq(&self, client: &str) -> Result<u64, StorageError> {
+        let (_, high) = self.kafka.watermarks(&self.topic(client), 0).await?;
+        Ok(high.max(0) as u64 + 1)
+    }
+
+    /// Appends an encoded delivery (the router's `WriteOp::Enqueue` record) to the client's log.
+    pub fn append(&self, client: &str, encoded: &[u8], origin: Option<(i32, i64)>) -> Completion {
+        let delivery = match decode_delivery(bytes::Bytes::copy_from_slice(encoded)) {
+            Ok(d) => d,
+            Err(e) => {
+                let (tx, rx) = oneshot::channel();
+                let _ = tx.send(Err(StorageError::Corrupt(e.to_string())));
+                return rx;
+            }
+        };
+        let mut headers = record::headers(
+            &delivery.message,
+            Some(SubscriberPart {
+                qos: delivery.qos,
+                retain: delivery.retain,
+                subscription_ids: &delivery.subscription_ids,
+            }),
+        );
+        if let Some((p, o)) = origin {
+            headers = headers.insert(rdkafka::message::Header {
+                key: record::ORIGIN_HEADER,
+                value: Some(format!("{p}:{o}").as_bytes()),
+            });
+        }
+        self.kafka.send(
+            &self.topic(client),
+            None,
+            Some(0),
+            &delivery.message.payload,
+            headers,
+        )
+    }
+
+    /// The origin header of the last record in `client`'s topic, if any.
+    pub async fn last_origin(&self, client: &str) -> Result<Option<(i32, i64)>, StorageError> {
+        let topic = self.topic(client);
+        let (low, high) = match self.kafka.watermarks(&topic, 0).await {
+            Ok(w) => w,
+            // No topic: nothing was appended.
+            Err(_) => return Ok(None),
+        };
+        if high <= low {
+            return Ok(None);
+        }
+        let consumer: StreamConsumer = Kafka::client_config(&self.kafka.config)
+            .set(
+                "group.id",
+                format!("{}.app.reader", self.kafka.config.topic_prefix),
+            )
+            .set("enable.auto.commit", "false")
+            .create()
+            .map_err(kafka_error)?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&topic, 0, Offset::Offset(high - 1))
+            .map_err(kafka_error)?;
+        consumer.assign(&tpl).map_err(kafka_error)?;
+        let last = tokio::time::timeout(Duration::from_secs(10), consumer.recv())
+            .await
+            .map_err(|_| {
+                StorageError::Engine(format!(
+                    "kafka: reading the last record of {topic} timed out"
+                ))
+            })?
+            .map_err(kafka_error)?;
+        Ok(last.headers().and_then(record::origin))
+    }
+
+    /// Starts a read of up to `limit` entries from sequence `from`.
+    pub fn read(&self, client: &Arc<str>, from: u64, limit: usize) -> QueueRead {
+        let reader = match self.reader(client, from) {
+            Ok(r) => r,
+            Err(e) => return QueueRead::Ready(Err(e)),
+        };
+        let released = self
+            .released
+            .lock()
+            .get(client)
+            .map(|s| s.range(from..).copied().collect::<BTreeSet<u64>>())
+            .unwrap_or_default();
+        let topic = self.topic(client);
+        let (tx, rx) = oneshot::channel();
+        tokio::spawn(async move {
+            let mut reader = reader.lock().await;
+            let result = read_from(&mut reader, &topic, from, limit, &released).await;
+            let _ = tx.send(result);
+        });
+        QueueRead::Pending(rx)
+    }
+
+    fn reader(
+        &self,
+        client: &Arc<str>,
+        from: u64,
+    ) -> Result<Arc<tokio::sync::Mutex<Reader>>, StorageError> {
+        if let Some(r) = self.readers.lock().get(client) {
+            return Ok(r.clone());
+        }
+        let consumer: StreamConsumer = Kafka::client_config(&self.kafka.config)
+            .set(
+                "group.id",
+                format!("{}.app.reader", self.kafka.config.topic_prefix),
+            )
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("fetch.wait.max.ms", "100")
+            .create()
+            .map_err(kafka_error)?;
+        let reader = Arc::new(tokio::sync::Mutex::new(Reader {
+            consumer,
+            position: -1,
+        }));
+        let _ = from;
+        self.readers.lock().insert(client.clone(), reader.clone());
+        Ok(reader)
+    }
+
+    /// The client went offline: its reader (and the consumer's connections) go away.
+    pub fn drop_reader(&self, client: &str) {
+        self.readers.lock().remove(client);
+    }
+}
+
+async fn read_from(
+    reader: &mut Reader,
+    topic: &str,
+    from: u64,
+    limit: usize,
+    released: &BTreeSet<u64>,
+) -> Result<Vec<QueuedEntry>, StorageError> {
+    let offset = from.saturating_sub(1) as i64;
+    if reader.position != offset {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, 0, Offset::Offset(offset))
+            .map_err(kafka_error)?;
+        reader.consumer.assign(&tpl).map_err(kafka_error)?;
+        reader.position = offset;
+    }
+    let mut out = Vec::new();
+    let now = now_ms();
+    let mut wait = FIRST_RECORD_WAIT;
+    while out.len() < limit {
+        let next = match tokio::time::timeout(wait, reader.consumer.recv()).await {
+            Err(_) => break,
+            Ok(next) => next.map_err(kafka_error)?,
+        };
+        // Whatever else is already fetched joins this read; nothing more is waited for.
+        wait = Duration::ZERO;
+        let offset = next.offset();
+        reader.position = offset + 1;
+        let seq = offset as u64 + 1;
+        let delivery = match record::decode(next.headers(), next.payload().unwrap_or_default()) {
+            Ok(d) => d,
+            Err(e) => {
+                // A record we cannot read cannot be delivered; skipping it (loudly) keeps the
+                // client's log moving instead of wedging it forever.
+                tracing::error!(topic, offset, error = %e, "skipping unreadable APPLICATION record");
+                continue;
+            }
+        };
+        if delivery.expires_at_ms != 0 && delivery.expires_at_ms <= now {
+            continue;
+        }
+        out.push(QueuedEntry {
+            seq,
+            delivery,
+            released: released.contains(&seq),
+        });
+    }
+    Ok(out)
+}

@@ -1,0 +1,383 @@
+//! Kafka: the publish log `<prefix>.msg.all` that every PUBLISH is appended to before it is
+//! acknowledged, and one topic per APPLICATION client, `<prefix>.app.<client>`.
+//!
+//! * **Durability.** The producer runs with `acks=all` and idempotence on, whatever the
+//!   `properties` table says (config validation refuses overrides): a record is acknowledged only
+//!   once every in-sync replica has it, and retries cannot duplicate or reorder it.
+//! * **Record key.** `msg.all` records are keyed by the publisher's client id, so all of one
+//!   client's messages land in one partition, in the order it sent them. MQTT asks for order per
+//!   publisher and topic (4.6); keying by publisher keeps that and spreads a topic many devices
+//!   publish to over every partition (keying by topic would put a fleet's telemetry topic on one
+//!   partition and one router consumer).
+//! * **No spawned task per message.** Each record carries its completion channel as the
+//!   librdkafka delivery opaque; the producer's polling thread answers it directly.
+
+pub mod app;
+pub mod record;
+pub mod router;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::ClientContext;
+use sha2::{Digest, Sha256};
+use tokio::sync::oneshot;
+
+use crate::config::KafkaConfig;
+use crate::message::Message;
+use crate::metrics::Metrics;
+use crate::storage::{Completion, StorageError};
+
+/// How long a metadata or admin request may take before the broker calls Kafka unreachable.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The publish log topic.
+pub fn msg_all_topic(prefix: &str) -> String {
+    format!("{prefix}.msg.all")
+}
+
+/// The topic of one APPLICATION client: `<prefix>.app.<client id>` when the client id is 1 to
+/// 64 characters of `[A-Za-z0-9_-]`, else `<prefix>.app.h.<sha-256 of the id, hex>`. Legal ids
+/// contain no `.`, so the two forms can never collide; the hash keeps every other id (UTF-8,
+/// `/`, very long) a legal, stable topic name. The operator names topics with the same rule.
+pub fn application_topic(prefix: &str, client_id: &str) -> String {
+    let plain = !client_id.is_empty()
+        && client_id.len() <= 64
+        && client_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if plain {
+        format!("{prefix}.app.{client_id}")
+    } else {
+        let digest = Sha256::digest(client_id.as_bytes());
+        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        format!("{prefix}.app.h.{hex}")
+    }
+}
+
+/// The consumer group whose committed offsets say how far the router has stored `msg.all`.
+pub fn router_group(prefix: &str) -> String {
+    format!("{prefix}.router")
+}
+
+pub(crate) fn kafka_error(e: KafkaError) -> StorageError {
+    match e {
+        KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => StorageError::Overloaded,
+        e => StorageError::Engine(format!("kafka: {e}")),
+    }
+}
+
+/// Answers each record's completion channel from the producer's polling thread.
+pub struct DeliveryContext;
+
+impl ClientContext for DeliveryContext {}
+
+impl ProducerContext for DeliveryContext {
+    type DeliveryOpaque = Box<oneshot::Sender<Result<(), StorageError>>>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, done: Self::DeliveryOpaque) {
+        let outcome = match result {
+            Ok(_) => Ok(()),
+            Err((e, _)) => Err(kafka_error(e.clone())),
+        };
+        let _ = done.send(outcome);
+    }
+}
+
+/// The Kafka clients one broker shares: a producer for every topic, an admin client, and a
+/// consumer used only for metadata and watermarks.
+pub struct Kafka {
+    pub config: KafkaConfig,
+    producer: ThreadedProducer<DeliveryContext>,
+    admin: AdminClient<DefaultClientContext>,
+    metadata: Arc<BaseConsumer>,
+    /// Topics known to exist (created or seen), so a lookup happens once per topic.
+    known_topics: parking_lot::Mutex<HashSet<String>>,
+    healthy: AtomicBool,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Kafka {
+    /// Common client settings: the servers and the pass-through properties (TLS, SASL, …).
+    pub fn client_config(config: &KafkaConfig) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &config.bootstrap_servers);
+        for (k, v) in &config.properties {
+            c.set(k, v);
+        }
+        c
+    }
+
+    /// Creates the clients and checks, within a few seconds, that the cluster answers and the
+    /// publish log exists (creating it when missing).
+    pub async fn connect(
+        config: &KafkaConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Kafka>, StorageError> {
+        let unreachable = |e: KafkaError| {
+            StorageError::Engine(format!(
+                "kafka at `{}` (kafka.bootstrap_servers): {e}",
+                config.bootstrap_servers
+            ))
+        };
+        let producer: ThreadedProducer<DeliveryContext> = Self::client_config(config)
+            .set("acks", "all")
+            .set("enable.idempotence", "true")
+            .set("linger.ms", config.linger_ms.to_string())
+            .set("batch.size", config.batch_size.to_string())
+            .set("message.timeout.ms", config.produce_timeout_ms.to_string())
+            .set(
+                "queue.buffering.max.messages",
+                config.max_pending_records.to_string(),
+            )
+            .create_with_context(DeliveryContext)
+            .map_err(unreachable)?;
+        let admin: AdminClient<DefaultClientContext> =
+            Self::client_config(config).create().map_err(unreachable)?;
+        let metadata: BaseConsumer = Self::client_config(config)
+            .set("group.id", format!("{}.metadata", config.topic_prefix))
+            .set("enable.auto.commit", "false")
+            .create()
+            .map_err(unreachable)?;
+        let kafka = Arc::new(Kafka {
+            config: config.clone(),
+            producer,
+            admin,
+            metadata: Arc::new(metadata),
+            known_topics: Default::default(),
+            healthy: AtomicBool::new(true),
+            metrics,
+        });
+        kafka
+            .ensure_topic(
+                &msg_all_topic(&config.topic_prefix),
+                config.msg_all_partitions,
+                &[],
+                true,
+            )
+            .await?;
+        Ok(kafka)
+    }
+
+    /// Whether the last metadata request reached the cluster.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Acquire)
+    }
+
+    /// Asks the cluster for the publish log's metadata and records whether it answered;
+    /// returns the new state.
+    pub async fn probe(&self) -> bool {
+        let metadata = self.metadata.clone();
+        let topic = msg_all_topic(&self.config.topic_prefix);
+        let ok = tokio::task::spawn_blocking(move || {
+            metadata
+                .fetch_metadata(Some(&topic), REQUEST_TIMEOUT)
+                .is_ok_and(|m| m.topics().iter().any(|t| t.error().is_none()))
+        })
+        .await
+        .unwrap_or(false);
+        let was = self.healthy.swap(ok, Ordering::AcqRel);
+        if was != ok {
+            if ok {
+                tracing::info!(servers = %self.config.bootstrap_servers, "kafka is reachable again");
+            } else {
+                tracing::error!(servers = %self.config.bootstrap_servers, "kafka is unreachable; publishes are refused until it returns");
+            }
+        }
+        ok
+    }
+
+    /// Partition count of `topic`, or `None` when it does not exist.
+    pub async fn partitions(&self, topic: &str) -> Result<Option<usize>, StorageError> {
+        let metadata = self.metadata.clone();
+        let name = topic.to_string();
+        tokio::task::spawn_blocking(move || {
+            let m = metadata
+                .fetch_metadata(Some(&name), REQUEST_TIMEOUT)
+                .map_err(kafka_error)?;
+            Ok(m.topics()
+                .iter()
+                .find(|t| t.name() == name)
+                .and_then(|t| match t.error() {
+                    None if !t.partitions().is_empty() => Some(t.partitions().len()),
+                    _ => None,
+                }))
+        })
+        .await
+        .map_err(|e| StorageError::Engine(format!("metadata task: {e}")))?
+    }
+
+    /// (low, high) watermarks of partition 0 of `topic`.
+    pub async fn watermarks(
+        &self,
+        topic: &str,
+        partition: i32,
+    ) -> Result<(i64, i64), StorageError> {
+        let metadata = self.metadata.clone();
+        let name = topic.to_string();
+        tokio::task::spawn_blocking(move || {
+            metadata
+                .fetch_watermarks(&name, partition, REQUEST_TIMEOUT)
+                .map_err(kafka_error)
+        })
+        .await
+        .map_err(|e| StorageError::Engine(format!("watermark task: {e}")))?
+    }
+
+    /// Makes sure `topic` exists: known, found in metadata, or created when `create` allows.
+    pub async fn ensure_topic(
+        &self,
+        topic: &str,
+        partitions: i32,
+        topic_config: &[(&str, String)],
+        create: bool,
+    ) -> Result<(), StorageError> {
+        if self.known_topics.lock().contains(topic) {
+            return Ok(());
+        }
+        if self.partitions(topic).await?.is_none() {
+            if !create {
+                return Err(StorageError::MissingTopic(topic.to_string()));
+            }
+            let mut new = NewTopic::new(
+                topic,
+                partitions,
+                TopicReplication::Fixed(self.config.replication_factor),
+            );
+            for (k, v) in topic_config {
+                new = new.set(k, v);
+            }
+            let options = AdminOptions::new().operation_timeout(Some(REQUEST_TIMEOUT));
+            let results = self
+                .admin
+                .create_topics([&new], &options)
+                .await
+                .map_err(kafka_error)?;
+            for result in results {
+                match result {
+                    Ok(_) => tracing::info!(topic, partitions, "created kafka topic"),
+                    Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                    Err((name, code)) => {
+                        return Err(StorageError::Engine(format!(
+                            "kafka: creating topic {name}: {code}"
+                        )))
+                    }
+                }
+            }
+        }
+        self.known_topics.lock().insert(topic.to_string());
+        Ok(())
+    }
+
+    /// Sends one record; `done` is answered once Kafka acknowledged it (or it failed).
+    fn send(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        partition: Option<i32>,
+        payload: &[u8],
+        headers: rdkafka::message::OwnedHeaders,
+    ) -> Completion {
+        let (tx, rx) = oneshot::channel();
+        let mut record = BaseRecord::with_opaque_to(topic, Box::new(tx))
+            .payload(payload)
+            .headers(headers);
+        if let Some(key) = key {
+            record = record.key(key);
+        }
+        if let Some(p) = partition {
+            record = record.partition(p);
+        }
+        if let Err((e, record)) = self.producer.send(record) {
+            self.metrics.storage_errors.inc();
+            let _ = record.delivery_opaque.send(Err(kafka_error(e)));
+        }
+        rx
+    }
+
+    /// Waits (bounded) until every record handed to the producer is acknowledged.
+    pub fn flush(&self, timeout: Duration) {
+        let _ = self.producer.flush(timeout);
+    }
+}
+
+/// The ingest side of the publish log: what a connection appends a PUBLISH to.
+pub struct PublishLog {
+    pub kafka: Arc<Kafka>,
+    topic: String,
+    /// Created at start (so a broken setup fails before listeners open), taken by the router.
+    router_consumer: parking_lot::Mutex<Option<rdkafka::consumer::StreamConsumer>>,
+    /// Per APPLICATION client, the origin (partition, offset) of the last record in its topic
+    /// when the broker started: a replayed batch must not append those again.
+    pub skip: parking_lot::Mutex<std::collections::HashMap<Arc<str>, (i32, i64)>>,
+}
+
+impl PublishLog {
+    /// Prepares the publish log and the router's consumer.
+    pub async fn open(
+        kafka: Arc<Kafka>,
+        pg: &crate::storage::postgres::PgStore,
+    ) -> Result<PublishLog, StorageError> {
+        let topic = msg_all_topic(&kafka.config.topic_prefix);
+        let consumer = router::consumer(&kafka, &topic, pg).await?;
+        Ok(PublishLog {
+            kafka,
+            topic,
+            router_consumer: parking_lot::Mutex::new(Some(consumer)),
+            skip: Default::default(),
+        })
+    }
+
+    pub fn take_router_consumer(&self) -> Option<rdkafka::consumer::StreamConsumer> {
+        self.router_consumer.lock().take()
+    }
+
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// Appends `message`; the completion resolves once Kafka has it with acks=all. Fails at
+    /// once with `Overloaded` when the producer's queue (`kafka.max_pending_records`) is full.
+    pub fn append(&self, message: &Message) -> Completion {
+        let headers = record::headers(message, None);
+        self.kafka.send(
+            &self.topic,
+            Some(message.publisher.as_bytes()),
+            None,
+            &message.payload,
+            headers,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn application_topic_names_are_legal_and_distinct() {
+        assert_eq!(
+            application_topic("ferrymq", "app-1_A"),
+            "ferrymq.app.app-1_A"
+        );
+        let hashed = application_topic("ferrymq", "plant/7 ünïcode");
+        assert!(hashed.starts_with("ferrymq.app.h."));
+        assert_eq!(hashed.len(), "ferrymq.app.h.".len() + 64);
+        assert!(hashed
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)));
+        // A dot is legal in Kafka names but reserved for the hashed form here.
+        assert!(application_topic("p", "a.b").starts_with("p.app.h."));
+        assert!(application_topic("p", &"x".repeat(65)).starts_with("p.app.h."));
+        assert_ne!(application_topic("p", "a.b"), application_topic("p", "a_b"));
+        assert_eq!(application_topic("p", "a.b"), application_topic("p", "a.b"));
+    }
+}

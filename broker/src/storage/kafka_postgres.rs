@@ -1,0 +1,254 @@
+//! The production backend: Kafka for logs, PostgreSQL for everything else.
+//!
+//! * PUBLISH → `<prefix>.msg.all` ([`PublishLog`], used by the connection directly).
+//! * Router → DEVICE queues in PostgreSQL, APPLICATION logs in `<prefix>.app.<client>`.
+//! * Sessions, subscriptions, retained messages, in-flight marks, APPLICATION offsets →
+//!   PostgreSQL.
+//!
+//! A batch that holds APPLICATION appends is produced first and its PostgreSQL part is applied
+//! after Kafka acknowledged them; the completion resolves when both are done. Only the router
+//! submits APPLICATION appends, one batch at a time, so their order is the router's order.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::PgConnection;
+use tokio::sync::{oneshot, Mutex};
+
+use super::kafka::app::ApplicationLogs;
+use super::kafka::{Kafka, PublishLog};
+use super::postgres::{take_node_lock, PgStore, ReleasedHook};
+use super::{
+    ClientKind, Completion, QueueRead, Snapshot, Storage, StorageError, SweepStats, WriteBatch,
+    WriteOp,
+};
+use crate::config::Config;
+use crate::metrics::Metrics;
+
+/// How often Kafka and PostgreSQL are probed for the readiness state.
+const PROBE_INTERVAL: Duration = Duration::from_secs(2);
+
+pub struct KafkaPostgresStorage {
+    kafka: Arc<Kafka>,
+    log: Arc<PublishLog>,
+    apps: Arc<ApplicationLogs>,
+    pg: Arc<PgStore>,
+    app_topic_config: Vec<(&'static str, String)>,
+}
+
+impl KafkaPostgresStorage {
+    /// Connects to both services (failing with a message that names the unreachable one), applies
+    /// the PostgreSQL migrations, takes the schema's node lock and prepares the publish log.
+    pub async fn connect(
+        config: &Config,
+        metrics: Arc<Metrics>,
+    ) -> Result<KafkaPostgresStorage, StorageError> {
+        let kafka = Kafka::connect(&config.kafka, metrics.clone()).await?;
+        let apps = Arc::new(ApplicationLogs::new(kafka.clone()));
+        let released: ReleasedHook = apps.released.clone();
+        let (pg, lock) = PgStore::connect(
+            &config.postgres,
+            config.device.queue_limit,
+            metrics,
+            released,
+        )
+        .await?;
+        let pg = Arc::new(pg);
+        let log = Arc::new(PublishLog::open(kafka.clone(), &pg).await?);
+        tokio::spawn(watch_health(
+            kafka.clone(),
+            pg.clone(),
+            lock,
+            config.postgres.url.clone(),
+        ));
+        Ok(KafkaPostgresStorage {
+            kafka,
+            log,
+            apps,
+            pg,
+            app_topic_config: ApplicationLogs::topic_config(
+                config.application.retention_secs.saturating_mul(1000),
+                config.application.retention_bytes,
+            ),
+        })
+    }
+
+    pub fn publish_log(&self) -> Arc<PublishLog> {
+        self.log.clone()
+    }
+}
+
+/// Probes both services, logs every change of state, and keeps the node lock: when its
+/// connection dies (PostgreSQL restarted) a new one takes the lock again.
+async fn watch_health(kafka: Arc<Kafka>, pg: Arc<PgStore>, lock: PgConnection, url: String) {
+    let lock = Mutex::new(Some(lock));
+    let mut tick = tokio::time::interval(PROBE_INTERVAL);
+    loop {
+        tick.tick().await;
+        kafka.probe().await;
+        if !pg.probe().await {
+            continue;
+        }
+        let mut held = lock.lock().await;
+        let alive = match held.as_mut() {
+            Some(conn) => sqlx::query("SELECT 1").execute(&mut *conn).await.is_ok(),
+            None => false,
+        };
+        if !alive {
+            *held = None;
+            let options =
+                match <sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(&url) {
+                    Ok(o) => o.options([("search_path", pg.schema())]),
+                    Err(_) => continue,
+                };
+            match sqlx::Connection::connect_with(&options).await {
+                Ok(mut conn) => match take_node_lock(&mut conn, pg.schema()).await {
+                    Ok(()) => {
+                        tracing::info!(
+                            schema = pg.schema(),
+                            "node lock taken again after a postgres reconnect"
+                        );
+                        *held = Some(conn);
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot take the node lock again"),
+                },
+                Err(e) => tracing::warn!(error = %e, "reconnecting the node lock failed"),
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Storage for KafkaPostgresStorage {
+    fn submit(&self, mut batch: WriteBatch) -> Completion {
+        let has_app = batch.ops.iter().any(|op| {
+            matches!(
+                op,
+                WriteOp::Enqueue {
+                    kind: ClientKind::Application,
+                    ..
+                }
+            )
+        });
+        if !has_app {
+            return self.pg.submit(batch);
+        }
+        // Produce the APPLICATION appends now, in order; the rest goes to PostgreSQL once Kafka
+        // has them all.
+        let mut produced = Vec::new();
+        let mut wake = Vec::new();
+        batch.ops.retain_mut(|op| match op {
+            WriteOp::Enqueue {
+                client,
+                kind: ClientKind::Application,
+                record,
+                notify,
+                origin,
+            } => {
+                produced.push(self.apps.append(client, record, *origin));
+                self.kafka.metrics.application_messages_stored.inc();
+                if let Some(n) = notify.take() {
+                    wake.push(n);
+                }
+                false
+            }
+            _ => true,
+        });
+        let pg = self.pg.clone();
+        let (tx, rx) = oneshot::channel();
+        tokio::spawn(async move {
+            let mut result = Ok(());
+            for p in produced {
+                if let Err(e) = p.await.unwrap_or(Err(StorageError::Closed)) {
+                    result = Err(e);
+                }
+            }
+            if result.is_ok() {
+                for n in wake {
+                    n.notify_one();
+                }
+                if !batch.is_empty() {
+                    result = pg.submit(batch).await.unwrap_or(Err(StorageError::Closed));
+                }
+            }
+            let _ = tx.send(result);
+        });
+        rx
+    }
+
+    fn flush(&self) -> Completion {
+        self.kafka.flush(Duration::from_secs(5));
+        self.pg.submit(WriteBatch::default())
+    }
+
+    async fn load(&self) -> Result<Snapshot, StorageError> {
+        let (mut snapshot, released) = self.pg.load().await?;
+        {
+            let mut map = self.apps.released.lock();
+            for (client, seq) in released {
+                map.entry(client).or_default().insert(seq);
+            }
+        }
+        for session in &mut snapshot.sessions {
+            if session.record.kind == ClientKind::Application {
+                match self.apps.last_origin(&session.client).await {
+                    Ok(Some(origin)) => {
+                        self.log.skip.lock().insert(session.client.clone(), origin);
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(client_id = %session.client, error = %e, "reading the end of an APPLICATION topic failed");
+                    }
+                }
+                // The log's end is in Kafka; a topic deleted out of band leaves nothing to read.
+                session.next_seq = match self.apps.next_seq(&session.client).await {
+                    Ok(n) => n.max(session.read_from),
+                    Err(e) => {
+                        tracing::warn!(client_id = %session.client, error = %e, "APPLICATION topic not readable at start");
+                        session.read_from
+                    }
+                };
+            }
+        }
+        Ok(snapshot)
+    }
+
+    fn read_queue(
+        &self,
+        client: &Arc<str>,
+        kind: ClientKind,
+        from: u64,
+        limit: usize,
+    ) -> QueueRead {
+        match kind {
+            ClientKind::Device => QueueRead::Pending(self.pg.read_device(client, from, limit)),
+            ClientKind::Application => self.apps.read(client, from, limit),
+        }
+    }
+
+    async fn sweep(&self, now_ms: u64, budget: usize) -> Result<SweepStats, StorageError> {
+        self.pg.sweep(now_ms, budget).await
+    }
+
+    fn health(&self) -> Result<(), StorageError> {
+        if !self.kafka.is_healthy() {
+            return Err(StorageError::Engine(format!(
+                "kafka at `{}` is unreachable",
+                self.kafka.config.bootstrap_servers
+            )));
+        }
+        if !self.pg.is_healthy() {
+            return Err(StorageError::Engine("postgres is unreachable".into()));
+        }
+        Ok(())
+    }
+
+    async fn prepare_application(&self, client: &Arc<str>) -> Result<Option<u64>, StorageError> {
+        let end = self.apps.prepare(client, &self.app_topic_config).await?;
+        Ok(Some(self.pg.application_start(client, end).await?))
+    }
+
+    fn client_offline(&self, client: &str) {
+        self.apps.drop_reader(client);
+    }
+}

@@ -1,0 +1,1014 @@
+//! PostgreSQL: the session store and the DEVICE queues for `storage.backend = "kafka+postgres"`.
+//!
+//! One writer task applies batches in submission order, group-committing everything queued into
+//! one transaction: DEVICE appends become one multi-row `INSERT … SELECT FROM UNNEST(…)`, acks
+//! one `DELETE … USING UNNEST(…)`, so a router batch of a thousand messages is a handful of
+//! statements, not a thousand round trips. Sequence numbers, queue lengths and the set of live
+//! sessions are kept in memory by the writer (it is their only writer; the node lock makes it
+//! the only one in the cluster) and rebuilt from the tables when a transaction fails.
+//!
+//! Schema layout: `broker/migrations/postgres/` (embedded with `sqlx::migrate!`), applied at
+//! start inside `postgres.schema`.
+
+use std::collections::{HashMap, HashSet};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Connection, PgConnection, PgPool, Postgres, Row, Transaction};
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use super::codec::{self, decode_delivery, now_ms};
+use super::{
+    ClientKind, Completion, QueuedEntry, RestoredSession, SessionRecord, Snapshot, StorageError,
+    SweepStats, WriteBatch, WriteOp,
+};
+use crate::config::PostgresConfig;
+use crate::metrics::Metrics;
+
+/// Batches waiting for the writer at most; beyond it submissions fail with `Overloaded`.
+const WRITE_QUEUE_CAPACITY: usize = 16_384;
+/// Batches group-committed in one transaction at most.
+const MAX_GROUP: usize = 1_024;
+
+fn db<E: std::fmt::Display>(e: E) -> StorageError {
+    StorageError::Engine(format!("postgres: {e}"))
+}
+
+fn kind_code(kind: ClientKind) -> i16 {
+    match kind {
+        ClientKind::Device => 0,
+        ClientKind::Application => 1,
+    }
+}
+
+fn kind_from(code: i16) -> Result<ClientKind, StorageError> {
+    match code {
+        0 => Ok(ClientKind::Device),
+        1 => Ok(ClientKind::Application),
+        other => Err(StorageError::Corrupt(format!("session kind {other}"))),
+    }
+}
+
+/// The expiry deadline inside an encoded delivery (see `codec::encode_delivery`).
+fn expires_at(record: &[u8]) -> i64 {
+    if record.len() >= 10 {
+        (&record[2..10]).get_u64() as i64
+    } else {
+        0
+    }
+}
+
+enum Request {
+    Batch {
+        batch: WriteBatch,
+        done: oneshot::Sender<Result<(), StorageError>>,
+    },
+    Sweep {
+        now_ms: u64,
+        budget: usize,
+        done: oneshot::Sender<Result<SweepStats, StorageError>>,
+    },
+}
+
+/// The PostgreSQL half of the backend.
+pub struct PgStore {
+    pool: PgPool,
+    tx: mpsc::Sender<Request>,
+    healthy: Arc<AtomicBool>,
+    schema: String,
+}
+
+impl PgStore {
+    /// Connects, takes the node lock, applies migrations and starts the writer. Fails with a
+    /// message naming the URL's host when PostgreSQL cannot be reached.
+    pub async fn connect(
+        config: &PostgresConfig,
+        device_queue_limit: u64,
+        metrics: Arc<Metrics>,
+        released: ReleasedHook,
+    ) -> Result<(PgStore, PgConnection), StorageError> {
+        let unreachable = |e: sqlx::Error| {
+            StorageError::Engine(format!(
+                "postgres at `{}` (postgres.url): {e}",
+                redact(&config.url)
+            ))
+        };
+        let base = PgConnectOptions::from_str(&config.url).map_err(unreachable)?;
+        // Create the schema before anything uses it as search_path (an operator-provisioned
+        // role owns its schema already, and may lack CREATE on the database: then skip).
+        let mut setup = tokio::time::timeout(
+            Duration::from_secs(config.connect_timeout_secs),
+            PgConnection::connect_with(&base),
+        )
+        .await
+        .map_err(|_| {
+            StorageError::Engine(format!(
+                "postgres at `{}` (postgres.url): no answer within {} s",
+                redact(&config.url),
+                config.connect_timeout_secs
+            ))
+        })?
+        .map_err(unreachable)?;
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+                .bind(&config.schema)
+                .fetch_one(&mut setup)
+                .await
+                .map_err(db)?;
+        if !exists {
+            sqlx::query(&format!(
+                "CREATE SCHEMA IF NOT EXISTS \"{}\"",
+                config.schema
+            ))
+            .execute(&mut setup)
+            .await
+            .map_err(|e| db(format!("creating schema {}: {e}", config.schema)))?;
+        }
+        let options = base.options([("search_path", config.schema.as_str())]);
+        // The node lock: one broker per schema. It lives as long as this connection.
+        let mut lock = PgConnection::connect_with(&options)
+            .await
+            .map_err(unreachable)?;
+        take_node_lock(&mut lock, &config.schema).await?;
+        let pool = PgPoolOptions::new()
+            .max_connections(config.max_connections)
+            .acquire_timeout(Duration::from_secs(config.connect_timeout_secs))
+            .connect_with(options)
+            .await
+            .map_err(unreachable)?;
+        sqlx::migrate!("./migrations/postgres")
+            .run(&pool)
+            .await
+            .map_err(|e| db(format!("migrating schema {}: {e}", config.schema)))?;
+        let (tx, rx) = mpsc::channel(WRITE_QUEUE_CAPACITY);
+        let healthy = Arc::new(AtomicBool::new(true));
+        let mut writer = Writer {
+            pool: pool.clone(),
+            device_queue_limit,
+            live: HashSet::new(),
+            device: HashMap::new(),
+            metrics,
+            healthy: healthy.clone(),
+            released_hook: Some(released),
+        };
+        writer.reload().await?;
+        let store = PgStore {
+            pool,
+            tx,
+            healthy,
+            schema: config.schema.clone(),
+        };
+        store.spawn_writer(writer, rx);
+        Ok((store, lock))
+    }
+
+    fn spawn_writer(&self, writer: Writer, rx: mpsc::Receiver<Request>) {
+        tokio::spawn(writer.run(rx));
+    }
+
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Acquire)
+    }
+
+    /// Runs `SELECT 1` and records whether it worked; returns the new state.
+    pub async fn probe(&self) -> bool {
+        let ok = sqlx::query("SELECT 1").execute(&self.pool).await.is_ok();
+        let was = self.healthy.swap(ok, Ordering::AcqRel);
+        if was != ok {
+            if ok {
+                tracing::info!("postgres is reachable again");
+            } else {
+                tracing::error!("postgres is unreachable; persistent sessions cannot be stored until it returns");
+            }
+        }
+        ok
+    }
+
+    /// Queues a batch for the writer; never blocks.
+    pub fn submit(&self, batch: WriteBatch) -> Completion {
+        let (done, completion) = oneshot::channel();
+        if let Err(e) = self.tx.try_send(Request::Batch { batch, done }) {
+            let (request, error) = match e {
+                mpsc::error::TrySendError::Full(r) => (r, StorageError::Overloaded),
+                mpsc::error::TrySendError::Closed(r) => (r, StorageError::Closed),
+            };
+            if let Request::Batch { done, .. } = request {
+                let _ = done.send(Err(error));
+            }
+        }
+        completion
+    }
+
+    pub async fn sweep(&self, now_ms: u64, budget: usize) -> Result<SweepStats, StorageError> {
+        let (done, rx) = oneshot::channel();
+        self.tx
+            .try_send(Request::Sweep {
+                now_ms,
+                budget,
+                done,
+            })
+            .map_err(|_| StorageError::Overloaded)?;
+        rx.await.unwrap_or(Err(StorageError::Closed))
+    }
+
+    /// Up to `limit` live DEVICE entries with `seq >= from`, read on a pooled connection.
+    pub fn read_device(
+        &self,
+        client: &Arc<str>,
+        from: u64,
+        limit: usize,
+    ) -> oneshot::Receiver<Result<Vec<QueuedEntry>, StorageError>> {
+        let (tx, rx) = oneshot::channel();
+        let pool = self.pool.clone();
+        let client = client.clone();
+        tokio::spawn(async move {
+            let _ = tx.send(read_device(&pool, &client, from, limit).await);
+        });
+        rx
+    }
+
+    /// The APPLICATION client's committed position, created at `start` when it has none.
+    pub async fn application_start(&self, client: &str, start: u64) -> Result<u64, StorageError> {
+        sqlx::query(
+            "INSERT INTO application_offsets (client_id, committed_seq) VALUES ($1, $2) \
+             ON CONFLICT (client_id) DO NOTHING",
+        )
+        .bind(client)
+        .bind(start as i64)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        let committed: i64 = sqlx::query_scalar(
+            "SELECT committed_seq FROM application_offsets WHERE client_id = $1",
+        )
+        .bind(client)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(committed.max(1) as u64)
+    }
+
+    /// The log router's stored positions: partition → next offset.
+    pub async fn router_positions(&self) -> Result<HashMap<i32, i64>, StorageError> {
+        let rows = sqlx::query("SELECT partition, next_offset FROM router_offsets")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// Records starting positions (first start, or partitions added since) before the router
+    /// runs; existing rows are kept.
+    pub async fn init_router_positions(
+        &self,
+        positions: &[(i32, i64)],
+    ) -> Result<(), StorageError> {
+        for (partition, offset) in positions {
+            sqlx::query(
+                "INSERT INTO router_offsets (partition, next_offset) VALUES ($1, $2) \
+                 ON CONFLICT (partition) DO NOTHING",
+            )
+            .bind(partition)
+            .bind(offset)
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        }
+        Ok(())
+    }
+
+    /// Reads every session, subscription, retained message and in-flight mark. APPLICATION
+    /// sessions get `next_seq` from `app_next_seq` (their log is in Kafka).
+    pub async fn load(&self) -> Result<(Snapshot, Vec<(Arc<str>, u64)>), StorageError> {
+        let pool = &self.pool;
+        let mut subscriptions: HashMap<String, Vec<(String, crate::router::SubscriptionOptions)>> =
+            HashMap::new();
+        for row in sqlx::query("SELECT client_id, filter, options FROM subscriptions")
+            .fetch_all(pool)
+            .await
+            .map_err(db)?
+        {
+            let options = codec::decode_options(Bytes::from(row.get::<Vec<u8>, _>(2)))
+                .map_err(|e| StorageError::Corrupt(e.to_string()))?;
+            subscriptions
+                .entry(row.get(0))
+                .or_default()
+                .push((row.get(1), options));
+        }
+        let mut qos2: HashMap<String, Vec<u16>> = HashMap::new();
+        for row in sqlx::query("SELECT client_id, pkid FROM inbound_qos2")
+            .fetch_all(pool)
+            .await
+            .map_err(db)?
+        {
+            let pkid: i32 = row.get(1);
+            qos2.entry(row.get(0)).or_default().push(pkid as u16);
+        }
+        let mut device_first: HashMap<String, i64> = HashMap::new();
+        for row in sqlx::query("SELECT client_id, min(seq) FROM device_queue GROUP BY client_id")
+            .fetch_all(pool)
+            .await
+            .map_err(db)?
+        {
+            device_first.insert(row.get(0), row.get(1));
+        }
+        let mut app_committed: HashMap<String, i64> = HashMap::new();
+        for row in sqlx::query("SELECT client_id, committed_seq FROM application_offsets")
+            .fetch_all(pool)
+            .await
+            .map_err(db)?
+        {
+            app_committed.insert(row.get(0), row.get(1));
+        }
+        let mut released: Vec<(Arc<str>, u64)> = Vec::new();
+        for row in sqlx::query("SELECT client_id, seq FROM application_released")
+            .fetch_all(pool)
+            .await
+            .map_err(db)?
+        {
+            let client: String = row.get(0);
+            let seq: i64 = row.get(1);
+            released.push((Arc::from(client), seq as u64));
+        }
+        let mut snapshot = Snapshot::default();
+        for row in sqlx::query(
+            "SELECT client_id, kind, expiry_interval, disconnected_at_ms, next_seq, sent_upto FROM sessions",
+        )
+        .fetch_all(pool)
+        .await
+        .map_err(db)?
+        {
+            let client: String = row.get(0);
+            let kind = kind_from(row.get(1))?;
+            let expiry: i64 = row.get(2);
+            let next_seq: i64 = row.get(4);
+            let (next_seq, read_from) = match kind {
+                ClientKind::Device => {
+                    let first = device_first.get(&client).copied().unwrap_or(next_seq);
+                    (next_seq.max(1) as u64, first.max(1) as u64)
+                }
+                // next_seq is filled in from the Kafka log by the caller.
+                ClientKind::Application => {
+                    let committed = app_committed.get(&client).copied().unwrap_or(1);
+                    (0, committed.max(1) as u64)
+                }
+            };
+            snapshot.sessions.push(RestoredSession {
+                subscriptions: subscriptions.remove(&client).unwrap_or_default(),
+                inbound_qos2: qos2.remove(&client).unwrap_or_default(),
+                client: Arc::from(client),
+                record: SessionRecord {
+                    kind,
+                    expiry_interval: expiry.clamp(0, i64::from(u32::MAX)) as u32,
+                    disconnected_at_ms: row.get::<i64, _>(3).max(0) as u64,
+                },
+                next_seq,
+                read_from,
+                sent_upto: row.get::<i64, _>(5).max(0) as u64,
+            });
+        }
+        for row in sqlx::query("SELECT record FROM retained")
+            .fetch_all(pool)
+            .await
+            .map_err(db)?
+        {
+            let mut bytes = Bytes::from(row.get::<Vec<u8>, _>(0));
+            let message = codec::decode_message(&mut bytes)
+                .map_err(|e| StorageError::Corrupt(e.to_string()))?;
+            snapshot.retained.push(message);
+        }
+        Ok((snapshot, released))
+    }
+}
+
+/// Shared map of APPLICATION entries whose PUBREC was received.
+pub type ReleasedHook = Arc<parking_lot::Mutex<HashMap<Arc<str>, std::collections::BTreeSet<u64>>>>;
+
+/// Takes the schema's node lock (a session-level advisory lock) on `conn`.
+pub async fn take_node_lock(conn: &mut PgConnection, schema: &str) -> Result<(), StorageError> {
+    let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext('ferrymq:' || $1))")
+        .bind(schema)
+        .fetch_one(conn)
+        .await
+        .map_err(db)?;
+    if !got {
+        return Err(StorageError::Engine(format!(
+            "another ferrymq node holds the lock on postgres schema `{schema}` (postgres.schema); \
+             each broker node needs its own schema"
+        )));
+    }
+    Ok(())
+}
+
+/// The URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{}@{}", &url[..scheme + 3], user, &url[at + 1..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+async fn read_device(
+    pool: &PgPool,
+    client: &str,
+    from: u64,
+    limit: usize,
+) -> Result<Vec<QueuedEntry>, StorageError> {
+    let rows = sqlx::query(
+        "SELECT seq, released, record FROM device_queue \
+         WHERE client_id = $1 AND seq >= $2 AND (expires_at_ms = 0 OR expires_at_ms > $3) \
+         ORDER BY seq LIMIT $4",
+    )
+    .bind(client)
+    .bind(from as i64)
+    .bind(now_ms() as i64)
+    .bind(limit as i64)
+    .fetch_all(pool)
+    .await
+    .map_err(db)?;
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let seq: i64 = row.get(0);
+        let delivery = decode_delivery(Bytes::from(row.get::<Vec<u8>, _>(2)))
+            .map_err(|e| StorageError::Corrupt(e.to_string()))?;
+        out.push(QueuedEntry {
+            seq: seq as u64,
+            delivery,
+            released: row.get(1),
+        });
+    }
+    Ok(out)
+}
+
+/// Per DEVICE queue: what the writer needs to assign sequence numbers and enforce the limit.
+#[derive(Debug, Default, Clone, Copy)]
+struct DeviceStats {
+    count: u64,
+    next_seq: u64,
+}
+
+struct Writer {
+    pool: PgPool,
+    device_queue_limit: u64,
+    /// Clients with a stored session; appends for anyone else are dropped (as on embedded).
+    live: HashSet<String>,
+    device: HashMap<String, DeviceStats>,
+    metrics: Arc<Metrics>,
+    healthy: Arc<AtomicBool>,
+    released_hook: Option<ReleasedHook>,
+}
+
+/// Writes collected from a group, applied as a few set-based statements.
+#[derive(Default)]
+struct Pending {
+    insert_client: Vec<String>,
+    insert_seq: Vec<i64>,
+    insert_expires: Vec<i64>,
+    insert_record: Vec<Vec<u8>>,
+    ack_client: Vec<String>,
+    ack_seq: Vec<i64>,
+    sent: HashMap<String, i64>,
+    touched: HashSet<String>,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.insert_client.is_empty() && self.ack_client.is_empty() && self.sent.is_empty()
+    }
+}
+
+impl Writer {
+    async fn reload(&mut self) -> Result<(), StorageError> {
+        let mut live = HashSet::new();
+        let mut device = HashMap::new();
+        for row in sqlx::query("SELECT client_id, kind, next_seq FROM sessions")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?
+        {
+            let client: String = row.get(0);
+            let kind: i16 = row.get(1);
+            if kind == 0 {
+                let next: i64 = row.get(2);
+                device.insert(
+                    client.clone(),
+                    DeviceStats {
+                        count: 0,
+                        next_seq: next.max(1) as u64,
+                    },
+                );
+            }
+            live.insert(client);
+        }
+        for row in
+            sqlx::query("SELECT client_id, count(*), max(seq) FROM device_queue GROUP BY client_id")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db)?
+        {
+            let client: String = row.get(0);
+            let count: i64 = row.get(1);
+            let max: i64 = row.get(2);
+            let stats = device.entry(client).or_default();
+            stats.count = count as u64;
+            stats.next_seq = stats.next_seq.max(max as u64 + 1);
+        }
+        self.live = live;
+        self.device = device;
+        Ok(())
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<Request>) {
+        let mut group: Vec<Request> = Vec::new();
+        while let Some(first) = rx.recv().await {
+            group.push(first);
+            while group.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(r) => group.push(r),
+                    Err(_) => break,
+                }
+            }
+            let mut batches = Vec::new();
+            let mut dones = Vec::new();
+            let mut sweeps = Vec::new();
+            for request in group.drain(..) {
+                match request {
+                    Request::Batch { batch, done } => {
+                        batches.push(batch);
+                        dones.push(done);
+                    }
+                    Request::Sweep {
+                        now_ms,
+                        budget,
+                        done,
+                    } => sweeps.push((now_ms, budget, done)),
+                }
+            }
+            if !batches.is_empty() {
+                let mut notify = Vec::new();
+                let result = self.apply(batches, &mut notify).await;
+                match &result {
+                    Ok(()) => {
+                        self.healthy.store(true, Ordering::Release);
+                        for n in notify {
+                            n.notify_one();
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, batches = dones.len(), "postgres commit failed");
+                        if let Err(e) = self.reload().await {
+                            tracing::warn!(error = %e, "reloading queue counters failed; retrying with the next commit");
+                        }
+                    }
+                }
+                for done in dones {
+                    let _ = done.send(result.clone());
+                }
+            }
+            for (now, budget, done) in sweeps {
+                let _ = done.send(self.sweep(now, budget).await);
+            }
+        }
+    }
+
+    async fn apply(
+        &mut self,
+        batches: Vec<WriteBatch>,
+        notify: &mut Vec<Arc<Notify>>,
+    ) -> Result<(), StorageError> {
+        let mut txn = self.pool.begin().await.map_err(db)?;
+        let mut pending = Pending::default();
+        let mut released_changes: Vec<(Arc<str>, ReleasedChange)> = Vec::new();
+        for batch in batches {
+            for op in batch.ops {
+                self.apply_op(&mut txn, op, &mut pending, notify, &mut released_changes)
+                    .await?;
+            }
+        }
+        self.flush(&mut txn, &mut pending).await?;
+        txn.commit().await.map_err(db)?;
+        if let Some(hook) = &self.released_hook {
+            let mut map = hook.lock();
+            for (client, change) in released_changes {
+                match change {
+                    ReleasedChange::Add(seq) => {
+                        map.entry(client).or_default().insert(seq);
+                    }
+                    ReleasedChange::Below(seq) => {
+                        if let Some(set) = map.get_mut(&client) {
+                            *set = set.split_off(&seq);
+                        }
+                    }
+                    ReleasedChange::All => {
+                        map.remove(&client);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies the buffered set-based writes; called before any op whose effect depends on them
+    /// (order within a group is submission order).
+    async fn flush(
+        &mut self,
+        txn: &mut Transaction<'static, Postgres>,
+        pending: &mut Pending,
+    ) -> Result<(), StorageError> {
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let p = std::mem::take(pending);
+        if !p.insert_client.is_empty() {
+            sqlx::query(
+                "INSERT INTO device_queue (client_id, seq, expires_at_ms, record) \
+                 SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::bytea[])",
+            )
+            .bind(&p.insert_client)
+            .bind(&p.insert_seq)
+            .bind(&p.insert_expires)
+            .bind(&p.insert_record)
+            .execute(&mut **txn)
+            .await
+            .map_err(db)?;
+        }
+        if !p.ack_client.is_empty() {
+            let removed = sqlx::query(
+                "DELETE FROM device_queue d USING UNNEST($1::text[], $2::int8[]) AS a(c, s) \
+                 WHERE d.client_id = a.c AND d.seq = a.s RETURNING d.client_id",
+            )
+            .bind(&p.ack_client)
+            .bind(&p.ack_seq)
+            .fetch_all(&mut **txn)
+            .await
+            .map_err(db)?;
+            for row in removed {
+                let client: String = row.get(0);
+                if let Some(s) = self.device.get_mut(&client) {
+                    s.count = s.count.saturating_sub(1);
+                }
+            }
+        }
+        // Trim every queue that grew past the limit: the oldest entries go (counted).
+        for client in &p.touched {
+            let Some(stats) = self.device.get(client).copied() else {
+                continue;
+            };
+            if stats.count > self.device_queue_limit {
+                let excess = stats.count - self.device_queue_limit;
+                let trimmed = sqlx::query(
+                    "DELETE FROM device_queue WHERE client_id = $1 AND seq IN \
+                     (SELECT seq FROM device_queue WHERE client_id = $1 ORDER BY seq LIMIT $2)",
+                )
+                .bind(client)
+                .bind(excess as i64)
+                .execute(&mut **txn)
+                .await
+                .map_err(db)?
+                .rows_affected();
+                if let Some(s) = self.device.get_mut(client) {
+                    s.count = s.count.saturating_sub(trimmed);
+                }
+                self.metrics.device_messages_trimmed.add(trimmed);
+            }
+        }
+        if !p.touched.is_empty() {
+            let clients: Vec<&String> = p.touched.iter().collect();
+            let next: Vec<i64> = clients
+                .iter()
+                .map(|c| self.device.get(*c).map_or(1, |s| s.next_seq as i64))
+                .collect();
+            sqlx::query(
+                "UPDATE sessions s SET next_seq = v.n FROM UNNEST($1::text[], $2::int8[]) AS v(c, n) \
+                 WHERE s.client_id = v.c",
+            )
+            .bind(&clients)
+            .bind(&next)
+            .execute(&mut **txn)
+            .await
+            .map_err(db)?;
+        }
+        if !p.sent.is_empty() {
+            let (clients, upto): (Vec<String>, Vec<i64>) = p.sent.into_iter().unzip();
+            sqlx::query(
+                "UPDATE sessions s SET sent_upto = GREATEST(s.sent_upto, v.u) \
+                 FROM UNNEST($1::text[], $2::int8[]) AS v(c, u) WHERE s.client_id = v.c",
+            )
+            .bind(&clients)
+            .bind(&upto)
+            .execute(&mut **txn)
+            .await
+            .map_err(db)?;
+        }
+        Ok(())
+    }
+
+    async fn apply_op(
+        &mut self,
+        txn: &mut Transaction<'static, Postgres>,
+        op: WriteOp,
+        pending: &mut Pending,
+        notify: &mut Vec<Arc<Notify>>,
+        released: &mut Vec<(Arc<str>, ReleasedChange)>,
+    ) -> Result<(), StorageError> {
+        match op {
+            // Buffered: the hot path of the router and of acknowledging clients.
+            WriteOp::Enqueue {
+                client,
+                kind: ClientKind::Device,
+                record,
+                notify: wake,
+                ..
+            } => {
+                if !self.live.contains(&*client) {
+                    return Ok(());
+                }
+                let stats = self.device.entry(client.to_string()).or_default();
+                let seq = stats.next_seq.max(1);
+                stats.next_seq = seq + 1;
+                stats.count += 1;
+                pending.insert_client.push(client.to_string());
+                pending.insert_seq.push(seq as i64);
+                pending.insert_expires.push(expires_at(&record));
+                pending.insert_record.push(record);
+                pending.touched.insert(client.to_string());
+                self.metrics.device_messages_stored.inc();
+                if let Some(n) = wake {
+                    notify.push(n);
+                }
+                return Ok(());
+            }
+            WriteOp::AckDevice { client, seq } => {
+                pending.ack_client.push(client.to_string());
+                pending.ack_seq.push(seq as i64);
+                return Ok(());
+            }
+            WriteOp::MarkSent { client, upto } => {
+                if self.live.contains(&*client) {
+                    let e = pending.sent.entry(client.to_string()).or_insert(0);
+                    *e = (*e).max(upto as i64);
+                }
+                return Ok(());
+            }
+            _ => {}
+        }
+        // Everything else sees the buffered writes first.
+        self.flush(txn, pending).await?;
+        let t = &mut **txn;
+        match op {
+            WriteOp::RouterPosition {
+                partition,
+                next_offset,
+            } => {
+                sqlx::query(
+                    "INSERT INTO router_offsets (partition, next_offset) VALUES ($1, $2) \
+                     ON CONFLICT (partition) DO UPDATE SET next_offset = EXCLUDED.next_offset",
+                )
+                .bind(partition)
+                .bind(next_offset)
+                .execute(t)
+                .await
+                .map_err(db)?;
+            }
+            WriteOp::PutSession { client, record } => {
+                sqlx::query(
+                    "INSERT INTO sessions (client_id, kind, expiry_interval, disconnected_at_ms) \
+                     VALUES ($1, $2, $3, $4) ON CONFLICT (client_id) DO UPDATE SET \
+                     kind = EXCLUDED.kind, expiry_interval = EXCLUDED.expiry_interval, \
+                     disconnected_at_ms = EXCLUDED.disconnected_at_ms",
+                )
+                .bind(&*client)
+                .bind(kind_code(record.kind))
+                .bind(i64::from(record.expiry_interval))
+                .bind(record.disconnected_at_ms as i64)
+                .execute(t)
+                .await
+                .map_err(db)?;
+                if record.kind == ClientKind::Device {
+                    self.device
+                        .entry(client.to_string())
+                        .or_insert(DeviceStats {
+                            count: 0,
+                            next_seq: 1,
+                        });
+                }
+                self.live.insert(client.to_string());
+            }
+            WriteOp::DeleteSession { client } => {
+                for table in [
+                    "sessions",
+                    "subscriptions",
+                    "device_queue",
+                    "application_offsets",
+                    "application_released",
+                    "inbound_qos2",
+                ] {
+                    sqlx::query(&format!("DELETE FROM {table} WHERE client_id = $1"))
+                        .bind(&*client)
+                        .execute(&mut **txn)
+                        .await
+                        .map_err(db)?;
+                }
+                self.live.remove(&*client);
+                self.device.remove(&*client);
+                released.push((client, ReleasedChange::All));
+            }
+            WriteOp::PutSubscription {
+                client,
+                filter,
+                options,
+            } => {
+                sqlx::query(
+                    "INSERT INTO subscriptions (client_id, filter, options) VALUES ($1, $2, $3) \
+                     ON CONFLICT (client_id, filter) DO UPDATE SET options = EXCLUDED.options",
+                )
+                .bind(&*client)
+                .bind(&filter)
+                .bind(codec::encode_options(&options))
+                .execute(t)
+                .await
+                .map_err(db)?;
+            }
+            WriteOp::DeleteSubscription { client, filter } => {
+                sqlx::query("DELETE FROM subscriptions WHERE client_id = $1 AND filter = $2")
+                    .bind(&*client)
+                    .bind(&filter)
+                    .execute(t)
+                    .await
+                    .map_err(db)?;
+            }
+            WriteOp::CommitApplication {
+                client,
+                next_offset,
+            } => {
+                sqlx::query(
+                    "UPDATE application_offsets SET committed_seq = GREATEST(committed_seq, $2) \
+                     WHERE client_id = $1",
+                )
+                .bind(&*client)
+                .bind(next_offset as i64)
+                .execute(&mut **txn)
+                .await
+                .map_err(db)?;
+                sqlx::query("DELETE FROM application_released WHERE client_id = $1 AND seq < $2")
+                    .bind(&*client)
+                    .bind(next_offset as i64)
+                    .execute(&mut **txn)
+                    .await
+                    .map_err(db)?;
+                released.push((client, ReleasedChange::Below(next_offset)));
+            }
+            WriteOp::MarkReleased { client, kind, seq } => match kind {
+                ClientKind::Device => {
+                    sqlx::query(
+                        "UPDATE device_queue SET released = true WHERE client_id = $1 AND seq = $2",
+                    )
+                    .bind(&*client)
+                    .bind(seq as i64)
+                    .execute(t)
+                    .await
+                    .map_err(db)?;
+                }
+                ClientKind::Application => {
+                    sqlx::query(
+                        "INSERT INTO application_released (client_id, seq) VALUES ($1, $2) \
+                         ON CONFLICT DO NOTHING",
+                    )
+                    .bind(&*client)
+                    .bind(seq as i64)
+                    .execute(t)
+                    .await
+                    .map_err(db)?;
+                    released.push((client, ReleasedChange::Add(seq)));
+                }
+            },
+            WriteOp::PutInboundQos2 { client, pkid } => {
+                sqlx::query(
+                    "INSERT INTO inbound_qos2 (client_id, pkid) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                )
+                .bind(&*client)
+                .bind(i32::from(pkid))
+                .execute(t)
+                .await
+                .map_err(db)?;
+            }
+            WriteOp::DeleteInboundQos2 { client, pkid } => {
+                sqlx::query("DELETE FROM inbound_qos2 WHERE client_id = $1 AND pkid = $2")
+                    .bind(&*client)
+                    .bind(i32::from(pkid))
+                    .execute(t)
+                    .await
+                    .map_err(db)?;
+            }
+            WriteOp::PutRetained { topic, record } => {
+                sqlx::query(
+                    "INSERT INTO retained (topic, record) VALUES ($1, $2) \
+                     ON CONFLICT (topic) DO UPDATE SET record = EXCLUDED.record",
+                )
+                .bind(&topic)
+                .bind(&record)
+                .execute(t)
+                .await
+                .map_err(db)?;
+            }
+            WriteOp::DeleteRetained { topic } => {
+                sqlx::query("DELETE FROM retained WHERE topic = $1")
+                    .bind(&topic)
+                    .execute(t)
+                    .await
+                    .map_err(db)?;
+            }
+            WriteOp::Expire {
+                client,
+                kind: ClientKind::Device,
+                seq,
+            } => {
+                let removed =
+                    sqlx::query("DELETE FROM device_queue WHERE client_id = $1 AND seq = $2")
+                        .bind(&*client)
+                        .bind(seq as i64)
+                        .execute(t)
+                        .await
+                        .map_err(db)?
+                        .rows_affected();
+                if removed > 0 {
+                    if let Some(s) = self.device.get_mut(&*client) {
+                        s.count = s.count.saturating_sub(removed);
+                    }
+                    self.metrics.device_messages_expired.add(removed);
+                }
+            }
+            // APPLICATION logs expire by Kafka retention; their appends go to Kafka, not here.
+            WriteOp::Expire {
+                kind: ClientKind::Application,
+                ..
+            }
+            | WriteOp::Enqueue {
+                kind: ClientKind::Application,
+                ..
+            } => {}
+            WriteOp::Enqueue { .. } | WriteOp::AckDevice { .. } | WriteOp::MarkSent { .. } => {}
+        }
+        Ok(())
+    }
+
+    /// Deletes up to `budget` DEVICE entries whose TTL or message expiry passed.
+    async fn sweep(&mut self, now_ms: u64, budget: usize) -> Result<SweepStats, StorageError> {
+        let rows = sqlx::query(
+            "DELETE FROM device_queue WHERE ctid IN (SELECT ctid FROM device_queue \
+             WHERE expires_at_ms > 0 AND expires_at_ms <= $1 LIMIT $2) RETURNING client_id",
+        )
+        .bind(now_ms as i64)
+        .bind(budget as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        for row in &rows {
+            let client: String = row.get(0);
+            if let Some(s) = self.device.get_mut(&client) {
+                s.count = s.count.saturating_sub(1);
+            }
+        }
+        self.metrics.device_messages_expired.add(rows.len() as u64);
+        Ok(SweepStats {
+            device_expired: rows.len() as u64,
+            application_expired: 0,
+        })
+    }
+}
+
+enum ReleasedChange {
+    Add(u64),
+    Below(u64),
+    All,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn passwords_never_reach_messages() {
+        assert_eq!(
+            redact("postgres://u:secret@h:5432/db"),
+            "postgres://u@h:5432/db"
+        );
+        assert_eq!(redact("postgres://h/db"), "postgres://h/db");
+    }
+}

@@ -1,0 +1,412 @@
+//! The Kafka + PostgreSQL backend against real services: a tansu broker (Kafka protocol) and a
+//! private PostgreSQL cluster, started for each test. The crash scenarios of `crash.rs` run on
+//! this backend too (module `kafka_postgres` there); this file holds what only this backend has:
+//! service outages, start-up checks, topic provisioning, the node lock, the record format.
+//!
+//! Skipped with a message where tansu or PostgreSQL is missing, unless
+//! `FERRYMQ_REQUIRE_SERVICES=1` (set by `.ci/run`).
+
+mod common;
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use ferrymq_e2e::harness::{
+    persistent, subscribe_and_leave, BrokerOptions, BrokerProcess, ConnectOptions, Connection,
+    Incoming, Protocol, PublisherConfig,
+};
+
+/// Publishes `n` QoS 1 messages on `topic` over `conn` one at a time and returns how many were
+/// acknowledged with success, how many were refused (v5 reason >= 0x80), and whether the
+/// connection was closed by the broker.
+async fn publish_each(conn: &mut Connection, topic: &str, first: u16, n: u16) -> (u16, u16, bool) {
+    let (mut ok, mut refused) = (0, 0);
+    for i in 0..n {
+        let pkid = first + i;
+        if conn
+            .queue_publish(topic, 1, pkid, false, Bytes::from(format!("m{pkid}")), None)
+            .is_err()
+            || conn.flush().await.is_err()
+        {
+            return (ok, refused, true);
+        }
+        match conn.recv_timeout(Duration::from_secs(15)).await {
+            Ok(Some(Incoming::PubAck { ok: true, .. })) => ok += 1,
+            Ok(Some(Incoming::PubAck { ok: false, .. })) => refused += 1,
+            Ok(Some(Incoming::Disconnect { .. })) | Err(_) => return (ok, refused, true),
+            other => panic!("unexpected answer to PUBLISH {pkid}: {other:?}"),
+        }
+    }
+    (ok, refused, false)
+}
+
+/// Kafka stops answering (the tansu process is frozen, as in a network partition): PUBLISHes
+/// are not acknowledged as stored — v5 gets PUBACK 0x80 once `kafka.produce_timeout_ms` passes,
+/// v3 is disconnected. When Kafka answers again, publishing resumes without a broker restart,
+/// and every message acknowledged before, during and after reaches the persistent subscriber.
+#[test]
+fn kafka_outage_refuses_acks_and_recovers() {
+    let _serial = serial();
+    let Some(backend) = Backend::kafka_postgres() else {
+        return;
+    };
+    let rt = runtime();
+    let broker = backend.start("kafka-outage", "");
+    let addr = broker.addr();
+    let device = persistent("ko-device", Protocol::V311);
+    rt.block_on(subscribe_and_leave(addr, &device, &[("ko/#", 1)]))
+        .expect("subscribe");
+    let services = backend.services().expect("services");
+    rt.block_on(async {
+        let (mut v5, _) = Connection::connect(addr, &ConnectOptions::v5("ko-pub5"))
+            .await
+            .expect("connect v5");
+        let (ok, refused, closed) = publish_each(&mut v5, "ko/a", 1, 20).await;
+        assert_eq!((ok, refused, closed), (20, 0, false), "before the outage");
+
+        services.kafka.freeze().expect("freeze tansu");
+        let started = Instant::now();
+        let (ok, refused, closed) = publish_each(&mut v5, "ko/a", 100, 2).await;
+        println!(
+            "kafka frozen: v5 got {ok} acks, {refused} refusals in {:?}",
+            started.elapsed()
+        );
+        assert_eq!(
+            ok, 0,
+            "a PUBLISH was acknowledged while Kafka was unreachable"
+        );
+        assert_eq!(
+            refused, 2,
+            "v5 publisher did not get PUBACK with an error reason"
+        );
+        assert!(!closed);
+
+        let (mut v3, _) = Connection::connect(addr, &ConnectOptions::v311("ko-pub3"))
+            .await
+            .expect("connect v3");
+        let (ok, _, closed) = publish_each(&mut v3, "ko/b", 1, 1).await;
+        assert_eq!(
+            ok, 0,
+            "a v3 PUBLISH was acknowledged while Kafka was unreachable"
+        );
+        assert!(closed, "the v3 publisher was not disconnected");
+
+        services.kafka.thaw().expect("thaw tansu");
+        // librdkafka reconnects on its own; allow it a few attempts.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut resumed = false;
+        let mut next = 200;
+        while Instant::now() < deadline && !resumed {
+            let (ok, _, closed) = publish_each(&mut v5, "ko/a", next, 1).await;
+            next += 1;
+            if closed {
+                v5 = Connection::connect(addr, &ConnectOptions::v5("ko-pub5"))
+                    .await
+                    .expect("reconnect v5")
+                    .0;
+            }
+            resumed = ok == 1;
+            if !resumed {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+        assert!(resumed, "publishing did not resume after Kafka came back");
+        let (ok, refused, _) = publish_each(&mut v5, "ko/a", 300, 20).await;
+        assert_eq!((ok, refused), (20, 0), "after the outage");
+    });
+    // 20 before + 1 that resumed + 20 after, and nothing that was refused.
+    let mut sub = ferrymq_e2e::harness::Subscriber::new(device);
+    rt.block_on(sub.connect(addr, Duration::from_secs(20)))
+        .expect("subscriber connect");
+    rt.block_on(sub.receive_until(
+        addr,
+        |s| s.received.len() >= 41,
+        Duration::from_secs(2),
+        Duration::from_secs(60),
+    ))
+    .ok();
+    let payloads: Vec<String> = sub.received.iter().map(|r| r.topic.clone()).collect();
+    println!("kafka outage: subscriber got {} messages", payloads.len());
+    assert!(
+        sub.received.len() >= 41,
+        "acknowledged messages missing: {}",
+        sub.received.len()
+    );
+    assert!(
+        broker.log_tail(200).contains("kafka is reachable again")
+            || broker.log_tail(200).contains("unreachable"),
+        "the broker log says nothing about the outage:\n{}",
+        broker.log_tail(40)
+    );
+}
+
+/// PostgreSQL goes away (immediate shutdown) while a publisher keeps sending to an offline
+/// persistent DEVICE subscriber: the publish log keeps acknowledging (the messages are durable
+/// in Kafka), the router waits, and once PostgreSQL is back every acknowledged message is in
+/// the DEVICE queue, exactly once.
+#[test]
+fn postgres_outage_delays_but_loses_nothing() {
+    let _serial = serial();
+    let Some(mut backend) = Backend::kafka_postgres() else {
+        return;
+    };
+    let rt = runtime();
+    let broker = backend.start("pg-outage", "[device]\nqueue_limit = 100000\n");
+    let addr = broker.addr();
+    let device = persistent("po-device", Protocol::V311);
+    rt.block_on(subscribe_and_leave(addr, &device, &[("po/#", 1)]))
+        .expect("subscribe");
+    let progress = Arc::new(AtomicU64::new(0));
+    let cfg = PublisherConfig::new(
+        0,
+        ConnectOptions::v311("po-pub"),
+        1,
+        3_000,
+        vec!["po/t".into()],
+    );
+    let publisher = spawn_publisher(&rt, cfg, &progress, addr);
+    wait_until("1000 acks", Duration::from_secs(60), || {
+        progress.load(std::sync::atomic::Ordering::Relaxed) >= 1_000
+    });
+    let services = backend.services_mut().expect("services");
+    services.postgres.stop().expect("stop postgres");
+    let stopped = Instant::now();
+    std::thread::sleep(Duration::from_secs(3));
+    let during = progress.load(std::sync::atomic::Ordering::Relaxed);
+    services.postgres.restart().expect("restart postgres");
+    println!(
+        "postgres down for {:?}; publisher at {during} acks when it came back",
+        stopped.elapsed()
+    );
+    let reports = join_publishers(&rt, vec![publisher], Duration::from_secs(120));
+    print_publishers(&reports);
+    let mut expect = ferrymq_e2e::harness::Expectation::from_reports(&reports);
+    expect.exactly_once = true;
+    assert_eq!(expect.must.len(), 3_000);
+    let (_, check, present) = drain(
+        &rt,
+        "DEVICE after postgres outage",
+        addr,
+        device,
+        &expect,
+        Duration::from_secs(2),
+    );
+    assert!(present, "session not present");
+    assert!(check.ok(), "{}", check.summary());
+    let log = broker.log_tail(400);
+    assert!(
+        log.contains("router cannot store a batch") && log.contains("router stores again"),
+        "the broker log does not report the outage and the recovery:\n{}",
+        broker.log_tail(40)
+    );
+}
+
+/// With `kafka.auto_create_application_topics = false` an APPLICATION client without its
+/// topic is refused at CONNECT (v5 0x83, implementation specific error) and the log names the
+/// topic; once the topic exists (here: created by a broker allowed to) the client connects.
+#[test]
+fn missing_application_topic_is_refused_when_not_provisioned() {
+    let _serial = serial();
+    let Some(backend) = Backend::kafka_postgres() else {
+        return;
+    };
+    let rt = runtime();
+    let extra = "[kafka]\nauto_create_application_topics = false\n\n[[application_clients]]\nclient_id = \"prov-app\"\n";
+    // `[kafka]` appears twice otherwise; merge by building the config by hand.
+    let base = backend.config("no-auto-topic", "").expect("config");
+    let config = base.replace(
+        "[kafka]\n",
+        "[kafka]\nauto_create_application_topics = false\n",
+    ) + "\n[[application_clients]]\nclient_id = \"prov-app\"\n";
+    let _ = extra;
+    let broker = BrokerProcess::start(
+        BrokerOptions::new("no-auto-topic")
+            .binary(broker_bin())
+            .config(config),
+    )
+    .expect("start");
+    let refused = rt.block_on(Connection::connect(
+        broker.addr(),
+        &ConnectOptions::v5("prov-app").persistent(),
+    ));
+    let err = format!(
+        "{:#}",
+        refused
+            .err()
+            .expect("an APPLICATION client without a topic was accepted")
+    );
+    println!("refused: {err}");
+    assert!(err.contains("ImplementationSpecificError"), "{err}");
+    let log = broker.log_tail(50);
+    assert!(
+        log.contains("t_no_auto_topic.app.prov-app"),
+        "the log does not name the topic:\n{log}"
+    );
+    // A device is not affected.
+    rt.block_on(Connection::connect(
+        broker.addr(),
+        &ConnectOptions::v5("prov-dev"),
+    ))
+    .expect("device connect");
+}
+
+/// A broker whose Kafka or PostgreSQL is unreachable does not start, and says which one.
+#[test]
+fn start_fails_naming_the_unreachable_service() {
+    let _serial = serial();
+    let Some(backend) = Backend::kafka_postgres() else {
+        return;
+    };
+    let services = backend.services().expect("services");
+    let dead = ferrymq_e2e::harness::free_port().expect("port");
+    for (what, config) in [
+        (
+            "kafka.bootstrap_servers",
+            services
+                .config("dead_kafka")
+                .replace(&services.kafka.bootstrap(), &dead.to_string()),
+        ),
+        (
+            "postgres.url",
+            services.config("dead_pg").replace(
+                &services.postgres.url(),
+                &format!("postgres://postgres@{dead}/postgres"),
+            ),
+        ),
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("ferrymq.toml");
+        std::fs::write(&path, config).expect("write config");
+        let out = std::process::Command::new(broker_bin())
+            .arg("--config")
+            .arg(&path)
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path())
+            .output()
+            .expect("run ferrymq");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        println!("{what}: exit {:?}: {}", out.status.code(), stderr.trim());
+        assert!(!out.status.success(), "started without {what}");
+        assert!(
+            stderr.contains(what),
+            "the error does not name {what}: {stderr}"
+        );
+    }
+}
+
+/// Two brokers on one schema would both own its sessions: the second is refused at start.
+#[test]
+fn second_broker_on_the_same_schema_is_refused() {
+    let _serial = serial();
+    let Some(backend) = Backend::kafka_postgres() else {
+        return;
+    };
+    let first = backend.start("lock", "");
+    let config = backend.config("lock", "").expect("config");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("ferrymq.toml");
+    std::fs::write(&path, config).expect("write config");
+    let out = std::process::Command::new(broker_bin())
+        .arg("--config")
+        .arg(&path)
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .expect("run ferrymq");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a second broker started on the same schema"
+    );
+    assert!(stderr.contains("postgres.schema"), "{stderr}");
+    drop(first);
+}
+
+/// Clean-session subscribers get messages through the publish log and the router; a retained
+/// message and a QoS 1 message for a persistent subscriber survive a kill -9 of the broker.
+#[test]
+fn clean_and_retained_delivery_through_the_log() {
+    let _serial = serial();
+    let Some(backend) = Backend::kafka_postgres() else {
+        return;
+    };
+    let rt = runtime();
+    let mut broker = backend.start("clean-retained", "");
+    let addr = broker.addr();
+    rt.block_on(async {
+        let (mut sub, _) = Connection::connect(addr, &ConnectOptions::v5("cr-sub"))
+            .await
+            .expect("connect sub");
+        sub.subscribe(1, &[("cr/#", 1)], Duration::from_secs(10))
+            .await
+            .expect("subscribe");
+        let (mut publ, _) = Connection::connect(addr, &ConnectOptions::v5("cr-pub"))
+            .await
+            .expect("connect pub");
+        publ.queue_publish("cr/live", 1, 1, false, Bytes::from_static(b"hello"), None)
+            .expect("queue");
+        publ.flush().await.expect("flush");
+        let ack = publ
+            .recv_timeout(Duration::from_secs(10))
+            .await
+            .expect("puback");
+        assert!(
+            matches!(ack, Some(Incoming::PubAck { ok: true, .. })),
+            "{ack:?}"
+        );
+        let got = sub
+            .recv_timeout(Duration::from_secs(10))
+            .await
+            .expect("recv");
+        match got {
+            Some(Incoming::Publish(m)) => {
+                assert_eq!(m.topic, "cr/live");
+                assert_eq!(&m.payload[..], b"hello");
+            }
+            other => panic!("clean subscriber got {other:?}"),
+        }
+        // Retained, QoS 1.
+        let (mut retained, _) =
+            ferrymq_e2e::harness::Connection::connect(addr, &ConnectOptions::v311("cr-ret"))
+                .await
+                .expect("connect");
+        retained
+            .queue_retained("cr/state", 1, 7, Bytes::from_static(b"on"))
+            .expect("queue");
+        retained.flush().await.expect("flush");
+        let ack = retained
+            .recv_timeout(Duration::from_secs(10))
+            .await
+            .expect("puback");
+        assert!(
+            matches!(ack, Some(Incoming::PubAck { ok: true, .. })),
+            "{ack:?}"
+        );
+    });
+    // Give the router a moment to store the retained message, then crash.
+    std::thread::sleep(Duration::from_millis(500));
+    broker.kill_9().expect("kill");
+    broker.restart().expect("restart");
+    rt.block_on(async {
+        let (mut late, _) = Connection::connect(addr, &ConnectOptions::v311("cr-late"))
+            .await
+            .expect("connect");
+        late.subscribe(1, &[("cr/state", 1)], Duration::from_secs(10))
+            .await
+            .expect("subscribe");
+        let got = late
+            .recv_timeout(Duration::from_secs(10))
+            .await
+            .expect("recv");
+        match got {
+            Some(Incoming::Publish(m)) => {
+                assert_eq!(&m.payload[..], b"on");
+                assert!(m.retain, "retained flag missing");
+            }
+            other => panic!("no retained message after kill -9: {other:?}"),
+        }
+    });
+}
