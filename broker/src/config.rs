@@ -779,4 +779,60 @@ mod tests {
         let text = include_str!("../../ferrymq.example.toml");
         Config::from_toml_str(text).unwrap();
     }
+
+    #[test]
+    fn kafka_postgres_sections_are_validated() {
+        let base = "[storage]\nbackend = \"kafka+postgres\"\n";
+        let c = Config::from_toml_str(base).unwrap();
+        assert!(c.storage.is_kafka_postgres());
+        assert_eq!(c.kafka.topic_prefix, "ferrymq");
+        for (extra, key) in [
+            ("[kafka.properties]\nacks = \"1\"\n", "kafka.properties"),
+            ("[kafka]\ntopic_prefix = \"a/b\"\n", "kafka.topic_prefix"),
+            (
+                "[kafka]\nreplication_factor = 0\n",
+                "kafka.replication_factor",
+            ),
+            ("[postgres]\nschema = \"Bad-Schema\"\n", "postgres.schema"),
+            ("[postgres]\nurl = \"mysql://x\"\n", "postgres.url"),
+            (
+                "[postgres]\nmax_connections = 1\n",
+                "postgres.max_connections",
+            ),
+        ] {
+            let err = Config::from_toml_str(&format!("{base}{extra}")).unwrap_err();
+            assert!(err.to_string().contains(key), "{extra}: {err}");
+        }
+        let err = Config::from_toml_str("[storage]\nbackend = \"kafka\"\n").unwrap_err();
+        assert!(err.to_string().contains("storage.backend"), "{err}");
+        // The embedded backend ignores the sections entirely.
+        Config::from_toml_str("[kafka.properties]\nacks = \"1\"\n").unwrap();
+    }
+
+    #[test]
+    fn kafka_properties_from_the_environment_stay_text() {
+        let c = Config::load(
+            None,
+            env(&[
+                ("FERRYMQ_STORAGE__BACKEND", "kafka+postgres"),
+                (
+                    "FERRYMQ_KAFKA__PROPERTIES__ENABLE.SSL.CERTIFICATE.VERIFICATION",
+                    "false",
+                ),
+                ("FERRYMQ_KAFKA__MSG_ALL_PARTITIONS", "3"),
+                ("FERRYMQ_POSTGRES__SCHEMA", "edge_1"),
+            ]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            c.kafka
+                .properties
+                .get("enable.ssl.certificate.verification")
+                .map(String::as_str),
+            Some("false")
+        );
+        assert_eq!(c.kafka.msg_all_partitions, 3);
+        assert_eq!(c.postgres.schema, "edge_1");
+    }
 }

@@ -163,7 +163,13 @@ impl Kafka {
                 &[],
                 true,
             )
-            .await?;
+            .await
+            .map_err(|e| {
+                StorageError::Engine(format!(
+                    "kafka at `{}` (kafka.bootstrap_servers): {e}",
+                    config.bootstrap_servers
+                ))
+            })?;
         Ok(kafka)
     }
 
