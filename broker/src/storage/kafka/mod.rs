@@ -227,15 +227,25 @@ impl Kafka {
         topic: &str,
         partition: i32,
     ) -> Result<(i64, i64), StorageError> {
-        let metadata = self.metadata.clone();
-        let name = topic.to_string();
-        tokio::task::spawn_blocking(move || {
-            metadata
-                .fetch_watermarks(&name, partition, REQUEST_TIMEOUT)
-                .map_err(kafka_error)
-        })
-        .await
-        .map_err(|e| StorageError::Engine(format!("watermark task: {e}")))?
+        // A partition whose leader is moving (or a topic just created) answers "unknown" for a
+        // moment: retry a few times before calling it an error.
+        let mut attempt = 0;
+        loop {
+            let metadata = self.metadata.clone();
+            let name = topic.to_string();
+            let result = tokio::task::spawn_blocking(move || {
+                metadata
+                    .fetch_watermarks(&name, partition, REQUEST_TIMEOUT)
+                    .map_err(kafka_error)
+            })
+            .await
+            .map_err(|e| StorageError::Engine(format!("watermark task: {e}")))?;
+            attempt += 1;
+            match result {
+                Err(_) if attempt < 10 => tokio::time::sleep(Duration::from_millis(100)).await,
+                other => return other,
+            }
+        }
     }
 
     /// Makes sure `topic` exists: known, found in metadata, or created when `create` allows.
@@ -277,6 +287,17 @@ impl Kafka {
                         )))
                     }
                 }
+            }
+            // A new topic reaches every broker's metadata a moment after CreateTopics returns;
+            // until then produce and offset requests for it fail.
+            let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+            while self.partitions(topic).await.ok().flatten().is_none() {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(StorageError::Engine(format!(
+                        "kafka: topic {topic} was created but does not show up in metadata"
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
         self.known_topics.lock().insert(topic.to_string());
