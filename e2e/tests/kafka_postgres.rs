@@ -118,23 +118,39 @@ fn kafka_outage_refuses_acks_and_recovers() {
         assert_eq!((ok, refused), (20, 0), "after the outage");
     });
     // 20 before + 1 that resumed + 20 after, and nothing that was refused.
-    let mut sub = ferrymq_e2e::harness::Subscriber::new(device);
-    rt.block_on(sub.connect(addr, Duration::from_secs(20)))
-        .expect("subscriber connect");
-    rt.block_on(sub.receive_until(
-        addr,
-        |s| s.received.len() >= 41,
-        Duration::from_secs(2),
-        Duration::from_secs(60),
-    ))
-    .ok();
-    let payloads: Vec<String> = sub.received.iter().map(|r| r.topic.clone()).collect();
+    let payloads = rt.block_on(async {
+        let (mut conn, ack) = Connection::connect(addr, &device)
+            .await
+            .expect("subscriber connect");
+        assert!(ack.session_present, "DEVICE session lost");
+        let mut payloads = Vec::new();
+        while let Ok(Some(packet)) = conn.recv_timeout(Duration::from_secs(3)).await {
+            if let Incoming::Publish(m) = packet {
+                if m.qos > 0 {
+                    conn.queue_puback(m.pkid).expect("puback");
+                    conn.flush().await.expect("flush");
+                }
+                payloads.push(String::from_utf8_lossy(&m.payload).into_owned());
+            }
+        }
+        payloads
+    });
     println!("kafka outage: subscriber got {} messages", payloads.len());
-    assert!(
-        sub.received.len() >= 41,
-        "acknowledged messages missing: {}",
-        sub.received.len()
-    );
+    for pkid in (1..=20).chain(300..320) {
+        let want = format!("m{pkid}");
+        assert!(
+            payloads.contains(&want),
+            "acknowledged message {want} missing: {payloads:?}"
+        );
+    }
+    // A produce that timed out has an unknown outcome: the record may have reached Kafka just
+    // before it froze. Refusing it is still right (it was not known to be stored); delivering
+    // it later is a duplicate from the publisher's point of view, not a loss.
+    let refused_but_delivered = ["m100", "m101"]
+        .iter()
+        .filter(|p| payloads.iter().any(|x| x == *p))
+        .count();
+    println!("kafka outage: {refused_but_delivered} of 2 refused messages were written after all");
     assert!(
         broker.log_tail(200).contains("kafka is reachable again")
             || broker.log_tail(200).contains("unreachable"),
@@ -144,7 +160,7 @@ fn kafka_outage_refuses_acks_and_recovers() {
 }
 
 /// PostgreSQL goes away (immediate shutdown) while a publisher keeps sending to an offline
-/// persistent DEVICE subscriber: the publish log keeps acknowledging (the messages are durable
+/// persistent DEVICE subscriber for 8 s: the publish log keeps acknowledging (the messages are durable
 /// in Kafka), the router waits, and once PostgreSQL is back every acknowledged message is in
 /// the DEVICE queue, exactly once.
 #[test]
@@ -164,7 +180,7 @@ fn postgres_outage_delays_but_loses_nothing() {
         0,
         ConnectOptions::v311("po-pub"),
         1,
-        3_000,
+        10_000,
         vec!["po/t".into()],
     );
     let publisher = spawn_publisher(&rt, cfg, &progress, addr);
@@ -174,7 +190,8 @@ fn postgres_outage_delays_but_loses_nothing() {
     let services = backend.services_mut().expect("services");
     services.postgres.stop().expect("stop postgres");
     let stopped = Instant::now();
-    std::thread::sleep(Duration::from_secs(3));
+    // Longer than postgres.connect_timeout_secs (5 s): the router's writes fail and are retried.
+    std::thread::sleep(Duration::from_secs(8));
     let during = progress.load(std::sync::atomic::Ordering::Relaxed);
     services.postgres.restart().expect("restart postgres");
     println!(
@@ -185,7 +202,7 @@ fn postgres_outage_delays_but_loses_nothing() {
     print_publishers(&reports);
     let mut expect = ferrymq_e2e::harness::Expectation::from_reports(&reports);
     expect.exactly_once = true;
-    assert_eq!(expect.must.len(), 3_000);
+    assert_eq!(expect.must.len(), 10_000);
     let (_, check, present) = drain(
         &rt,
         "DEVICE after postgres outage",
