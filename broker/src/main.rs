@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
+use ferrymq::auth::cli::AdminCommand;
 use ferrymq::config::{Config, Overrides};
 use ferrymq::server::Server;
 
@@ -13,17 +14,21 @@ use ferrymq::server::Server;
 #[command(name = "ferrymq", version, about)]
 struct Cli {
     /// Configuration file (TOML). Without it, defaults apply; FERRYMQ_* variables override both.
-    #[arg(short, long, value_name = "FILE")]
+    #[arg(short, long, value_name = "FILE", global = true)]
     config: Option<PathBuf>,
     /// TCP listener address; repeat for several. Replaces the configured listeners.
     #[arg(long = "listen", value_name = "ADDR")]
     listen: Vec<SocketAddr>,
     /// Data directory for the embedded storage.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", global = true)]
     data_dir: Option<PathBuf>,
     /// Validate the configuration, print it as TOML and exit.
     #[arg(long)]
     check_config: bool,
+    /// Admin commands on the data directory's credential store (the broker must not be
+    /// running on it: the store file is locked while it does).
+    #[command(subcommand)]
+    admin: Option<AdminCommand>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -40,6 +45,9 @@ fn main() -> anyhow::Result<()> {
     };
     let config = Config::load(cli.config.as_deref(), std::env::vars(), &overrides)
         .context("configuration")?;
+    if let Some(admin) = cli.admin {
+        return ferrymq::auth::cli::run(admin, &config.data_dir);
+    }
     if cli.check_config {
         println!(
             "{}",
