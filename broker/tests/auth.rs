@@ -694,3 +694,230 @@ async fn anonymous_clients_get_the_configured_acl() {
         ConnectReturnCode::BadUserNamePassword
     );
 }
+
+// --- X.509 mapping (the TLS listener itself is tested with the TLS listeners) ---------------
+
+#[tokio::test]
+async fn x509_subject_cn_maps_to_a_credential() {
+    use ferrymq::auth::chain::AuthChain;
+    use ferrymq::auth::embedded::EmbeddedCredentials;
+    use ferrymq::auth::{AuthDecision, Authenticator, ClientCertificate, Credentials};
+    use ferrymq::config::X509Lookup;
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(EmbeddedCredentials::open(dir.path()).unwrap());
+    store
+        .put(CredentialRecord {
+            username: Some("device-42".into()),
+            client_id: Some("dev42".into()),
+            password_hash: None,
+            client_type: Some(ClientType::Device),
+            acl: rules(&["devices/${username}/#"], &[]),
+        })
+        .await
+        .unwrap();
+    let mut config = Config::default();
+    config.auth.providers = vec![AuthProviderKind::X509, AuthProviderKind::Store];
+    config.auth.x509.cn_regex = r"(device-\d+)\.example\.com".into();
+    config.auth.failure_burst = 0;
+    let chain = AuthChain::new(&config, store.clone()).unwrap();
+    let peer: SocketAddr = "192.0.2.1:5000".parse().unwrap();
+    let cert = |cn: &str| ClientCertificate {
+        subject_cn: Some(cn.into()),
+        chain_der: Vec::new(),
+    };
+    let creds = |client_id: &'static str, cert: Option<&'static ClientCertificate>| Credentials {
+        client_id,
+        username: None,
+        password: None,
+        peer,
+        client_cert: cert,
+        listener: "tls",
+    };
+    let good: &'static ClientCertificate = Box::leak(Box::new(cert("device-42.example.com")));
+    match chain.authenticate(&creds("dev42", Some(good))).await {
+        AuthDecision::Allow(id) => {
+            assert_eq!(id.via, "x509");
+            assert_eq!(id.username.as_deref(), Some("device-42"));
+            let acl = id.acl.resolve("dev42", id.username.as_deref());
+            assert!(acl.may_publish("devices/device-42/t"));
+            assert!(!acl.may_publish("devices/device-43/t"));
+        }
+        other => panic!("expected Allow, got {other:?}"),
+    }
+    // The record binds the user to client id dev42.
+    assert_eq!(
+        chain.authenticate(&creds("dev43", Some(good))).await,
+        AuthDecision::NotAuthorized
+    );
+    // A CN that does not match the whole pattern, or maps to no record, is not accepted.
+    for cn in ["device-42.example.com.evil", "device-99.example.com", "x"] {
+        let other: &'static ClientCertificate = Box::leak(Box::new(cert(cn)));
+        assert_eq!(
+            chain.authenticate(&creds("dev42", Some(other))).await,
+            AuthDecision::NotAuthorized,
+            "{cn}"
+        );
+    }
+    // No certificate at all (a plain TCP listener): anonymous access is off.
+    assert_eq!(
+        chain.authenticate(&creds("dev42", None)).await,
+        AuthDecision::NotAuthorized
+    );
+
+    // Lookup by client id.
+    store
+        .put(CredentialRecord {
+            username: None,
+            client_id: Some("gw-7".into()),
+            password_hash: None,
+            client_type: Some(ClientType::Application),
+            acl: AclRules::everything(),
+        })
+        .await
+        .unwrap();
+    config.auth.x509.cn_regex = String::new();
+    config.auth.x509.lookup = X509Lookup::ClientId;
+    let chain = AuthChain::new(&config, store).unwrap();
+    let gw: &'static ClientCertificate = Box::leak(Box::new(cert("gw-7")));
+    match chain.authenticate(&creds("gw-7", Some(gw))).await {
+        AuthDecision::Allow(id) => assert_eq!(
+            id.client_type,
+            Some(ferrymq::storage::ClientKind::Application)
+        ),
+        other => panic!("expected Allow, got {other:?}"),
+    }
+}
+
+// --- malformed CONNECT / credentials -------------------------------------------------------
+
+/// A CONNECT with protocol level `level`, `flags` and a raw payload (client id and the rest).
+fn raw_connect(level: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', level, flags, 0, 30];
+    if level == 5 {
+        body.push(0); // no properties
+    }
+    body.extend_from_slice(payload);
+    let mut out = vec![0x10];
+    let mut len = body.len();
+    loop {
+        let mut byte = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            byte |= 0x80;
+        }
+        out.push(byte);
+        if len == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&body);
+    out
+}
+
+fn mqtt_str(s: &[u8]) -> Vec<u8> {
+    let mut v = (s.len() as u16).to_be_bytes().to_vec();
+    v.extend_from_slice(s);
+    v
+}
+
+fn cat(parts: &[Vec<u8>]) -> Vec<u8> {
+    parts.concat()
+}
+
+#[tokio::test]
+async fn malformed_connect_credentials_get_clean_refusals() {
+    let (server, addr, store) = start_auth(&[AuthProviderKind::Jwt, AuthProviderKind::Store], |c| {
+        c.auth.jwt = Some(jwt_config("HS256", None));
+        c.auth.failure_burst = 0;
+    })
+    .await;
+    store
+        .put(user("ok", "pw", AclRules::everything()))
+        .await
+        .unwrap();
+    let id = mqtt_str(b"m1");
+    let huge = vec![b'a'; 65_535];
+    let corpus: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "v3.1.1 user name not UTF-8",
+            raw_connect(4, 0x82, &cat(&[id.clone(), mqtt_str(&[0xff, 0xfe, 0x41])])),
+        ),
+        (
+            "v5 user name not UTF-8",
+            raw_connect(5, 0x82, &cat(&[id.clone(), mqtt_str(&[0xc3, 0x28])])),
+        ),
+        (
+            "user name with U+0000",
+            raw_connect(4, 0x82, &cat(&[id.clone(), mqtt_str(b"a\0b")])),
+        ),
+        (
+            "v3.1.1 password without user name",
+            raw_connect(4, 0x42, &cat(&[id.clone(), mqtt_str(b"pw")])),
+        ),
+        (
+            "password length beyond the packet",
+            raw_connect(
+                4,
+                0xc2,
+                &cat(&[id.clone(), mqtt_str(b"ok"), vec![0xff, 0xff, b'p', b'w']]),
+            ),
+        ),
+        (
+            "user name flag but no user name",
+            raw_connect(4, 0x82, &id),
+        ),
+        (
+            "user name length beyond the packet",
+            raw_connect(5, 0x82, &cat(&[id.clone(), vec![0x80, 0x00, b'x']])),
+        ),
+        (
+            "remaining length far beyond the packet size limit",
+            vec![0x10, 0xff, 0xff, 0xff, 0x7f, 0, 4, b'M', b'Q', b'T', b'T', 4],
+        ),
+        (
+            "reserved flag bit set",
+            raw_connect(4, 0x83, &cat(&[id.clone(), mqtt_str(b"ok")])),
+        ),
+    ];
+    for (what, bytes) in &corpus {
+        let mut c = Raw::connect(addr).await;
+        c.send_bytes(bytes).await;
+        let rest = c
+            .closed_within(common::WAIT)
+            .await
+            .unwrap_or_else(|| panic!("{what}: connection left open"));
+        // Either closed silently or after a refusing CONNACK.
+        if !rest.is_empty() {
+            assert_eq!(rest[0], 0x20, "{what}: {rest:?}");
+            assert_ne!(rest.get(3), Some(&0), "{what}: accepted? {rest:?}");
+        }
+    }
+    // Well-formed but hostile: the longest possible password, as a user name/password and as a
+    // would-be token. Refused with 0x86, not a crash or a hang.
+    let long = String::from_utf8(huge).unwrap();
+    assert_eq!(
+        connack5(addr, "m2", Some(("ok", &long))).await,
+        ConnectReturnCode::BadUserNamePassword
+    );
+    let fake_jwt = format!("{}.{}.{}", &long[..20_000], &long[..20_000], &long[..20_000]);
+    assert_eq!(
+        connack5(addr, "m3", Some(("ok", &fake_jwt))).await,
+        ConnectReturnCode::BadUserNamePassword
+    );
+    let not_json = "eyJub3QiOiJqc29u.eyJhIjoxfQ.c2ln";
+    assert_eq!(
+        connack5(addr, "m4", Some(("ok", not_json))).await,
+        ConnectReturnCode::BadUserNamePassword
+    );
+    // The broker still serves others.
+    let (mut sub, ack) = connect5_login(addr, "s", Some(("ok", "pw")), None).await;
+    assert_eq!(ack.code, ConnectReturnCode::Success);
+    sub.subscribe5(1, filter5("t", QoS::AtLeastOnce), None).await;
+    let (mut publ, _) = connect5_login(addr, "p", Some(("ok", "pw")), None).await;
+    publ.publish5(publish5_packet("t", QoS::AtLeastOnce, 1, false, b"alive"))
+        .await;
+    assert_puback(&mut publ, 1, false).await;
+    assert_eq!(&sub.recv_publish5().await.payload[..], b"alive");
+    assert!(server.broker.metrics.protocol_errors.get() >= corpus.len() as u64 - 1);
+}
