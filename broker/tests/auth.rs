@@ -298,18 +298,30 @@ fn fixture(name: &str) -> Vec<u8> {
 async fn jwt_hs256_refusals() {
     let (_server, addr) = start_jwt(jwt_config("HS256", None)).await;
     let cases = [
-        ("expired", hs256(&claims(serde_json::json!({"exp": now() - 120})), HS_SECRET)),
+        (
+            "expired",
+            hs256(&claims(serde_json::json!({"exp": now() - 120})), HS_SECRET),
+        ),
         (
             "forged",
-            hs256(&claims(serde_json::json!({})), "another-secret-of-enough-length-000"),
+            hs256(
+                &claims(serde_json::json!({})),
+                "another-secret-of-enough-length-000",
+            ),
         ),
         (
             "wrong issuer",
-            hs256(&claims(serde_json::json!({"iss": "https://evil.test"})), HS_SECRET),
+            hs256(
+                &claims(serde_json::json!({"iss": "https://evil.test"})),
+                HS_SECRET,
+            ),
         ),
         (
             "wrong audience",
-            hs256(&claims(serde_json::json!({"aud": "someone-else"})), HS_SECRET),
+            hs256(
+                &claims(serde_json::json!({"aud": "someone-else"})),
+                HS_SECRET,
+            ),
         ),
         (
             "no expiry",
@@ -324,7 +336,10 @@ async fn jwt_hs256_refusals() {
         ),
         (
             "bad client type",
-            hs256(&claims(serde_json::json!({"mqtt_client_type": "admin"})), HS_SECRET),
+            hs256(
+                &claims(serde_json::json!({"mqtt_client_type": "admin"})),
+                HS_SECRET,
+            ),
         ),
     ];
     for (what, token) in cases {
@@ -346,7 +361,10 @@ async fn jwt_hs256_refusals() {
         ConnectReturnCode::BadUserNamePassword
     );
     // A token bound to another client id.
-    let bound = hs256(&claims(serde_json::json!({"mqtt_client_id": "other"})), HS_SECRET);
+    let bound = hs256(
+        &claims(serde_json::json!({"mqtt_client_id": "other"})),
+        HS_SECRET,
+    );
     assert_eq!(
         connack5(addr, "j", Some(("ignored", &bound))).await,
         ConnectReturnCode::NotAuthorized
@@ -372,16 +390,31 @@ async fn jwt_claims_set_type_and_acl() {
         "mqtt_client_type=application makes the session an APPLICATION session"
     );
     // `${username}` is the token's `sub`, not the CONNECT user name.
-    c.publish5(publish5_packet("telemetry/sensor-7/t", QoS::AtLeastOnce, 1, false, b"1"))
-        .await;
+    c.publish5(publish5_packet(
+        "telemetry/sensor-7/t",
+        QoS::AtLeastOnce,
+        1,
+        false,
+        b"1",
+    ))
+    .await;
     assert_puback(&mut c, 1, false).await;
-    c.publish5(publish5_packet("telemetry/whatever/t", QoS::AtLeastOnce, 2, false, b"1"))
-        .await;
+    c.publish5(publish5_packet(
+        "telemetry/whatever/t",
+        QoS::AtLeastOnce,
+        2,
+        false,
+        b"1",
+    ))
+    .await;
     assert_puback(&mut c, 2, true).await;
     let ack = c
         .subscribe5(3, filter5("commands/sensor-7", QoS::AtLeastOnce), None)
         .await;
-    assert_eq!(ack.return_codes, vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]);
+    assert_eq!(
+        ack.return_codes,
+        vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+    );
     let ack = c
         .subscribe5(4, filter5("commands/+", QoS::AtLeastOnce), None)
         .await;
@@ -414,9 +447,12 @@ async fn jwt_es256_and_rs256() {
         );
         if algorithm == Algorithm::ES256 {
             let other = EncodingKey::from_ec_pem(&fixture("jwt-es256-other.key")).unwrap();
-            let forged =
-                jsonwebtoken::encode(&Header::new(algorithm), &claims(serde_json::json!({})), &other)
-                    .unwrap();
+            let forged = jsonwebtoken::encode(
+                &Header::new(algorithm),
+                &claims(serde_json::json!({})),
+                &other,
+            )
+            .unwrap();
             assert_eq!(
                 connack5(addr, "k", Some(("u", &forged))).await,
                 ConnectReturnCode::BadUserNamePassword,
@@ -493,20 +529,44 @@ async fn publish_denied_v5_gets_0x87_and_is_not_routed() {
         .await;
     let (mut d, ack) = connect5_login(addr, "d1", Some(("dev", "pw")), None).await;
     assert_eq!(ack.code, ConnectReturnCode::Success);
-    d.publish5(publish5_packet("devices/d2/cmd", QoS::AtLeastOnce, 1, false, b"x"))
-        .await;
+    d.publish5(publish5_packet(
+        "devices/d2/cmd",
+        QoS::AtLeastOnce,
+        1,
+        false,
+        b"x",
+    ))
+    .await;
     assert_puback(&mut d, 1, true).await;
-    d.publish5(publish5_packet("devices/d2/cmd", QoS::ExactlyOnce, 2, false, b"x"))
-        .await;
+    d.publish5(publish5_packet(
+        "devices/d2/cmd",
+        QoS::ExactlyOnce,
+        2,
+        false,
+        b"x",
+    ))
+    .await;
     match d.recv5().await {
         Packet::PubRec(r) => assert_eq!(r.reason, PubRecReason::NotAuthorized),
         other => panic!("expected PUBREC, got {other:?}"),
     }
-    d.publish5(publish5_packet("devices/d2/cmd", QoS::AtMostOnce, 0, false, b"x"))
-        .await;
+    d.publish5(publish5_packet(
+        "devices/d2/cmd",
+        QoS::AtMostOnce,
+        0,
+        false,
+        b"x",
+    ))
+    .await;
     // The allowed one arrives, and only it.
-    d.publish5(publish5_packet("devices/d1/state", QoS::AtLeastOnce, 3, false, b"ok"))
-        .await;
+    d.publish5(publish5_packet(
+        "devices/d1/state",
+        QoS::AtLeastOnce,
+        3,
+        false,
+        b"ok",
+    ))
+    .await;
     assert_puback(&mut d, 3, false).await;
     let p = watcher.recv_publish5().await;
     assert_eq!(&p.topic[..], b"devices/d1/state");
@@ -521,15 +581,27 @@ async fn publish_denied_v3_dropped_or_disconnected_per_config() {
         .subscribe5(1, filter5("#", QoS::AtLeastOnce), None)
         .await;
     let (mut d, _) = connect4_login(addr, "d1", Some(("dev", "pw")), None).await;
-    d.publish4("devices/d2/x", rumqttc::mqttbytes::QoS::AtLeastOnce, 5, false, b"x")
-        .await;
+    d.publish4(
+        "devices/d2/x",
+        rumqttc::mqttbytes::QoS::AtLeastOnce,
+        5,
+        false,
+        b"x",
+    )
+    .await;
     // v3 can only acknowledge; the message is dropped.
     match d.recv4().await {
         v4::Packet::PubAck(a) => assert_eq!(a.pkid, 5),
         other => panic!("expected PUBACK, got {other:?}"),
     }
-    d.publish4("devices/d2/x", rumqttc::mqttbytes::QoS::ExactlyOnce, 6, false, b"x")
-        .await;
+    d.publish4(
+        "devices/d2/x",
+        rumqttc::mqttbytes::QoS::ExactlyOnce,
+        6,
+        false,
+        b"x",
+    )
+    .await;
     match d.recv4().await {
         v4::Packet::PubRec(r) => assert_eq!(r.pkid, 6),
         other => panic!("expected PUBREC, got {other:?}"),
@@ -543,10 +615,17 @@ async fn publish_denied_v3_dropped_or_disconnected_per_config() {
     assert_eq!(server.broker.metrics.messages_dropped_acl.get(), 2);
     drop(server);
 
-    let (_server, addr) = start_acl(|c| c.auth.v3_denied_publish = V3DeniedPublish::Disconnect).await;
+    let (_server, addr) =
+        start_acl(|c| c.auth.v3_denied_publish = V3DeniedPublish::Disconnect).await;
     let (mut d, _) = connect4_login(addr, "d1", Some(("dev", "pw")), None).await;
-    d.publish4("devices/d2/x", rumqttc::mqttbytes::QoS::AtLeastOnce, 5, false, b"x")
-        .await;
+    d.publish4(
+        "devices/d2/x",
+        rumqttc::mqttbytes::QoS::AtLeastOnce,
+        5,
+        false,
+        b"x",
+    )
+    .await;
     let rest = d.closed_within(common::WAIT).await.expect("disconnected");
     assert!(rest.is_empty(), "no PUBACK before the close: {rest:?}");
 }
@@ -623,7 +702,11 @@ async fn will_on_a_denied_topic_is_refused_at_connect() {
 async fn retained_messages_only_through_allowed_filters() {
     let (_server, addr) = start_acl(|_| {}).await;
     let (mut admin, _) = connect5_login(addr, "adm", Some(("admin", "pw")), None).await;
-    for (pkid, topic) in [(1, "secret/plans"), (2, "public/news"), (3, "devices/d2/cfg")] {
+    for (pkid, topic) in [
+        (1, "secret/plans"),
+        (2, "public/news"),
+        (3, "devices/d2/cfg"),
+    ] {
         admin
             .publish5(publish5_packet(topic, QoS::AtLeastOnce, pkid, true, b"r"))
             .await;
@@ -632,14 +715,21 @@ async fn retained_messages_only_through_allowed_filters() {
     let (mut d, _) = connect5_login(addr, "d1", Some(("dev", "pw")), None).await;
     let ack = d.subscribe5(1, filter5("#", QoS::AtLeastOnce), None).await;
     assert_eq!(ack.return_codes, vec![SubscribeReasonCode::NotAuthorized]);
-    let ack = d.subscribe5(2, filter5("+/+", QoS::AtLeastOnce), None).await;
+    let ack = d
+        .subscribe5(2, filter5("+/+", QoS::AtLeastOnce), None)
+        .await;
     assert_eq!(ack.return_codes, vec![SubscribeReasonCode::NotAuthorized]);
     assert!(
         d.recv5_within(QUIET).await.is_none(),
         "retained messages leaked through a denied filter"
     );
-    let ack = d.subscribe5(3, filter5("public/#", QoS::AtLeastOnce), None).await;
-    assert_eq!(ack.return_codes, vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]);
+    let ack = d
+        .subscribe5(3, filter5("public/#", QoS::AtLeastOnce), None)
+        .await;
+    assert_eq!(
+        ack.return_codes,
+        vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+    );
     let p = d.recv_publish5().await;
     assert_eq!(&p.topic[..], b"public/news");
     assert!(p.retain);
@@ -656,16 +746,28 @@ async fn wildcard_client_ids_do_not_widen_client_id_patterns() {
     for evil in ["+", "#", "a/b"] {
         let (mut c, ack) = connect5_login(addr, evil, Some(("dev", "pw")), None).await;
         assert_eq!(ack.code, ConnectReturnCode::Success, "{evil}");
-        for (pkid, filter) in [(1, "devices/+/cmd"), (2, "devices/#"), (3, "devices/victim/#")] {
-            let ack = c.subscribe5(pkid, filter5(filter, QoS::AtLeastOnce), None).await;
+        for (pkid, filter) in [
+            (1, "devices/+/cmd"),
+            (2, "devices/#"),
+            (3, "devices/victim/#"),
+        ] {
+            let ack = c
+                .subscribe5(pkid, filter5(filter, QoS::AtLeastOnce), None)
+                .await;
             assert_eq!(
                 ack.return_codes,
                 vec![SubscribeReasonCode::NotAuthorized],
                 "client id {evil:?} subscribing {filter}"
             );
         }
-        c.publish5(publish5_packet("devices/victim/cmd", QoS::AtLeastOnce, 9, false, b"x"))
-            .await;
+        c.publish5(publish5_packet(
+            "devices/victim/cmd",
+            QoS::AtLeastOnce,
+            9,
+            false,
+            b"x",
+        ))
+        .await;
         assert_puback(&mut c, 9, true).await;
     }
     assert!(victim_watch.recv5_within(QUIET).await.is_none());
@@ -680,13 +782,27 @@ async fn anonymous_clients_get_the_configured_acl() {
     .await;
     let (mut g, ack) = connect5_login(addr, "g1", None, None).await;
     assert_eq!(ack.code, ConnectReturnCode::Success);
-    g.publish5(publish5_packet("guest/g1", QoS::AtLeastOnce, 1, false, b"x"))
-        .await;
+    g.publish5(publish5_packet(
+        "guest/g1",
+        QoS::AtLeastOnce,
+        1,
+        false,
+        b"x",
+    ))
+    .await;
     assert_puback(&mut g, 1, false).await;
-    g.publish5(publish5_packet("guest/g2", QoS::AtLeastOnce, 2, false, b"x"))
-        .await;
+    g.publish5(publish5_packet(
+        "guest/g2",
+        QoS::AtLeastOnce,
+        2,
+        false,
+        b"x",
+    ))
+    .await;
     assert_puback(&mut g, 2, true).await;
-    let ack = g.subscribe5(3, filter5("other/#", QoS::AtMostOnce), None).await;
+    let ack = g
+        .subscribe5(3, filter5("other/#", QoS::AtMostOnce), None)
+        .await;
     assert_eq!(ack.return_codes, vec![SubscribeReasonCode::NotAuthorized]);
     // Presented credentials must still be right: anonymous is for clients without any.
     assert_eq!(
@@ -827,11 +943,12 @@ fn cat(parts: &[Vec<u8>]) -> Vec<u8> {
 
 #[tokio::test]
 async fn malformed_connect_credentials_get_clean_refusals() {
-    let (server, addr, store) = start_auth(&[AuthProviderKind::Jwt, AuthProviderKind::Store], |c| {
-        c.auth.jwt = Some(jwt_config("HS256", None));
-        c.auth.failure_burst = 0;
-    })
-    .await;
+    let (server, addr, store) =
+        start_auth(&[AuthProviderKind::Jwt, AuthProviderKind::Store], |c| {
+            c.auth.jwt = Some(jwt_config("HS256", None));
+            c.auth.failure_burst = 0;
+        })
+        .await;
     store
         .put(user("ok", "pw", AclRules::everything()))
         .await
@@ -863,17 +980,16 @@ async fn malformed_connect_credentials_get_clean_refusals() {
                 &cat(&[id.clone(), mqtt_str(b"ok"), vec![0xff, 0xff, b'p', b'w']]),
             ),
         ),
-        (
-            "user name flag but no user name",
-            raw_connect(4, 0x82, &id),
-        ),
+        ("user name flag but no user name", raw_connect(4, 0x82, &id)),
         (
             "user name length beyond the packet",
             raw_connect(5, 0x82, &cat(&[id.clone(), vec![0x80, 0x00, b'x']])),
         ),
         (
             "remaining length far beyond the packet size limit",
-            vec![0x10, 0xff, 0xff, 0xff, 0x7f, 0, 4, b'M', b'Q', b'T', b'T', 4],
+            vec![
+                0x10, 0xff, 0xff, 0xff, 0x7f, 0, 4, b'M', b'Q', b'T', b'T', 4,
+            ],
         ),
         (
             "reserved flag bit set",
@@ -900,7 +1016,12 @@ async fn malformed_connect_credentials_get_clean_refusals() {
         connack5(addr, "m2", Some(("ok", &long))).await,
         ConnectReturnCode::BadUserNamePassword
     );
-    let fake_jwt = format!("{}.{}.{}", &long[..20_000], &long[..20_000], &long[..20_000]);
+    let fake_jwt = format!(
+        "{}.{}.{}",
+        &long[..20_000],
+        &long[..20_000],
+        &long[..20_000]
+    );
     assert_eq!(
         connack5(addr, "m3", Some(("ok", &fake_jwt))).await,
         ConnectReturnCode::BadUserNamePassword
@@ -913,7 +1034,8 @@ async fn malformed_connect_credentials_get_clean_refusals() {
     // The broker still serves others.
     let (mut sub, ack) = connect5_login(addr, "s", Some(("ok", "pw")), None).await;
     assert_eq!(ack.code, ConnectReturnCode::Success);
-    sub.subscribe5(1, filter5("t", QoS::AtLeastOnce), None).await;
+    sub.subscribe5(1, filter5("t", QoS::AtLeastOnce), None)
+        .await;
     let (mut publ, _) = connect5_login(addr, "p", Some(("ok", "pw")), None).await;
     publ.publish5(publish5_packet("t", QoS::AtLeastOnce, 1, false, b"alive"))
         .await;
