@@ -82,7 +82,8 @@ pub enum AuthDecision {
     /// v5 0x87 / v3 0x05: known credentials that may not connect this way (wrong client id
     /// for the user, no credentials where anonymous access is off, an unmapped certificate).
     NotAuthorized,
-    /// v5 0x9F Connection rate exceeded / v3 0x05: too many failed attempts from this address.
+    /// v5 0x9F Connection rate exceeded / v3 0x03 (server unavailable): too many failed attempts
+    /// from this address.
     RateLimited,
     /// v5 0x88 Server unavailable / v3 0x03: the credential store could not be read.
     Unavailable,

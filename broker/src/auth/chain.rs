@@ -34,7 +34,7 @@ pub enum SetupError {
 enum Provider {
     Store,
     X509(X509Mapper),
-    Jwt(JwtProvider),
+    Jwt(Box<JwtProvider>),
 }
 
 pub struct AuthChain {
@@ -66,7 +66,7 @@ impl AuthChain {
                 AuthProviderKind::Store => Provider::Store,
                 AuthProviderKind::X509 => Provider::X509(X509Mapper::new(&auth.x509)?),
                 AuthProviderKind::Jwt => match &auth.jwt {
-                    Some(jwt) => Provider::Jwt(JwtProvider::new(jwt)?),
+                    Some(jwt) => Provider::Jwt(Box::new(JwtProvider::new(jwt)?)),
                     None => {
                         return Err(SetupError::Jwt(JwtSetupError::Key {
                             key: "algorithm",
