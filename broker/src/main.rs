@@ -33,12 +33,16 @@ struct Cli {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FERRYMQ_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    let logs = tracing_subscriber::fmt().with_env_filter(
+        tracing_subscriber::EnvFilter::try_from_env("FERRYMQ_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+    );
+    // Admin commands print their results on stdout; keep logs out of the way.
+    if cli.admin.is_some() {
+        logs.with_writer(std::io::stderr).init();
+    } else {
+        logs.init();
+    }
     let overrides = Overrides {
         listen: cli.listen.clone(),
         data_dir: cli.data_dir.clone(),

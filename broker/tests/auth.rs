@@ -1043,3 +1043,75 @@ async fn malformed_connect_credentials_get_clean_refusals() {
     assert_eq!(&sub.recv_publish5().await.payload[..], b"alive");
     assert!(server.broker.metrics.protocol_errors.get() >= corpus.len() as u64 - 1);
 }
+
+#[tokio::test]
+async fn v5_client_id_with_password_and_no_user_name() {
+    let (_server, addr, store) = start_auth(&[AuthProviderKind::Store], |c| {
+        c.auth.failure_burst = 0;
+    })
+    .await;
+    store
+        .put(CredentialRecord {
+            username: None,
+            client_id: Some("gw-1".into()),
+            password_hash: Some(password::hash(b"gw-secret").unwrap()),
+            client_type: None,
+            acl: AclRules::everything(),
+        })
+        .await
+        .unwrap();
+    // v5 allows a password without a user name (3.1.2.9): flags 0x42 = password + clean start.
+    let attempt = |pw: &'static [u8]| async move {
+        let mut c = Raw::connect(addr).await;
+        c.send_bytes(&raw_connect(
+            5,
+            0x42,
+            &cat(&[mqtt_str(b"gw-1"), mqtt_str(pw)]),
+        ))
+        .await;
+        match c.recv5().await {
+            Packet::ConnAck(ack) => ack.code,
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    };
+    assert_eq!(attempt(b"gw-secret").await, ConnectReturnCode::Success);
+    assert_eq!(
+        attempt(b"wrong").await,
+        ConnectReturnCode::BadUserNamePassword
+    );
+    // The client id is reserved by its password: connecting without one is refused.
+    assert_eq!(
+        connack5(addr, "gw-1", None).await,
+        ConnectReturnCode::BadUserNamePassword
+    );
+}
+
+#[tokio::test]
+async fn rumqttc_client_logs_in_with_credentials() {
+    use rumqttc::{AsyncClient, ConnectionError, Event, MqttOptions};
+
+    let (_server, addr, store) = start_auth(&[AuthProviderKind::Store], |_| {}).await;
+    store
+        .put(user("lib", "lib-pw", rules(&["lib/#"], &["lib/#"])))
+        .await
+        .unwrap();
+    let connect = |pw: &str| {
+        let mut opts = MqttOptions::new("lib-client", addr.ip().to_string(), addr.port());
+        opts.set_credentials("lib", pw);
+        AsyncClient::new(opts, 10)
+    };
+    let (_client, mut eventloop) = connect("lib-pw");
+    match tokio::time::timeout(common::WAIT, eventloop.poll()).await {
+        Ok(Ok(Event::Incoming(rumqttc::Packet::ConnAck(ack)))) => {
+            assert_eq!(ack.code, rumqttc::ConnectReturnCode::Success)
+        }
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    let (_client, mut eventloop) = connect("nope");
+    match tokio::time::timeout(common::WAIT, eventloop.poll()).await {
+        Ok(Err(ConnectionError::ConnectionRefused(code))) => {
+            assert_eq!(code, rumqttc::ConnectReturnCode::BadUserNamePassword)
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}

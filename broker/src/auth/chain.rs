@@ -118,6 +118,11 @@ impl AuthChain {
                 }
             }
             if presented {
+                // As slow as a wrong password for a known user, so timing does not tell which
+                // user names exist.
+                if let Some(given) = c.password {
+                    password::verify_dummy(given).await;
+                }
                 return AuthDecision::BadCredentials;
             }
         }
