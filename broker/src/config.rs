@@ -988,6 +988,83 @@ mod tests {
     }
 
     #[test]
+    fn anonymous_access_only_in_the_development_defaults() {
+        let c = Config::load(None, Vec::new(), &Overrides::default()).unwrap();
+        assert!(c.auth.allow_anonymous);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.toml");
+        std::fs::write(&path, "data_dir = \"/tmp/x\"\n").unwrap();
+        let c = Config::load(Some(&path), Vec::new(), &Overrides::default()).unwrap();
+        assert!(!c.auth.allow_anonymous);
+        assert!(!Config::default().auth.allow_anonymous);
+        let c = Config::load(
+            None,
+            env(&[("FERRYMQ_AUTH__ALLOW_ANONYMOUS", "false")]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert!(!c.auth.allow_anonymous);
+    }
+
+    #[test]
+    fn auth_from_the_environment() {
+        let c = Config::load(
+            None,
+            env(&[
+                ("FERRYMQ_AUTH__PROVIDERS", "jwt, store"),
+                ("FERRYMQ_AUTH__JWT__ALGORITHM", "HS256"),
+                (
+                    "FERRYMQ_AUTH__JWT__SECRET",
+                    "12345678901234567890123456789012",
+                ),
+                ("FERRYMQ_AUTH__JWT__ISSUER", "iss"),
+                ("FERRYMQ_AUTH__JWT__AUDIENCE", "aud"),
+                ("FERRYMQ_AUTH__ANONYMOUS_ACL__PUBLISH", "a/#,b"),
+            ]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            c.auth.providers,
+            vec![AuthProviderKind::Jwt, AuthProviderKind::Store]
+        );
+        let jwt = c.auth.jwt.unwrap();
+        assert_eq!(
+            jwt.secret.as_deref(),
+            Some("12345678901234567890123456789012")
+        );
+        assert_eq!(c.auth.anonymous_acl.publish, vec!["a/#", "b"]);
+    }
+
+    #[test]
+    fn auth_errors_name_the_key() {
+        let cases = [
+            ("[auth]\nproviders = [\"jwt\"]\n", "auth.jwt"),
+            (
+                "[auth.jwt]\nalgorithm = \"HS256\"\nsecret = \"short\"\nissuer = \"i\"\naudience = \"a\"\n",
+                "auth.jwt.secret",
+            ),
+            (
+                "[auth.jwt]\nalgorithm = \"none\"\nissuer = \"i\"\naudience = \"a\"\n",
+                "auth.jwt.algorithm",
+            ),
+            (
+                "[auth.jwt]\nalgorithm = \"ES256\"\nissuer = \"i\"\naudience = \"a\"\n",
+                "auth.jwt.public_key_file",
+            ),
+            ("[auth.x509]\ncn_regex = \"(\"\n", "auth.x509.cn_regex"),
+            ("[auth.anonymous_acl]\npublish = [\"a/#/b\"]\n", "auth.anonymous_acl"),
+            ("[auth]\nproviders = [\"store\", \"store\"]\n", "auth.providers"),
+            ("[auth]\nfailure_refill_secs = 0\n", "auth.failure_refill_secs"),
+            ("[auth]\nproviders = [\"ldap\"]\n", "ldap"),
+        ];
+        for (text, key) in cases {
+            let err = Config::from_toml_str(text).unwrap_err();
+            assert!(err.to_string().contains(key), "{text}: {err}");
+        }
+    }
+
+    #[test]
     fn example_config_in_repo_is_valid() {
         let text = include_str!("../../ferrymq.example.toml");
         Config::from_toml_str(text).unwrap();

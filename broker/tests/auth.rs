@@ -1115,3 +1115,68 @@ async fn rumqttc_client_logs_in_with_credentials() {
         other => panic!("expected a refusal, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn taking_over_a_client_id_does_not_inherit_what_the_acl_denies() {
+    let (server, addr) = start_acl(|_| {}).await;
+    // `admin` leaves a persistent session on client id `shared` subscribed to everything.
+    let mut c = Raw::connect(addr).await;
+    c.send5(Packet::Connect(
+        connect5_packet("shared", true, 3600),
+        None,
+        Some(v5::Login::new("admin", "pw")),
+    ))
+    .await;
+    assert!(matches!(c.recv5().await, Packet::ConnAck(a) if a.code == ConnectReturnCode::Success));
+    c.subscribe5(1, filter5("#", QoS::AtLeastOnce), None).await;
+    c.disconnect5(v5::DisconnectReasonCode::NormalDisconnection, None)
+        .await;
+    drop(c);
+    // A message for it is queued while it is away.
+    let (mut admin, _) = connect5_login(addr, "adm", Some(("admin", "pw")), None).await;
+    admin
+        .publish5(publish5_packet(
+            "secret/plans",
+            QoS::AtLeastOnce,
+            1,
+            false,
+            b"x",
+        ))
+        .await;
+    assert_puback(&mut admin, 1, false).await;
+    // `dev` resumes the same client id: the session is there, its secrets are not.
+    let mut d = Raw::connect(addr).await;
+    d.send5(Packet::Connect(
+        connect5_packet("shared", false, 3600),
+        None,
+        Some(v5::Login::new("dev", "pw")),
+    ))
+    .await;
+    match d.recv5().await {
+        Packet::ConnAck(a) => {
+            assert_eq!(a.code, ConnectReturnCode::Success);
+            assert!(a.session_present);
+        }
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    assert!(
+        d.recv5_within(QUIET).await.is_none(),
+        "a message queued for another identity was delivered"
+    );
+    // The inherited `#` subscription was removed at CONNECT.
+    assert_eq!(server.broker.metrics.subscriptions_denied_acl.get(), 1);
+    admin
+        .publish5(publish5_packet(
+            "secret/more",
+            QoS::AtLeastOnce,
+            2,
+            false,
+            b"y",
+        ))
+        .await;
+    assert_puback(&mut admin, 2, false).await;
+    assert!(
+        d.recv5_within(QUIET).await.is_none(),
+        "the inherited `#` subscription still routes"
+    );
+}

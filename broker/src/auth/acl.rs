@@ -180,6 +180,21 @@ impl Acl {
         }
     }
 
+    /// Whether the client may read every topic (no delivery check needed).
+    pub fn reads_everything(&self) -> bool {
+        matches!(self.subscribe, Patterns::All)
+    }
+
+    /// May a message on `topic` be delivered to the client (some subscribe pattern matches it)?
+    /// Subscriptions are checked when made; this catches what a session holds from before:
+    /// another identity's subscriptions and queued messages under the same client id.
+    pub fn may_receive(&self, topic: &str) -> bool {
+        match &self.subscribe {
+            Patterns::All => true,
+            Patterns::List(list) => list.iter().any(|p| matches_topic(p, topic)),
+        }
+    }
+
     /// May the client subscribe to `filter` (a valid filter, without a `$share/{group}/`
     /// prefix)?
     pub fn may_subscribe(&self, filter: &str) -> bool {
@@ -267,6 +282,11 @@ mod tests {
         assert!(acl.may_subscribe("cmd/bob/+/x"));
         assert!(!acl.may_subscribe("cmd/+/x"));
         assert!(!acl.may_subscribe("cmd/#"));
+        assert!(acl.may_receive("sensors/x/temp"));
+        assert!(acl.may_receive("cmd/bob"));
+        assert!(acl.may_receive("cmd/bob/a/b"));
+        assert!(!acl.may_receive("cmd/alice"));
+        assert!(!acl.reads_everything());
     }
 
     #[test]

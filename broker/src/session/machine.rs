@@ -136,9 +136,69 @@ impl Machine {
         }
     }
 
-    /// Sets the client's authorization rules (everything is allowed until then).
+    /// Sets the client's authorization rules (everything is allowed until then). A resumed
+    /// session may hold subscriptions and in-flight messages authorized for whoever used this
+    /// client id before: what this client may not read is removed now (queued messages are
+    /// checked as they are delivered).
     pub fn set_acl(&mut self, acl: Acl) {
         self.acl = acl;
+        if self.acl.reads_everything() {
+            return;
+        }
+        let limits = &self.broker.topic_limits;
+        let denied: Vec<String> = self
+            .session
+            .subscriptions
+            .keys()
+            .filter(|f| {
+                parse_filter(f, limits).is_ok_and(|p| !self.acl.may_subscribe(p.topic_filter()))
+            })
+            .cloned()
+            .collect();
+        let mut batch = WriteBatch::default();
+        for filter in denied {
+            if let Ok(parsed) = parse_filter(&filter, &self.broker.topic_limits) {
+                self.broker
+                    .router
+                    .unsubscribe(&self.session.client_id, parsed);
+            }
+            self.session.subscriptions.remove(&filter);
+            self.broker.metrics.subscriptions_denied_acl.inc();
+            if self.session.stored {
+                batch.push(WriteOp::DeleteSubscription {
+                    client: self.session.client_id.clone(),
+                    filter,
+                });
+            }
+        }
+        if !batch.is_empty() {
+            self.broker.storage.submit_detached(batch);
+        }
+        let unreadable: Vec<(u16, InflightState, Option<u64>)> = self
+            .session
+            .outbound
+            .iter()
+            .filter(|i| i.state != InflightState::AwaitingPubComp && !self.may_receive(&i.delivery))
+            .map(|i| (i.pkid, i.state, i.delivery.seq))
+            .collect();
+        for (pkid, state, seq) in unreadable {
+            match state {
+                InflightState::AwaitingPubAck => {
+                    self.session.outbound.puback(pkid);
+                }
+                InflightState::AwaitingPubRec => {
+                    self.session.outbound.pubrec(pkid, false);
+                }
+                InflightState::AwaitingPubComp => continue,
+            }
+            self.broker.metrics.messages_dropped_acl.inc();
+            self.stored_done(seq);
+        }
+    }
+
+    fn may_receive(&self, delivery: &Delivery) -> bool {
+        self.acl.reads_everything()
+            || std::str::from_utf8(&delivery.message.topic).is_ok_and(|t| self.acl.may_receive(t))
     }
 
     fn v5(&self) -> bool {
@@ -889,6 +949,11 @@ impl Machine {
     pub fn deliver(&mut self, delivery: Delivery, out: &mut BytesMut, now: Instant) {
         if delivery.message.is_expired(now) {
             self.broker.metrics.messages_dropped_expired.inc();
+            self.stored_done(delivery.seq);
+            return;
+        }
+        if !self.may_receive(&delivery) {
+            self.broker.metrics.messages_dropped_acl.inc();
             self.stored_done(delivery.seq);
             return;
         }
