@@ -100,20 +100,27 @@ fn parse(pattern: &str) -> Result<Vec<Level>, &'static str> {
         .collect()
 }
 
-/// Substitutes placeholders; `None` when a value could widen the pattern (or is missing).
+/// Substitutes placeholders in one pass (a value is never scanned for placeholders itself);
+/// `None` when a value could widen the pattern, or is missing.
 fn substitute(pattern: &str, client_id: &str, username: Option<&str>) -> Option<String> {
     let safe = |v: &str| !v.is_empty() && !v.contains(['/', '+', '#', '\0']);
-    let mut out = pattern.to_string();
-    if out.contains(CLIENT_ID) {
-        if !safe(client_id) {
+    let mut out = String::with_capacity(pattern.len());
+    let mut rest = pattern;
+    while let Some(at) = rest.find("${") {
+        out.push_str(&rest[..at]);
+        let tail = &rest[at..];
+        let (value, len) = if tail.starts_with(CLIENT_ID) {
+            (Some(client_id), CLIENT_ID.len())
+        } else if tail.starts_with(USERNAME) {
+            (username, USERNAME.len())
+        } else {
+            // Not a placeholder (validation refuses these in stored rules).
             return None;
-        }
-        out = out.replace(CLIENT_ID, client_id);
+        };
+        out.push_str(value.filter(|v| safe(v))?);
+        rest = &tail[len..];
     }
-    if out.contains(USERNAME) {
-        let name = username.filter(|u| safe(u))?;
-        out = out.replace(USERNAME, name);
-    }
+    out.push_str(rest);
     Some(out)
 }
 
@@ -308,6 +315,10 @@ mod tests {
             assert!(!acl.may_subscribe("devices/+/state"), "{evil:?}");
             assert!(!acl.may_subscribe("devices/#"), "{evil:?}");
         }
+        // A value is not scanned for placeholders again.
+        let acl = rules(&["devices/${client_id}"], &[]).resolve("${username}", Some("bob"));
+        assert!(!acl.may_publish("devices/bob"));
+        assert!(acl.may_publish("devices/${username}"));
         // A missing username drops patterns that need it.
         let acl = rules(&["u/${username}"], &[]).resolve("c", None);
         assert!(!acl.may_publish("u/"));
