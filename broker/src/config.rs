@@ -50,8 +50,9 @@ pub struct Config {
     pub postgres: PostgresConfig,
     pub device: DeviceConfig,
     pub application: ApplicationConfig,
-    /// Clients treated as APPLICATION clients (until credentials carry the client type).
+    /// Clients treated as APPLICATION clients when their credentials do not decide the type.
     pub application_clients: Vec<ApplicationClientConfig>,
+    pub auth: AuthConfig,
 }
 
 impl Default for Config {
@@ -67,6 +68,7 @@ impl Default for Config {
             device: DeviceConfig::default(),
             application: ApplicationConfig::default(),
             application_clients: Vec::new(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -334,6 +336,191 @@ impl Default for SessionConfig {
     }
 }
 
+// --- [auth]: authentication providers and authorization (docs/security.md) -------------------
+
+/// Authentication and authorization.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Clients that present no credentials may connect (with `anonymous_acl`). Off by default;
+    /// the built-in configuration used when no `--config` file is given turns it on for
+    /// development, with a warning at start.
+    pub allow_anonymous: bool,
+    /// Providers asked in order; the first that recognises the credentials decides.
+    pub providers: Vec<AuthProviderKind>,
+    /// What anonymous clients may do. Default: everything.
+    pub anonymous_acl: crate::auth::acl::AclRules,
+    /// What an MQTT 3.x client's PUBLISH that its ACL denies gets: `drop` (acknowledged and
+    /// discarded: v3 acks cannot say no) or `disconnect`.
+    pub v3_denied_publish: V3DeniedPublish,
+    /// Failed authentication attempts one source IP may make in a row; 0 disables the limit.
+    pub failure_burst: u32,
+    /// One more attempt is allowed per this many seconds.
+    pub failure_refill_secs: u64,
+    /// Source addresses remembered (bounded memory under attack).
+    pub failure_tracked_ips: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt: Option<JwtConfig>,
+    pub x509: X509Config,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            allow_anonymous: false,
+            providers: Vec::new(),
+            anonymous_acl: crate::auth::acl::AclRules::everything(),
+            v3_denied_publish: V3DeniedPublish::Drop,
+            failure_burst: 10,
+            failure_refill_secs: 10,
+            failure_tracked_ips: 100_000,
+            jwt: None,
+            x509: X509Config::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthProviderKind {
+    /// User name / password (or client id / password) records in the credential store.
+    Store,
+    /// The TLS client certificate's subject CN mapped to a credential record.
+    X509,
+    /// A JWT bearer token in the password field.
+    Jwt,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum V3DeniedPublish {
+    Drop,
+    Disconnect,
+}
+
+/// `[auth.jwt]`: how bearer tokens are verified.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    /// `HS256`, `RS256` or `ES256`; tokens signed otherwise are refused.
+    pub algorithm: String,
+    /// HS256 shared secret (at least 32 bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    /// RS256/ES256: PEM file with the public key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key_file: Option<PathBuf>,
+    /// Required `iss`.
+    pub issuer: String,
+    /// Required `aud` (one of the token's audiences).
+    pub audience: String,
+    /// Clock skew tolerated on `exp` and `nbf`, seconds.
+    #[serde(default = "default_jwt_leeway")]
+    pub leeway_secs: u64,
+}
+
+fn default_jwt_leeway() -> u64 {
+    30
+}
+
+/// `[auth.x509]`: how a client certificate maps to a credential record.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct X509Config {
+    /// Regular expression the whole subject CN must match; its first capture group (or the
+    /// group named `name`) is the name looked up. Empty: the CN itself.
+    pub cn_regex: String,
+    /// Look the name up as a `username` record or a `client_id` record.
+    pub lookup: X509Lookup,
+}
+
+impl Default for X509Config {
+    fn default() -> Self {
+        X509Config {
+            cn_regex: String::new(),
+            lookup: X509Lookup::Username,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum X509Lookup {
+    Username,
+    ClientId,
+}
+
+impl AuthConfig {
+    /// Checks `[auth]`; errors name the key.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let key = |key: &str, message: String| {
+            Err(ConfigError::Key {
+                key: key.to_string(),
+                message,
+            })
+        };
+        for (i, p) in self.providers.iter().enumerate() {
+            if self.providers[..i].contains(p) {
+                return key("auth.providers", format!("{p:?} is listed twice"));
+            }
+        }
+        if let Err(e) = self.anonymous_acl.validate() {
+            return key("auth.anonymous_acl", e);
+        }
+        if self.failure_refill_secs == 0 {
+            return key("auth.failure_refill_secs", "must be at least 1".into());
+        }
+        if self.failure_tracked_ips < 2 {
+            return key("auth.failure_tracked_ips", "must be at least 2".into());
+        }
+        if !self.x509.cn_regex.is_empty() {
+            if let Err(e) = regex::Regex::new(&self.x509.cn_regex) {
+                return key("auth.x509.cn_regex", format!("not a valid regex: {e}"));
+            }
+        }
+        if self.providers.contains(&AuthProviderKind::Jwt) && self.jwt.is_none() {
+            return key(
+                "auth.jwt",
+                "the `jwt` provider needs an [auth.jwt] section".into(),
+            );
+        }
+        if let Some(jwt) = &self.jwt {
+            match jwt.algorithm.as_str() {
+                "HS256" => match &jwt.secret {
+                    Some(s) if s.len() >= 32 => {}
+                    _ => {
+                        return key(
+                            "auth.jwt.secret",
+                            "HS256 needs a secret of at least 32 bytes".into(),
+                        )
+                    }
+                },
+                "RS256" | "ES256" => {
+                    if jwt.public_key_file.is_none() {
+                        return key(
+                            "auth.jwt.public_key_file",
+                            format!("{} needs a PEM public key file", jwt.algorithm),
+                        );
+                    }
+                }
+                other => {
+                    return key(
+                        "auth.jwt.algorithm",
+                        format!("`{other}` is not supported (HS256, RS256, ES256)"),
+                    )
+                }
+            }
+            if jwt.issuer.is_empty() {
+                return key("auth.jwt.issuer", "must not be empty".into());
+            }
+            if jwt.audience.is_empty() {
+                return key("auth.jwt.audience", "must not be empty".into());
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Command-line overrides applied after the file and the environment.
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
@@ -361,7 +548,15 @@ impl Config {
                         message: e.to_string(),
                     })?
             }
-            None => toml::Table::new(),
+            // No file: the development configuration. Anonymous access is on (with a warning at
+            // start) so the quick start works; any file starts from `allow_anonymous = false`.
+            None => {
+                let mut auth = toml::Table::new();
+                auth.insert("allow_anonymous".into(), toml::Value::Boolean(true));
+                let mut table = toml::Table::new();
+                table.insert("auth".into(), toml::Value::Table(auth));
+                table
+            }
         };
         for (var, value) in env {
             apply_env(&mut table, &var, &value)?;
@@ -511,7 +706,7 @@ impl Config {
                 );
             }
         }
-        Ok(())
+        self.auth.validate()
     }
 }
 
@@ -653,6 +848,7 @@ fn apply_env(table: &mut toml::Table, var: &str, value: &str) -> Result<(), Conf
         "postgres",
         "device",
         "application",
+        "auth",
     ];
     if !TOP_LEVEL.contains(&keys[0].as_str()) {
         return Ok(());
@@ -676,15 +872,32 @@ fn apply_env(table: &mut toml::Table, var: &str, value: &str) -> Result<(), Conf
         "topic_prefix",
         "url",
         "schema",
+        "algorithm",
+        "secret",
+        "public_key_file",
+        "issuer",
+        "audience",
+        "cn_regex",
     ];
-    // librdkafka properties are strings whatever they look like (`enable.ssl.certificate.verification=false`).
-    let parsed = if text_keys.contains(&leaf.as_str())
-        || keys[0] == "kafka" && keys.get(1).is_some_and(|k| k == "properties")
-    {
-        toml::Value::String(value.to_string())
-    } else {
-        scalar(value)
-    };
+    let parsed =
+        if keys[0] == "auth" && (leaf == "providers" || leaf == "publish" || leaf == "subscribe") {
+            // Lists from the environment are comma-separated: FERRYMQ_AUTH__PROVIDERS=store,jwt.
+            toml::Value::Array(
+                value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|v| !v.is_empty())
+                    .map(|v| toml::Value::String(v.to_string()))
+                    .collect(),
+            )
+        // librdkafka properties are strings whatever they look like (`enable.ssl.certificate.verification=false`).
+        } else if text_keys.contains(&leaf.as_str())
+            || keys[0] == "kafka" && keys.get(1).is_some_and(|k| k == "properties")
+        {
+            toml::Value::String(value.to_string())
+        } else {
+            scalar(value)
+        };
     node.insert(leaf, parsed);
     Ok(())
 }
@@ -772,6 +985,83 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("FERRYMQ_LISTEN"), "{err}");
+    }
+
+    #[test]
+    fn anonymous_access_only_in_the_development_defaults() {
+        let c = Config::load(None, Vec::new(), &Overrides::default()).unwrap();
+        assert!(c.auth.allow_anonymous);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.toml");
+        std::fs::write(&path, "data_dir = \"/tmp/x\"\n").unwrap();
+        let c = Config::load(Some(&path), Vec::new(), &Overrides::default()).unwrap();
+        assert!(!c.auth.allow_anonymous);
+        assert!(!Config::default().auth.allow_anonymous);
+        let c = Config::load(
+            None,
+            env(&[("FERRYMQ_AUTH__ALLOW_ANONYMOUS", "false")]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert!(!c.auth.allow_anonymous);
+    }
+
+    #[test]
+    fn auth_from_the_environment() {
+        let c = Config::load(
+            None,
+            env(&[
+                ("FERRYMQ_AUTH__PROVIDERS", "jwt, store"),
+                ("FERRYMQ_AUTH__JWT__ALGORITHM", "HS256"),
+                (
+                    "FERRYMQ_AUTH__JWT__SECRET",
+                    "12345678901234567890123456789012",
+                ),
+                ("FERRYMQ_AUTH__JWT__ISSUER", "iss"),
+                ("FERRYMQ_AUTH__JWT__AUDIENCE", "aud"),
+                ("FERRYMQ_AUTH__ANONYMOUS_ACL__PUBLISH", "a/#,b"),
+            ]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            c.auth.providers,
+            vec![AuthProviderKind::Jwt, AuthProviderKind::Store]
+        );
+        let jwt = c.auth.jwt.unwrap();
+        assert_eq!(
+            jwt.secret.as_deref(),
+            Some("12345678901234567890123456789012")
+        );
+        assert_eq!(c.auth.anonymous_acl.publish, vec!["a/#", "b"]);
+    }
+
+    #[test]
+    fn auth_errors_name_the_key() {
+        let cases = [
+            ("[auth]\nproviders = [\"jwt\"]\n", "auth.jwt"),
+            (
+                "[auth.jwt]\nalgorithm = \"HS256\"\nsecret = \"short\"\nissuer = \"i\"\naudience = \"a\"\n",
+                "auth.jwt.secret",
+            ),
+            (
+                "[auth.jwt]\nalgorithm = \"none\"\nissuer = \"i\"\naudience = \"a\"\n",
+                "auth.jwt.algorithm",
+            ),
+            (
+                "[auth.jwt]\nalgorithm = \"ES256\"\nissuer = \"i\"\naudience = \"a\"\n",
+                "auth.jwt.public_key_file",
+            ),
+            ("[auth.x509]\ncn_regex = \"(\"\n", "auth.x509.cn_regex"),
+            ("[auth.anonymous_acl]\npublish = [\"a/#/b\"]\n", "auth.anonymous_acl"),
+            ("[auth]\nproviders = [\"store\", \"store\"]\n", "auth.providers"),
+            ("[auth]\nfailure_refill_secs = 0\n", "auth.failure_refill_secs"),
+            ("[auth]\nproviders = [\"ldap\"]\n", "ldap"),
+        ];
+        for (text, key) in cases {
+            let err = Config::from_toml_str(text).unwrap_err();
+            assert!(err.to_string().contains(key), "{text}: {err}");
+        }
     }
 
     #[test]

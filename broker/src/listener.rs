@@ -38,6 +38,7 @@ impl Listener {
         connections: Arc<Semaphore>,
         mut shutdown: watch::Receiver<bool>,
     ) {
+        let name: Arc<str> = Arc::from(self.config.name.as_str());
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.changed() => return,
@@ -58,8 +59,9 @@ impl Listener {
             };
             let broker = broker.clone();
             let shutdown = shutdown.clone();
+            let name = name.clone();
             tokio::spawn(async move {
-                connection::serve(broker, stream, peer, shutdown).await;
+                connection::serve(broker, stream, peer, name, shutdown).await;
                 drop(permit);
             });
         }

@@ -67,4 +67,12 @@ pub struct Metrics {
     pub application_messages_expired: Counter,
     /// Storage writes that failed (nothing was acknowledged for them).
     pub storage_errors: Counter,
+    /// CONNECTs refused for their credentials (bad, unknown, not authorized, none given).
+    pub auth_failures: Counter,
+    /// CONNECTs refused because their source address failed too often.
+    pub auth_rate_limited: Counter,
+    /// PUBLISHes (and wills at CONNECT) refused by the client's ACL.
+    pub messages_dropped_acl: Counter,
+    /// Subscription filters refused by the client's ACL.
+    pub subscriptions_denied_acl: Counter,
 }

@@ -37,6 +37,8 @@ pub struct Server {
 pub enum StartError {
     #[error("cannot open storage: {0}")]
     Storage(crate::storage::StorageError),
+    #[error("authentication setup: {0}")]
+    Auth(#[from] crate::auth::chain::SetupError),
     #[error("cannot bind listener `{name}` on {addr}: {source}")]
     Bind {
         name: String,
@@ -48,7 +50,10 @@ pub enum StartError {
 impl Server {
     /// Binds every listener and starts serving.
     pub async fn start(config: Config) -> Result<Server, StartError> {
-        let broker = Broker::open(config).await.map_err(StartError::Storage)?;
+        let auth = crate::auth::chain::AuthChain::open(&config)?;
+        let broker = Broker::open_with_authenticator(config, Arc::new(auth))
+            .await
+            .map_err(StartError::Storage)?;
         Self::start_with(broker).await
     }
 

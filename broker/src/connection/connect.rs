@@ -22,6 +22,7 @@ use crate::router::topic::validate_topic_name;
 use crate::session::machine::{ClientLimits, Machine};
 use crate::session::registry::Kick;
 use crate::session::NEVER_EXPIRES;
+use crate::storage::ClientKind;
 
 /// A connection that passed CONNECT.
 pub(super) struct Accepted {
@@ -41,6 +42,7 @@ pub(super) async fn handshake(
     broker: &Arc<Broker>,
     stream: &mut TcpStream,
     peer: SocketAddr,
+    listener: &str,
     decoder: &mut Decoder,
     rbuf: &mut BytesMut,
 ) -> std::io::Result<Option<Accepted>> {
@@ -96,19 +98,48 @@ pub(super) async fn handshake(
             username: connect.username.as_deref(),
             password: connect.password.as_ref(),
             peer,
+            client_cert: None,
+            listener,
         })
         .await;
-    match decision {
-        AuthDecision::Allow => {}
-        AuthDecision::BadCredentials => {
-            refuse(stream, version, ConnectReturnCode::BadUserNamePassword).await;
+    let identity = match decision {
+        AuthDecision::Allow(identity) => identity,
+        refused => {
+            let code = match refused {
+                AuthDecision::RateLimited => {
+                    broker.metrics.auth_rate_limited.inc();
+                    ConnectReturnCode::ConnectionRateExceeded
+                }
+                AuthDecision::Unavailable => ConnectReturnCode::ServerUnavailable,
+                AuthDecision::NotAuthorized => {
+                    broker.metrics.auth_failures.inc();
+                    ConnectReturnCode::NotAuthorized
+                }
+                _ => {
+                    broker.metrics.auth_failures.inc();
+                    ConnectReturnCode::BadUserNamePassword
+                }
+            };
+            tracing::debug!(%peer, client_id = %client_id, ?code, "authentication refused");
+            refuse(stream, version, code).await;
             return Ok(None);
         }
-        AuthDecision::NotAuthorized => {
+    };
+    let kind = identity
+        .client_type
+        .unwrap_or_else(|| broker.client_kind(&client_id));
+    let acl = identity
+        .acl
+        .resolve(&client_id, identity.username.as_deref());
+    // The will is published later on the client's behalf: its topic is authorized now.
+    if let Some(will) = &connect.will {
+        if !acl.may_publish(&will.topic) {
+            broker.metrics.messages_dropped_acl.inc();
             refuse(stream, version, ConnectReturnCode::NotAuthorized).await;
             return Ok(None);
         }
     }
+    tracing::debug!(%peer, client_id = %client_id, via = identity.via, kind = kind.as_str(), "authenticated");
 
     let max_expiry = broker.config.session.max_session_expiry_secs;
     let requested_expiry = if v5 {
@@ -118,7 +149,7 @@ pub(super) async fn handshake(
     } else {
         NEVER_EXPIRES
     };
-    let expiry = if broker.config.is_application_client(&client_id) {
+    let expiry = if kind == ClientKind::Application {
         // APPLICATION sessions are always persistent, whatever the client asked for; v5
         // clients learn it from the Session Expiry Interval in CONNACK.
         NEVER_EXPIRES
@@ -146,6 +177,7 @@ pub(super) async fn handshake(
             Some(kick_tx),
             connect.clean_start,
             expiry,
+            kind,
         )
         .await
     {
@@ -210,7 +242,8 @@ pub(super) async fn handshake(
         problem_information: props.request_problem_info.unwrap_or(1) == 1,
     };
     let ConnectPacket { will, .. } = *connect;
-    let machine = Machine::new(broker.clone(), version, session, will, client);
+    let mut machine = Machine::new(broker.clone(), version, session, will, client);
+    machine.set_acl(acl);
     Ok(Some(Accepted {
         machine,
         conn_id,

@@ -47,11 +47,12 @@ pub async fn serve(
     broker: Arc<Broker>,
     stream: TcpStream,
     peer: SocketAddr,
+    listener: Arc<str>,
     shutdown: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
     broker.metrics.connections.inc();
-    let result = run(broker.clone(), stream, peer, shutdown).await;
+    let result = run(broker.clone(), stream, peer, &listener, shutdown).await;
     broker.metrics.connections.dec();
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
@@ -76,6 +77,7 @@ async fn run(
     broker: Arc<Broker>,
     mut stream: TcpStream,
     peer: SocketAddr,
+    listener: &str,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let limits = broker.config.limits.clone();
@@ -87,7 +89,14 @@ async fn run(
     let connect_deadline = Duration::from_secs(limits.connect_timeout_secs);
     let accepted = match tokio::time::timeout(
         connect_deadline,
-        connect::handshake(&broker, &mut stream, peer, &mut decoder, &mut rbuf),
+        connect::handshake(
+            &broker,
+            &mut stream,
+            peer,
+            listener,
+            &mut decoder,
+            &mut rbuf,
+        ),
     )
     .await
     {

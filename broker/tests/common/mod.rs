@@ -27,6 +27,9 @@ pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> (Server, SocketAddr)
         .tempdir()
         .unwrap()
         .keep();
+    // Like the quick start without a config file: tests that are not about authentication
+    // connect anonymously. Authentication tests switch it off in `tweak`.
+    config.auth.allow_anonymous = true;
     tweak(&mut config);
     config.validate().unwrap();
     let server = Server::start(config).await.unwrap();

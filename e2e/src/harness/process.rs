@@ -251,6 +251,9 @@ impl BrokerProcess {
             "FERRYMQ_LOG",
             std::env::var("FERRYMQ_E2E_LOG").unwrap_or_else(|_| "info".into()),
         );
+        // A config file turns anonymous access off by default; these clients connect without
+        // credentials (a test's own env can override it).
+        cmd.env("FERRYMQ_AUTH__ALLOW_ANONYMOUS", "true");
         for (key, value) in &self.opts.env {
             cmd.env(key, value);
         }
