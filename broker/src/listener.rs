@@ -38,6 +38,7 @@ impl Listener {
         connections: Arc<Semaphore>,
         mut shutdown: watch::Receiver<bool>,
     ) {
+        let listener_metrics = broker.metrics.listener(&self.config.name);
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.changed() => return,
@@ -58,8 +59,9 @@ impl Listener {
             };
             let broker = broker.clone();
             let shutdown = shutdown.clone();
+            let listener_metrics = listener_metrics.clone();
             tokio::spawn(async move {
-                connection::serve(broker, stream, peer, shutdown).await;
+                connection::serve(broker, stream, peer, shutdown, listener_metrics).await;
                 drop(permit);
             });
         }

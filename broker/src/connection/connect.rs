@@ -14,6 +14,7 @@ use tokio::sync::oneshot;
 use super::READ_CHUNK;
 use crate::auth::{AuthDecision, Credentials};
 use crate::broker::{Broker, OpenError};
+use crate::metrics::ConnectResult;
 use crate::protocol::{
     encode, ConnAck, ConnAckProperties, ConnectPacket, ConnectReturnCode, Decoder, Incoming,
     ProtocolVersion,
@@ -47,10 +48,14 @@ pub(super) async fn handshake(
     let connect = loop {
         match decoder.decode(rbuf) {
             Ok(Some(Incoming::Connect(connect))) => break connect,
-            Ok(Some(_)) => return Ok(None),
+            Ok(Some(_)) => {
+                broker.metrics.connect_result(ConnectResult::ProtocolError);
+                return Ok(None);
+            }
             Ok(None) => {
                 rbuf.reserve(READ_CHUNK);
                 if stream.read_buf(rbuf).await? == 0 {
+                    broker.metrics.connect_result(ConnectResult::NoConnect);
                     return Ok(None);
                 }
             }
@@ -59,7 +64,9 @@ pub(super) async fn handshake(
                 broker.metrics.protocol_errors.inc();
                 if let Some(code) = e.connack_code() {
                     let version = decoder.version().unwrap_or(ProtocolVersion::V3_1_1);
-                    refuse(stream, version, code).await;
+                    refuse(broker, stream, version, code).await;
+                } else {
+                    broker.metrics.connect_result(ConnectResult::ProtocolError);
                 }
                 return Ok(None);
             }
@@ -71,20 +78,30 @@ pub(super) async fn handshake(
 
     // v5 enhanced authentication is not offered [MQTT-3.1.2-? / 4.12]: refuse the method.
     if connect.properties.authentication_method.is_some() {
-        refuse(stream, version, ConnectReturnCode::BadAuthenticationMethod).await;
+        refuse(
+            broker,
+            stream,
+            version,
+            ConnectReturnCode::BadAuthenticationMethod,
+        )
+        .await;
         return Ok(None);
     }
     let (client_id, assigned) = match client_identifier(&connect, limits.max_client_id_len) {
         Ok(id) => id,
         Err(code) => {
-            refuse(stream, version, code).await;
+            refuse(broker, stream, version, code).await;
             return Ok(None);
         }
     };
     if let Some(will) = &connect.will {
         if validate_topic_name(&will.topic, &broker.topic_limits).is_err() {
             if v5 {
-                refuse(stream, version, ConnectReturnCode::TopicNameInvalid).await;
+                refuse(broker, stream, version, ConnectReturnCode::TopicNameInvalid).await;
+            } else {
+                broker
+                    .metrics
+                    .connect_result(ConnectResult::TopicNameInvalid);
             }
             return Ok(None);
         }
@@ -101,11 +118,17 @@ pub(super) async fn handshake(
     match decision {
         AuthDecision::Allow => {}
         AuthDecision::BadCredentials => {
-            refuse(stream, version, ConnectReturnCode::BadUserNamePassword).await;
+            refuse(
+                broker,
+                stream,
+                version,
+                ConnectReturnCode::BadUserNamePassword,
+            )
+            .await;
             return Ok(None);
         }
         AuthDecision::NotAuthorized => {
-            refuse(stream, version, ConnectReturnCode::NotAuthorized).await;
+            refuse(broker, stream, version, ConnectReturnCode::NotAuthorized).await;
             return Ok(None);
         }
     }
@@ -161,7 +184,7 @@ pub(super) async fn handshake(
                 }
                 OpenError::Storage(_) => ConnectReturnCode::ServerUnavailable,
             };
-            refuse(stream, version, code).await;
+            refuse(broker, stream, version, code).await;
             return Ok(None);
         }
     };
@@ -275,8 +298,14 @@ fn negotiate_keep_alive(requested: u16, max: u16) -> (u16, Option<u16>) {
     (max, Some(max))
 }
 
-/// Sends CONNACK with a refusal code and closes [MQTT-3.2.2-5].
-async fn refuse(stream: &mut TcpStream, version: ProtocolVersion, code: ConnectReturnCode) {
+/// Sends CONNACK with a refusal code and closes [MQTT-3.2.2-5]. Counted by its code.
+async fn refuse(
+    broker: &Broker,
+    stream: &mut TcpStream,
+    version: ProtocolVersion,
+    code: ConnectReturnCode,
+) {
+    broker.metrics.connect_result(refusal_result(code));
     let mut out = BytesMut::new();
     if encode(
         &Packet::ConnAck(ConnAck {
@@ -293,6 +322,28 @@ async fn refuse(stream: &mut TcpStream, version: ProtocolVersion, code: ConnectR
         let _ = stream.write_all(&out).await;
     }
     let _ = stream.shutdown().await;
+}
+
+/// The `ferrymq_connects_total` result a CONNACK refusal code stands for.
+fn refusal_result(code: ConnectReturnCode) -> ConnectResult {
+    use ConnectReturnCode as C;
+    match code {
+        C::RefusedProtocolVersion | C::UnsupportedProtocolVersion => {
+            ConnectResult::UnsupportedProtocolVersion
+        }
+        C::BadClientId | C::ClientIdentifierNotValid => ConnectResult::ClientIdRejected,
+        C::BadUserNamePassword => ConnectResult::BadCredentials,
+        C::NotAuthorized => ConnectResult::NotAuthorized,
+        C::BadAuthenticationMethod => ConnectResult::BadAuthenticationMethod,
+        C::MalformedPacket | C::ProtocolError | C::PacketTooLarge => ConnectResult::ProtocolError,
+        C::TopicNameInvalid => ConnectResult::TopicNameInvalid,
+        C::ServerBusy => ConnectResult::ServerBusy,
+        C::ServiceUnavailable | C::ServerUnavailable => ConnectResult::ServerUnavailable,
+        C::QuotaExceeded => ConnectResult::QuotaExceeded,
+        C::ConnectionRateExceeded => ConnectResult::ConnectionRateExceeded,
+        C::Banned => ConnectResult::Banned,
+        _ => ConnectResult::Other,
+    }
 }
 
 #[cfg(test)]
