@@ -134,9 +134,17 @@ pub async fn serve(
 ) {
     let permits = Arc::new(Semaphore::new(config.max_connections));
     let header_timeout = Duration::from_secs(config.request_timeout_secs);
+    let mut connections = tokio::task::JoinSet::new();
     loop {
         let accepted = tokio::select! {
-            _ = shutdown.changed() => return,
+            _ = shutdown.changed() => {
+                // Each connection finishes its request within CLOSE_GRACE; wait for them so
+                // nothing holds the broker after shutdown.
+                let all = async { while connections.join_next().await.is_some() {} };
+                let _ = tokio::time::timeout(CLOSE_GRACE + Duration::from_secs(1), all).await;
+                return;
+            }
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             accepted = listener.accept() => accepted,
         };
         let (stream, _peer) = match accepted {
@@ -153,7 +161,7 @@ pub async fn serve(
         };
         let service = TowerToHyperService::new(app.clone());
         let mut shutdown = shutdown.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_timeout)
