@@ -74,15 +74,21 @@ async fn authorize(State(state): State<AppState>, req: Request, next: Next) -> R
     next.run(req).await
 }
 
-/// The page size a request asked for, or a 400.
-pub fn page_limit(limit: Option<usize>) -> Result<usize, Response> {
+/// A 400 with its message.
+pub struct BadRequest(pub &'static str);
+
+impl IntoResponse for BadRequest {
+    fn into_response(self) -> Response {
+        error(StatusCode::BAD_REQUEST, self.0)
+    }
+}
+
+/// The page size a request asked for.
+pub fn page_limit(limit: Option<usize>) -> Result<usize, BadRequest> {
     match limit {
         None => Ok(DEFAULT_LIMIT),
         Some(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
-        Some(_) => Err(error(
-            StatusCode::BAD_REQUEST,
-            "limit must be between 1 and 1000",
-        )),
+        Some(_) => Err(BadRequest("limit must be between 1 and 1000")),
     }
 }
 

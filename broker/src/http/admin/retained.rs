@@ -59,7 +59,7 @@ fn entry(topic: &str, message: &Arc<Message>) -> Value {
 async fn list(State(state): State<AppState>, Query(q): Query<ListQuery>) -> Response {
     let limit = match page_limit(q.limit) {
         Ok(l) => l,
-        Err(response) => return response,
+        Err(bad) => return bad.into_response(),
     };
     let mut page: Page<String, Value> = Page::new(q.after, limit);
     state.broker.router.for_each_retained(|topic, message| {

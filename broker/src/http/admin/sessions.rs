@@ -110,7 +110,7 @@ fn view_kind(broker: &Broker, client_id: &str, view: &SlotView<'_>) -> ClientKin
 async fn list(State(state): State<AppState>, Query(q): Query<ListQuery>) -> Response {
     let limit = match page_limit(q.limit) {
         Ok(l) => l,
-        Err(response) => return response,
+        Err(bad) => return bad.into_response(),
     };
     let kind = match q.client_type.as_deref().map(|t| (t, parse_kind(t))) {
         None => None,

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use axum::extract::{Query, State};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use serde::Deserialize;
@@ -68,7 +68,7 @@ pub fn entry(
 async fn list(State(state): State<AppState>, Query(q): Query<ListQuery>) -> Response {
     let limit = match page_limit(q.limit) {
         Ok(l) => l,
-        Err(response) => return response,
+        Err(bad) => return bad.into_response(),
     };
     let after = q.after.map(|a| match a.split_once(CURSOR_SEPARATOR) {
         Some((client, filter)) => (client.to_string(), filter.to_string()),
