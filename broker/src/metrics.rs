@@ -506,20 +506,13 @@ impl Metrics {
 
     /// Counts the outcome of a connection attempt.
     pub fn connect_result(&self, result: ConnectResult) {
-        let i = ConnectResult::ALL
-            .iter()
-            .position(|r| *r == result)
-            .unwrap_or(ConnectResult::ALL.len() - 1);
-        self.connects[i].inc();
+        // `ALL` lists the variants in declaration order (checked by a test).
+        self.connects[result as usize].inc();
     }
 
     /// Counts the end of an established connection.
     pub fn disconnect(&self, reason: DisconnectReason) {
-        let i = DisconnectReason::ALL
-            .iter()
-            .position(|r| *r == reason)
-            .unwrap_or(0);
-        self.disconnects[i].inc();
+        self.disconnects[reason as usize].inc();
     }
 
     /// A PUBLISH refused by an ACL: counted as a denial and as a dropped message.
@@ -537,5 +530,48 @@ impl Metrics {
     pub fn observe_ack(&self, received: Instant) {
         self.publish_ack_latency
             .observe(received.elapsed().as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_tables_are_in_declaration_order() {
+        for (i, r) in ConnectResult::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "{r:?}");
+        }
+        for (i, r) in DisconnectReason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "{r:?}");
+        }
+    }
+
+    #[test]
+    fn counters_land_in_their_labelled_series() {
+        let m = Metrics::new();
+        m.connect_result(ConnectResult::BadCredentials);
+        m.disconnect(DisconnectReason::Administrative);
+        m.messages_received.inc(QoS::ExactlyOnce);
+        m.publish_denied();
+        let text = {
+            let mut out = Vec::new();
+            prometheus::Encoder::encode(
+                &prometheus::TextEncoder::new(),
+                &m.registry().gather(),
+                &mut out,
+            )
+            .unwrap();
+            String::from_utf8(out).unwrap()
+        };
+        for line in [
+            "ferrymq_connects_total{result=\"bad_credentials\"} 1",
+            "ferrymq_disconnects_total{reason=\"administrative\"} 1",
+            "ferrymq_messages_received_total{qos=\"2\"} 1",
+            "ferrymq_messages_dropped_total{reason=\"acl_denied\"} 1",
+            "ferrymq_acl_denials_total{action=\"publish\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+        }
     }
 }
