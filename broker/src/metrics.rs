@@ -185,6 +185,23 @@ impl DisconnectReason {
     }
 }
 
+/// A PUBLISH (or will) refused by an ACL: one denial and one dropped message.
+#[derive(Clone)]
+pub struct AclDrop {
+    denied: IntCounter,
+    dropped: IntCounter,
+}
+
+impl AclDrop {
+    pub fn inc(&self) {
+        self.denied.inc();
+        self.dropped.inc();
+    }
+    pub fn get(&self) -> u64 {
+        self.denied.get()
+    }
+}
+
 /// Failed authentications by reason, counted by the authentication providers.
 #[derive(Clone)]
 pub struct AuthFailures {
@@ -244,8 +261,6 @@ pub struct Metrics {
     pub messages_dropped_expired: Counter,
     pub messages_dropped_too_large: Counter,
     pub messages_dropped_no_subscribers: Counter,
-    /// Publishes refused by an ACL (counted through [`Metrics::publish_denied`]).
-    pub messages_dropped_acl_denied: Counter,
     pub retained_messages: Gauge,
     pub protocol_errors: Counter,
     pub bytes_received: Counter,
@@ -264,8 +279,13 @@ pub struct Metrics {
     /// Failed reads of a DEVICE queue or APPLICATION log.
     pub storage_read_errors: Counter,
     pub auth_failures: AuthFailures,
-    acl_denied_publish: Counter,
-    acl_denied_subscribe: Counter,
+    /// The same series as `auth_failures.rate_limited`.
+    pub auth_rate_limited: Counter,
+    /// PUBLISHes (and wills) refused by an ACL: `ferrymq_acl_denials_total{action="publish"}`
+    /// and `ferrymq_messages_dropped_total{reason="acl_denied"}`.
+    pub messages_dropped_acl: AclDrop,
+    /// Subscription filters refused by an ACL.
+    pub subscriptions_denied_acl: Counter,
     /// From PUBLISH received to PUBACK/PUBREC put on the wire (QoS 1/2, successful acks only).
     pub publish_ack_latency: Histogram,
 }
@@ -448,7 +468,6 @@ impl Metrics {
             messages_dropped_expired: drop("expired"),
             messages_dropped_too_large: drop("too_large"),
             messages_dropped_no_subscribers: drop("no_subscribers"),
-            messages_dropped_acl_denied: drop("acl_denied"),
             retained_messages: Gauge(b.gauge(
                 "ferrymq_retained_messages",
                 "Retained messages held (one per topic).",
@@ -478,8 +497,12 @@ impl Metrics {
                 not_authorized: Counter(auth.with_label_values(&["not_authorized"])),
                 rate_limited: Counter(auth.with_label_values(&["rate_limited"])),
             },
-            acl_denied_publish: Counter(acl.with_label_values(&["publish"])),
-            acl_denied_subscribe: Counter(acl.with_label_values(&["subscribe"])),
+            auth_rate_limited: Counter(auth.with_label_values(&["rate_limited"])),
+            messages_dropped_acl: AclDrop {
+                denied: acl.with_label_values(&["publish"]),
+                dropped: dropped.with_label_values(&["acl_denied"]),
+            },
+            subscriptions_denied_acl: Counter(acl.with_label_values(&["subscribe"])),
             publish_ack_latency,
             registry: b.registry,
         }
@@ -515,17 +538,6 @@ impl Metrics {
         self.disconnects[reason as usize].inc();
     }
 
-    /// A PUBLISH refused by an ACL: counted as a denial and as a dropped message.
-    pub fn publish_denied(&self) {
-        self.acl_denied_publish.inc();
-        self.messages_dropped_acl_denied.inc();
-    }
-
-    /// A subscription filter refused by an ACL.
-    pub fn subscribe_denied(&self) {
-        self.acl_denied_subscribe.inc();
-    }
-
     /// Records a PUBACK/PUBREC leaving for a PUBLISH received at `received`.
     pub fn observe_ack(&self, received: Instant) {
         self.publish_ack_latency
@@ -553,7 +565,8 @@ mod tests {
         m.connect_result(ConnectResult::BadCredentials);
         m.disconnect(DisconnectReason::Administrative);
         m.messages_received.inc(QoS::ExactlyOnce);
-        m.publish_denied();
+        m.messages_dropped_acl.inc();
+        m.auth_rate_limited.inc();
         let text = {
             let mut out = Vec::new();
             prometheus::Encoder::encode(
@@ -570,6 +583,7 @@ mod tests {
             "ferrymq_messages_received_total{qos=\"2\"} 1",
             "ferrymq_messages_dropped_total{reason=\"acl_denied\"} 1",
             "ferrymq_acl_denials_total{action=\"publish\"} 1",
+            "ferrymq_auth_failures_total{reason=\"rate_limited\"} 1",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
         }
