@@ -528,6 +528,7 @@ struct FlakyStorage {
     healthy: Arc<AtomicBool>,
 }
 
+#[async_trait::async_trait]
 impl ferrymq::storage::Storage for FlakyStorage {
     fn submit(&self, batch: ferrymq::storage::WriteBatch) -> ferrymq::storage::Completion {
         self.inner.submit(batch)
@@ -535,24 +536,24 @@ impl ferrymq::storage::Storage for FlakyStorage {
     fn flush(&self) -> ferrymq::storage::Completion {
         self.inner.flush()
     }
-    fn load(&self) -> Result<ferrymq::storage::Snapshot, ferrymq::storage::StorageError> {
-        self.inner.load()
+    async fn load(&self) -> Result<ferrymq::storage::Snapshot, ferrymq::storage::StorageError> {
+        self.inner.load().await
     }
     fn read_queue(
         &self,
-        client: &str,
+        client: &Arc<str>,
         kind: ferrymq::storage::ClientKind,
         from: u64,
         limit: usize,
-    ) -> Result<Vec<ferrymq::storage::QueuedEntry>, ferrymq::storage::StorageError> {
+    ) -> ferrymq::storage::QueueRead {
         self.inner.read_queue(client, kind, from, limit)
     }
-    fn sweep(
+    async fn sweep(
         &self,
         now_ms: u64,
         budget: usize,
     ) -> Result<ferrymq::storage::SweepStats, ferrymq::storage::StorageError> {
-        self.inner.sweep(now_ms, budget)
+        self.inner.sweep(now_ms, budget).await
     }
     fn health(&self) -> Result<(), ferrymq::storage::StorageError> {
         if self.healthy.load(Ordering::Acquire) {
@@ -589,6 +590,7 @@ async fn health_probes_follow_listeners_and_storage() {
         Arc::new(ferrymq::auth::AllowAll),
         storage,
         metrics,
+        None,
     );
     let server = Server::start_with(broker).await.unwrap();
     let http = http_addr(&server);

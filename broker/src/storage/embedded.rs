@@ -27,8 +27,8 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::codec::{self, decode_delivery, now_ms};
 use super::{
-    ClientKind, Completion, QueueRead, QueueTotals, QueuedEntry, RestoredSession, SessionRecord, Snapshot,
-    Storage, StorageError, SweepStats, WriteBatch, WriteOp,
+    ClientKind, Completion, QueueRead, QueueTotals, QueuedEntry, RestoredSession, SessionRecord,
+    Snapshot, Storage, StorageError, SweepStats, WriteBatch, WriteOp,
 };
 use crate::metrics::Metrics;
 
