@@ -13,7 +13,7 @@ use crate::metrics::Metrics;
 use crate::protocol::Will;
 use crate::router::topic::{parse_filter, TopicLimits};
 use crate::router::Router;
-use crate::session::registry::{Claim, Due, Kick, PendingWill, Registry};
+use crate::session::registry::{Claim, Due, Kick, KickReason, PendingWill, Registry};
 use crate::session::{Session, NEVER_EXPIRES};
 use crate::storage::codec::now_ms;
 use crate::storage::embedded::{EmbeddedOptions, EmbeddedStorage};
@@ -229,7 +229,11 @@ impl Broker {
                 }
                 Claim::Busy(other) => {
                     let (done_tx, done_rx) = oneshot::channel();
-                    match other.map(|o| o.send(Kick { done: done_tx })) {
+                    let kick = Kick {
+                        done: done_tx,
+                        reason: KickReason::TakenOver,
+                    };
+                    match other.map(|o| o.send(kick)) {
                         // Either the old owner parks/releases and answers, or it is already
                         // gone; both end the wait.
                         Some(Ok(())) => {

@@ -53,6 +53,8 @@ pub struct Config {
     /// Clients treated as APPLICATION clients when their credentials do not decide the type.
     pub application_clients: Vec<ApplicationClientConfig>,
     pub auth: AuthConfig,
+    /// The HTTP endpoint: metrics, health probes, admin API.
+    pub http: HttpConfig,
 }
 
 impl Default for Config {
@@ -69,6 +71,7 @@ impl Default for Config {
             application: ApplicationConfig::default(),
             application_clients: Vec::new(),
             auth: AuthConfig::default(),
+            http: HttpConfig::default(),
         }
     }
 }
@@ -521,11 +524,57 @@ impl AuthConfig {
     }
 }
 
+/// The HTTP endpoint (`/metrics`, `/health/*`, `/api/v1/*`): one port, bounded.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Serve the endpoint at all.
+    pub enabled: bool,
+    /// Address and port to bind (port 0: any free port).
+    pub bind: SocketAddr,
+    /// Bearer token for the admin API. Neither this nor `admin_token_file`: the admin API is
+    /// disabled (404). Printed redacted by `--check-config`.
+    #[serde(serialize_with = "redact")]
+    pub admin_token: Option<String>,
+    /// File holding the admin token (surrounding whitespace ignored); read at start.
+    pub admin_token_file: Option<PathBuf>,
+    /// Concurrent HTTP connections; more are closed right after accept.
+    pub max_connections: usize,
+    /// Seconds a request may take, from its first byte to the end of the response, and the
+    /// longest an idle keep-alive connection is kept.
+    pub request_timeout_secs: u64,
+    /// Largest request body accepted, in bytes (larger: 413).
+    pub max_body_bytes: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            enabled: true,
+            bind: SocketAddr::from(([0, 0, 0, 0], 8083)),
+            admin_token: None,
+            admin_token_file: None,
+            max_connections: 64,
+            request_timeout_secs: 10,
+            max_body_bytes: 64 * 1024,
+        }
+    }
+}
+
+fn redact<S: serde::Serializer>(token: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match token {
+        Some(_) => s.serialize_some("<redacted>"),
+        None => s.serialize_none(),
+    }
+}
+
 /// Command-line overrides applied after the file and the environment.
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
     pub listen: Vec<SocketAddr>,
     pub data_dir: Option<PathBuf>,
+    /// `--http ADDR`: the HTTP endpoint's address (and enables it).
+    pub http: Option<SocketAddr>,
 }
 
 impl Config {
@@ -571,6 +620,10 @@ impl Config {
         }
         if let Some(dir) = &overrides.data_dir {
             config.data_dir = dir.clone();
+        }
+        if let Some(addr) = overrides.http {
+            config.http.bind = addr;
+            config.http.enabled = true;
         }
         config.validate()?;
         Ok(config)
@@ -690,6 +743,28 @@ impl Config {
                 "session.response_topic_prefix",
                 "must be a topic name without wildcards and without a trailing `/`",
             );
+        }
+        let h = &self.http;
+        if h.admin_token.is_some() && h.admin_token_file.is_some() {
+            return key(
+                "http.admin_token_file",
+                "set either http.admin_token or http.admin_token_file, not both",
+            );
+        }
+        if h.admin_token
+            .as_deref()
+            .is_some_and(|t| t.trim().is_empty())
+        {
+            return key("http.admin_token", "must not be empty");
+        }
+        if h.max_connections == 0 {
+            return key("http.max_connections", "must be at least 1");
+        }
+        if h.request_timeout_secs == 0 {
+            return key("http.request_timeout_secs", "must be at least 1");
+        }
+        if h.max_body_bytes == 0 {
+            return key("http.max_body_bytes", "must be at least 1");
         }
         let mut ids = std::collections::HashSet::new();
         for (i, app) in self.application_clients.iter().enumerate() {
@@ -849,6 +924,7 @@ fn apply_env(table: &mut toml::Table, var: &str, value: &str) -> Result<(), Conf
         "device",
         "application",
         "auth",
+        "http",
     ];
     if !TOP_LEVEL.contains(&keys[0].as_str()) {
         return Ok(());
@@ -878,6 +954,9 @@ fn apply_env(table: &mut toml::Table, var: &str, value: &str) -> Result<(), Conf
         "issuer",
         "audience",
         "cn_regex",
+        "bind",
+        "admin_token",
+        "admin_token_file",
     ];
     let parsed =
         if keys[0] == "auth" && (leaf == "providers" || leaf == "publish" || leaf == "subscribe") {
@@ -955,6 +1034,7 @@ mod tests {
             &Overrides {
                 listen: vec!["127.0.0.1:2000".parse().unwrap()],
                 data_dir: None,
+                http: None,
             },
         )
         .unwrap();
@@ -1062,6 +1142,40 @@ mod tests {
             let err = Config::from_toml_str(text).unwrap_err();
             assert!(err.to_string().contains(key), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn http_section_env_and_flag() {
+        let c = Config::load(
+            None,
+            env(&[
+                ("FERRYMQ_HTTP__BIND", "127.0.0.1:9100"),
+                ("FERRYMQ_HTTP__ADMIN_TOKEN", "12345"),
+                ("FERRYMQ_HTTP__ENABLED", "false"),
+            ]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.http.bind.port(), 9100);
+        assert!(!c.http.enabled);
+        assert_eq!(c.http.admin_token.as_deref(), Some("12345"));
+        let printed = toml::to_string(&c).unwrap();
+        assert!(!printed.contains("12345"), "{printed}");
+        let c = Config::load(
+            None,
+            env(&[("FERRYMQ_HTTP__ENABLED", "false")]),
+            &Overrides {
+                http: Some("127.0.0.1:0".parse().unwrap()),
+                ..Overrides::default()
+            },
+        )
+        .unwrap();
+        assert!(c.http.enabled, "--http enables the endpoint");
+        let err = Config::from_toml_str("[http]\nadmin_token = \"a\"\nadmin_token_file = \"/f\"\n")
+            .unwrap_err();
+        assert!(err.to_string().contains("http.admin_token_file"), "{err}");
+        let err = Config::from_toml_str("[http]\nmax_connections = 0\n").unwrap_err();
+        assert!(err.to_string().contains("http.max_connections"), "{err}");
     }
 
     #[test]

@@ -39,6 +39,7 @@ impl Listener {
         mut shutdown: watch::Receiver<bool>,
     ) {
         let name: Arc<str> = Arc::from(self.config.name.as_str());
+        let listener_metrics = broker.metrics.listener(&self.config.name);
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.changed() => return,
@@ -60,8 +61,9 @@ impl Listener {
             let broker = broker.clone();
             let shutdown = shutdown.clone();
             let name = name.clone();
+            let listener_metrics = listener_metrics.clone();
             tokio::spawn(async move {
-                connection::serve(broker, stream, peer, name, shutdown).await;
+                connection::serve(broker, stream, peer, name, shutdown, listener_metrics).await;
                 drop(permit);
             });
         }

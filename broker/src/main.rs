@@ -19,6 +19,9 @@ struct Cli {
     /// TCP listener address; repeat for several. Replaces the configured listeners.
     #[arg(long = "listen", value_name = "ADDR")]
     listen: Vec<SocketAddr>,
+    /// HTTP endpoint address (metrics, health, admin API); enables it. Port 0: any free port.
+    #[arg(long = "http", value_name = "ADDR")]
+    http: Option<SocketAddr>,
     /// Data directory for the embedded storage.
     #[arg(long, value_name = "DIR", global = true)]
     data_dir: Option<PathBuf>,
@@ -46,6 +49,7 @@ fn main() -> anyhow::Result<()> {
     let overrides = Overrides {
         listen: cli.listen.clone(),
         data_dir: cli.data_dir.clone(),
+        http: cli.http,
     };
     let config = Config::load(cli.config.as_deref(), std::env::vars(), &overrides)
         .context("configuration")?;

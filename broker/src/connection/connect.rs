@@ -14,6 +14,7 @@ use tokio::sync::oneshot;
 use super::READ_CHUNK;
 use crate::auth::{AuthDecision, Credentials};
 use crate::broker::{Broker, OpenError};
+use crate::metrics::ConnectResult;
 use crate::protocol::{
     encode, ConnAck, ConnAckProperties, ConnectPacket, ConnectReturnCode, Decoder, Incoming,
     ProtocolVersion,
@@ -49,10 +50,14 @@ pub(super) async fn handshake(
     let connect = loop {
         match decoder.decode(rbuf) {
             Ok(Some(Incoming::Connect(connect))) => break connect,
-            Ok(Some(_)) => return Ok(None),
+            Ok(Some(_)) => {
+                broker.metrics.connect_result(ConnectResult::ProtocolError);
+                return Ok(None);
+            }
             Ok(None) => {
                 rbuf.reserve(READ_CHUNK);
                 if stream.read_buf(rbuf).await? == 0 {
+                    broker.metrics.connect_result(ConnectResult::NoConnect);
                     return Ok(None);
                 }
             }
@@ -61,7 +66,9 @@ pub(super) async fn handshake(
                 broker.metrics.protocol_errors.inc();
                 if let Some(code) = e.connack_code() {
                     let version = decoder.version().unwrap_or(ProtocolVersion::V3_1_1);
-                    refuse(stream, version, code).await;
+                    refuse(broker, stream, version, code).await;
+                } else {
+                    broker.metrics.connect_result(ConnectResult::ProtocolError);
                 }
                 return Ok(None);
             }
@@ -73,20 +80,30 @@ pub(super) async fn handshake(
 
     // v5 enhanced authentication is not offered [MQTT-3.1.2-? / 4.12]: refuse the method.
     if connect.properties.authentication_method.is_some() {
-        refuse(stream, version, ConnectReturnCode::BadAuthenticationMethod).await;
+        refuse(
+            broker,
+            stream,
+            version,
+            ConnectReturnCode::BadAuthenticationMethod,
+        )
+        .await;
         return Ok(None);
     }
     let (client_id, assigned) = match client_identifier(&connect, limits.max_client_id_len) {
         Ok(id) => id,
         Err(code) => {
-            refuse(stream, version, code).await;
+            refuse(broker, stream, version, code).await;
             return Ok(None);
         }
     };
     if let Some(will) = &connect.will {
         if validate_topic_name(&will.topic, &broker.topic_limits).is_err() {
             if v5 {
-                refuse(stream, version, ConnectReturnCode::TopicNameInvalid).await;
+                refuse(broker, stream, version, ConnectReturnCode::TopicNameInvalid).await;
+            } else {
+                broker
+                    .metrics
+                    .connect_result(ConnectResult::TopicNameInvalid);
             }
             return Ok(None);
         }
@@ -112,16 +129,16 @@ pub(super) async fn handshake(
                 }
                 AuthDecision::Unavailable => ConnectReturnCode::ServerUnavailable,
                 AuthDecision::NotAuthorized => {
-                    broker.metrics.auth_failures.inc();
+                    broker.metrics.auth_failures.not_authorized.inc();
                     ConnectReturnCode::NotAuthorized
                 }
                 _ => {
-                    broker.metrics.auth_failures.inc();
+                    broker.metrics.auth_failures.bad_credentials.inc();
                     ConnectReturnCode::BadUserNamePassword
                 }
             };
             tracing::debug!(%peer, client_id = %client_id, ?code, "authentication refused");
-            refuse(stream, version, code).await;
+            refuse(broker, stream, version, code).await;
             return Ok(None);
         }
     };
@@ -135,7 +152,7 @@ pub(super) async fn handshake(
     if let Some(will) = &connect.will {
         if !acl.may_publish(&will.topic) {
             broker.metrics.messages_dropped_acl.inc();
-            refuse(stream, version, ConnectReturnCode::NotAuthorized).await;
+            refuse(broker, stream, version, ConnectReturnCode::NotAuthorized).await;
             return Ok(None);
         }
     }
@@ -193,7 +210,7 @@ pub(super) async fn handshake(
                 }
                 OpenError::Storage(_) => ConnectReturnCode::ServerUnavailable,
             };
-            refuse(stream, version, code).await;
+            refuse(broker, stream, version, code).await;
             return Ok(None);
         }
     };
@@ -308,8 +325,14 @@ fn negotiate_keep_alive(requested: u16, max: u16) -> (u16, Option<u16>) {
     (max, Some(max))
 }
 
-/// Sends CONNACK with a refusal code and closes [MQTT-3.2.2-5].
-async fn refuse(stream: &mut TcpStream, version: ProtocolVersion, code: ConnectReturnCode) {
+/// Sends CONNACK with a refusal code and closes [MQTT-3.2.2-5]. Counted by its code.
+async fn refuse(
+    broker: &Broker,
+    stream: &mut TcpStream,
+    version: ProtocolVersion,
+    code: ConnectReturnCode,
+) {
+    broker.metrics.connect_result(refusal_result(code));
     let mut out = BytesMut::new();
     if encode(
         &Packet::ConnAck(ConnAck {
@@ -326,6 +349,28 @@ async fn refuse(stream: &mut TcpStream, version: ProtocolVersion, code: ConnectR
         let _ = stream.write_all(&out).await;
     }
     let _ = stream.shutdown().await;
+}
+
+/// The `ferrymq_connects_total` result a CONNACK refusal code stands for.
+fn refusal_result(code: ConnectReturnCode) -> ConnectResult {
+    use ConnectReturnCode as C;
+    match code {
+        C::RefusedProtocolVersion | C::UnsupportedProtocolVersion => {
+            ConnectResult::UnsupportedProtocolVersion
+        }
+        C::BadClientId | C::ClientIdentifierNotValid => ConnectResult::ClientIdRejected,
+        C::BadUserNamePassword => ConnectResult::BadCredentials,
+        C::NotAuthorized => ConnectResult::NotAuthorized,
+        C::BadAuthenticationMethod => ConnectResult::BadAuthenticationMethod,
+        C::MalformedPacket | C::ProtocolError | C::PacketTooLarge => ConnectResult::ProtocolError,
+        C::TopicNameInvalid => ConnectResult::TopicNameInvalid,
+        C::ServerBusy => ConnectResult::ServerBusy,
+        C::ServiceUnavailable | C::ServerUnavailable => ConnectResult::ServerUnavailable,
+        C::QuotaExceeded => ConnectResult::QuotaExceeded,
+        C::ConnectionRateExceeded => ConnectResult::ConnectionRateExceeded,
+        C::Banned => ConnectResult::Banned,
+        _ => ConnectResult::Other,
+    }
 }
 
 #[cfg(test)]

@@ -49,6 +49,8 @@ pub struct PendingReply {
     pub bytes: BytesMut,
     /// What to do instead when the write failed.
     pub on_error: OnError,
+    /// When the PUBLISH this PUBACK/PUBREC answers was received (publish-to-ack latency).
+    pub received: Option<Instant>,
 }
 
 /// The failure path of a [`PendingReply`].
@@ -264,11 +266,26 @@ impl Machine {
         on_error: OnError,
         out: &mut BytesMut,
     ) {
+        self.reply_ack(packet, wait, on_error, None, out);
+    }
+
+    /// [`Machine::reply`] for a PUBACK/PUBREC, timed from when its PUBLISH was `received`.
+    fn reply_ack(
+        &mut self,
+        packet: Packet,
+        wait: Option<Completion>,
+        on_error: OnError,
+        received: Option<Instant>,
+        out: &mut BytesMut,
+    ) {
         if wait.is_none() && self.replies.is_empty() {
             // Acks and control packets are tiny; only a client with an absurd Maximum Packet
             // Size could refuse them, and then dropping them is what the spec asks
             // [MQTT-3.1.2-25].
             let _ = encode(&packet, self.version, self.client.max_packet_size, out);
+            if let Some(received) = received {
+                self.broker.metrics.observe_ack(received);
+            }
             return;
         }
         let mut bytes = BytesMut::new();
@@ -282,6 +299,7 @@ impl Machine {
             wait,
             bytes,
             on_error,
+            received,
         });
     }
 
@@ -327,6 +345,9 @@ impl Machine {
             }
             if let Some(front) = self.replies.pop_front() {
                 out.extend_from_slice(&front.bytes);
+                if let Some(received) = front.received {
+                    self.broker.metrics.observe_ack(received);
+                }
             }
         }
         Flow::Continue
@@ -423,7 +444,7 @@ impl Machine {
     }
 
     fn on_publish(&mut self, mut publish: Publish, out: &mut BytesMut) -> Flow {
-        self.broker.metrics.messages_received.inc();
+        self.broker.metrics.messages_received.inc(publish.qos);
         if let Some(flow) = self.resolve_inbound_alias(&mut publish) {
             return flow;
         }
@@ -504,7 +525,7 @@ impl Machine {
                 } else {
                     PubAckReason::Success
                 };
-                self.reply(
+                self.reply_ack(
                     Packet::PubAck(PubAck {
                         pkid,
                         reason,
@@ -512,6 +533,7 @@ impl Machine {
                     }),
                     wait,
                     OnError::PubAck(pkid),
+                    Some(message.received_at),
                     out,
                 );
             }
@@ -521,7 +543,7 @@ impl Machine {
                 } else {
                     PubRecReason::Success
                 };
-                self.reply(
+                self.reply_ack(
                     Packet::PubRec(PubRec {
                         pkid,
                         reason,
@@ -529,6 +551,7 @@ impl Machine {
                     }),
                     wait,
                     OnError::PubRec(pkid),
+                    Some(message.received_at),
                     out,
                 );
             }
@@ -994,7 +1017,7 @@ impl Machine {
             out,
         ) {
             Ok(_) => {
-                self.broker.metrics.messages_sent.inc();
+                self.broker.metrics.messages_sent.inc(delivery.qos);
                 if let Some(state) = state {
                     self.session.outbound.push(pkid, delivery, state);
                 }
@@ -1063,7 +1086,7 @@ impl Machine {
         let entries = match result {
             Ok(entries) => entries,
             Err(e) => {
-                self.broker.metrics.storage_errors.inc();
+                self.broker.metrics.storage_read_errors.inc();
                 tracing::error!(client_id = %self.session.client_id, error = %e, "reading stored messages failed");
                 return Flow::Close(
                     DisconnectReasonCode::UnspecifiedError,

@@ -20,6 +20,8 @@ pub const QUIET: Duration = Duration::from_millis(300);
 pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> (Server, SocketAddr) {
     let mut config = Config::default();
     config.listeners[0].bind = "127.0.0.1:0".parse().unwrap();
+    // Any free port: tests run side by side (`server.http_addr()` tells which).
+    config.http.bind = "127.0.0.1:0".parse().unwrap();
     // Each broker gets its own storage directory (kept for post-mortems; under the system temp
     // directory).
     config.data_dir = tempfile::Builder::new()

@@ -193,6 +193,8 @@ pub fn start(spec: &BrokerSpec, opts: &StartOpts) -> anyhow::Result<Running> {
                 .arg(addr.to_string())
                 .arg("--data-dir")
                 .arg(&data)
+                .arg("--http")
+                .arg("127.0.0.1:0")
                 .env("FERRYMQ_LOG", "warn");
         }
         Kind::Mosquitto => {

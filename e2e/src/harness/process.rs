@@ -236,7 +236,10 @@ impl BrokerProcess {
         cmd.arg("--listen")
             .arg(self.addr.to_string())
             .arg("--data-dir")
-            .arg(&self.data_dir);
+            .arg(&self.data_dir)
+            // Brokers started side by side must not fight over the default HTTP port.
+            .arg("--http")
+            .arg("127.0.0.1:0");
         if let Some(path) = &self.config_path {
             cmd.arg("--config").arg(path);
         }
