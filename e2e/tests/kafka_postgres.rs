@@ -300,7 +300,13 @@ fn start_fails_naming_the_unreachable_service() {
         let out = std::process::Command::new(broker_bin())
             .arg("--config")
             .arg(&path)
-            .args(["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0", "--data-dir"])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--http",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
             .arg(dir.path())
             .output()
             .expect("run ferrymq");
@@ -329,7 +335,13 @@ fn second_broker_on_the_same_schema_is_refused() {
     let out = std::process::Command::new(broker_bin())
         .arg("--config")
         .arg(&path)
-        .args(["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0", "--data-dir"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
         .arg(dir.path())
         .output()
         .expect("run ferrymq");

@@ -395,9 +395,11 @@ pub struct PublishLog {
     topic: String,
     /// Created at start (so a broken setup fails before listeners open), taken by the router.
     router_consumer: parking_lot::Mutex<Option<rdkafka::consumer::StreamConsumer>>,
-    /// Per APPLICATION client, the origin (partition, offset) of the last record in its topic
-    /// when the broker started: a replayed batch must not append those again.
-    pub skip: parking_lot::Mutex<std::collections::HashMap<Arc<str>, (i32, i64)>>,
+    /// Per APPLICATION client and publish-log partition, the highest origin offset found at the
+    /// end of its topic when the broker started: a replayed batch must not append those again.
+    pub skip: parking_lot::Mutex<
+        std::collections::HashMap<Arc<str>, std::collections::HashMap<i32, i64>>,
+    >,
 }
 
 impl PublishLog {

@@ -91,6 +91,12 @@ pub async fn consumer(
         }
     }
     consumer.assign(&assignment).map_err(kafka_error)?;
+    let mut positions: Vec<(i32, i64)> = stored.into_iter().collect();
+    positions.sort_unstable();
+    tracing::info!(
+        ?positions,
+        "router resumes the publish log at the stored positions"
+    );
     Ok(consumer)
 }
 
@@ -208,7 +214,8 @@ fn stamp_origin(
         {
             if skip
                 .get(client)
-                .is_some_and(|(p, o)| *p == partition && offset <= *o)
+                .and_then(|origins| origins.get(&partition))
+                .is_some_and(|o| offset <= *o)
             {
                 batch.ops.remove(i);
                 continue;
