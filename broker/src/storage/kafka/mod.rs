@@ -395,6 +395,7 @@ pub struct PublishLog {
     topic: String,
     /// Created at start (so a broken setup fails before listeners open), taken by the router.
     router_consumer: parking_lot::Mutex<Option<rdkafka::consumer::StreamConsumer>>,
+    start_positions: std::collections::HashMap<i32, i64>,
     /// Per APPLICATION client and publish-log partition, the highest origin offset found at the
     /// end of its topic when the broker started: a replayed batch must not append those again.
     pub skip: parking_lot::Mutex<
@@ -409,13 +410,19 @@ impl PublishLog {
         pg: &crate::storage::postgres::PgStore,
     ) -> Result<PublishLog, StorageError> {
         let topic = msg_all_topic(&kafka.config.topic_prefix);
-        let consumer = router::consumer(&kafka, &topic, pg).await?;
+        let (consumer, positions) = router::consumer(&kafka, &topic, pg).await?;
         Ok(PublishLog {
             kafka,
             topic,
             router_consumer: parking_lot::Mutex::new(Some(consumer)),
+            start_positions: positions,
             skip: Default::default(),
         })
+    }
+
+    /// Where the router starts in each partition (the stored positions).
+    pub fn start_positions(&self) -> std::collections::HashMap<i32, i64> {
+        self.start_positions.clone()
     }
 
     pub fn take_router_consumer(&self) -> Option<rdkafka::consumer::StreamConsumer> {
