@@ -19,6 +19,29 @@ use ferrymq_e2e::harness::{
     Incoming, Protocol, PublisherConfig,
 };
 
+/// Runs the broker binary with `config` until it exits (tests of start-up failures): its status
+/// and standard error.
+fn run_to_exit(config: &str) -> (std::process::Output, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("ferrymq.toml");
+    std::fs::write(&path, config).expect("write config");
+    let out = std::process::Command::new(broker_bin())
+        .arg("--config")
+        .arg(&path)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .expect("run ferrymq");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out, stderr)
+}
+
 /// Publishes `n` QoS 1 messages on `topic` over `conn` one at a time and returns how many were
 /// acknowledged with success, how many were refused (v5 reason >= 0x80), and whether the
 /// connection was closed by the broker.
@@ -231,14 +254,12 @@ fn missing_application_topic_is_refused_when_not_provisioned() {
         return;
     };
     let rt = runtime();
-    let extra = "[kafka]\nauto_create_application_topics = false\n\n[[application_clients]]\nclient_id = \"prov-app\"\n";
-    // `[kafka]` appears twice otherwise; merge by building the config by hand.
+    // `[kafka]` is already in the backend's config: switch the key inside it.
     let base = backend.config("no-auto-topic", "").expect("config");
     let config = base.replace(
         "[kafka]\n",
         "[kafka]\nauto_create_application_topics = false\n",
     ) + "\n[[application_clients]]\nclient_id = \"prov-app\"\n";
-    let _ = extra;
     let broker = BrokerProcess::start(
         BrokerOptions::new("no-auto-topic")
             .binary(broker_bin())
@@ -294,23 +315,7 @@ fn start_fails_naming_the_unreachable_service() {
             ),
         ),
     ] {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("ferrymq.toml");
-        std::fs::write(&path, config).expect("write config");
-        let out = std::process::Command::new(broker_bin())
-            .arg("--config")
-            .arg(&path)
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--http",
-                "127.0.0.1:0",
-                "--data-dir",
-            ])
-            .arg(dir.path())
-            .output()
-            .expect("run ferrymq");
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let (out, stderr) = run_to_exit(&config);
         println!("{what}: exit {:?}: {}", out.status.code(), stderr.trim());
         assert!(!out.status.success(), "started without {what}");
         assert!(
@@ -329,23 +334,7 @@ fn second_broker_on_the_same_schema_is_refused() {
     };
     let first = backend.start("lock", "");
     let config = backend.config("lock", "").expect("config");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("ferrymq.toml");
-    std::fs::write(&path, config).expect("write config");
-    let out = std::process::Command::new(broker_bin())
-        .arg("--config")
-        .arg(&path)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--http",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(dir.path())
-        .output()
-        .expect("run ferrymq");
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (out, stderr) = run_to_exit(&config);
     assert!(
         !out.status.success(),
         "a second broker started on the same schema"

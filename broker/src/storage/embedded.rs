@@ -417,11 +417,7 @@ impl EmbeddedStorage {
                 let bytes = v.value();
                 let due = match kind {
                     ClientKind::Device => {
-                        let expires = if bytes.len() >= 10 {
-                            (&bytes[2..10]).get_u64()
-                        } else {
-                            0
-                        };
+                        let expires = codec::delivery_expires_at(bytes);
                         expires != 0 && expires <= now_ms
                     }
                     ClientKind::Application => {

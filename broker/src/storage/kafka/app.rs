@@ -163,7 +163,7 @@ impl ApplicationLogs {
 
     /// Starts a read of up to `limit` entries from sequence `from`.
     pub fn read(&self, client: &Arc<str>, from: u64, limit: usize) -> QueueRead {
-        let reader = match self.reader(client, from) {
+        let reader = match self.reader(client) {
             Ok(r) => r,
             Err(e) => return QueueRead::Ready(Err(e)),
         };
@@ -183,11 +183,7 @@ impl ApplicationLogs {
         QueueRead::Pending(rx)
     }
 
-    fn reader(
-        &self,
-        client: &Arc<str>,
-        from: u64,
-    ) -> Result<Arc<tokio::sync::Mutex<Reader>>, StorageError> {
+    fn reader(&self, client: &Arc<str>) -> Result<Arc<tokio::sync::Mutex<Reader>>, StorageError> {
         if let Some(r) = self.readers.lock().get(client) {
             return Ok(r.clone());
         }
@@ -206,7 +202,6 @@ impl ApplicationLogs {
             consumer,
             position: -1,
         }));
-        let _ = from;
         self.readers.lock().insert(client.clone(), reader.clone());
         Ok(reader)
     }

@@ -200,11 +200,17 @@ impl Kafka {
             .create_with_context(DeliveryContext::default())
     }
 
-    /// Replaces a producer that hit a fatal error. Called by the health probe.
-    fn renew_producer_if_fatal(&self) {
+    /// Replaces a producer that hit a fatal error or lost its idempotence state. The health
+    /// probe asks librdkafka (`check_fatal`); the send path only reads the flag the delivery
+    /// callback sets, so a PUBLISH costs no extra call into librdkafka.
+    fn renew_producer_if_fatal(&self, check_fatal: bool) {
         let current = self.producer.read().clone();
-        let fatal = current.client().fatal_error();
         let broken = current.context().broken.load(Ordering::Acquire);
+        let fatal = if check_fatal && !broken {
+            current.client().fatal_error()
+        } else {
+            None
+        };
         if fatal.is_none() && !broken {
             return;
         }
@@ -230,7 +236,7 @@ impl Kafka {
     /// Asks the cluster for the publish log's metadata and records whether it answered;
     /// returns the new state.
     pub async fn probe(&self) -> bool {
-        self.renew_producer_if_fatal();
+        self.renew_producer_if_fatal(true);
         let metadata = self.metadata.clone();
         let topic = msg_all_topic(&self.config.topic_prefix);
         let ok = tokio::task::spawn_blocking(move || {
@@ -373,8 +379,16 @@ impl Kafka {
         if let Some(p) = partition {
             record = record.partition(p);
         }
-        self.renew_producer_if_fatal();
-        let producer = self.producer.read().clone();
+        let producer = {
+            let current = self.producer.read();
+            if current.context().broken.load(Ordering::Acquire) {
+                drop(current);
+                self.renew_producer_if_fatal(false);
+                self.producer.read().clone()
+            } else {
+                current.clone()
+            }
+        };
         if let Err((e, record)) = producer.send(record) {
             self.metrics.storage_errors.inc();
             let _ = record.delivery_opaque.send(Err(kafka_error(e)));
