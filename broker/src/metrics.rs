@@ -67,4 +67,17 @@ pub struct Metrics {
     pub application_messages_expired: Counter,
     /// Storage writes that failed (nothing was acknowledged for them).
     pub storage_errors: Counter,
+    /// Connections over `limits.max_connection_rate` (refused at CONNECT).
+    pub connections_rate_limited: Counter,
+    /// Clients disconnected for exceeding `limits.max_publish_rate`.
+    pub publish_rate_limited: Counter,
+    /// Connections closed before CONNECT: bad or missing PROXY header, failed TLS handshake,
+    /// failed WebSocket upgrade, or any of these not finished within the connect timeout.
+    pub proxy_header_failures: Counter,
+    pub tls_handshake_failures: Counter,
+    pub ws_handshake_failures: Counter,
+    pub handshake_timeouts: Counter,
+    /// TLS certificate reloads that took effect / that failed (old certificate kept).
+    pub tls_reloads: Counter,
+    pub tls_reload_failures: Counter,
 }

@@ -1,17 +1,15 @@
 //! The CONNECT → CONNACK handshake: client identifier rules, authentication, keep-alive and
 //! session expiry negotiation, session takeover or resumption.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::BytesMut;
 use rumqttc::v5::mqttbytes::v5::Packet;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 
-use super::READ_CHUNK;
+use super::{ConnInfo, READ_CHUNK};
 use crate::auth::{AuthDecision, Credentials};
 use crate::broker::{Broker, OpenError};
 use crate::protocol::{
@@ -37,13 +35,14 @@ pub(super) struct Accepted {
 
 /// Reads CONNECT and answers it. `Ok(None)` when the connection was refused (CONNACK with an
 /// error code was sent where the spec asks for one) or closed.
-pub(super) async fn handshake(
+pub(super) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     broker: &Arc<Broker>,
-    stream: &mut TcpStream,
-    peer: SocketAddr,
+    stream: &mut S,
+    info: &ConnInfo,
     decoder: &mut Decoder,
     rbuf: &mut BytesMut,
 ) -> std::io::Result<Option<Accepted>> {
+    let peer = info.peer;
     let connect = loop {
         match decoder.decode(rbuf) {
             Ok(Some(Incoming::Connect(connect))) => break connect,
@@ -68,6 +67,13 @@ pub(super) async fn handshake(
     let version = connect.version;
     let v5 = version == ProtocolVersion::V5;
     let limits = &broker.config.limits;
+
+    // Over the connection rate: told so (v3 has no such code and gets 0x03, server unavailable).
+    if info.over_rate {
+        tracing::debug!(%peer, "connection rate exceeded");
+        refuse(stream, version, ConnectReturnCode::ConnectionRateExceeded).await;
+        return Ok(None);
+    }
 
     // v5 enhanced authentication is not offered [MQTT-3.1.2-? / 4.12]: refuse the method.
     if connect.properties.authentication_method.is_some() {
@@ -96,6 +102,8 @@ pub(super) async fn handshake(
             username: connect.username.as_deref(),
             password: connect.password.as_ref(),
             peer,
+            listener: &info.listener,
+            client_cert: info.client_cert.as_ref(),
         })
         .await;
     match decision {
@@ -276,7 +284,11 @@ fn negotiate_keep_alive(requested: u16, max: u16) -> (u16, Option<u16>) {
 }
 
 /// Sends CONNACK with a refusal code and closes [MQTT-3.2.2-5].
-async fn refuse(stream: &mut TcpStream, version: ProtocolVersion, code: ConnectReturnCode) {
+async fn refuse<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    version: ProtocolVersion,
+    code: ConnectReturnCode,
+) {
     let mut out = BytesMut::new();
     if encode(
         &Packet::ConnAck(ConnAck {
@@ -291,6 +303,7 @@ async fn refuse(stream: &mut TcpStream, version: ProtocolVersion, code: ConnectR
     .is_ok()
     {
         let _ = stream.write_all(&out).await;
+        let _ = stream.flush().await;
     }
     let _ = stream.shutdown().await;
 }
