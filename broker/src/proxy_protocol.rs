@@ -151,7 +151,9 @@ mod tests {
     #[tokio::test]
     async fn garbage_missing_and_oversized_are_refused() {
         assert!(matches!(
-            read(b"\x10\x11\x00\x04MQTT\x04\x02\x00\x3c\x00\x05dev-1").await.0,
+            read(b"\x10\x11\x00\x04MQTT\x04\x02\x00\x3c\x00\x05dev-1")
+                .await
+                .0,
             Err(ProxyHeaderError::Missing)
         ));
         assert!(matches!(
