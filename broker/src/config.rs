@@ -544,7 +544,8 @@ impl Config {
                     &format!("`{}` is used by another listener", listener.name),
                 );
             }
-            if !seen.insert(listener.bind) {
+            // Port 0 asks the system for a free port, so several such listeners never clash.
+            if listener.bind.port() != 0 && !seen.insert(listener.bind) {
                 return key(
                     &format!("listeners[{i}].bind"),
                     &format!("{} is bound by another listener", listener.bind),
