@@ -914,6 +914,48 @@ mod tests {
     }
 
     #[test]
+    fn listener_errors_name_the_key() {
+        let check = |text: &str, key: &str| {
+            let err = Config::from_toml_str(text).unwrap_err().to_string();
+            assert!(err.contains(key), "{err} should name {key}");
+        };
+        let tls = "[[listeners]]\nname = \"s\"\nbind = \"127.0.0.1:8883\"\nprotocol = \"mqtts\"\n";
+        check(tls, "listeners[0].cert_file");
+        check(
+            &format!(
+                "{tls}cert_file = \"/nonexistent/c.pem\"\nkey_file = \"/nonexistent/k.pem\"\n"
+            ),
+            "listeners[0].cert_file",
+        );
+        check(
+            "[[listeners]]\nname = \"p\"\nbind = \"127.0.0.1:1883\"\nrequire_client_cert = true\n",
+            "listeners[0].require_client_cert",
+        );
+        check(
+            "[[listeners]]\nname = \"p\"\nbind = \"127.0.0.1:1883\"\nprotocol = \"quic\"\n",
+            "protocol",
+        );
+        check(
+            "[[listeners]]\nname = \"w\"\nbind = \"127.0.0.1:8080\"\nprotocol = \"ws\"\npath = \"mqtt\"\n",
+            "listeners[0].path",
+        );
+        check(
+            "[[listeners]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\n[[listeners]]\nname = \"a\"\nbind = \"127.0.0.1:2\"\n",
+            "listeners[1].name",
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let cert = dir.path().join("c.pem");
+        std::fs::write(&cert, "x").unwrap();
+        check(
+            &format!(
+                "{tls}cert_file = {c:?}\nkey_file = {c:?}\nrequire_client_cert = true\n",
+                c = cert
+            ),
+            "listeners[0].require_client_cert",
+        );
+    }
+
+    #[test]
     fn example_config_in_repo_is_valid() {
         let text = include_str!("../../ferrymq.example.toml");
         Config::from_toml_str(text).unwrap();
