@@ -208,3 +208,38 @@ pub fn client_certificate(connection: &ServerConnection) -> Option<ClientCertifi
             .collect(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ListenerProtocol;
+
+    fn files(dir: &Path, cert: &str, key: &str) -> ListenerConfig {
+        let (c, k) = (dir.join("c.pem"), dir.join("k.pem"));
+        std::fs::write(&c, cert).unwrap();
+        std::fs::write(&k, key).unwrap();
+        ListenerConfig {
+            protocol: ListenerProtocol::Mqtts,
+            cert_file: Some(c),
+            key_file: Some(k),
+            ..ListenerConfig::default()
+        }
+    }
+
+    #[test]
+    fn bad_files_are_reported_with_their_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let b = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let (cert, key) = (a.cert.pem(), a.signing_key.serialize_pem());
+        assert!(server_config(&files(dir.path(), &cert, &key)).is_ok());
+
+        let err = server_config(&files(dir.path(), &cert, "")).unwrap_err();
+        assert!(err.to_string().contains("k.pem"), "{err}");
+        let err = server_config(&files(dir.path(), "", &key)).unwrap_err();
+        assert!(err.to_string().contains("c.pem"), "{err}");
+        let other_key = b.signing_key.serialize_pem();
+        let err = server_config(&files(dir.path(), &cert, &other_key)).unwrap_err();
+        assert!(err.to_string().contains("not be consistent"), "{err}");
+    }
+}

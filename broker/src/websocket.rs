@@ -17,6 +17,8 @@ use crate::connection::transport::WsIo;
 const SUBPROTOCOLS: [&str; 2] = ["mqtt", "mqttv3.1"];
 
 /// Runs the HTTP upgrade on `stream`.
+// tungstenite's callback type fixes the large error (an HTTP response).
+#[allow(clippy::result_large_err)]
 pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     path: &str,

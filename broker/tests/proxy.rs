@@ -147,10 +147,7 @@ async fn missing_garbage_and_oversized_headers_are_refused() {
 
     // v1 without CRLF within the 107-byte bound.
     let mut c = Raw::connect(addr).await;
-    let _ = c
-        .stream
-        .write_all(&[b'P', b'R', b'O', b'X', b'Y', b' '])
-        .await;
+    let _ = c.stream.write_all(b"PROXY ").await;
     let _ = c.stream.write_all(&[b'9'; 300]).await;
     assert!(c.closed_within(WAIT).await.is_some());
 

@@ -206,13 +206,15 @@ pub async fn start_listeners(
     listeners: Vec<ListenerConfig>,
     tweak: impl FnOnce(&mut Config),
 ) -> (Server, Vec<SocketAddr>, Arc<Recorder>) {
-    let mut config = Config::default();
-    config.listeners = listeners;
-    config.data_dir = tempfile::Builder::new()
-        .prefix("ferrymq-test-")
-        .tempdir()
-        .unwrap()
-        .keep();
+    let mut config = Config {
+        listeners,
+        data_dir: tempfile::Builder::new()
+            .prefix("ferrymq-test-")
+            .tempdir()
+            .unwrap()
+            .keep(),
+        ..Config::default()
+    };
     tweak(&mut config);
     config.validate().unwrap();
     let recorder = Arc::new(Recorder::default());
