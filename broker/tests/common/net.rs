@@ -218,7 +218,9 @@ pub async fn start_listeners(
     tweak(&mut config);
     config.validate().unwrap();
     let recorder = Arc::new(Recorder::default());
-    let broker = Broker::open_with_authenticator(config, recorder.clone()).unwrap();
+    let broker = Broker::open_with_authenticator(config, recorder.clone())
+        .await
+        .unwrap();
     let server = Server::start_with(broker).await.unwrap();
     let addrs = server.local_addrs().to_vec();
     (server, addrs, recorder)
