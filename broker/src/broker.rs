@@ -13,7 +13,7 @@ use crate::metrics::Metrics;
 use crate::protocol::Will;
 use crate::router::topic::{parse_filter, TopicLimits};
 use crate::router::Router;
-use crate::session::registry::{Claim, Due, Kick, PendingWill, Registry};
+use crate::session::registry::{Claim, Due, Kick, KickReason, PendingWill, Registry};
 use crate::session::{Session, NEVER_EXPIRES};
 use crate::storage::codec::now_ms;
 use crate::storage::embedded::{EmbeddedOptions, EmbeddedStorage};
@@ -101,7 +101,8 @@ impl Broker {
         })
     }
 
-    /// The client type of `client_id` per configuration.
+    /// The client type of `client_id` per configuration (`[[application_clients]]`), for
+    /// clients whose credentials do not decide it.
     pub fn client_kind(&self, client_id: &str) -> ClientKind {
         if self.config.is_application_client(client_id) {
             ClientKind::Application
@@ -118,12 +119,10 @@ impl Broker {
         let now = now_ms();
         let (mut sessions, mut entries) = (0usize, 0u64);
         for restored in snapshot.sessions {
-            let kind = self.client_kind(&restored.client);
-            if kind != restored.record.kind {
-                // The client changed type: it keeps no stale queue of the other kind.
-                self.delete_stored(&restored.client);
-                continue;
-            }
+            // The type was decided at CONNECT (by credentials or configuration) and stored with
+            // the session; a client whose type changed since gets a fresh session when it
+            // connects again (see `open_session`).
+            let kind = restored.record.kind;
             let record = &restored.record;
             let gone_ms = if record.disconnected_at_ms == 0 {
                 0
@@ -194,8 +193,8 @@ impl Broker {
         mut kick: Option<oneshot::Sender<Kick>>,
         clean_start: bool,
         expiry_interval: u32,
+        kind: ClientKind,
     ) -> Result<(Session, bool), OpenError> {
-        let kind = self.client_kind(&client_id);
         let deadline = tokio::time::Instant::now() + TAKEOVER_TIMEOUT;
         let (mut session, present) = loop {
             match self.registry.claim(&client_id, conn_id, &mut kick) {
@@ -230,7 +229,11 @@ impl Broker {
                 }
                 Claim::Busy(other) => {
                     let (done_tx, done_rx) = oneshot::channel();
-                    match other.map(|o| o.send(Kick { done: done_tx })) {
+                    let kick = Kick {
+                        done: done_tx,
+                        reason: KickReason::TakenOver,
+                    };
+                    match other.map(|o| o.send(kick)) {
                         // Either the old owner parks/releases and answers, or it is already
                         // gone; both end the wait.
                         Some(Ok(())) => {

@@ -50,8 +50,11 @@ pub struct Config {
     pub postgres: PostgresConfig,
     pub device: DeviceConfig,
     pub application: ApplicationConfig,
-    /// Clients treated as APPLICATION clients (until credentials carry the client type).
+    /// Clients treated as APPLICATION clients when their credentials do not decide the type.
     pub application_clients: Vec<ApplicationClientConfig>,
+    pub auth: AuthConfig,
+    /// The HTTP endpoint: metrics, health probes, admin API.
+    pub http: HttpConfig,
 }
 
 impl Default for Config {
@@ -67,6 +70,8 @@ impl Default for Config {
             device: DeviceConfig::default(),
             application: ApplicationConfig::default(),
             application_clients: Vec::new(),
+            auth: AuthConfig::default(),
+            http: HttpConfig::default(),
         }
     }
 }
@@ -466,11 +471,242 @@ impl Default for SessionConfig {
     }
 }
 
+// --- [auth]: authentication providers and authorization (docs/security.md) -------------------
+
+/// Authentication and authorization.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Clients that present no credentials may connect (with `anonymous_acl`). Off by default;
+    /// the built-in configuration used when no `--config` file is given turns it on for
+    /// development, with a warning at start.
+    pub allow_anonymous: bool,
+    /// Providers asked in order; the first that recognises the credentials decides.
+    pub providers: Vec<AuthProviderKind>,
+    /// What anonymous clients may do. Default: everything.
+    pub anonymous_acl: crate::auth::acl::AclRules,
+    /// What an MQTT 3.x client's PUBLISH that its ACL denies gets: `drop` (acknowledged and
+    /// discarded: v3 acks cannot say no) or `disconnect`.
+    pub v3_denied_publish: V3DeniedPublish,
+    /// Failed authentication attempts one source IP may make in a row; 0 disables the limit.
+    pub failure_burst: u32,
+    /// One more attempt is allowed per this many seconds.
+    pub failure_refill_secs: u64,
+    /// Source addresses remembered (bounded memory under attack).
+    pub failure_tracked_ips: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt: Option<JwtConfig>,
+    pub x509: X509Config,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            allow_anonymous: false,
+            providers: Vec::new(),
+            anonymous_acl: crate::auth::acl::AclRules::everything(),
+            v3_denied_publish: V3DeniedPublish::Drop,
+            failure_burst: 10,
+            failure_refill_secs: 10,
+            failure_tracked_ips: 100_000,
+            jwt: None,
+            x509: X509Config::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthProviderKind {
+    /// User name / password (or client id / password) records in the credential store.
+    Store,
+    /// The TLS client certificate's subject CN mapped to a credential record.
+    X509,
+    /// A JWT bearer token in the password field.
+    Jwt,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum V3DeniedPublish {
+    Drop,
+    Disconnect,
+}
+
+/// `[auth.jwt]`: how bearer tokens are verified.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    /// `HS256`, `RS256` or `ES256`; tokens signed otherwise are refused.
+    pub algorithm: String,
+    /// HS256 shared secret (at least 32 bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    /// RS256/ES256: PEM file with the public key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key_file: Option<PathBuf>,
+    /// Required `iss`.
+    pub issuer: String,
+    /// Required `aud` (one of the token's audiences).
+    pub audience: String,
+    /// Clock skew tolerated on `exp` and `nbf`, seconds.
+    #[serde(default = "default_jwt_leeway")]
+    pub leeway_secs: u64,
+}
+
+fn default_jwt_leeway() -> u64 {
+    30
+}
+
+/// `[auth.x509]`: how a client certificate maps to a credential record.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct X509Config {
+    /// Regular expression the whole subject CN must match; its first capture group (or the
+    /// group named `name`) is the name looked up. Empty: the CN itself.
+    pub cn_regex: String,
+    /// Look the name up as a `username` record or a `client_id` record.
+    pub lookup: X509Lookup,
+}
+
+impl Default for X509Config {
+    fn default() -> Self {
+        X509Config {
+            cn_regex: String::new(),
+            lookup: X509Lookup::Username,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum X509Lookup {
+    Username,
+    ClientId,
+}
+
+impl AuthConfig {
+    /// Checks `[auth]`; errors name the key.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let key = |key: &str, message: String| {
+            Err(ConfigError::Key {
+                key: key.to_string(),
+                message,
+            })
+        };
+        for (i, p) in self.providers.iter().enumerate() {
+            if self.providers[..i].contains(p) {
+                return key("auth.providers", format!("{p:?} is listed twice"));
+            }
+        }
+        if let Err(e) = self.anonymous_acl.validate() {
+            return key("auth.anonymous_acl", e);
+        }
+        if self.failure_refill_secs == 0 {
+            return key("auth.failure_refill_secs", "must be at least 1".into());
+        }
+        if self.failure_tracked_ips < 2 {
+            return key("auth.failure_tracked_ips", "must be at least 2".into());
+        }
+        if !self.x509.cn_regex.is_empty() {
+            if let Err(e) = regex::Regex::new(&self.x509.cn_regex) {
+                return key("auth.x509.cn_regex", format!("not a valid regex: {e}"));
+            }
+        }
+        if self.providers.contains(&AuthProviderKind::Jwt) && self.jwt.is_none() {
+            return key(
+                "auth.jwt",
+                "the `jwt` provider needs an [auth.jwt] section".into(),
+            );
+        }
+        if let Some(jwt) = &self.jwt {
+            match jwt.algorithm.as_str() {
+                "HS256" => match &jwt.secret {
+                    Some(s) if s.len() >= 32 => {}
+                    _ => {
+                        return key(
+                            "auth.jwt.secret",
+                            "HS256 needs a secret of at least 32 bytes".into(),
+                        )
+                    }
+                },
+                "RS256" | "ES256" => {
+                    if jwt.public_key_file.is_none() {
+                        return key(
+                            "auth.jwt.public_key_file",
+                            format!("{} needs a PEM public key file", jwt.algorithm),
+                        );
+                    }
+                }
+                other => {
+                    return key(
+                        "auth.jwt.algorithm",
+                        format!("`{other}` is not supported (HS256, RS256, ES256)"),
+                    )
+                }
+            }
+            if jwt.issuer.is_empty() {
+                return key("auth.jwt.issuer", "must not be empty".into());
+            }
+            if jwt.audience.is_empty() {
+                return key("auth.jwt.audience", "must not be empty".into());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The HTTP endpoint (`/metrics`, `/health/*`, `/api/v1/*`): one port, bounded.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Serve the endpoint at all.
+    pub enabled: bool,
+    /// Address and port to bind (port 0: any free port).
+    pub bind: SocketAddr,
+    /// Bearer token for the admin API. Neither this nor `admin_token_file`: the admin API is
+    /// disabled (404). Printed redacted by `--check-config`.
+    #[serde(serialize_with = "redact")]
+    pub admin_token: Option<String>,
+    /// File holding the admin token (surrounding whitespace ignored); read at start.
+    pub admin_token_file: Option<PathBuf>,
+    /// Concurrent HTTP connections; more are closed right after accept.
+    pub max_connections: usize,
+    /// Seconds a request may take, from its first byte to the end of the response, and the
+    /// longest an idle keep-alive connection is kept.
+    pub request_timeout_secs: u64,
+    /// Largest request body accepted, in bytes (larger: 413).
+    pub max_body_bytes: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            enabled: true,
+            bind: SocketAddr::from(([0, 0, 0, 0], 8083)),
+            admin_token: None,
+            admin_token_file: None,
+            max_connections: 64,
+            request_timeout_secs: 10,
+            max_body_bytes: 64 * 1024,
+        }
+    }
+}
+
+fn redact<S: serde::Serializer>(token: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match token {
+        Some(_) => s.serialize_some("<redacted>"),
+        None => s.serialize_none(),
+    }
+}
+
 /// Command-line overrides applied after the file and the environment.
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
     pub listen: Vec<SocketAddr>,
     pub data_dir: Option<PathBuf>,
+    /// `--http ADDR`: the HTTP endpoint's address (and enables it).
+    pub http: Option<SocketAddr>,
 }
 
 impl Config {
@@ -493,7 +729,15 @@ impl Config {
                         message: e.to_string(),
                     })?
             }
-            None => toml::Table::new(),
+            // No file: the development configuration. Anonymous access is on (with a warning at
+            // start) so the quick start works; any file starts from `allow_anonymous = false`.
+            None => {
+                let mut auth = toml::Table::new();
+                auth.insert("allow_anonymous".into(), toml::Value::Boolean(true));
+                let mut table = toml::Table::new();
+                table.insert("auth".into(), toml::Value::Table(auth));
+                table
+            }
         };
         for (var, value) in env {
             apply_env(&mut table, &var, &value)?;
@@ -508,6 +752,10 @@ impl Config {
         }
         if let Some(dir) = &overrides.data_dir {
             config.data_dir = dir.clone();
+        }
+        if let Some(addr) = overrides.http {
+            config.http.bind = addr;
+            config.http.enabled = true;
         }
         config.validate()?;
         Ok(config)
@@ -634,6 +882,28 @@ impl Config {
                 "must be a topic name without wildcards and without a trailing `/`",
             );
         }
+        let h = &self.http;
+        if h.admin_token.is_some() && h.admin_token_file.is_some() {
+            return key(
+                "http.admin_token_file",
+                "set either http.admin_token or http.admin_token_file, not both",
+            );
+        }
+        if h.admin_token
+            .as_deref()
+            .is_some_and(|t| t.trim().is_empty())
+        {
+            return key("http.admin_token", "must not be empty");
+        }
+        if h.max_connections == 0 {
+            return key("http.max_connections", "must be at least 1");
+        }
+        if h.request_timeout_secs == 0 {
+            return key("http.request_timeout_secs", "must be at least 1");
+        }
+        if h.max_body_bytes == 0 {
+            return key("http.max_body_bytes", "must be at least 1");
+        }
         let mut ids = std::collections::HashSet::new();
         for (i, app) in self.application_clients.iter().enumerate() {
             if app.client_id.is_empty() {
@@ -649,7 +919,7 @@ impl Config {
                 );
             }
         }
-        Ok(())
+        self.auth.validate()
     }
 }
 
@@ -792,6 +1062,8 @@ fn apply_env(table: &mut toml::Table, var: &str, value: &str) -> Result<(), Conf
         "postgres",
         "device",
         "application",
+        "auth",
+        "http",
     ];
     if !TOP_LEVEL.contains(&keys[0].as_str()) {
         return Ok(());
@@ -815,15 +1087,35 @@ fn apply_env(table: &mut toml::Table, var: &str, value: &str) -> Result<(), Conf
         "topic_prefix",
         "url",
         "schema",
+        "algorithm",
+        "secret",
+        "public_key_file",
+        "issuer",
+        "audience",
+        "cn_regex",
+        "bind",
+        "admin_token",
+        "admin_token_file",
     ];
-    // librdkafka properties are strings whatever they look like (`enable.ssl.certificate.verification=false`).
-    let parsed = if text_keys.contains(&leaf.as_str())
-        || keys[0] == "kafka" && keys.get(1).is_some_and(|k| k == "properties")
-    {
-        toml::Value::String(value.to_string())
-    } else {
-        scalar(value)
-    };
+    let parsed =
+        if keys[0] == "auth" && (leaf == "providers" || leaf == "publish" || leaf == "subscribe") {
+            // Lists from the environment are comma-separated: FERRYMQ_AUTH__PROVIDERS=store,jwt.
+            toml::Value::Array(
+                value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|v| !v.is_empty())
+                    .map(|v| toml::Value::String(v.to_string()))
+                    .collect(),
+            )
+        // librdkafka properties are strings whatever they look like (`enable.ssl.certificate.verification=false`).
+        } else if text_keys.contains(&leaf.as_str())
+            || keys[0] == "kafka" && keys.get(1).is_some_and(|k| k == "properties")
+        {
+            toml::Value::String(value.to_string())
+        } else {
+            scalar(value)
+        };
     node.insert(leaf, parsed);
     Ok(())
 }
@@ -881,6 +1173,7 @@ mod tests {
             &Overrides {
                 listen: vec!["127.0.0.1:2000".parse().unwrap()],
                 data_dir: None,
+                http: None,
             },
         )
         .unwrap();
@@ -953,6 +1246,117 @@ mod tests {
             ),
             "listeners[0].require_client_cert",
         );
+    }
+
+    #[test]
+    fn anonymous_access_only_in_the_development_defaults() {
+        let c = Config::load(None, Vec::new(), &Overrides::default()).unwrap();
+        assert!(c.auth.allow_anonymous);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.toml");
+        std::fs::write(&path, "data_dir = \"/tmp/x\"\n").unwrap();
+        let c = Config::load(Some(&path), Vec::new(), &Overrides::default()).unwrap();
+        assert!(!c.auth.allow_anonymous);
+        assert!(!Config::default().auth.allow_anonymous);
+        let c = Config::load(
+            None,
+            env(&[("FERRYMQ_AUTH__ALLOW_ANONYMOUS", "false")]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert!(!c.auth.allow_anonymous);
+    }
+
+    #[test]
+    fn auth_from_the_environment() {
+        let c = Config::load(
+            None,
+            env(&[
+                ("FERRYMQ_AUTH__PROVIDERS", "jwt, store"),
+                ("FERRYMQ_AUTH__JWT__ALGORITHM", "HS256"),
+                (
+                    "FERRYMQ_AUTH__JWT__SECRET",
+                    "12345678901234567890123456789012",
+                ),
+                ("FERRYMQ_AUTH__JWT__ISSUER", "iss"),
+                ("FERRYMQ_AUTH__JWT__AUDIENCE", "aud"),
+                ("FERRYMQ_AUTH__ANONYMOUS_ACL__PUBLISH", "a/#,b"),
+            ]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            c.auth.providers,
+            vec![AuthProviderKind::Jwt, AuthProviderKind::Store]
+        );
+        let jwt = c.auth.jwt.unwrap();
+        assert_eq!(
+            jwt.secret.as_deref(),
+            Some("12345678901234567890123456789012")
+        );
+        assert_eq!(c.auth.anonymous_acl.publish, vec!["a/#", "b"]);
+    }
+
+    #[test]
+    fn auth_errors_name_the_key() {
+        let cases = [
+            ("[auth]\nproviders = [\"jwt\"]\n", "auth.jwt"),
+            (
+                "[auth.jwt]\nalgorithm = \"HS256\"\nsecret = \"short\"\nissuer = \"i\"\naudience = \"a\"\n",
+                "auth.jwt.secret",
+            ),
+            (
+                "[auth.jwt]\nalgorithm = \"none\"\nissuer = \"i\"\naudience = \"a\"\n",
+                "auth.jwt.algorithm",
+            ),
+            (
+                "[auth.jwt]\nalgorithm = \"ES256\"\nissuer = \"i\"\naudience = \"a\"\n",
+                "auth.jwt.public_key_file",
+            ),
+            ("[auth.x509]\ncn_regex = \"(\"\n", "auth.x509.cn_regex"),
+            ("[auth.anonymous_acl]\npublish = [\"a/#/b\"]\n", "auth.anonymous_acl"),
+            ("[auth]\nproviders = [\"store\", \"store\"]\n", "auth.providers"),
+            ("[auth]\nfailure_refill_secs = 0\n", "auth.failure_refill_secs"),
+            ("[auth]\nproviders = [\"ldap\"]\n", "ldap"),
+        ];
+        for (text, key) in cases {
+            let err = Config::from_toml_str(text).unwrap_err();
+            assert!(err.to_string().contains(key), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn http_section_env_and_flag() {
+        let c = Config::load(
+            None,
+            env(&[
+                ("FERRYMQ_HTTP__BIND", "127.0.0.1:9100"),
+                ("FERRYMQ_HTTP__ADMIN_TOKEN", "12345"),
+                ("FERRYMQ_HTTP__ENABLED", "false"),
+            ]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.http.bind.port(), 9100);
+        assert!(!c.http.enabled);
+        assert_eq!(c.http.admin_token.as_deref(), Some("12345"));
+        let printed = toml::to_string(&c).unwrap();
+        assert!(!printed.contains("12345"), "{printed}");
+        let c = Config::load(
+            None,
+            env(&[("FERRYMQ_HTTP__ENABLED", "false")]),
+            &Overrides {
+                http: Some("127.0.0.1:0".parse().unwrap()),
+                ..Overrides::default()
+            },
+        )
+        .unwrap();
+        assert!(c.http.enabled, "--http enables the endpoint");
+        let err = Config::from_toml_str("[http]\nadmin_token = \"a\"\nadmin_token_file = \"/f\"\n")
+            .unwrap_err();
+        assert!(err.to_string().contains("http.admin_token_file"), "{err}");
+        let err = Config::from_toml_str("[http]\nmax_connections = 0\n").unwrap_err();
+        assert!(err.to_string().contains("http.max_connections"), "{err}");
     }
 
     #[test]

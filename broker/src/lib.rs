@@ -9,6 +9,7 @@ pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod connection;
+pub mod http;
 pub mod listener;
 pub mod message;
 pub mod metrics;

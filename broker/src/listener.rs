@@ -17,6 +17,7 @@ use crate::broker::Broker;
 use crate::config::{ListenerConfig, ListenerProtocol};
 use crate::connection::transport::Transport;
 use crate::connection::{self, ConnInfo};
+use crate::metrics::{ConnectResult, HandshakeStage, ListenerMetrics};
 use crate::rate_limit::ConnectionRate;
 use crate::tls::{TlsError, TlsReloader};
 use crate::{proxy_protocol, tls, websocket};
@@ -84,8 +85,12 @@ impl Listener {
         rate: Arc<ConnectionRate>,
         mut shutdown: watch::Receiver<bool>,
     ) {
+        let listener_metrics = broker.metrics.listener(&self.config.name);
         if let Some(tls) = &self.context.tls {
-            tokio::spawn(tls.clone().watch(broker.metrics.clone(), shutdown.clone()));
+            tokio::spawn(
+                tls.clone()
+                    .watch(listener_metrics.clone(), shutdown.clone()),
+            );
         }
         loop {
             let accepted = tokio::select! {
@@ -107,17 +112,22 @@ impl Listener {
             };
             let over_rate = !rate.admit();
             if over_rate {
-                broker.metrics.connections_rate_limited.inc();
+                listener_metrics.connection_rate_limited.inc();
             }
             let _ = stream.set_nodelay(true);
             let broker = broker.clone();
             let shutdown = shutdown.clone();
             let context = self.context.clone();
+            let metrics = listener_metrics.clone();
             tokio::spawn(async move {
+                // Open from accept on: the gauge includes connections still in a handshake.
+                let _open = metrics.network_connection();
                 let deadline = Duration::from_secs(broker.config.limits.connect_timeout_secs);
-                let established =
-                    tokio::time::timeout(deadline, establish(&context, &broker, stream, peer))
-                        .await;
+                let established = tokio::time::timeout(
+                    deadline,
+                    establish(&context, &broker, &metrics, stream, peer),
+                )
+                .await;
                 match established {
                     Ok(Some((transport, peer, client_cert))) => {
                         let info = ConnInfo {
@@ -126,11 +136,14 @@ impl Listener {
                             client_cert,
                             over_rate,
                         };
-                        connection::serve(broker, transport, info, shutdown).await;
+                        connection::serve(broker, transport, info, shutdown, metrics.clone()).await;
                     }
                     Ok(None) => {}
                     Err(_) => {
-                        broker.metrics.handshake_timeouts.inc();
+                        metrics.handshake_failed(HandshakeStage::Timeout);
+                        broker
+                            .metrics
+                            .connect_result(ConnectResult::HandshakeFailed);
                         tracing::debug!(listener = %context.name, %peer, "handshake timed out");
                     }
                 }
@@ -145,17 +158,23 @@ impl Listener {
 async fn establish(
     context: &Context,
     broker: &Broker,
+    metrics: &ListenerMetrics,
     mut stream: TcpStream,
     mut peer: SocketAddr,
 ) -> Option<(Transport, SocketAddr, Option<ClientCertificate>)> {
     let config = &context.config;
-    let metrics = &broker.metrics;
+    let failed = |stage: HandshakeStage| {
+        metrics.handshake_failed(stage);
+        broker
+            .metrics
+            .connect_result(ConnectResult::HandshakeFailed);
+    };
     if config.proxy_protocol {
         match proxy_protocol::read_header(&mut stream).await {
             Ok(Some(source)) => peer = source,
             Ok(None) => {}
             Err(e) => {
-                metrics.proxy_header_failures.inc();
+                failed(HandshakeStage::ProxyHeader);
                 tracing::debug!(listener = %context.name, %peer, error = %e, "PROXY header refused");
                 return None;
             }
@@ -163,7 +182,7 @@ async fn establish(
     }
     let max_packet = broker.config.limits.max_packet_size;
     let ws_failed = |e: tokio_tungstenite::tungstenite::Error| {
-        metrics.ws_handshake_failures.inc();
+        failed(HandshakeStage::WebSocket);
         tracing::debug!(listener = %context.name, %peer, error = %e, "WebSocket upgrade failed");
     };
     match config.protocol {
@@ -180,7 +199,7 @@ async fn establish(
             let stream = match acceptor.accept(stream).await {
                 Ok(stream) => stream,
                 Err(e) => {
-                    metrics.tls_handshake_failures.inc();
+                    failed(HandshakeStage::Tls);
                     tracing::debug!(listener = %context.name, %peer, error = %e, "TLS handshake failed");
                     return None;
                 }

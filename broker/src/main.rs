@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
+use ferrymq::auth::cli::AdminCommand;
 use ferrymq::config::{Config, Overrides};
 use ferrymq::server::Server;
 
@@ -13,33 +14,48 @@ use ferrymq::server::Server;
 #[command(name = "ferrymq", version, about)]
 struct Cli {
     /// Configuration file (TOML). Without it, defaults apply; FERRYMQ_* variables override both.
-    #[arg(short, long, value_name = "FILE")]
+    #[arg(short, long, value_name = "FILE", global = true)]
     config: Option<PathBuf>,
     /// TCP listener address; repeat for several. Replaces the configured listeners.
     #[arg(long = "listen", value_name = "ADDR")]
     listen: Vec<SocketAddr>,
+    /// HTTP endpoint address (metrics, health, admin API); enables it. Port 0: any free port.
+    #[arg(long = "http", value_name = "ADDR")]
+    http: Option<SocketAddr>,
     /// Data directory for the embedded storage.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", global = true)]
     data_dir: Option<PathBuf>,
     /// Validate the configuration, print it as TOML and exit.
     #[arg(long)]
     check_config: bool,
+    /// Admin commands on the data directory's credential store (the broker must not be
+    /// running on it: the store file is locked while it does).
+    #[command(subcommand)]
+    admin: Option<AdminCommand>,
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FERRYMQ_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    let logs = tracing_subscriber::fmt().with_env_filter(
+        tracing_subscriber::EnvFilter::try_from_env("FERRYMQ_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+    );
+    // Admin commands print their results on stdout; keep logs out of the way.
+    if cli.admin.is_some() {
+        logs.with_writer(std::io::stderr).init();
+    } else {
+        logs.init();
+    }
     let overrides = Overrides {
         listen: cli.listen.clone(),
         data_dir: cli.data_dir.clone(),
+        http: cli.http,
     };
     let config = Config::load(cli.config.as_deref(), std::env::vars(), &overrides)
         .context("configuration")?;
+    if let Some(admin) = cli.admin {
+        return ferrymq::auth::cli::run(admin, &config.data_dir);
+    }
     if cli.check_config {
         println!(
             "{}",

@@ -2,6 +2,7 @@
 //! connection to close and wait (bounded) for them.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +29,9 @@ const RETAINED_PURGE_INTERVAL: Duration = Duration::from_secs(60);
 pub struct Server {
     pub broker: Arc<Broker>,
     addrs: Vec<SocketAddr>,
+    http_addr: Option<SocketAddr>,
+    /// Readiness: listeners bound and not shutting down.
+    ready: Arc<AtomicBool>,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
     connections: Arc<Semaphore>,
@@ -37,6 +41,8 @@ pub struct Server {
 pub enum StartError {
     #[error("cannot open storage: {0}")]
     Storage(crate::storage::StorageError),
+    #[error("authentication setup: {0}")]
+    Auth(#[from] crate::auth::chain::SetupError),
     #[error("cannot bind listener `{name}` on {addr}: {source}")]
     Bind {
         name: String,
@@ -48,12 +54,17 @@ pub enum StartError {
         name: String,
         source: crate::listener::ListenerError,
     },
+    #[error(transparent)]
+    Http(#[from] crate::http::HttpStartError),
 }
 
 impl Server {
     /// Binds every listener and starts serving.
     pub async fn start(config: Config) -> Result<Server, StartError> {
-        let broker = Broker::open(config).await.map_err(StartError::Storage)?;
+        let auth = crate::auth::chain::AuthChain::open(&config)?;
+        let broker = Broker::open_with_authenticator(config, Arc::new(auth))
+            .await
+            .map_err(StartError::Storage)?;
         Self::start_with(broker).await
     }
 
@@ -87,6 +98,33 @@ impl Server {
         let rate = Arc::new(crate::rate_limit::ConnectionRate::new(
             broker.config.limits.max_connection_rate,
         ));
+        let ready = Arc::new(AtomicBool::new(false));
+        let mut http_addr = None;
+        if broker.config.http.enabled {
+            let http = &broker.config.http;
+            let state = crate::http::AppState {
+                broker: broker.clone(),
+                listeners_ready: ready.clone(),
+                admin_token: crate::http::load_admin_token(http)?,
+            };
+            let listener = crate::http::bind(http).await?;
+            let addr =
+                listener
+                    .local_addr()
+                    .map_err(|source| crate::http::HttpStartError::Bind {
+                        addr: http.bind,
+                        source,
+                    })?;
+            tracing::info!(%addr, admin_api = state.admin_token.is_some(), "HTTP endpoint: /metrics, /health/live, /health/ready, /api/v1");
+            http_addr = Some(addr);
+            let app = crate::http::router(state, http);
+            tasks.spawn(crate::http::serve(
+                listener,
+                app,
+                http.clone(),
+                shutdown_rx.clone(),
+            ));
+        }
         for listener in bound {
             tasks.spawn(listener.run(
                 broker.clone(),
@@ -95,6 +133,7 @@ impl Server {
                 shutdown_rx.clone(),
             ));
         }
+        ready.store(true, Ordering::Release);
         let purger = broker.clone();
         let mut purge_shutdown = shutdown_rx.clone();
         tasks.spawn(async move {
@@ -153,6 +192,8 @@ impl Server {
         Ok(Server {
             broker,
             addrs,
+            http_addr,
+            ready,
             shutdown,
             tasks,
             connections,
@@ -164,9 +205,15 @@ impl Server {
         &self.addrs
     }
 
+    /// The HTTP endpoint's bound address, when it is enabled.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
+    }
+
     /// Stops accepting, asks every connection to close (v5 clients get DISCONNECT 0x8B) and
     /// waits up to a grace period for them.
     pub async fn shutdown(mut self) {
+        self.ready.store(false, Ordering::Release);
         let _ = self.shutdown.send(true);
         while self.tasks.join_next().await.is_some() {}
         let max = self.broker.config.limits.max_connections;

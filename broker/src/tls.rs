@@ -22,7 +22,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::auth::ClientCertificate;
 use crate::config::ListenerConfig;
-use crate::metrics::Metrics;
+use crate::metrics::ListenerMetrics;
 
 /// Why a TLS configuration could not be built. Messages name the file.
 #[derive(Debug, thiserror::Error)]
@@ -68,7 +68,7 @@ impl TlsReloader {
     /// Watches the files until shutdown and swaps in a new configuration when they change.
     pub async fn watch(
         self: Arc<Self>,
-        metrics: Arc<Metrics>,
+        metrics: Arc<ListenerMetrics>,
         mut shutdown: watch::Receiver<bool>,
     ) {
         let interval = Duration::from_secs(self.config.tls_reload_interval_secs.max(1));

@@ -42,6 +42,9 @@ impl BrokerProcess {
                 .arg(format!("127.0.0.1:{port}"))
                 .arg("--data-dir")
                 .arg(&data)
+                // Brokers of parallel tests must not share the default HTTP port.
+                .arg("--http")
+                .arg("127.0.0.1:0")
                 .env("FERRYMQ_LOG", "debug")
                 .stdin(Stdio::null())
                 .stdout(File::create(&log).unwrap())

@@ -1,5 +1,6 @@
 //! The real `ferrymq` binary with TLS and WebSocket listeners from a config file, driven by
-//! independent clients: Mosquitto's command-line clients over TLS with client certificates, and
+//! independent clients: Mosquitto's command-line clients over TLS with client certificates (the
+//! only credential: the X.509 provider maps their CN to a record the admin CLI wrote), and
 //! Eclipse Paho for Python over WebSocket and secure WebSocket.
 //!
 //! Needs `mosquitto_pub`/`mosquitto_sub` (`apt-get install -y mosquitto-clients`) and paho-mqtt
@@ -106,6 +107,9 @@ struct Pki {
     client_ca: PathBuf,
     client_cert: PathBuf,
     client_key: PathBuf,
+    /// Signed by the client CA, but its CN has no credential record.
+    stranger_cert: PathBuf,
+    stranger_key: PathBuf,
 }
 
 fn pki() -> Pki {
@@ -114,6 +118,7 @@ fn pki() -> Pki {
     let client_ca = Ca::new("interop device CA");
     let server: Leaf = server_ca.server("ferrymq");
     let device: Leaf = client_ca.client("device-interop");
+    let stranger: Leaf = client_ca.client("device-unknown");
     Pki {
         server_ca: write(dir.path(), "server-ca.pem", &server_ca.cert_pem),
         server_cert: write(dir.path(), "server.pem", &server.cert_pem),
@@ -121,6 +126,8 @@ fn pki() -> Pki {
         client_ca: write(dir.path(), "client-ca.pem", &client_ca.cert_pem),
         client_cert: write(dir.path(), "device.pem", &device.cert_pem),
         client_key: write(dir.path(), "device.key", &device.key_pem),
+        stranger_cert: write(dir.path(), "stranger.pem", &stranger.cert_pem),
+        stranger_key: write(dir.path(), "stranger.key", &stranger.key_pem),
         dir,
     }
 }
@@ -135,17 +142,47 @@ fn tls_listener(name: &str, protocol: &str, port: u16, pki: &Pki, require: bool)
     )
 }
 
-fn data_dir(pki: &Pki) -> String {
-    format!("data_dir = {:?}\n\n", pki.dir.path().join("data"))
+/// The data directory, and the HTTP endpoint on a free port (the default 8083 may be taken).
+fn base(pki: &Pki) -> String {
+    format!(
+        "data_dir = {:?}\n\n[http]\nbind = \"127.0.0.1:{}\"\n\n",
+        pki.dir.path().join("data"),
+        free_port()
+    )
 }
 
 #[test]
 fn mosquitto_clients_over_tls_with_client_certificates() {
     let pki = pki();
     let port = free_port();
-    let config = data_dir(&pki) + &tls_listener("tls", "mqtts", port, &pki, true);
+    // The certificate's CN is mapped to a credential record written with the admin CLI; with
+    // no other provider and anonymous access off, the certificate is the only way in.
+    let data = pki.dir.path().join("data");
+    let mut add = Command::new(env!("CARGO_BIN_EXE_ferrymq"));
+    add.args([
+        "credentials",
+        "add",
+        "--username",
+        "device-interop",
+        "--pub",
+        "interop/#",
+        "--sub",
+        "interop/#",
+        "--data-dir",
+    ])
+    .arg(&data)
+    .env("FERRYMQ_LOG", "warn");
+    let out = run(add, "ferrymq credentials add");
+    assert!(
+        out.status.success(),
+        "credentials add failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let config = base(&pki)
+        + "[auth]\nproviders = [\"x509\"]\nallow_anonymous = false\n\n"
+        + &tls_listener("tls", "mqtts", port, &pki, true);
     let broker = start(pki.dir.path(), &config, &[port]);
-    let tls_args = |with_cert: bool| {
+    let tls_args = |cert: Option<(&Path, &Path)>| {
         let mut args = vec![
             "-h".to_string(),
             "localhost".into(),
@@ -154,12 +191,12 @@ fn mosquitto_clients_over_tls_with_client_certificates() {
             "--cafile".into(),
             pki.server_ca.display().to_string(),
         ];
-        if with_cert {
+        if let Some((cert, key)) = cert {
             args.extend([
                 "--cert".to_string(),
-                pki.client_cert.display().to_string(),
+                cert.display().to_string(),
                 "--key".into(),
-                pki.client_key.display().to_string(),
+                key.display().to_string(),
             ]);
         }
         args
@@ -167,19 +204,21 @@ fn mosquitto_clients_over_tls_with_client_certificates() {
 
     // A retained message, so the subscriber started afterwards gets it without a race.
     let mut publish = Command::new("mosquitto_pub");
-    publish.args(tls_args(true)).args([
-        "-V",
-        "mqttv311",
-        "-i",
-        "mosq-pub",
-        "-q",
-        "1",
-        "-r",
-        "-t",
-        "interop/tls",
-        "-m",
-        "over tls",
-    ]);
+    publish
+        .args(tls_args(Some((&pki.client_cert, &pki.client_key))))
+        .args([
+            "-V",
+            "mqttv311",
+            "-i",
+            "mosq-pub",
+            "-q",
+            "1",
+            "-r",
+            "-t",
+            "interop/tls",
+            "-m",
+            "over tls",
+        ]);
     let out = run(publish, "mosquitto_pub");
     assert!(
         out.status.success(),
@@ -189,20 +228,22 @@ fn mosquitto_clients_over_tls_with_client_certificates() {
     );
 
     let mut subscribe = Command::new("mosquitto_sub");
-    subscribe.args(tls_args(true)).args([
-        "-V",
-        "mqttv5",
-        "-i",
-        "mosq-sub",
-        "-q",
-        "1",
-        "-t",
-        "interop/tls",
-        "-C",
-        "1",
-        "-W",
-        "10",
-    ]);
+    subscribe
+        .args(tls_args(Some((&pki.client_cert, &pki.client_key))))
+        .args([
+            "-V",
+            "mqttv5",
+            "-i",
+            "mosq-sub",
+            "-q",
+            "1",
+            "-t",
+            "interop/tls",
+            "-C",
+            "1",
+            "-W",
+            "10",
+        ]);
     let out = run(subscribe, "mosquitto_sub");
     assert!(
         out.status.success(),
@@ -214,7 +255,7 @@ fn mosquitto_clients_over_tls_with_client_certificates() {
 
     // Without a client certificate the handshake is refused.
     let mut refused = Command::new("mosquitto_pub");
-    refused.args(tls_args(false)).args([
+    refused.args(tls_args(None)).args([
         "-V",
         "mqttv311",
         "-i",
@@ -229,13 +270,42 @@ fn mosquitto_clients_over_tls_with_client_certificates() {
         !out.status.success(),
         "a client without a certificate got in"
     );
+
+    // A certificate the listener accepts, but whose CN maps to no credential: CONNACK 0x05.
+    let mut unknown = Command::new("mosquitto_pub");
+    unknown
+        .args(tls_args(Some((&pki.stranger_cert, &pki.stranger_key))))
+        .args([
+            "-V",
+            "mqttv311",
+            "-i",
+            "mosq-stranger",
+            "-t",
+            "interop/tls",
+            "-m",
+            "x",
+        ]);
+    let out = run(unknown, "mosquitto_pub with an unmapped certificate");
+    assert!(
+        !out.status.success(),
+        "a certificate without a credential record got in"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .to_lowercase()
+            .contains("not authori"),
+        "expected a not-authorized CONNACK: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
 fn paho_over_websocket_and_secure_websocket() {
     let pki = pki();
     let (ws, wss) = (free_port(), free_port());
-    let config = data_dir(&pki)
+    // Anonymous access on: this test is about the transports, not authentication.
+    let config = base(&pki)
+        + "[auth]\nallow_anonymous = true\n\n"
         + &format!(
             "[[listeners]]\nname = \"ws\"\nbind = \"127.0.0.1:{ws}\"\nprotocol = \"ws\"\n\n"
         )

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use common::net::*;
 use common::*;
 use ferrymq::config::{ListenerConfig, ListenerProtocol};
+use ferrymq::metrics::{ConnectResult, HandshakeStage};
 use ppp::v2::{Builder, Command, Protocol, Version};
 use rumqttc::v5::mqttbytes::v5;
 use tokio::io::AsyncWriteExt;
@@ -109,7 +110,14 @@ async fn v1_and_v2_sources_reach_authentication() {
         recorder.last("one-write").unwrap().peer,
         "192.0.2.8:51001".parse().unwrap()
     );
-    assert_eq!(server.broker.metrics.proxy_header_failures.get(), 0);
+    assert_eq!(
+        server
+            .broker
+            .metrics
+            .listener("lb")
+            .handshake_failures(HandshakeStage::ProxyHeader),
+        0
+    );
     server.shutdown().await;
 }
 
@@ -165,9 +173,11 @@ async fn missing_garbage_and_oversized_headers_are_refused() {
         .closed_within(std::time::Duration::from_secs(4))
         .await
         .is_some());
-    assert_eq!(server.broker.metrics.handshake_timeouts.get(), 1);
-
-    assert_eq!(server.broker.metrics.proxy_header_failures.get(), 4);
+    let metrics = &server.broker.metrics;
+    let lb = metrics.listener("lb");
+    assert_eq!(lb.handshake_failures(HandshakeStage::Timeout), 1);
+    assert_eq!(lb.handshake_failures(HandshakeStage::ProxyHeader), 4);
+    assert_eq!(metrics.connects(ConnectResult::HandshakeFailed), 5);
     assert!(
         recorder.seen.lock().is_empty(),
         "no refused connection reached CONNECT"

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use common::*;
+use ferrymq::metrics::ConnectResult;
 use rumqttc::mqttbytes::v4;
 use rumqttc::v5::mqttbytes::v5;
 use rumqttc::v5::mqttbytes::QoS;
@@ -47,7 +48,14 @@ async fn connections_over_the_rate_get_0x9f_or_0x03() {
         assert_eq!(ack.code, v4::ConnectReturnCode::Success);
     }
     assert!(v3_refused);
-    assert_eq!(metrics.connections_rate_limited.get(), refused);
+    assert_eq!(
+        metrics.listener("tcp").connection_rate_limited.get(),
+        refused
+    );
+    assert_eq!(
+        metrics.connects(ConnectResult::ConnectionRateExceeded),
+        refused
+    );
 
     // Admitted connections are unaffected, and the bucket refills.
     for c in kept.iter_mut() {

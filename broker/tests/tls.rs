@@ -9,6 +9,7 @@ use std::time::Duration;
 use common::net::*;
 use common::*;
 use ferrymq::config::ListenerProtocol;
+use ferrymq::metrics::{ConnectResult, HandshakeStage};
 use rumqttc::v5::mqttbytes::v5;
 use rumqttc::v5::mqttbytes::QoS;
 
@@ -193,8 +194,11 @@ async fn wrong_ca_expired_and_missing_client_certificates_are_refused() {
         recorder.seen.lock().is_empty(),
         "no refused client reached authentication"
     );
-    let failures = metrics.tls_handshake_failures.get();
+    let failures = metrics
+        .listener("secure")
+        .handshake_failures(HandshakeStage::Tls);
     assert_eq!(failures, 3, "every refused handshake is counted");
+    assert_eq!(metrics.connects(ConnectResult::HandshakeFailed), 3);
 
     // A good certificate still works after all that.
     let good = client_config(&server_ca.cert_der, Some(&client_ca.client("device-7")));
@@ -258,7 +262,8 @@ async fn certificate_files_are_reloaded_and_a_bad_file_keeps_the_old_one() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(server.broker.metrics.tls_reloads.get() >= 1);
+    let listener_metrics = server.broker.metrics.listener("secure");
+    assert!(listener_metrics.tls_reloads.get() >= 1);
 
     // A broken certificate file: logged and counted, the renewed certificate stays.
     replace_file(
@@ -266,7 +271,7 @@ async fn certificate_files_are_reloaded_and_a_bad_file_keeps_the_old_one() {
         b"-----BEGIN CERTIFICATE-----\nnot base64 at all\n",
     );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while server.broker.metrics.tls_reload_failures.get() == 0 {
+    while listener_metrics.tls_reload_failures.get() == 0 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the bad file was never noticed"
@@ -312,7 +317,14 @@ async fn garbage_and_plain_mqtt_on_a_tls_port_are_dropped() {
     let _ = tokio::io::AsyncWriteExt::write_all(&mut huge.stream, &[0u8; 1024]).await;
     assert!(huge.closed_within(WAIT).await.is_some());
 
-    assert!(server.broker.metrics.tls_handshake_failures.get() >= 3);
+    assert!(
+        server
+            .broker
+            .metrics
+            .listener("secure")
+            .handshake_failures(HandshakeStage::Tls)
+            >= 3
+    );
     let (_c, ack) = connect5_over(
         tls_connect(addr, client_config(&ca.cert_der, None))
             .await

@@ -7,6 +7,7 @@ use bytes::{Bytes, BytesMut};
 use common::net::*;
 use common::*;
 use ferrymq::config::ListenerProtocol;
+use ferrymq::metrics::HandshakeStage;
 use futures_util::{SinkExt, StreamExt};
 use rumqttc::v5::mqttbytes::v5;
 use rumqttc::v5::mqttbytes::QoS;
@@ -187,7 +188,14 @@ async fn upgrade_needs_the_mqtt_subprotocol_and_the_configured_path() {
     assert_eq!(err(ws_upgrade(tcp, "/broker", Some("chat")).await), 400);
     let tcp = TcpStream::connect(addr).await.unwrap();
     assert_eq!(err(ws_upgrade(tcp, "/mqtt", Some("mqtt")).await), 404);
-    assert_eq!(server.broker.metrics.ws_handshake_failures.get(), 3);
+    assert_eq!(
+        server
+            .broker
+            .metrics
+            .listener("web")
+            .handshake_failures(HandshakeStage::WebSocket),
+        3
+    );
 
     // Offered among others, `mqtt` is chosen (checked inside ws_upgrade).
     let tcp = TcpStream::connect(addr).await.unwrap();

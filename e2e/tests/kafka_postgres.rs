@@ -19,6 +19,29 @@ use ferrymq_e2e::harness::{
     Incoming, Protocol, PublisherConfig,
 };
 
+/// Runs the broker binary with `config` until it exits (tests of start-up failures): its status
+/// and standard error.
+fn run_to_exit(config: &str) -> (std::process::Output, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("ferrymq.toml");
+    std::fs::write(&path, config).expect("write config");
+    let out = std::process::Command::new(broker_bin())
+        .arg("--config")
+        .arg(&path)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .expect("run ferrymq");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out, stderr)
+}
+
 /// Publishes `n` QoS 1 messages on `topic` over `conn` one at a time and returns how many were
 /// acknowledged with success, how many were refused (v5 reason >= 0x80), and whether the
 /// connection was closed by the broker.
@@ -118,23 +141,39 @@ fn kafka_outage_refuses_acks_and_recovers() {
         assert_eq!((ok, refused), (20, 0), "after the outage");
     });
     // 20 before + 1 that resumed + 20 after, and nothing that was refused.
-    let mut sub = ferrymq_e2e::harness::Subscriber::new(device);
-    rt.block_on(sub.connect(addr, Duration::from_secs(20)))
-        .expect("subscriber connect");
-    rt.block_on(sub.receive_until(
-        addr,
-        |s| s.received.len() >= 41,
-        Duration::from_secs(2),
-        Duration::from_secs(60),
-    ))
-    .ok();
-    let payloads: Vec<String> = sub.received.iter().map(|r| r.topic.clone()).collect();
+    let payloads = rt.block_on(async {
+        let (mut conn, ack) = Connection::connect(addr, &device)
+            .await
+            .expect("subscriber connect");
+        assert!(ack.session_present, "DEVICE session lost");
+        let mut payloads = Vec::new();
+        while let Ok(Some(packet)) = conn.recv_timeout(Duration::from_secs(3)).await {
+            if let Incoming::Publish(m) = packet {
+                if m.qos > 0 {
+                    conn.queue_puback(m.pkid).expect("puback");
+                    conn.flush().await.expect("flush");
+                }
+                payloads.push(String::from_utf8_lossy(&m.payload).into_owned());
+            }
+        }
+        payloads
+    });
     println!("kafka outage: subscriber got {} messages", payloads.len());
-    assert!(
-        sub.received.len() >= 41,
-        "acknowledged messages missing: {}",
-        sub.received.len()
-    );
+    for pkid in (1..=20).chain(300..320) {
+        let want = format!("m{pkid}");
+        assert!(
+            payloads.contains(&want),
+            "acknowledged message {want} missing: {payloads:?}"
+        );
+    }
+    // A produce that timed out has an unknown outcome: the record may have reached Kafka just
+    // before it froze. Refusing it is still right (it was not known to be stored); delivering
+    // it later is a duplicate from the publisher's point of view, not a loss.
+    let refused_but_delivered = ["m100", "m101"]
+        .iter()
+        .filter(|p| payloads.iter().any(|x| x == *p))
+        .count();
+    println!("kafka outage: {refused_but_delivered} of 2 refused messages were written after all");
     assert!(
         broker.log_tail(200).contains("kafka is reachable again")
             || broker.log_tail(200).contains("unreachable"),
@@ -144,7 +183,7 @@ fn kafka_outage_refuses_acks_and_recovers() {
 }
 
 /// PostgreSQL goes away (immediate shutdown) while a publisher keeps sending to an offline
-/// persistent DEVICE subscriber: the publish log keeps acknowledging (the messages are durable
+/// persistent DEVICE subscriber for 8 s: the publish log keeps acknowledging (the messages are durable
 /// in Kafka), the router waits, and once PostgreSQL is back every acknowledged message is in
 /// the DEVICE queue, exactly once.
 #[test]
@@ -164,7 +203,7 @@ fn postgres_outage_delays_but_loses_nothing() {
         0,
         ConnectOptions::v311("po-pub"),
         1,
-        3_000,
+        10_000,
         vec!["po/t".into()],
     );
     let publisher = spawn_publisher(&rt, cfg, &progress, addr);
@@ -174,7 +213,8 @@ fn postgres_outage_delays_but_loses_nothing() {
     let services = backend.services_mut().expect("services");
     services.postgres.stop().expect("stop postgres");
     let stopped = Instant::now();
-    std::thread::sleep(Duration::from_secs(3));
+    // Longer than postgres.connect_timeout_secs (5 s): the router's writes fail and are retried.
+    std::thread::sleep(Duration::from_secs(8));
     let during = progress.load(std::sync::atomic::Ordering::Relaxed);
     services.postgres.restart().expect("restart postgres");
     println!(
@@ -185,7 +225,7 @@ fn postgres_outage_delays_but_loses_nothing() {
     print_publishers(&reports);
     let mut expect = ferrymq_e2e::harness::Expectation::from_reports(&reports);
     expect.exactly_once = true;
-    assert_eq!(expect.must.len(), 3_000);
+    assert_eq!(expect.must.len(), 10_000);
     let (_, check, present) = drain(
         &rt,
         "DEVICE after postgres outage",
@@ -214,14 +254,12 @@ fn missing_application_topic_is_refused_when_not_provisioned() {
         return;
     };
     let rt = runtime();
-    let extra = "[kafka]\nauto_create_application_topics = false\n\n[[application_clients]]\nclient_id = \"prov-app\"\n";
-    // `[kafka]` appears twice otherwise; merge by building the config by hand.
+    // `[kafka]` is already in the backend's config: switch the key inside it.
     let base = backend.config("no-auto-topic", "").expect("config");
     let config = base.replace(
         "[kafka]\n",
         "[kafka]\nauto_create_application_topics = false\n",
     ) + "\n[[application_clients]]\nclient_id = \"prov-app\"\n";
-    let _ = extra;
     let broker = BrokerProcess::start(
         BrokerOptions::new("no-auto-topic")
             .binary(broker_bin())
@@ -277,17 +315,7 @@ fn start_fails_naming_the_unreachable_service() {
             ),
         ),
     ] {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("ferrymq.toml");
-        std::fs::write(&path, config).expect("write config");
-        let out = std::process::Command::new(broker_bin())
-            .arg("--config")
-            .arg(&path)
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(dir.path())
-            .output()
-            .expect("run ferrymq");
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let (out, stderr) = run_to_exit(&config);
         println!("{what}: exit {:?}: {}", out.status.code(), stderr.trim());
         assert!(!out.status.success(), "started without {what}");
         assert!(
@@ -306,17 +334,7 @@ fn second_broker_on_the_same_schema_is_refused() {
     };
     let first = backend.start("lock", "");
     let config = backend.config("lock", "").expect("config");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("ferrymq.toml");
-    std::fs::write(&path, config).expect("write config");
-    let out = std::process::Command::new(broker_bin())
-        .arg("--config")
-        .arg(&path)
-        .args(["--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path())
-        .output()
-        .expect("run ferrymq");
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (out, stderr) = run_to_exit(&config);
     assert!(
         !out.status.success(),
         "a second broker started on the same schema"

@@ -3,39 +3,19 @@
 //! publish whose write failed may be acknowledged; every acknowledged one must be delivered
 //! after the broker restarts with room to write.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
-use std::process::Command;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::broker_bin;
 use ferrymq_e2e::harness::{
-    persistent, subscribe_and_leave, target_dir, workspace_root, BrokerOptions, BrokerProcess,
-    ConnectOptions, Connection, Incoming, Protocol, BIN_ENV,
+    persistent, subscribe_and_leave, BrokerOptions, BrokerProcess, ConnectOptions, Connection,
+    Incoming, Protocol,
 };
-
-fn broker_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(bin) = std::env::var_os(BIN_ENV) {
-            return PathBuf::from(bin);
-        }
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-p", "ferrymq-broker", "--release"])
-            .current_dir(workspace_root())
-            .status()
-            .expect("running cargo build -p ferrymq-broker --release");
-        assert!(
-            status.success(),
-            "cargo build -p ferrymq-broker --release failed"
-        );
-        target_dir().join("release").join("ferrymq")
-    })
-    .clone()
-}
 
 /// A wrapper that runs the broker under the file-size limit written in `fsize_limit` next to it
 /// (in KiB, or `unlimited`), with SIGXFSZ ignored (an ignored signal stays ignored across exec).

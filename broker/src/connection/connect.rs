@@ -12,6 +12,7 @@ use tokio::sync::oneshot;
 use super::{ConnInfo, READ_CHUNK};
 use crate::auth::{AuthDecision, Credentials};
 use crate::broker::{Broker, OpenError};
+use crate::metrics::ConnectResult;
 use crate::protocol::{
     encode, ConnAck, ConnAckProperties, ConnectPacket, ConnectReturnCode, Decoder, Incoming,
     ProtocolVersion,
@@ -20,6 +21,7 @@ use crate::router::topic::validate_topic_name;
 use crate::session::machine::{ClientLimits, Machine};
 use crate::session::registry::Kick;
 use crate::session::NEVER_EXPIRES;
+use crate::storage::ClientKind;
 
 /// A connection that passed CONNECT.
 pub(super) struct Accepted {
@@ -46,10 +48,14 @@ pub(super) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     let connect = loop {
         match decoder.decode(rbuf) {
             Ok(Some(Incoming::Connect(connect))) => break connect,
-            Ok(Some(_)) => return Ok(None),
+            Ok(Some(_)) => {
+                broker.metrics.connect_result(ConnectResult::ProtocolError);
+                return Ok(None);
+            }
             Ok(None) => {
                 rbuf.reserve(READ_CHUNK);
                 if stream.read_buf(rbuf).await? == 0 {
+                    broker.metrics.connect_result(ConnectResult::NoConnect);
                     return Ok(None);
                 }
             }
@@ -58,7 +64,9 @@ pub(super) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
                 broker.metrics.protocol_errors.inc();
                 if let Some(code) = e.connack_code() {
                     let version = decoder.version().unwrap_or(ProtocolVersion::V3_1_1);
-                    refuse(stream, version, code).await;
+                    refuse(broker, stream, version, code).await;
+                } else {
+                    broker.metrics.connect_result(ConnectResult::ProtocolError);
                 }
                 return Ok(None);
             }
@@ -71,26 +79,42 @@ pub(super) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     // Over the connection rate: told so (v3 has no such code and gets 0x03, server unavailable).
     if info.over_rate {
         tracing::debug!(%peer, "connection rate exceeded");
-        refuse(stream, version, ConnectReturnCode::ConnectionRateExceeded).await;
+        refuse(
+            broker,
+            stream,
+            version,
+            ConnectReturnCode::ConnectionRateExceeded,
+        )
+        .await;
         return Ok(None);
     }
 
     // v5 enhanced authentication is not offered [MQTT-3.1.2-? / 4.12]: refuse the method.
     if connect.properties.authentication_method.is_some() {
-        refuse(stream, version, ConnectReturnCode::BadAuthenticationMethod).await;
+        refuse(
+            broker,
+            stream,
+            version,
+            ConnectReturnCode::BadAuthenticationMethod,
+        )
+        .await;
         return Ok(None);
     }
     let (client_id, assigned) = match client_identifier(&connect, limits.max_client_id_len) {
         Ok(id) => id,
         Err(code) => {
-            refuse(stream, version, code).await;
+            refuse(broker, stream, version, code).await;
             return Ok(None);
         }
     };
     if let Some(will) = &connect.will {
         if validate_topic_name(&will.topic, &broker.topic_limits).is_err() {
             if v5 {
-                refuse(stream, version, ConnectReturnCode::TopicNameInvalid).await;
+                refuse(broker, stream, version, ConnectReturnCode::TopicNameInvalid).await;
+            } else {
+                broker
+                    .metrics
+                    .connect_result(ConnectResult::TopicNameInvalid);
             }
             return Ok(None);
         }
@@ -106,17 +130,44 @@ pub(super) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
             client_cert: info.client_cert.as_ref(),
         })
         .await;
-    match decision {
-        AuthDecision::Allow => {}
-        AuthDecision::BadCredentials => {
-            refuse(stream, version, ConnectReturnCode::BadUserNamePassword).await;
+    let identity = match decision {
+        AuthDecision::Allow(identity) => identity,
+        refused => {
+            let code = match refused {
+                AuthDecision::RateLimited => {
+                    broker.metrics.auth_rate_limited.inc();
+                    ConnectReturnCode::ConnectionRateExceeded
+                }
+                AuthDecision::Unavailable => ConnectReturnCode::ServerUnavailable,
+                AuthDecision::NotAuthorized => {
+                    broker.metrics.auth_failures.not_authorized.inc();
+                    ConnectReturnCode::NotAuthorized
+                }
+                _ => {
+                    broker.metrics.auth_failures.bad_credentials.inc();
+                    ConnectReturnCode::BadUserNamePassword
+                }
+            };
+            tracing::debug!(%peer, client_id = %client_id, ?code, "authentication refused");
+            refuse(broker, stream, version, code).await;
             return Ok(None);
         }
-        AuthDecision::NotAuthorized => {
-            refuse(stream, version, ConnectReturnCode::NotAuthorized).await;
+    };
+    let kind = identity
+        .client_type
+        .unwrap_or_else(|| broker.client_kind(&client_id));
+    let acl = identity
+        .acl
+        .resolve(&client_id, identity.username.as_deref());
+    // The will is published later on the client's behalf: its topic is authorized now.
+    if let Some(will) = &connect.will {
+        if !acl.may_publish(&will.topic) {
+            broker.metrics.messages_dropped_acl.inc();
+            refuse(broker, stream, version, ConnectReturnCode::NotAuthorized).await;
             return Ok(None);
         }
     }
+    tracing::debug!(%peer, client_id = %client_id, via = identity.via, kind = kind.as_str(), "authenticated");
 
     let max_expiry = broker.config.session.max_session_expiry_secs;
     let requested_expiry = if v5 {
@@ -126,7 +177,7 @@ pub(super) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     } else {
         NEVER_EXPIRES
     };
-    let expiry = if broker.config.is_application_client(&client_id) {
+    let expiry = if kind == ClientKind::Application {
         // APPLICATION sessions are always persistent, whatever the client asked for; v5
         // clients learn it from the Session Expiry Interval in CONNACK.
         NEVER_EXPIRES
@@ -154,6 +205,7 @@ pub(super) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
             Some(kick_tx),
             connect.clean_start,
             expiry,
+            kind,
         )
         .await
     {
@@ -169,7 +221,7 @@ pub(super) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 OpenError::Storage(_) => ConnectReturnCode::ServerUnavailable,
             };
-            refuse(stream, version, code).await;
+            refuse(broker, stream, version, code).await;
             return Ok(None);
         }
     };
@@ -218,7 +270,8 @@ pub(super) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
         problem_information: props.request_problem_info.unwrap_or(1) == 1,
     };
     let ConnectPacket { will, .. } = *connect;
-    let machine = Machine::new(broker.clone(), version, session, will, client);
+    let mut machine = Machine::new(broker.clone(), version, session, will, client);
+    machine.set_acl(acl);
     Ok(Some(Accepted {
         machine,
         conn_id,
@@ -283,12 +336,14 @@ fn negotiate_keep_alive(requested: u16, max: u16) -> (u16, Option<u16>) {
     (max, Some(max))
 }
 
-/// Sends CONNACK with a refusal code and closes [MQTT-3.2.2-5].
+/// Sends CONNACK with a refusal code and closes [MQTT-3.2.2-5]. Counted by its code.
 async fn refuse<S: AsyncWrite + Unpin>(
+    broker: &Broker,
     stream: &mut S,
     version: ProtocolVersion,
     code: ConnectReturnCode,
 ) {
+    broker.metrics.connect_result(refusal_result(code));
     let mut out = BytesMut::new();
     if encode(
         &Packet::ConnAck(ConnAck {
@@ -306,6 +361,28 @@ async fn refuse<S: AsyncWrite + Unpin>(
         let _ = stream.flush().await;
     }
     let _ = stream.shutdown().await;
+}
+
+/// The `ferrymq_connects_total` result a CONNACK refusal code stands for.
+fn refusal_result(code: ConnectReturnCode) -> ConnectResult {
+    use ConnectReturnCode as C;
+    match code {
+        C::RefusedProtocolVersion | C::UnsupportedProtocolVersion => {
+            ConnectResult::UnsupportedProtocolVersion
+        }
+        C::BadClientId | C::ClientIdentifierNotValid => ConnectResult::ClientIdRejected,
+        C::BadUserNamePassword => ConnectResult::BadCredentials,
+        C::NotAuthorized => ConnectResult::NotAuthorized,
+        C::BadAuthenticationMethod => ConnectResult::BadAuthenticationMethod,
+        C::MalformedPacket | C::ProtocolError | C::PacketTooLarge => ConnectResult::ProtocolError,
+        C::TopicNameInvalid => ConnectResult::TopicNameInvalid,
+        C::ServerBusy => ConnectResult::ServerBusy,
+        C::ServiceUnavailable | C::ServerUnavailable => ConnectResult::ServerUnavailable,
+        C::QuotaExceeded => ConnectResult::QuotaExceeded,
+        C::ConnectionRateExceeded => ConnectResult::ConnectionRateExceeded,
+        C::Banned => ConnectResult::Banned,
+        _ => ConnectResult::Other,
+    }
 }
 
 #[cfg(test)]

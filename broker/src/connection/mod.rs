@@ -22,13 +22,14 @@ use tokio::sync::{oneshot, watch};
 use self::transport::{Io, ReadSide, Transport, WriteSide};
 use crate::auth::ClientCertificate;
 use crate::broker::Broker;
+use crate::metrics::{ConnectResult, DisconnectReason, ListenerMetrics};
 use crate::protocol::{
     encode, Decoder, Disconnect, DisconnectProperties, DisconnectReasonCode, Incoming,
     ProtocolVersion,
 };
 use crate::rate_limit::TokenBucket;
 use crate::session::machine::{Flow, Machine, PendingReply, MAX_PENDING_REPLIES};
-use crate::session::registry::Kick;
+use crate::session::registry::{Kick, KickReason, OnlineInfo};
 use crate::storage::StorageError;
 
 /// Free space made available for the first reads. Small, because an idle connection should
@@ -65,15 +66,15 @@ pub async fn serve(
     transport: Transport,
     info: ConnInfo,
     shutdown: watch::Receiver<bool>,
+    listener: Arc<ListenerMetrics>,
 ) {
-    broker.metrics.connections.inc();
+    let b = broker.clone();
     let result = match transport {
-        Transport::Tcp(stream) => run(broker.clone(), stream, &info, shutdown).await,
-        Transport::Tls(stream) => run(broker.clone(), *stream, &info, shutdown).await,
-        Transport::Ws(stream) => run(broker.clone(), *stream, &info, shutdown).await,
-        Transport::Wss(stream) => run(broker.clone(), *stream, &info, shutdown).await,
+        Transport::Tcp(stream) => run(b, stream, &info, shutdown, &listener).await,
+        Transport::Tls(stream) => run(b, *stream, &info, shutdown, &listener).await,
+        Transport::Ws(stream) => run(b, *stream, &info, shutdown, &listener).await,
+        Transport::Wss(stream) => run(b, *stream, &info, shutdown, &listener).await,
     };
-    broker.metrics.connections.dec();
     if let Err(e) = result {
         tracing::debug!(peer = %info.peer, error = %e, "connection ended with an error");
     }
@@ -87,8 +88,8 @@ enum End {
     SocketClosed,
     /// We close it: v5 clients are told why.
     Close(DisconnectReasonCode, &'static str),
-    /// Another connection took the session over.
-    TakenOver(oneshot::Sender<()>),
+    /// Another connection took the session over, or the admin API kicked it.
+    Kicked(Kick),
     /// The broker is shutting down.
     Shutdown,
 }
@@ -98,6 +99,7 @@ async fn run<S: Io>(
     mut stream: S,
     info: &ConnInfo,
     mut shutdown: watch::Receiver<bool>,
+    listener: &ListenerMetrics,
 ) -> std::io::Result<()> {
     let peer = info.peer;
     let limits = broker.config.limits.clone();
@@ -115,9 +117,13 @@ async fn run<S: Io>(
     {
         Ok(Ok(Some(accepted))) => accepted,
         Ok(Ok(None)) => return Ok(()),
-        Ok(Err(e)) => return Err(e),
+        Ok(Err(e)) => {
+            broker.metrics.connect_result(ConnectResult::NoConnect);
+            return Err(e);
+        }
         Err(_) => {
             tracing::debug!(%peer, "no CONNECT within the connect timeout");
+            broker.metrics.connect_result(ConnectResult::NoConnect);
             return Ok(());
         }
     };
@@ -135,6 +141,24 @@ async fn run<S: Io>(
         rbuf = BytesMut::new();
     }
     let client_id = machine.session.client_id.clone();
+    broker.metrics.connect_result(ConnectResult::Accepted);
+    let _connected = listener.connected(machine.session.kind);
+    broker.registry.set_online_info(
+        &client_id,
+        conn_id,
+        Arc::new(OnlineInfo {
+            mailbox: machine.session.mailbox.clone(),
+            peer,
+            listener: listener.name.clone(),
+            protocol: match machine.version {
+                ProtocolVersion::V3_1 => "3.1",
+                ProtocolVersion::V3_1_1 => "3.1.1",
+                ProtocolVersion::V5 => "5.0",
+            },
+            connected_at_ms: crate::storage::codec::now_ms(),
+            expiry_interval: machine.session.expiry_interval,
+        }),
+    );
     wbuf.extend_from_slice(&connack);
     if session_present {
         machine.resend_inflight(&mut wbuf);
@@ -156,31 +180,56 @@ async fn run<S: Io>(
 
     let version = machine.version;
     let (will_allowed, reason, done) = match end {
-        End::ClientDisconnect { publish_will } => (publish_will, None, None),
-        End::SocketClosed => (true, None, None),
+        End::ClientDisconnect { publish_will } => {
+            broker.metrics.disconnect(DisconnectReason::Client);
+            (publish_will, None, None)
+        }
+        End::SocketClosed => {
+            broker.metrics.disconnect(DisconnectReason::ConnectionLost);
+            (true, None, None)
+        }
         End::Close(code, why) => {
             tracing::debug!(%peer, client_id = %client_id, ?code, why, "closing connection");
-            if is_client_violation(code) {
+            let counted = if is_client_violation(code) {
                 broker.metrics.protocol_errors.inc();
-            }
-            if code == DisconnectReasonCode::MessageRateTooHigh {
-                broker.metrics.publish_rate_limited.inc();
-            }
+                DisconnectReason::ProtocolError
+            } else if code == DisconnectReasonCode::KeepAliveTimeout {
+                DisconnectReason::KeepAliveTimeout
+            } else if code == DisconnectReasonCode::MessageRateTooHigh {
+                DisconnectReason::PublishRateExceeded
+            } else {
+                DisconnectReason::ServerError
+            };
+            broker.metrics.disconnect(counted);
             (true, Some((code, why)), None)
         }
-        End::TakenOver(done) => (
-            true,
-            Some((DisconnectReasonCode::SessionTakenOver, "session taken over")),
-            Some(done),
-        ),
-        End::Shutdown => (
-            false,
-            Some((
-                DisconnectReasonCode::ServerShuttingDown,
-                "server shutting down",
-            )),
-            None,
-        ),
+        End::Kicked(kick) => {
+            let (counted, code, why) = match kick.reason {
+                KickReason::TakenOver => (
+                    DisconnectReason::TakenOver,
+                    DisconnectReasonCode::SessionTakenOver,
+                    "session taken over",
+                ),
+                KickReason::Administrative => (
+                    DisconnectReason::Administrative,
+                    DisconnectReasonCode::AdministrativeAction,
+                    "disconnected by an administrator",
+                ),
+            };
+            broker.metrics.disconnect(counted);
+            (true, Some((code, why)), Some(kick.done))
+        }
+        End::Shutdown => {
+            broker.metrics.disconnect(DisconnectReason::Shutdown);
+            (
+                false,
+                Some((
+                    DisconnectReasonCode::ServerShuttingDown,
+                    "server shutting down",
+                )),
+                None,
+            )
+        }
     };
     if let Some((code, why)) = reason {
         if version == ProtocolVersion::V5 {
@@ -269,7 +318,7 @@ async fn event_loop<S: Io>(
         tokio::select! {
             biased;
             kick = &mut kick_rx, if !kick_closed => match kick {
-                Ok(kick) => return End::TakenOver(kick.done),
+                Ok(kick) => return End::Kicked(kick),
                 // The registry dropped the sender without kicking (it is shutting down this
                 // slot); nothing to wait for any more.
                 Err(_) => kick_closed = true,

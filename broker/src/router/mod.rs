@@ -7,6 +7,7 @@
 //! hop, and because one publisher's messages are pushed in the order it sent them, each
 //! subscriber's FIFO queue keeps that order (MQTT 4.6 ordered topics).
 
+mod inspect;
 pub mod retained;
 #[cfg(test)]
 mod testing;
@@ -88,6 +89,16 @@ impl Mailbox {
             Err(mpsc::error::TrySendError::Full(d)) => Err(Offer::Full(d)),
             Err(mpsc::error::TrySendError::Closed(_)) => Err(Offer::Closed),
         }
+    }
+
+    /// Deliveries waiting in the in-memory queue.
+    pub fn queued(&self) -> usize {
+        self.tx.max_capacity().saturating_sub(self.tx.capacity())
+    }
+
+    /// Whether a connection is draining this mailbox now.
+    pub fn is_online(&self) -> bool {
+        self.online.load(Ordering::Acquire)
     }
 
     /// Marks whether a connection is draining this mailbox now.

@@ -122,6 +122,12 @@ impl<V> RetainedStore<V> {
         retain_at(&mut self.root, &mut keep, &mut self.len, &mut self.nodes);
     }
 
+    /// Calls `f(topic, value)` for every retained message, `$` topics included. Order is
+    /// unspecified.
+    pub fn for_each<F: FnMut(&str, &V)>(&self, mut f: F) {
+        visit_all(&self.root, &mut f);
+    }
+
     /// Number of retained messages.
     pub fn len(&self) -> usize {
         self.len

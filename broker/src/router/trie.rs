@@ -195,6 +195,13 @@ impl<K: Eq + std::hash::Hash + Clone, V> SubscriptionTrie<K, V> {
         visit_all(&self.root, &mut f);
     }
 
+    /// Calls `f(filter, key, value)` for every entry, rebuilding each filter's text on the way
+    /// (for the admin API; allocates one string per node with entries). Order is unspecified.
+    pub fn for_each_with_filter<F: FnMut(&str, &K, &V)>(&self, mut f: F) {
+        let mut levels = Vec::new();
+        visit_with_filter(&self.root, &mut levels, &mut f);
+    }
+
     /// Number of (filter, key) entries.
     pub fn len(&self) -> usize {
         self.len
@@ -299,6 +306,39 @@ fn visit_all<K, V, F: FnMut(&K, &V)>(node: &Node<K, V>, f: &mut F) {
     }
     for child in node.children.values() {
         visit_all(child, f);
+    }
+}
+
+fn visit_with_filter<'a, K, V, F: FnMut(&str, &K, &V)>(
+    node: &'a Node<K, V>,
+    levels: &mut Vec<&'a str>,
+    f: &mut F,
+) {
+    if !node.subs.is_empty() {
+        let filter = levels.join("/");
+        for (k, v) in &node.subs {
+            f(&filter, k, v);
+        }
+    }
+    if !node.hash_subs.is_empty() {
+        let filter = if levels.is_empty() {
+            "#".to_string()
+        } else {
+            format!("{}/#", levels.join("/"))
+        };
+        for (k, v) in &node.hash_subs {
+            f(&filter, k, v);
+        }
+    }
+    if let Some(plus) = &node.plus {
+        levels.push("+");
+        visit_with_filter(plus, levels, f);
+        levels.pop();
+    }
+    for (level, child) in &node.children {
+        levels.push(level);
+        visit_with_filter(child, levels, f);
+        levels.pop();
     }
 }
 

@@ -11,7 +11,9 @@ use rumqttc::v5::mqttbytes::v5::Packet;
 
 use super::outbound::InflightState;
 use super::Session;
+use crate::auth::acl::Acl;
 use crate::broker::Broker;
+use crate::config::V3DeniedPublish;
 use crate::message::{min_qos, Delivery, Message, MessageProperties};
 use crate::protocol::{
     encode, Disconnect, DisconnectReasonCode, Incoming, PingResp, ProtocolVersion, PubAck,
@@ -47,6 +49,8 @@ pub struct PendingReply {
     pub bytes: BytesMut,
     /// What to do instead when the write failed.
     pub on_error: OnError,
+    /// When the PUBLISH this PUBACK/PUBREC answers was received (publish-to-ack latency).
+    pub received: Option<Instant>,
 }
 
 /// The failure path of a [`PendingReply`].
@@ -103,6 +107,8 @@ pub struct Machine {
     pub stored_read: Option<tokio::sync::oneshot::Receiver<Result<Vec<QueuedEntry>, StorageError>>>,
     /// How many entries that read asked for.
     stored_asked: usize,
+    /// What this client may publish and subscribe to, fixed at CONNECT.
+    acl: Acl,
 }
 
 impl Machine {
@@ -128,7 +134,73 @@ impl Machine {
             blocked: VecDeque::new(),
             stored_read: None,
             stored_asked: 0,
+            acl: Acl::allow_all(),
         }
+    }
+
+    /// Sets the client's authorization rules (everything is allowed until then). A resumed
+    /// session may hold subscriptions and in-flight messages authorized for whoever used this
+    /// client id before: what this client may not read is removed now (queued messages are
+    /// checked as they are delivered).
+    pub fn set_acl(&mut self, acl: Acl) {
+        self.acl = acl;
+        if self.acl.reads_everything() {
+            return;
+        }
+        let limits = &self.broker.topic_limits;
+        let denied: Vec<String> = self
+            .session
+            .subscriptions
+            .keys()
+            .filter(|f| {
+                parse_filter(f, limits).is_ok_and(|p| !self.acl.may_subscribe(p.topic_filter()))
+            })
+            .cloned()
+            .collect();
+        let mut batch = WriteBatch::default();
+        for filter in denied {
+            if let Ok(parsed) = parse_filter(&filter, &self.broker.topic_limits) {
+                self.broker
+                    .router
+                    .unsubscribe(&self.session.client_id, parsed);
+            }
+            self.session.subscriptions.remove(&filter);
+            self.broker.metrics.subscriptions_denied_acl.inc();
+            if self.session.stored {
+                batch.push(WriteOp::DeleteSubscription {
+                    client: self.session.client_id.clone(),
+                    filter,
+                });
+            }
+        }
+        if !batch.is_empty() {
+            self.broker.storage.submit_detached(batch);
+        }
+        let unreadable: Vec<(u16, InflightState, Option<u64>)> = self
+            .session
+            .outbound
+            .iter()
+            .filter(|i| i.state != InflightState::AwaitingPubComp && !self.may_receive(&i.delivery))
+            .map(|i| (i.pkid, i.state, i.delivery.seq))
+            .collect();
+        for (pkid, state, seq) in unreadable {
+            match state {
+                InflightState::AwaitingPubAck => {
+                    self.session.outbound.puback(pkid);
+                }
+                InflightState::AwaitingPubRec => {
+                    self.session.outbound.pubrec(pkid, false);
+                }
+                InflightState::AwaitingPubComp => continue,
+            }
+            self.broker.metrics.messages_dropped_acl.inc();
+            self.stored_done(seq);
+        }
+    }
+
+    fn may_receive(&self, delivery: &Delivery) -> bool {
+        self.acl.reads_everything()
+            || std::str::from_utf8(&delivery.message.topic).is_ok_and(|t| self.acl.may_receive(t))
     }
 
     fn v5(&self) -> bool {
@@ -194,11 +266,26 @@ impl Machine {
         on_error: OnError,
         out: &mut BytesMut,
     ) {
+        self.reply_ack(packet, wait, on_error, None, out);
+    }
+
+    /// [`Machine::reply`] for a PUBACK/PUBREC, timed from when its PUBLISH was `received`.
+    fn reply_ack(
+        &mut self,
+        packet: Packet,
+        wait: Option<Completion>,
+        on_error: OnError,
+        received: Option<Instant>,
+        out: &mut BytesMut,
+    ) {
         if wait.is_none() && self.replies.is_empty() {
             // Acks and control packets are tiny; only a client with an absurd Maximum Packet
             // Size could refuse them, and then dropping them is what the spec asks
             // [MQTT-3.1.2-25].
             let _ = encode(&packet, self.version, self.client.max_packet_size, out);
+            if let Some(received) = received {
+                self.broker.metrics.observe_ack(received);
+            }
             return;
         }
         let mut bytes = BytesMut::new();
@@ -212,6 +299,7 @@ impl Machine {
             wait,
             bytes,
             on_error,
+            received,
         });
     }
 
@@ -257,6 +345,9 @@ impl Machine {
             }
             if let Some(front) = self.replies.pop_front() {
                 out.extend_from_slice(&front.bytes);
+                if let Some(received) = front.received {
+                    self.broker.metrics.observe_ack(received);
+                }
             }
         }
         Flow::Continue
@@ -353,7 +444,7 @@ impl Machine {
     }
 
     fn on_publish(&mut self, mut publish: Publish, out: &mut BytesMut) -> Flow {
-        self.broker.metrics.messages_received.inc();
+        self.broker.metrics.messages_received.inc(publish.qos);
         if let Some(flow) = self.resolve_inbound_alias(&mut publish) {
             return flow;
         }
@@ -365,6 +456,9 @@ impl Machine {
                 DisconnectReasonCode::TopicNameInvalid,
                 "topic name invalid or over the configured limits",
             );
+        }
+        if !self.acl.may_publish(topic) {
+            return self.deny_publish(publish.qos, publish.pkid, out);
         }
         let pkid = publish.pkid;
         if publish.qos == QoS::ExactlyOnce {
@@ -431,7 +525,7 @@ impl Machine {
                 } else {
                     PubAckReason::Success
                 };
-                self.reply(
+                self.reply_ack(
                     Packet::PubAck(PubAck {
                         pkid,
                         reason,
@@ -439,6 +533,7 @@ impl Machine {
                     }),
                     wait,
                     OnError::PubAck(pkid),
+                    Some(message.received_at),
                     out,
                 );
             }
@@ -448,7 +543,7 @@ impl Machine {
                 } else {
                     PubRecReason::Success
                 };
-                self.reply(
+                self.reply_ack(
                     Packet::PubRec(PubRec {
                         pkid,
                         reason,
@@ -456,6 +551,7 @@ impl Machine {
                     }),
                     wait,
                     OnError::PubRec(pkid),
+                    Some(message.received_at),
                     out,
                 );
             }
@@ -528,6 +624,39 @@ impl Machine {
                 out,
             ),
             QoS::ExactlyOnce => self.pubrec(pkid, PubRecReason::PayloadFormatInvalid, out),
+        }
+        Flow::Continue
+    }
+
+    /// A PUBLISH the client's ACL does not allow: v5 publishers are told (PUBACK/PUBREC 0x87;
+    /// QoS 0 has no answer), v3 acks can only say yes, so per `auth.v3_denied_publish` the
+    /// message is acknowledged and dropped, or the client is disconnected.
+    fn deny_publish(&mut self, qos: QoS, pkid: u16, out: &mut BytesMut) -> Flow {
+        self.broker.metrics.messages_dropped_acl.inc();
+        tracing::debug!(client_id = %self.session.client_id, "publish denied by ACL");
+        if !self.v5() && self.broker.config.auth.v3_denied_publish == V3DeniedPublish::Disconnect {
+            return Flow::Close(
+                DisconnectReasonCode::NotAuthorized,
+                "publish not authorized",
+            );
+        }
+        let (ack, rec) = if self.v5() {
+            (PubAckReason::NotAuthorized, PubRecReason::NotAuthorized)
+        } else {
+            (PubAckReason::Success, PubRecReason::Success)
+        };
+        match qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => self.send(
+                Packet::PubAck(PubAck {
+                    pkid,
+                    reason: ack,
+                    properties: None,
+                }),
+                out,
+            ),
+            // Not marked as received: the v3 PUBREL that follows gets a plain PUBCOMP.
+            QoS::ExactlyOnce => self.pubrec(pkid, rec, out),
         }
         Flow::Continue
     }
@@ -670,6 +799,16 @@ impl Machine {
                     continue;
                 }
             };
+            // `$share/{group}/{filter}` is authorized on `{filter}`.
+            if !self.acl.may_subscribe(parsed.topic_filter()) {
+                self.broker.metrics.subscriptions_denied_acl.inc();
+                return_codes.push(if self.v5() {
+                    SubscribeReasonCode::NotAuthorized
+                } else {
+                    SubscribeReasonCode::Failure
+                });
+                continue;
+            }
             let is_shared = matches!(parsed, ParsedFilter::Shared { .. });
             if is_shared && filter.nolocal {
                 return Flow::Close(
@@ -836,6 +975,11 @@ impl Machine {
             self.stored_done(delivery.seq);
             return;
         }
+        if !self.may_receive(&delivery) {
+            self.broker.metrics.messages_dropped_acl.inc();
+            self.stored_done(delivery.seq);
+            return;
+        }
         let mut properties = if self.v5() {
             delivery
                 .message
@@ -873,7 +1017,7 @@ impl Machine {
             out,
         ) {
             Ok(_) => {
-                self.broker.metrics.messages_sent.inc();
+                self.broker.metrics.messages_sent.inc(delivery.qos);
                 if let Some(state) = state {
                     self.session.outbound.push(pkid, delivery, state);
                 }
@@ -942,7 +1086,7 @@ impl Machine {
         let entries = match result {
             Ok(entries) => entries,
             Err(e) => {
-                self.broker.metrics.storage_errors.inc();
+                self.broker.metrics.storage_read_errors.inc();
                 tracing::error!(client_id = %self.session.client_id, error = %e, "reading stored messages failed");
                 return Flow::Close(
                     DisconnectReasonCode::UnspecifiedError,

@@ -20,6 +20,37 @@ use crate::protocol::Will;
 pub struct Kick {
     /// Signalled once the session has been parked (or discarded).
     pub done: oneshot::Sender<()>,
+    pub reason: KickReason,
+}
+
+/// Why a connection is asked to close (v5 DISCONNECT 0x8E or 0x98).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KickReason {
+    /// A new connection with the same client id.
+    TakenOver,
+    /// The admin API.
+    Administrative,
+}
+
+/// What the admin API may see of a connected client; set once, after CONNACK.
+#[derive(Debug)]
+pub struct OnlineInfo {
+    pub mailbox: Arc<crate::router::Mailbox>,
+    pub peer: std::net::SocketAddr,
+    pub listener: String,
+    pub protocol: &'static str,
+    /// Milliseconds since the epoch.
+    pub connected_at_ms: u64,
+    /// Session Expiry Interval in force at CONNECT (`u32::MAX`: never).
+    pub expiry_interval: u32,
+}
+
+/// A read-only look at one registry slot.
+pub enum SlotView<'a> {
+    /// Connected; `None` while the handshake is still finishing.
+    Online(Option<&'a OnlineInfo>),
+    /// Parked, with whether a delayed will is waiting.
+    Offline(&'a Session, bool),
 }
 
 /// A will waiting for its delay to pass (v5 Will Delay Interval).
@@ -29,12 +60,20 @@ pub struct PendingWill {
     pub will: Box<Will>,
 }
 
+fn view(slot: &Slot) -> SlotView<'_> {
+    match slot {
+        Slot::Online { info, .. } => SlotView::Online(info.as_deref()),
+        Slot::Offline { session, will, .. } => SlotView::Offline(session, will.is_some()),
+    }
+}
+
 enum Slot {
     Online {
         conn_id: u64,
         /// Taken by the first connection that wants the session; a oneshot because a
         /// connection is kicked at most once (and it costs far less memory than a channel).
         kick: Option<oneshot::Sender<Kick>>,
+        info: Option<Arc<OnlineInfo>>,
     },
     Offline {
         session: Box<Session>,
@@ -104,6 +143,7 @@ impl Registry {
         let online = Slot::Online {
             conn_id,
             kick: kick.take(),
+            info: None,
         };
         match slots.insert(client_id.clone(), online) {
             Some(Slot::Offline {
@@ -205,6 +245,61 @@ impl Registry {
             due.push((client, epoch, what));
         }
         due
+    }
+
+    /// Records what the admin API shows about connection `conn_id`, if it still owns the slot.
+    pub fn set_online_info(&self, client_id: &Arc<str>, conn_id: u64, online: Arc<OnlineInfo>) {
+        let mut slots = self.slots.lock();
+        if let Some(Slot::Online {
+            conn_id: c, info, ..
+        }) = slots.get_mut(client_id)
+        {
+            if *c == conn_id {
+                *info = Some(online);
+            }
+        }
+    }
+
+    /// For an admin kick: `None` when `client_id` is not online, `Some(None)` when another
+    /// connection or kick already took the sender.
+    pub fn take_kick(&self, client_id: &str) -> Option<Option<oneshot::Sender<Kick>>> {
+        match self.slots.lock().get_mut(client_id) {
+            Some(Slot::Online { kick, .. }) => Some(kick.take()),
+            _ => None,
+        }
+    }
+
+    /// Removes an offline session (admin delete); `None` when it is online or unknown.
+    pub fn remove_offline(&self, client_id: &str) -> Option<(Session, Option<PendingWill>)> {
+        let mut slots = self.slots.lock();
+        if !matches!(slots.get(client_id), Some(Slot::Offline { .. })) {
+            return None;
+        }
+        match slots.remove(client_id) {
+            Some(Slot::Offline {
+                session,
+                will,
+                deadlines,
+                ..
+            }) => {
+                self.forget_deadlines(&deadlines);
+                Some((*session, will))
+            }
+            _ => None,
+        }
+    }
+
+    /// Calls `f` for every session, under the registry lock: keep `f` cheap (the admin API
+    /// only compares ids and copies the few it returns).
+    pub fn for_each_view<F: FnMut(&Arc<str>, SlotView<'_>)>(&self, mut f: F) {
+        for (id, slot) in self.slots.lock().iter() {
+            f(id, view(slot));
+        }
+    }
+
+    /// Applies `f` to the session of `client_id`, if there is one.
+    pub fn with_view<R>(&self, client_id: &str, f: impl FnOnce(SlotView<'_>) -> R) -> Option<R> {
+        self.slots.lock().get(client_id).map(|slot| f(view(slot)))
     }
 
     /// Releases the slot of a non-persistent session whose connection closed.

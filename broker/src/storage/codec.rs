@@ -242,6 +242,13 @@ pub fn encode_delivery(
     out.to_vec()
 }
 
+/// The expiry deadline of an encoded delivery without decoding it (0: none, or unreadable).
+/// The sweepers of both backends read it for every queued entry they look at.
+pub fn delivery_expires_at(record: &[u8]) -> u64 {
+    // version(1) flags(1) expires(8): see `encode_delivery`.
+    record.get(2..10).map_or(0, |mut b| b.get_u64())
+}
+
 /// A decoded queued delivery.
 #[derive(Debug)]
 pub struct StoredDelivery {

@@ -19,13 +19,16 @@ use std::sync::Arc;
 use std::thread;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{
+    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+    WriteTransaction,
+};
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::codec::{self, decode_delivery, now_ms};
 use super::{
-    ClientKind, Completion, QueueRead, QueuedEntry, RestoredSession, SessionRecord, Snapshot,
-    Storage, StorageError, SweepStats, WriteBatch, WriteOp,
+    ClientKind, Completion, QueueRead, QueueTotals, QueuedEntry, RestoredSession, SessionRecord,
+    Snapshot, Storage, StorageError, SweepStats, WriteBatch, WriteOp,
 };
 use crate::metrics::Metrics;
 
@@ -212,6 +215,19 @@ impl Storage for EmbeddedStorage {
         tokio::task::spawn_blocking(move || this.sweep_blocking(now_ms, budget))
             .await
             .map_err(|e| StorageError::Engine(format!("sweep task: {e}")))?
+    }
+
+    fn health(&self) -> Result<(), StorageError> {
+        if self.tx.is_closed() {
+            return Err(StorageError::Engine("the writer thread has stopped".into()));
+        }
+        let txn = self.db.begin_read().map_err(engine)?;
+        txn.open_table(SESSIONS).map_err(engine)?;
+        Ok(())
+    }
+
+    fn queue_totals(&self) -> Result<Option<QueueTotals>, StorageError> {
+        queue_totals(&self.db).map(Some)
     }
 }
 
@@ -401,11 +417,7 @@ impl EmbeddedStorage {
                 let bytes = v.value();
                 let due = match kind {
                     ClientKind::Device => {
-                        let expires = if bytes.len() >= 10 {
-                            (&bytes[2..10]).get_u64()
-                        } else {
-                            0
-                        };
+                        let expires = codec::delivery_expires_at(bytes);
                         expires != 0 && expires <= now_ms
                     }
                     ClientKind::Application => {
@@ -438,6 +450,55 @@ impl EmbeddedStorage {
 }
 
 /// The received-at time inside an encoded delivery (0 when unreadable).
+/// Most APPLICATION clients one scrape looks at; beyond it the lag total is a lower bound.
+const TOTALS_CLIENT_BUDGET: usize = 100_000;
+
+/// Table lengths are kept by redb (O(1)); the APPLICATION lag costs two lookups per client
+/// with a log, skipping from one client's keys to the next.
+fn queue_totals(db: &Database) -> Result<QueueTotals, StorageError> {
+    use std::ops::Bound;
+    let txn = db.begin_read().map_err(engine)?;
+    let device = txn.open_table(DEVICE_QUEUE).map_err(engine)?;
+    let app = txn.open_table(APP_LOG).map_err(engine)?;
+    let offsets = txn.open_table(APP_OFFSETS).map_err(engine)?;
+    let mut totals = QueueTotals {
+        device_queued: device.len().map_err(engine)?,
+        application_log: app.len().map_err(engine)?,
+        application_lag: 0,
+    };
+    let mut after: Option<String> = None;
+    for _ in 0..TOTALS_CLIENT_BUDGET {
+        let next = match &after {
+            None => app.iter().map_err(engine)?.next(),
+            Some(c) => app
+                .range::<(&str, u64)>((Bound::Excluded((c.as_str(), u64::MAX)), Bound::Unbounded))
+                .map_err(engine)?
+                .next(),
+        };
+        let Some(row) = next.transpose().map_err(engine)? else {
+            break;
+        };
+        let (client, first) = {
+            let (c, seq) = row.0.value();
+            (c.to_string(), seq)
+        };
+        let last = app
+            .range((client.as_str(), 0u64)..=(client.as_str(), u64::MAX))
+            .map_err(engine)?
+            .next_back()
+            .transpose()
+            .map_err(engine)?
+            .map_or(first, |(k, _)| k.value().1);
+        let committed = offsets
+            .get(client.as_str())
+            .map_err(engine)?
+            .map_or(1, |v| v.value());
+        totals.application_lag += (last + 1).saturating_sub(committed.max(first));
+        after = Some(client);
+    }
+    Ok(totals)
+}
+
 fn received_ms(bytes: &mut Bytes) -> u64 {
     // delivery: version(1) flags(1) expires(8) n_ids(2) ids(4n) | message: version(1) flags(1) received(8)
     if bytes.len() < 12 {

@@ -191,11 +191,11 @@ impl Storage for KafkaPostgresStorage {
         }
         for session in &mut snapshot.sessions {
             if session.record.kind == ClientKind::Application {
-                match self.apps.last_origin(&session.client).await {
-                    Ok(Some(origin)) => {
-                        self.log.skip.lock().insert(session.client.clone(), origin);
+                match self.apps.tail_origins(&session.client).await {
+                    Ok(origins) => {
+                        tracing::info!(client_id = %session.client, ?origins, "APPLICATION log tail read; a replay skips appends up to these publish-log offsets");
+                        self.log.skip.lock().insert(session.client.clone(), origins);
                     }
-                    Ok(None) => {}
                     Err(e) => {
                         tracing::warn!(client_id = %session.client, error = %e, "reading the end of an APPLICATION topic failed");
                     }

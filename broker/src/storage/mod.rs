@@ -268,6 +268,22 @@ pub trait Storage: Send + Sync + 'static {
     /// The session `client` ended for good or went offline: release per-client resources
     /// (readers, caches). Nothing durable changes.
     fn client_offline(&self, _client: &str) {}
+    /// Stored message totals for the metrics endpoint (called on a blocking thread, once per
+    /// scrape); `None` when the backend does not report them (the gauges are then left out).
+    fn queue_totals(&self) -> Result<Option<QueueTotals>, StorageError> {
+        Ok(None)
+    }
+}
+
+/// Stored message totals over all clients, computed at scrape time.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct QueueTotals {
+    /// Entries in all DEVICE queues.
+    pub device_queued: u64,
+    /// Entries in all APPLICATION logs, acknowledged or not.
+    pub application_log: u64,
+    /// APPLICATION log entries above each client's committed offset (not yet acknowledged).
+    pub application_lag: u64,
 }
 
 /// The MQTT packet id used for the stored entry `seq` (1..=65535, never 0).

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool, Postgres, Row, Transaction};
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -50,15 +50,6 @@ fn kind_from(code: i16) -> Result<ClientKind, StorageError> {
         0 => Ok(ClientKind::Device),
         1 => Ok(ClientKind::Application),
         other => Err(StorageError::Corrupt(format!("session kind {other}"))),
-    }
-}
-
-/// The expiry deadline inside an encoded delivery (see `codec::encode_delivery`).
-fn expires_at(record: &[u8]) -> i64 {
-    if record.len() >= 10 {
-        (&record[2..10]).get_u64() as i64
-    } else {
-        0
     }
 }
 
@@ -745,7 +736,9 @@ impl Writer {
                 stats.count += 1;
                 pending.insert_client.push(client.to_string());
                 pending.insert_seq.push(seq as i64);
-                pending.insert_expires.push(expires_at(&record));
+                pending
+                    .insert_expires
+                    .push(codec::delivery_expires_at(&record) as i64);
                 pending.insert_record.push(record);
                 pending.touched.insert(client.to_string());
                 self.metrics.device_messages_stored.inc();

@@ -22,6 +22,8 @@ pub const QUIET: Duration = Duration::from_millis(300);
 pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> (Server, SocketAddr) {
     let mut config = Config::default();
     config.listeners[0].bind = "127.0.0.1:0".parse().unwrap();
+    // Any free port: tests run side by side (`server.http_addr()` tells which).
+    config.http.bind = "127.0.0.1:0".parse().unwrap();
     // Each broker gets its own storage directory (kept for post-mortems; under the system temp
     // directory).
     config.data_dir = tempfile::Builder::new()
@@ -29,6 +31,9 @@ pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> (Server, SocketAddr)
         .tempdir()
         .unwrap()
         .keep();
+    // Like the quick start without a config file: tests that are not about authentication
+    // connect anonymously. Authentication tests switch it off in `tweak`.
+    config.auth.allow_anonymous = true;
     tweak(&mut config);
     config.validate().unwrap();
     let server = Server::start(config).await.unwrap();

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use ferrymq::auth::{AuthDecision, Authenticator, Credentials};
+use ferrymq::auth::{AuthDecision, Authenticator, Credentials, Identity};
 use ferrymq::broker::Broker;
 use ferrymq::config::{Config, ListenerConfig, ListenerProtocol};
 use ferrymq::connection::transport::WsIo;
@@ -196,7 +196,7 @@ impl Authenticator for Recorder {
             cert_cn: c.client_cert.and_then(|cc| cc.subject_cn.clone()),
             chain_len: c.client_cert.map_or(0, |cc| cc.chain_der.len()),
         });
-        AuthDecision::Allow
+        AuthDecision::Allow(Identity::unrestricted())
     }
 }
 
@@ -215,6 +215,8 @@ pub async fn start_listeners(
             .keep(),
         ..Config::default()
     };
+    // Any free port: tests run side by side.
+    config.http.bind = "127.0.0.1:0".parse().unwrap();
     tweak(&mut config);
     config.validate().unwrap();
     let recorder = Arc::new(Recorder::default());

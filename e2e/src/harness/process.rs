@@ -236,7 +236,10 @@ impl BrokerProcess {
         cmd.arg("--listen")
             .arg(self.addr.to_string())
             .arg("--data-dir")
-            .arg(&self.data_dir);
+            .arg(&self.data_dir)
+            // Brokers started side by side must not fight over the default HTTP port.
+            .arg("--http")
+            .arg("127.0.0.1:0");
         if let Some(path) = &self.config_path {
             cmd.arg("--config").arg(path);
         }
@@ -251,6 +254,9 @@ impl BrokerProcess {
             "FERRYMQ_LOG",
             std::env::var("FERRYMQ_E2E_LOG").unwrap_or_else(|_| "info".into()),
         );
+        // A config file turns anonymous access off by default; these clients connect without
+        // credentials (a test's own env can override it).
+        cmd.env("FERRYMQ_AUTH__ALLOW_ANONYMOUS", "true");
         for (key, value) in &self.opts.env {
             cmd.env(key, value);
         }

@@ -266,10 +266,17 @@ impl Postgres {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
     }
 
-    /// Stops the server at once (SIGQUIT: immediate shutdown, like a crash; the data survives).
+    /// Stops the server at once (SIGQUIT to the postmaster: immediate shutdown, like a crash;
+    /// the data survives).
     pub fn stop(&mut self) -> anyhow::Result<()> {
         if let Some(mut child) = self.child.take() {
-            signal(child.id(), "-QUIT")?;
+            // The child may be `runuser`, which does not pass signals on: signal the postmaster
+            // itself (first line of postmaster.pid).
+            let pid = std::fs::read_to_string(self.dir.path().join("data/postmaster.pid"))
+                .ok()
+                .and_then(|t| t.lines().next().and_then(|l| l.trim().parse::<u32>().ok()))
+                .unwrap_or(child.id());
+            signal(pid, "-QUIT")?;
             child.wait()?;
         }
         Ok(())
@@ -288,10 +295,7 @@ impl Postgres {
 
 impl Drop for Postgres {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = signal(child.id(), "-QUIT");
-            let _ = child.wait();
-        }
+        let _ = self.stop();
     }
 }
 

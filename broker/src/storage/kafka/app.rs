@@ -25,6 +25,9 @@ use crate::storage::{Completion, QueueRead, QueuedEntry, StorageError};
 /// How long a read waits for the first record before answering "nothing yet"; the session reads
 /// again when the router wakes it.
 const FIRST_RECORD_WAIT: Duration = Duration::from_millis(500);
+/// Records read from the end of an APPLICATION topic at start to learn what was appended
+/// (two router batches' worth).
+const TAIL_SCAN: i64 = 2_048;
 
 /// One client's reader.
 struct Reader {
@@ -118,16 +121,20 @@ impl ApplicationLogs {
         )
     }
 
-    /// The origin header of the last record in `client`'s topic, if any.
-    pub async fn last_origin(&self, client: &str) -> Result<Option<(i32, i64)>, StorageError> {
+    /// For each publish-log partition, the highest origin offset among the last records of
+    /// `client`'s topic: what a replaying router must not append again. Reads the tail of the
+    /// topic (the last [`TAIL_SCAN`] records, and on until nothing more arrives) rather than
+    /// trusting one record at the high watermark, which a broker may report a little stale.
+    pub async fn tail_origins(&self, client: &str) -> Result<HashMap<i32, i64>, StorageError> {
         let topic = self.topic(client);
+        let mut origins = HashMap::new();
         let (low, high) = match self.kafka.watermarks(&topic, 0).await {
             Ok(w) => w,
             // No topic: nothing was appended.
-            Err(_) => return Ok(None),
+            Err(_) => return Ok(origins),
         };
         if high <= low {
-            return Ok(None);
+            return Ok(origins);
         }
         let consumer: StreamConsumer = Kafka::client_config(&self.kafka.config)
             .set(
@@ -138,23 +145,25 @@ impl ApplicationLogs {
             .create()
             .map_err(kafka_error)?;
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&topic, 0, Offset::Offset(high - 1))
+        tpl.add_partition_offset(&topic, 0, Offset::Offset((high - TAIL_SCAN).max(low)))
             .map_err(kafka_error)?;
         consumer.assign(&tpl).map_err(kafka_error)?;
-        let last = tokio::time::timeout(Duration::from_secs(10), consumer.recv())
-            .await
-            .map_err(|_| {
-                StorageError::Engine(format!(
-                    "kafka: reading the last record of {topic} timed out"
-                ))
-            })?
-            .map_err(kafka_error)?;
-        Ok(last.headers().and_then(record::origin))
+        let mut wait = Duration::from_secs(10);
+        while let Ok(next) = tokio::time::timeout(wait, consumer.recv()).await {
+            let next = next.map_err(kafka_error)?;
+            if let Some((p, o)) = next.headers().and_then(record::origin) {
+                let e = origins.entry(p).or_insert(o);
+                *e = (*e).max(o);
+            }
+            // Once the first record is in, the rest is already fetched or close behind.
+            wait = Duration::from_millis(500);
+        }
+        Ok(origins)
     }
 
     /// Starts a read of up to `limit` entries from sequence `from`.
     pub fn read(&self, client: &Arc<str>, from: u64, limit: usize) -> QueueRead {
-        let reader = match self.reader(client, from) {
+        let reader = match self.reader(client) {
             Ok(r) => r,
             Err(e) => return QueueRead::Ready(Err(e)),
         };
@@ -174,11 +183,7 @@ impl ApplicationLogs {
         QueueRead::Pending(rx)
     }
 
-    fn reader(
-        &self,
-        client: &Arc<str>,
-        from: u64,
-    ) -> Result<Arc<tokio::sync::Mutex<Reader>>, StorageError> {
+    fn reader(&self, client: &Arc<str>) -> Result<Arc<tokio::sync::Mutex<Reader>>, StorageError> {
         if let Some(r) = self.readers.lock().get(client) {
             return Ok(r.clone());
         }
@@ -197,7 +202,6 @@ impl ApplicationLogs {
             consumer,
             position: -1,
         }));
-        let _ = from;
         self.readers.lock().insert(client.clone(), reader.clone());
         Ok(reader)
     }

@@ -75,8 +75,14 @@ pub(crate) fn kafka_error(e: KafkaError) -> StorageError {
     }
 }
 
-/// Answers each record's completion channel from the producer's polling thread.
-pub struct DeliveryContext;
+/// Answers each record's completion channel from the producer's polling thread, and notes
+/// when the producer's idempotence state is broken.
+#[derive(Default)]
+pub struct DeliveryContext {
+    /// The cluster fenced this producer or lost its sequence state (after a long outage, say):
+    /// every further record would fail the same way, so a new producer is needed.
+    broken: AtomicBool,
+}
 
 impl ClientContext for DeliveryContext {}
 
@@ -86,7 +92,21 @@ impl ProducerContext for DeliveryContext {
     fn delivery(&self, result: &DeliveryResult<'_>, done: Self::DeliveryOpaque) {
         let outcome = match result {
             Ok(_) => Ok(()),
-            Err((e, _)) => Err(kafka_error(e.clone())),
+            Err((e, _)) => {
+                if matches!(
+                    e.rdkafka_error_code(),
+                    Some(
+                        RDKafkaErrorCode::ProducerFenced
+                            | RDKafkaErrorCode::InvalidProducerEpoch
+                            | RDKafkaErrorCode::UnknownProducerId
+                            | RDKafkaErrorCode::OutOfOrderSequenceNumber
+                            | RDKafkaErrorCode::Fatal
+                    )
+                ) {
+                    self.broken.store(true, Ordering::Release);
+                }
+                Err(kafka_error(e.clone()))
+            }
         };
         let _ = done.send(outcome);
     }
@@ -96,7 +116,9 @@ impl ProducerContext for DeliveryContext {
 /// consumer used only for metadata and watermarks.
 pub struct Kafka {
     pub config: KafkaConfig,
-    producer: ThreadedProducer<DeliveryContext>,
+    /// Replaced when it hits a fatal error (an idempotent producer that was fenced cannot send
+    /// again); records in flight on the old one fail, and are therefore not acknowledged.
+    producer: parking_lot::RwLock<Arc<ThreadedProducer<DeliveryContext>>>,
     admin: AdminClient<DefaultClientContext>,
     metadata: Arc<BaseConsumer>,
     /// Topics known to exist (created or seen), so a lookup happens once per topic.
@@ -128,18 +150,7 @@ impl Kafka {
                 config.bootstrap_servers
             ))
         };
-        let producer: ThreadedProducer<DeliveryContext> = Self::client_config(config)
-            .set("acks", "all")
-            .set("enable.idempotence", "true")
-            .set("linger.ms", config.linger_ms.to_string())
-            .set("batch.size", config.batch_size.to_string())
-            .set("message.timeout.ms", config.produce_timeout_ms.to_string())
-            .set(
-                "queue.buffering.max.messages",
-                config.max_pending_records.to_string(),
-            )
-            .create_with_context(DeliveryContext)
-            .map_err(unreachable)?;
+        let producer = Self::producer(config).map_err(unreachable)?;
         let admin: AdminClient<DefaultClientContext> =
             Self::client_config(config).create().map_err(unreachable)?;
         let metadata: BaseConsumer = Self::client_config(config)
@@ -149,7 +160,7 @@ impl Kafka {
             .map_err(unreachable)?;
         let kafka = Arc::new(Kafka {
             config: config.clone(),
-            producer,
+            producer: parking_lot::RwLock::new(Arc::new(producer)),
             admin,
             metadata: Arc::new(metadata),
             known_topics: Default::default(),
@@ -173,6 +184,50 @@ impl Kafka {
         Ok(kafka)
     }
 
+    /// The producer every record goes through: acks=all and idempotence, whatever the
+    /// pass-through properties say.
+    fn producer(config: &KafkaConfig) -> Result<ThreadedProducer<DeliveryContext>, KafkaError> {
+        Self::client_config(config)
+            .set("acks", "all")
+            .set("enable.idempotence", "true")
+            .set("linger.ms", config.linger_ms.to_string())
+            .set("batch.size", config.batch_size.to_string())
+            .set("message.timeout.ms", config.produce_timeout_ms.to_string())
+            .set(
+                "queue.buffering.max.messages",
+                config.max_pending_records.to_string(),
+            )
+            .create_with_context(DeliveryContext::default())
+    }
+
+    /// Replaces a producer that hit a fatal error or lost its idempotence state. The health
+    /// probe asks librdkafka (`check_fatal`); the send path only reads the flag the delivery
+    /// callback sets, so a PUBLISH costs no extra call into librdkafka.
+    fn renew_producer_if_fatal(&self, check_fatal: bool) {
+        let current = self.producer.read().clone();
+        let broken = current.context().broken.load(Ordering::Acquire);
+        let fatal = if check_fatal && !broken {
+            current.client().fatal_error()
+        } else {
+            None
+        };
+        if fatal.is_none() && !broken {
+            return;
+        }
+        let mut slot = self.producer.write();
+        if !Arc::ptr_eq(&slot, &current) {
+            return; // another caller replaced it already
+        }
+        tracing::error!(
+            ?fatal,
+            "kafka producer lost its idempotence state; replacing it"
+        );
+        match Self::producer(&self.config) {
+            Ok(p) => *slot = Arc::new(p),
+            Err(e) => tracing::error!(error = %e, "creating a new kafka producer failed"),
+        }
+    }
+
     /// Whether the last metadata request reached the cluster.
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Acquire)
@@ -181,6 +236,7 @@ impl Kafka {
     /// Asks the cluster for the publish log's metadata and records whether it answered;
     /// returns the new state.
     pub async fn probe(&self) -> bool {
+        self.renew_producer_if_fatal(true);
         let metadata = self.metadata.clone();
         let topic = msg_all_topic(&self.config.topic_prefix);
         let ok = tokio::task::spawn_blocking(move || {
@@ -323,7 +379,17 @@ impl Kafka {
         if let Some(p) = partition {
             record = record.partition(p);
         }
-        if let Err((e, record)) = self.producer.send(record) {
+        let producer = {
+            let current = self.producer.read();
+            if current.context().broken.load(Ordering::Acquire) {
+                drop(current);
+                self.renew_producer_if_fatal(false);
+                self.producer.read().clone()
+            } else {
+                current.clone()
+            }
+        };
+        if let Err((e, record)) = producer.send(record) {
             self.metrics.storage_errors.inc();
             let _ = record.delivery_opaque.send(Err(kafka_error(e)));
         }
@@ -332,7 +398,8 @@ impl Kafka {
 
     /// Waits (bounded) until every record handed to the producer is acknowledged.
     pub fn flush(&self, timeout: Duration) {
-        let _ = self.producer.flush(timeout);
+        let producer = self.producer.read().clone();
+        let _ = producer.flush(timeout);
     }
 }
 
@@ -342,9 +409,12 @@ pub struct PublishLog {
     topic: String,
     /// Created at start (so a broken setup fails before listeners open), taken by the router.
     router_consumer: parking_lot::Mutex<Option<rdkafka::consumer::StreamConsumer>>,
-    /// Per APPLICATION client, the origin (partition, offset) of the last record in its topic
-    /// when the broker started: a replayed batch must not append those again.
-    pub skip: parking_lot::Mutex<std::collections::HashMap<Arc<str>, (i32, i64)>>,
+    start_positions: std::collections::HashMap<i32, i64>,
+    /// Per APPLICATION client and publish-log partition, the highest origin offset found at the
+    /// end of its topic when the broker started: a replayed batch must not append those again.
+    pub skip: parking_lot::Mutex<
+        std::collections::HashMap<Arc<str>, std::collections::HashMap<i32, i64>>,
+    >,
 }
 
 impl PublishLog {
@@ -354,13 +424,19 @@ impl PublishLog {
         pg: &crate::storage::postgres::PgStore,
     ) -> Result<PublishLog, StorageError> {
         let topic = msg_all_topic(&kafka.config.topic_prefix);
-        let consumer = router::consumer(&kafka, &topic, pg).await?;
+        let (consumer, positions) = router::consumer(&kafka, &topic, pg).await?;
         Ok(PublishLog {
             kafka,
             topic,
             router_consumer: parking_lot::Mutex::new(Some(consumer)),
+            start_positions: positions,
             skip: Default::default(),
         })
+    }
+
+    /// Where the router starts in each partition (the stored positions).
+    pub fn start_positions(&self) -> std::collections::HashMap<i32, i64> {
+        self.start_positions.clone()
     }
 
     pub fn take_router_consumer(&self) -> Option<rdkafka::consumer::StreamConsumer> {

@@ -19,6 +19,7 @@
 //! pauses); offsets are also committed to the `<prefix>.router` group, for lag tooling only. One
 //! broker node owns a PostgreSQL schema at a time (the node lock), so one router consumes the log.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,7 +49,7 @@ pub async fn consumer(
     kafka: &Arc<Kafka>,
     topic: &str,
     pg: &PgStore,
-) -> Result<StreamConsumer, StorageError> {
+) -> Result<(StreamConsumer, HashMap<i32, i64>), StorageError> {
     let group = router_group(&kafka.config.topic_prefix);
     let consumer: StreamConsumer = Kafka::client_config(&kafka.config)
         .set("group.id", &group)
@@ -91,7 +92,13 @@ pub async fn consumer(
         }
     }
     consumer.assign(&assignment).map_err(kafka_error)?;
-    Ok(consumer)
+    let mut positions: Vec<(i32, i64)> = stored.iter().map(|(p, o)| (*p, *o)).collect();
+    positions.sort_unstable();
+    tracing::info!(
+        ?positions,
+        "router resumes the publish log at the stored positions"
+    );
+    Ok((consumer, stored))
 }
 
 /// Runs the router until shutdown.
@@ -102,6 +109,9 @@ pub async fn run(broker: Arc<Broker>, log: Arc<PublishLog>, mut shutdown: watch:
     };
     let topic = log.topic().to_string();
     let slow_wait = Duration::from_millis(broker.config.limits.slow_subscriber_wait_ms);
+    // The next offset each partition must deliver: a record below it was stored already (it is
+    // skipped), a record above it means the Kafka broker skipped some (logged loudly).
+    let mut expected = log.start_positions();
     let mut stream = consumer.stream().ready_chunks(MAX_BATCH);
     loop {
         let chunk = tokio::select! {
@@ -134,6 +144,15 @@ pub async fn run(broker: Arc<Broker>, log: Arc<PublishLog>, mut shutdown: watch:
             let mut next_offset = 0;
             for message in messages {
                 let offset = message.offset();
+                let want = expected.get(&partition).copied().unwrap_or(offset);
+                if offset < want {
+                    continue;
+                }
+                if offset > want {
+                    broker.metrics.storage_errors.inc();
+                    tracing::error!(partition, expected = want, got = offset, "the publish log skipped offsets: the Kafka broker returned a later record than the one asked for");
+                }
+                expected.insert(partition, offset + 1);
                 next_offset = offset + 1;
                 let delivery = match record::decode(
                     message.headers(),
@@ -208,7 +227,8 @@ fn stamp_origin(
         {
             if skip
                 .get(client)
-                .is_some_and(|(p, o)| *p == partition && offset <= *o)
+                .and_then(|origins| origins.get(&partition))
+                .is_some_and(|o| offset <= *o)
             {
                 batch.ops.remove(i);
                 continue;

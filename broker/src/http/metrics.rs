@@ -1,0 +1,86 @@
+//! `GET /metrics`: the broker's registry in Prometheus text format, plus gauges computed at
+//! scrape time from state the broker holds anyway (so the data path never tracks them):
+//!
+//! * `ferrymq_subscriptions`: the router's entry count (O(1));
+//! * `ferrymq_device_queue_messages`, `ferrymq_application_log_messages`,
+//!   `ferrymq_application_lag_messages`: from [`crate::storage::Storage::queue_totals`] (the
+//!   embedded backend reads two table lengths and two keys per APPLICATION client), left out when
+//!   the backend does not report them;
+//! * `ferrymq_storage_healthy`: [`crate::storage::Storage::health`], 1 or 0.
+//!
+//! Storage calls block, so they run on the blocking pool.
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use prometheus::{Encoder, IntGauge, Registry, TextEncoder};
+
+use super::AppState;
+
+pub fn routes() -> Router<AppState> {
+    Router::new().route("/metrics", get(scrape))
+}
+
+async fn scrape(State(state): State<AppState>) -> Response {
+    let broker = state.broker.clone();
+    let storage = broker.storage.clone();
+    let (health, totals) =
+        tokio::task::spawn_blocking(move || (storage.health(), storage.queue_totals()))
+            .await
+            .unwrap_or_else(|_| {
+                let e = crate::storage::StorageError::Engine("storage check panicked".into());
+                (Err(e.clone()), Err(e))
+            });
+    let scraped = Registry::new();
+    let gauge = |name: &str, help: &str, value: u64| {
+        if let Ok(g) = IntGauge::new(name, help) {
+            g.set(i64::try_from(value).unwrap_or(i64::MAX));
+            let _ = scraped.register(Box::new(g));
+        }
+    };
+    gauge(
+        "ferrymq_subscriptions",
+        "Subscription entries in the router: one per (filter, client), one per shared group.",
+        broker.router.subscription_count() as u64,
+    );
+    gauge(
+        "ferrymq_storage_healthy",
+        "1 when the storage backend answered its health check at this scrape, else 0.",
+        u64::from(health.is_ok()),
+    );
+    match totals {
+        Ok(Some(t)) => {
+            gauge(
+                "ferrymq_device_queue_messages",
+                "Entries in all DEVICE queues (stored, not yet acknowledged by their client).",
+                t.device_queued,
+            );
+            gauge(
+                "ferrymq_application_log_messages",
+                "Entries in all APPLICATION logs, acknowledged or not (until retention).",
+                t.application_log,
+            );
+            gauge(
+                "ferrymq_application_lag_messages",
+                "APPLICATION log entries above their client's committed offset, summed over clients.",
+                t.application_lag,
+            );
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "reading queue totals for /metrics failed"),
+    }
+    let mut families = broker.metrics.registry().gather();
+    families.extend(scraped.gather());
+    let encoder = TextEncoder::new();
+    let mut body = Vec::new();
+    if let Err(e) = encoder.encode(&families, &mut body) {
+        return super::error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string());
+    }
+    (
+        [(header::CONTENT_TYPE, encoder.format_type().to_string())],
+        body,
+    )
+        .into_response()
+}
