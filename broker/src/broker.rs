@@ -17,7 +17,7 @@ use crate::session::registry::{Claim, Due, Kick, KickReason, PendingWill, Regist
 use crate::session::{Session, NEVER_EXPIRES};
 use crate::storage::codec::now_ms;
 use crate::storage::embedded::{EmbeddedOptions, EmbeddedStorage};
-use crate::storage::kafka::PublishLog;
+use crate::storage::kafka::{record::Control, PublishLog};
 use crate::storage::kafka_postgres::KafkaPostgresStorage;
 use crate::storage::{ClientKind, SessionRecord, Storage, StorageError, WriteBatch, WriteOp};
 
@@ -275,7 +275,20 @@ impl Broker {
                 client: client_id.clone(),
                 record,
             });
+            // On Kafka, a new session frees every QoS 2 packet id the log router still holds
+            // for this client (see `router::Qos2Flows`); the reset is in the log before any
+            // PUBLISH of the new session.
+            let reset = match (&self.publish_log, present) {
+                (Some(log), false) => Some(log.append_control(&Control::Reset {
+                    publisher: client_id.clone(),
+                })),
+                _ => None,
+            };
             let written = self.storage.submit(batch).await;
+            let written = match (written, reset) {
+                (Ok(Ok(())), Some(reset)) => reset.await,
+                (written, _) => written,
+            };
             match written {
                 Ok(Ok(())) => session.stored = true,
                 Ok(Err(e)) => {
@@ -434,7 +447,7 @@ impl Broker {
         if let Some(log) = &self.publish_log {
             // Through the publish log like any PUBLISH, so the router stores it for persistent
             // subscribers; nobody waits for it, but a failure is worth a log line.
-            let appended = log.append(&message);
+            let appended = log.append(&message, None);
             let client_id = client_id.clone();
             tokio::spawn(async move {
                 if let Ok(Err(e)) = appended.await {

@@ -758,7 +758,7 @@ impl Writer {
                 t.remove(topic.as_str()).map_err(engine)?;
             }
             // Only the Kafka backend's log router writes positions.
-            WriteOp::RouterPosition { .. } => {}
+            WriteOp::RouterPosition { .. } | WriteOp::RouterQos2 { .. } => {}
             WriteOp::Expire { client, kind, seq } => {
                 if self.remove_entry(txn, &client, kind, seq)? {
                     match kind {

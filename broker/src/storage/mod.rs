@@ -61,6 +61,17 @@ pub struct SessionRecord {
     pub disconnected_at_ms: u64,
 }
 
+/// How a publisher's open QoS 2 flows changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Qos2FlowChange {
+    /// A message with this packet id was routed.
+    Open(u16),
+    /// The publisher released the packet id (PUBREL).
+    Release(u16),
+    /// The publisher started a new session: every packet id is free.
+    Reset,
+}
+
 /// One change to durable state.
 #[derive(Debug, Clone)]
 pub enum WriteOp {
@@ -104,6 +115,12 @@ pub enum WriteOp {
     RouterPosition {
         partition: i32,
         next_offset: i64,
+    },
+    /// The log router's record of a publisher's open QoS 2 flows changed (Kafka backend only;
+    /// see `kafka::router::Qos2Flows`). Written in the batch's transaction.
+    RouterQos2 {
+        client: Arc<str>,
+        change: Qos2FlowChange,
     },
     /// The DEVICE client acknowledged the entry (PUBACK, or PUBCOMP for QoS 2).
     AckDevice {
