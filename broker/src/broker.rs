@@ -89,8 +89,10 @@ impl Broker {
             max_topic_len: config.limits.max_topic_len,
             max_levels: config.limits.max_topic_levels,
         };
+        let router = Router::new(metrics.clone(), config.device.message_ttl_secs);
+        router.set_shared_groups_in_log(storage.shared_groups_in_log());
         Arc::new(Broker {
-            router: Router::new(metrics.clone(), config.device.message_ttl_secs),
+            router,
             registry: Registry::default(),
             auth,
             metrics,
@@ -301,7 +303,22 @@ impl Broker {
                 }
             }
         }
+        if kind == ClientKind::Application {
+            self.application_shared(&session);
+        }
         Ok((session, present))
+    }
+
+    /// Hands an online APPLICATION session's shared subscriptions to the storage backend.
+    pub fn application_shared(&self, session: &Session) {
+        let shared: Vec<_> = session
+            .subscriptions
+            .iter()
+            .filter(|(filter, _)| filter.starts_with("$share/"))
+            .map(|(filter, options)| (filter.clone(), options.clone()))
+            .collect();
+        self.storage
+            .application_shared(&session.client_id, shared, session.mailbox.stored.clone());
     }
 
     /// Gives the slot back when a session could not be made durable.

@@ -894,6 +894,13 @@ impl Machine {
                 }
             }
         }
+        if subscribe
+            .filters
+            .iter()
+            .any(|f| f.path.starts_with("$share/"))
+        {
+            self.shared_subscriptions_changed();
+        }
         // A persistent session's SUBACK waits until the subscription is durable.
         let wait = self.submit(batch);
         self.reply(
@@ -936,6 +943,9 @@ impl Machine {
             };
             reasons.push(reason);
         }
+        if unsubscribe.filters.iter().any(|f| f.starts_with("$share/")) {
+            self.shared_subscriptions_changed();
+        }
         let wait = self.submit(batch);
         self.reply(
             Packet::UnsubAck(UnsubAck {
@@ -948,6 +958,14 @@ impl Machine {
             out,
         );
         Flow::Continue
+    }
+
+    /// Tells the storage backend the APPLICATION client's shared subscriptions (see
+    /// `Storage::application_shared`).
+    fn shared_subscriptions_changed(&self) {
+        if self.session.kind == crate::storage::ClientKind::Application {
+            self.broker.application_shared(&self.session);
+        }
     }
 
     fn on_disconnect(&mut self, disconnect: Disconnect) -> Flow {
@@ -1040,8 +1058,11 @@ impl Machine {
         ) {
             Ok(_) => {
                 self.broker.metrics.messages_sent.inc(delivery.qos);
-                if let Some(state) = state {
-                    self.session.outbound.push(pkid, delivery, state);
+                match state {
+                    Some(state) => self.session.outbound.push(pkid, delivery, state),
+                    // A stored entry granted QoS 0 (an APPLICATION shared group member that
+                    // subscribed at QoS 0) is done once it is sent.
+                    None => self.stored_done(delivery.seq),
                 }
             }
             Err(_) => {

@@ -994,6 +994,8 @@ impl Writer {
                 ..
             } => {}
             WriteOp::Enqueue { .. } | WriteOp::AckDevice { .. } | WriteOp::MarkSent { .. } => {}
+            // Appended to Kafka by the Kafka/PostgreSQL backend before the rest reaches here.
+            WriteOp::AppendShared { .. } => {}
         }
         Ok(())
     }

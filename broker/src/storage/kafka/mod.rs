@@ -16,6 +16,7 @@ pub mod app;
 pub mod fetch_start;
 pub mod record;
 pub mod router;
+pub mod shared;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};

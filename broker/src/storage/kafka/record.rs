@@ -37,6 +37,8 @@ use crate::storage::codec::{instant_to_ms, ms_to_instant, StoredDelivery};
 pub const VERSION_HEADER: &str = "ferrymq.v";
 /// APPLICATION records: `partition:offset` of the publish-log record they were routed from.
 pub const ORIGIN_HEADER: &str = "ferrymq.origin";
+/// APPLICATION records claimed from a shared group topic: `topic:partition:offset`.
+pub const CLAIM_HEADER: &str = "ferrymq.claim";
 /// QoS 2 PUBLISH records of persistent sessions: `<packet id>` or `<packet id>;dup` (the
 /// publisher's DUP flag), so the router can drop a resend it already routed.
 pub const QOS2_HEADER: &str = "ferrymq.qos2";
@@ -233,6 +235,15 @@ pub fn origin<H: Headers>(headers: &H) -> Option<(i32, i64)> {
     let text = std::str::from_utf8(h.value?).ok()?;
     let (p, o) = text.split_once(':')?;
     Some((p.parse().ok()?, o.parse().ok()?))
+}
+
+/// The `ferrymq.claim` header of an APPLICATION record.
+pub fn claim<H: Headers>(headers: &H) -> Option<(String, i32, i64)> {
+    let h = headers.iter().find(|h| h.key == CLAIM_HEADER)?;
+    let text = std::str::from_utf8(h.value?).ok()?;
+    let (rest, o) = text.rsplit_once(':')?;
+    let (topic, p) = rest.rsplit_once(':')?;
+    Some((topic.to_string(), p.parse().ok()?, o.parse().ok()?))
 }
 
 /// Reads a record back: the message, and the subscriber part when present.

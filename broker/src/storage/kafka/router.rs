@@ -358,6 +358,12 @@ fn stamp_origin(
     let skip = log.skip.lock();
     let mut i = from;
     while i < batch.ops.len() {
+        // Group topics are checked where their partition is known (`shared::append`).
+        if let WriteOp::AppendShared { origin, .. } = &mut batch.ops[i] {
+            *origin = Some((partition, offset));
+            i += 1;
+            continue;
+        }
         if let WriteOp::Enqueue {
             client,
             kind: ClientKind::Application,
