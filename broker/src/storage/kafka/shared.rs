@@ -26,13 +26,16 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::error::KafkaResult;
 use rdkafka::message::{Header, Message as _};
+use rdkafka::ClientContext;
 use rdkafka::{Offset, TopicPartitionList};
 use sha2::{Digest, Sha256};
 use tokio::sync::{oneshot, watch, Notify};
 
 use super::app::{scan_tail, ApplicationLogs, Tag};
+use super::fetch_start::{FetchStart, Step};
 use super::record::{self, SubscriberPart};
 use super::{kafka_error, Kafka};
 use crate::message::min_qos;
@@ -40,6 +43,80 @@ use crate::router::topic::{parse_filter, ParsedFilter, TopicLimits};
 use crate::router::SubscriptionOptions;
 use crate::storage::codec::{decode_delivery, encode_delivery};
 use crate::storage::{Completion, StorageError};
+
+/// How long the rebalance callback may wait for committed offsets and watermarks.
+const ASSIGN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The claimer's consumer context: where each assigned partition must resume.
+///
+/// A group consumer resumes at the committed offset, which is wherever the last claim round
+/// ended, often inside a record batch, and some Kafka-protocol brokers skip the rest of such a
+/// batch (see `fetch_start`). So on each assignment the fetch starts a little earlier, and the
+/// claim loop skips what lies below the committed offset.
+#[derive(Default)]
+struct ClaimContext {
+    fetch: parking_lot::Mutex<HashMap<i32, FetchStart>>,
+}
+
+impl ClientContext for ClaimContext {}
+
+impl ConsumerContext for ClaimContext {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: rdkafka::types::RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        use rdkafka::types::RDKafkaRespErr;
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let starts = self.starts(consumer, tpl);
+                if let Ok(starts) = &starts {
+                    for (topic, p, start) in starts {
+                        let _ = tpl.set_partition_offset(topic, *p, Offset::Offset(start.from()));
+                    }
+                }
+                if let Err(e) = consumer.assign(tpl) {
+                    tracing::warn!(error = %e, "assigning shared group partitions failed");
+                }
+                let mut fetch = self.fetch.lock();
+                fetch.clear();
+                if let Ok(starts) = starts {
+                    for (_, p, start) in starts {
+                        fetch.insert(p, start);
+                    }
+                }
+            }
+            _ => {
+                let _ = consumer.unassign();
+                self.fetch.lock().clear();
+            }
+        }
+    }
+}
+
+impl ClaimContext {
+    /// For each assigned partition: resume at its committed offset (or the log start), looking
+    /// back from there.
+    fn starts(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        tpl: &TopicPartitionList,
+    ) -> KafkaResult<Vec<(String, i32, FetchStart)>> {
+        let committed = consumer.committed_offsets(tpl.clone(), ASSIGN_TIMEOUT)?;
+        let mut starts = Vec::new();
+        for elem in committed.elements() {
+            let (topic, p) = (elem.topic().to_string(), elem.partition());
+            let (low, _) = consumer.fetch_watermarks(&topic, p, ASSIGN_TIMEOUT)?;
+            let start = match elem.offset() {
+                Offset::Offset(c) if c > low => FetchStart::new(c, low),
+                _ => FetchStart::confirmed_at(low),
+            };
+            starts.push((topic, p, start));
+        }
+        Ok(starts)
+    }
+}
 
 /// Records a claimer moves per round at most (one round = produce all, await all, commit).
 const CLAIM_BATCH: usize = 512;
@@ -368,13 +445,13 @@ impl ClaimerTask {
 
     /// Consumes until stopped (`Ok`) or the consumer fails.
     async fn consume(&self, stopped: &mut watch::Receiver<()>) -> Result<(), StorageError> {
-        let consumer: StreamConsumer = Kafka::client_config(&self.kafka.config)
+        let consumer: StreamConsumer<ClaimContext> = Kafka::client_config(&self.kafka.config)
             .set("group.id", &self.topic)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("fetch.wait.max.ms", "100")
-            .create()
+            .create_with_context(ClaimContext::default())
             .map_err(kafka_error)?;
         consumer.subscribe(&[&self.topic]).map_err(kafka_error)?;
         loop {
@@ -388,6 +465,10 @@ impl ClaimerTask {
                     Ok(Ok(m)) => round.push(m.detach()),
                     _ => break,
                 }
+            }
+            let round = self.positioned(&consumer, round);
+            if round.is_empty() {
+                continue;
             }
             self.claim(&round, stopped).await;
             let mut commit = TopicPartitionList::new();
@@ -403,6 +484,50 @@ impl ClaimerTask {
             // the claim state marks as done.
             let _ = consumer.commit(&commit, CommitMode::Async);
         }
+    }
+
+    /// Keeps the records at or past each partition's resume point (see [`ClaimContext`]);
+    /// fetches a partition again from further back when its first record lies past it.
+    fn positioned(
+        &self,
+        consumer: &StreamConsumer<ClaimContext>,
+        round: Vec<rdkafka::message::OwnedMessage>,
+    ) -> Vec<rdkafka::message::OwnedMessage> {
+        let mut rewound: Vec<i32> = Vec::new();
+        let mut kept = Vec::with_capacity(round.len());
+        let mut fetch = consumer.context().fetch.lock();
+        for m in round {
+            let p = m.partition();
+            if rewound.contains(&p) {
+                continue;
+            }
+            let state = fetch
+                .entry(p)
+                .or_insert_with(|| FetchStart::confirmed_at(m.offset()));
+            match state.step(m.offset()) {
+                Step::Skip => {}
+                Step::Take => kept.push(m),
+                Step::Rewind(from) => {
+                    if let Err(e) =
+                        consumer.seek(&self.topic, p, Offset::Offset(from), ASSIGN_TIMEOUT)
+                    {
+                        tracing::warn!(topic = self.topic, partition = p, error = %e, "seeking a shared group partition failed");
+                    }
+                    rewound.push(p);
+                }
+                Step::Gap { expected } => {
+                    tracing::error!(
+                        topic = self.topic,
+                        partition = p,
+                        expected,
+                        got = m.offset(),
+                        "the shared group topic skipped offsets, and the log holds nothing earlier"
+                    );
+                    kept.push(m);
+                }
+            }
+        }
+        kept
     }
 
     /// Moves one round of records into the member's log; returns once all are there (retrying
