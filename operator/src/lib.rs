@@ -1,0 +1,3 @@
+//! The ferrymq Kubernetes operator: controllers for `MqttBroker` and `ApplicationClient`.
+
+pub mod provision;
