@@ -1,0 +1,4 @@
+//! The ferrymq Kubernetes operator: controllers for `MqttBroker` and `ApplicationClient`.
+
+pub mod config;
+pub mod provision;
