@@ -145,17 +145,30 @@ async fn credentials_crud_over_http_and_clients_log_in_with_them() {
 
     // Bad bodies: 400 with a message, nothing stored.
     for (body, says) in [
-        (json!({"username": "eve", "password": "a", "password_hash": "b"}), "not both"),
+        (
+            json!({"username": "eve", "password": "a", "password_hash": "b"}),
+            "not both",
+        ),
         (json!({"username": "eve", "password": ""}), "empty"),
-        (json!({"username": "eve", "acl": {"publish": ["a/#/b"]}}), "a/#/b"),
-        (json!({"username": "eve", "password_hash": "plain"}), "password_hash"),
+        (
+            json!({"username": "eve", "acl": {"publish": ["a/#/b"]}}),
+            "a/#/b",
+        ),
+        (
+            json!({"username": "eve", "password_hash": "plain"}),
+            "password_hash",
+        ),
         (json!({"username": "eve", "typo": 1}), "typo"),
         (json!({"password": "x"}), "username or a client_id"),
         (json!({"username": "eve", "client_type": "robot"}), "robot"),
     ] {
         let r = api(http, "POST", "/api/v1/credentials", Some(body.clone())).await;
         assert_eq!(r.status, 400, "{body}: {}", r.body);
-        assert!(r.json()["error"].as_str().unwrap().contains(says), "{body}: {}", r.body);
+        assert!(
+            r.json()["error"].as_str().unwrap().contains(says),
+            "{body}: {}",
+            r.body
+        );
     }
     let r = call(http, "POST", "/api/v1/credentials", Some(TOKEN), None).await;
     assert_eq!(r.status, 400, "{}", r.body);
@@ -168,7 +181,9 @@ async fn credentials_crud_over_http_and_clients_log_in_with_them() {
 
     // The running broker uses it at once.
     assert_eq!(
-        connack(addr, "alice-1", "alice", "correct horse").await.code,
+        connack(addr, "alice-1", "alice", "correct horse")
+            .await
+            .code,
         ConnectReturnCode::Success
     );
     assert_eq!(
@@ -176,7 +191,9 @@ async fn credentials_crud_over_http_and_clients_log_in_with_them() {
         ConnectReturnCode::BadUserNamePassword
     );
     assert_eq!(
-        connack(addr, "other-id", "alice", "correct horse").await.code,
+        connack(addr, "other-id", "alice", "correct horse")
+            .await
+            .code,
         ConnectReturnCode::NotAuthorized,
         "the record binds alice to client id alice-1"
     );
@@ -210,7 +227,11 @@ async fn credentials_crud_over_http_and_clients_log_in_with_them() {
     .await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["username"], "alice");
-    assert_eq!(r.json()["client_id"], Value::Null, "the binding was replaced too");
+    assert_eq!(
+        r.json()["client_id"],
+        Value::Null,
+        "the binding was replaced too"
+    );
     assert_eq!(
         connack(addr, "any", "alice", "correct horse").await.code,
         ConnectReturnCode::BadUserNamePassword
@@ -295,7 +316,9 @@ async fn credentials_crud_over_http_and_clients_log_in_with_them() {
         "paged listing"
     );
     assert_eq!(
-        api(http, "GET", "/api/v1/credentials?limit=0", None).await.status,
+        api(http, "GET", "/api/v1/credentials?limit=0", None)
+            .await
+            .status,
         400
     );
     assert_eq!(
@@ -336,7 +359,10 @@ async fn application_clients_over_http_decide_the_session_kind() {
 
     let r = api(http, "PUT", "/api/v1/application-clients/collector", None).await;
     assert_eq!(r.status, 201, "{}", r.body);
-    assert_eq!(r.json(), json!({"client_id": "collector", "registered": true}));
+    assert_eq!(
+        r.json(),
+        json!({"client_id": "collector", "registered": true})
+    );
     let r = api(http, "PUT", "/api/v1/application-clients/collector", None).await;
     assert_eq!(r.status, 200, "registering twice is no change: {}", r.body);
     let r = api(http, "PUT", "/api/v1/application-clients/zeta", None).await;
@@ -382,9 +408,21 @@ async fn application_clients_over_http_decide_the_session_kind() {
     .await;
     assert_eq!(r.status, 401);
 
-    let r = api(http, "DELETE", "/api/v1/application-clients/collector", None).await;
+    let r = api(
+        http,
+        "DELETE",
+        "/api/v1/application-clients/collector",
+        None,
+    )
+    .await;
     assert_eq!(r.status, 204, "{}", r.body);
-    let r = api(http, "DELETE", "/api/v1/application-clients/collector", None).await;
+    let r = api(
+        http,
+        "DELETE",
+        "/api/v1/application-clients/collector",
+        None,
+    )
+    .await;
     assert_eq!(r.status, 404, "{}", r.body);
     let ack = connack(addr, "collector", "svc", "pw").await;
     assert_eq!(ack.properties.and_then(|p| p.session_expiry_interval), None);
@@ -407,10 +445,7 @@ async fn application_clients_over_http_decide_the_session_kind() {
         json!({"client_id": "zeta", "has_password": true, "acl": {"publish": [], "subscribe": []}})
     );
     let r = api(http, "GET", "/api/v1/application-clients", None).await;
-    assert_eq!(
-        r.json(),
-        json!({"application_clients": [], "next": null})
-    );
+    assert_eq!(r.json(), json!({"application_clients": [], "next": null}));
     server.shutdown().await;
 }
 

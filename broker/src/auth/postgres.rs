@@ -104,7 +104,9 @@ fn decode(row: &PgRow) -> Result<CredentialRecord, StoreError> {
     let client_id: Option<String> = row.try_get(2).map_err(|e| corrupt(e.to_string()))?;
     let password_hash: Option<String> = row.try_get(3).map_err(|e| corrupt(e.to_string()))?;
     let client_type: Option<String> = row.try_get(4).map_err(|e| corrupt(e.to_string()))?;
-    let publish: Vec<String> = row.try_get(5).map_err(|e| corrupt(format!("publish: {e}")))?;
+    let publish: Vec<String> = row
+        .try_get(5)
+        .map_err(|e| corrupt(format!("publish: {e}")))?;
     let subscribe: Vec<String> = row
         .try_get(6)
         .map_err(|e| corrupt(format!("subscribe: {e}")))?;
@@ -209,12 +211,13 @@ impl CredentialStore for PgCredentials {
         if !storable(name) {
             return Ok(false);
         }
-        let done = sqlx::query("DELETE FROM mqtt_credentials WHERE key_kind = $1 AND key_name = $2")
-            .bind(kind)
-            .bind(name)
-            .execute(&self.pool)
-            .await
-            .map_err(backend)?;
+        let done =
+            sqlx::query("DELETE FROM mqtt_credentials WHERE key_kind = $1 AND key_name = $2")
+                .bind(kind)
+                .bind(name)
+                .execute(&self.pool)
+                .await
+                .map_err(backend)?;
         Ok(done.rows_affected() > 0)
     }
 
@@ -255,7 +258,10 @@ fn write_error(key: &CredentialKey, e: sqlx::Error) -> StoreError {
     if let sqlx::Error::Database(db) = &e {
         let code = db.code();
         // 23xxx: integrity constraint violation; 54000: program limit exceeded (index row size).
-        if code.as_deref().is_some_and(|c| c.starts_with("23") || c == "54000") {
+        if code
+            .as_deref()
+            .is_some_and(|c| c.starts_with("23") || c == "54000")
+        {
             return StoreError::Invalid(format!("{key}: refused by PostgreSQL: {}", db.message()));
         }
     }

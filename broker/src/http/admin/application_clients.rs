@@ -55,10 +55,7 @@ fn client_id(path: Result<Path<String>, PathRejection>) -> Result<String, Respon
         .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("bad path: {e}")))
 }
 
-async fn add(
-    State(state): State<AppState>,
-    path: Result<Path<String>, PathRejection>,
-) -> Response {
+async fn add(State(state): State<AppState>, path: Result<Path<String>, PathRejection>) -> Response {
     let (store, id) = match (store(&state), client_id(path)) {
         (Ok(s), Ok(id)) => (s, id),
         (Err(r), _) | (_, Err(r)) => return r,

@@ -27,7 +27,9 @@ use serde_json::json;
 use super::{ok, page_limit};
 use crate::auth::acl::AclRules;
 use crate::auth::password;
-use crate::auth::store::{ClientType, CredentialKey, CredentialRecord, CredentialStore, StoreError};
+use crate::auth::store::{
+    ClientType, CredentialKey, CredentialRecord, CredentialStore, StoreError,
+};
 use crate::http::{error, AppState};
 
 pub fn routes() -> Router<AppState> {
@@ -65,7 +67,9 @@ pub fn store_error(e: StoreError) -> Response {
     }
 }
 
-fn parse_key(path: Result<Path<(String, String)>, PathRejection>) -> Result<CredentialKey, Response> {
+fn parse_key(
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Result<CredentialKey, Response> {
     let Path((kind, name)) =
         path.map_err(|e| error(StatusCode::BAD_REQUEST, &format!("bad path: {e}")))?;
     match kind.as_str() {
@@ -236,7 +240,10 @@ async fn replace(
 
 /// The body of a PUT, whose key comes from the path: a `username` or `client_id` in the body
 /// must agree with it.
-async fn record_from_path_body(key: &CredentialKey, body: &[u8]) -> Result<CredentialRecord, Response> {
+async fn record_from_path_body(
+    key: &CredentialKey,
+    body: &[u8],
+) -> Result<CredentialRecord, Response> {
     let mut value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
         error(
             StatusCode::BAD_REQUEST,
