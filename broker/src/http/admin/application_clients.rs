@@ -15,10 +15,10 @@ use axum::Router;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::credentials::{store, store_error};
-use super::{ok, page_limit};
+use super::credentials::{limit, store, ApiError};
+use super::ok;
 use crate::auth::applications;
-use crate::http::{error, AppState};
+use crate::http::AppState;
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -32,56 +32,46 @@ struct ListQuery {
     limit: Option<usize>,
 }
 
-async fn list(State(state): State<AppState>, Query(q): Query<ListQuery>) -> Response {
-    let store = match store(&state) {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
-    let limit = match page_limit(q.limit) {
-        Ok(l) => l,
-        Err(bad) => return bad.into_response(),
-    };
-    match applications::list(store.as_ref(), q.after.as_deref(), limit).await {
-        Ok((ids, more)) => {
-            let next = if more { ids.last().cloned() } else { None };
-            ok(json!({ "application_clients": ids, "next": next }))
-        }
-        Err(e) => store_error(e),
-    }
+async fn list(
+    State(state): State<AppState>,
+    Query(q): Query<ListQuery>,
+) -> Result<Response, ApiError> {
+    let store = store(&state)?;
+    let limit = limit(q.limit)?;
+    let (ids, more) = applications::list(store.as_ref(), q.after.as_deref(), limit).await?;
+    let next = if more { ids.last().cloned() } else { None };
+    Ok(ok(json!({ "application_clients": ids, "next": next })))
 }
 
-fn client_id(path: Result<Path<String>, PathRejection>) -> Result<String, Response> {
+fn client_id(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
     path.map(|Path(id)| id)
-        .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("bad path: {e}")))
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("bad path: {e}")))
 }
 
-async fn add(State(state): State<AppState>, path: Result<Path<String>, PathRejection>) -> Response {
-    let (store, id) = match (store(&state), client_id(path)) {
-        (Ok(s), Ok(id)) => (s, id),
-        (Err(r), _) | (_, Err(r)) => return r,
-    };
+async fn add(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let (store, id) = (store(&state)?, client_id(path)?);
+    let newly = applications::register(store.as_ref(), &id).await?;
     let body = json!({ "client_id": id, "registered": true });
-    match applications::register(store.as_ref(), &id).await {
-        Ok(true) => (StatusCode::CREATED, axum::Json(body)).into_response(),
-        Ok(false) => ok(body),
-        Err(e) => store_error(e),
-    }
+    Ok(if newly {
+        (StatusCode::CREATED, axum::Json(body)).into_response()
+    } else {
+        ok(body)
+    })
 }
 
 async fn remove(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
-) -> Response {
-    let (store, id) = match (store(&state), client_id(path)) {
-        (Ok(s), Ok(id)) => (s, id),
-        (Err(r), _) | (_, Err(r)) => return r,
-    };
-    match applications::unregister(store.as_ref(), &id).await {
-        Ok(true) => StatusCode::NO_CONTENT.into_response(),
-        Ok(false) => error(
-            StatusCode::NOT_FOUND,
-            &format!("client id `{id}` is not registered as an APPLICATION client"),
-        ),
-        Err(e) => store_error(e),
+) -> Result<Response, ApiError> {
+    let (store, id) = (store(&state)?, client_id(path)?);
+    if applications::unregister(store.as_ref(), &id).await? {
+        return Ok(StatusCode::NO_CONTENT.into_response());
     }
+    Err(ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("client id `{id}` is not registered as an APPLICATION client"),
+    ))
 }

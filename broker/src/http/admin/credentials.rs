@@ -41,41 +41,66 @@ pub fn routes() -> Router<AppState> {
         )
 }
 
+/// A refused request: its status and message, answered as `{"error": message}`.
+#[derive(Debug)]
+pub struct ApiError(pub StatusCode, pub String);
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError(status, message.into())
+    }
+
+    fn bad(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        error(self.0, &self.1)
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        match e {
+            StoreError::Invalid(message) => ApiError::bad(message),
+            StoreError::Backend(_) => {
+                tracing::error!(error = %e, "admin API: credential store unavailable");
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+            }
+            StoreError::Corrupt { .. } => {
+                tracing::error!(error = %e, "admin API: stored credential is unreadable");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+            }
+        }
+    }
+}
+
 /// The broker's credential store, or the 404 that says there is none (a broker embedded with
 /// an authenticator of its own).
-pub fn store(state: &AppState) -> Result<Arc<dyn CredentialStore>, Response> {
+pub fn store(state: &AppState) -> Result<Arc<dyn CredentialStore>, ApiError> {
     state.broker.auth.credential_store().ok_or_else(|| {
-        error(
+        ApiError::new(
             StatusCode::NOT_FOUND,
             "this broker's authenticator has no credential store",
         )
     })
 }
 
-/// A store error as an HTTP answer.
-pub fn store_error(e: StoreError) -> Response {
-    match e {
-        StoreError::Invalid(message) => error(StatusCode::BAD_REQUEST, &message),
-        StoreError::Backend(_) => {
-            tracing::error!(error = %e, "admin API: credential store unavailable");
-            error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string())
-        }
-        StoreError::Corrupt { .. } => {
-            tracing::error!(error = %e, "admin API: stored credential is unreadable");
-            error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string())
-        }
-    }
+/// The page size a request asked for, as an [`ApiError`].
+pub fn limit(limit: Option<usize>) -> Result<usize, ApiError> {
+    page_limit(limit).map_err(|bad| ApiError::bad(bad.0))
 }
 
 fn parse_key(
     path: Result<Path<(String, String)>, PathRejection>,
-) -> Result<CredentialKey, Response> {
-    let Path((kind, name)) =
-        path.map_err(|e| error(StatusCode::BAD_REQUEST, &format!("bad path: {e}")))?;
+) -> Result<CredentialKey, ApiError> {
+    let Path((kind, name)) = path.map_err(|e| ApiError::bad(format!("bad path: {e}")))?;
     match kind.as_str() {
         "username" => Ok(CredentialKey::Username(name)),
         "client_id" => Ok(CredentialKey::ClientId(name)),
-        _ => Err(error(
+        _ => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "no such endpoint (use /credentials/username/{name} or /credentials/client_id/{name})",
         )),
@@ -88,30 +113,23 @@ struct ListQuery {
     limit: Option<usize>,
 }
 
-async fn list(State(state): State<AppState>, Query(q): Query<ListQuery>) -> Response {
-    let store = match store(&state) {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
-    let limit = match page_limit(q.limit) {
-        Ok(l) => l,
-        Err(bad) => return bad.into_response(),
-    };
+async fn list(
+    State(state): State<AppState>,
+    Query(q): Query<ListQuery>,
+) -> Result<Response, ApiError> {
+    let store = store(&state)?;
+    let limit = limit(q.limit)?;
     let after = match q.after.as_deref().map(CredentialKey::decode) {
         None => None,
         Some(Some(key)) => Some(key),
         Some(None) => {
-            return error(
-                StatusCode::BAD_REQUEST,
+            return Err(ApiError::bad(
                 "`after` must be the `next` value of a previous page",
-            )
+            ))
         }
     };
     // One more than asked tells whether another page follows.
-    let mut records = match store.list(after.as_ref(), limit + 1).await {
-        Ok(r) => r,
-        Err(e) => return store_error(e),
-    };
+    let mut records = store.list(after.as_ref(), limit + 1).await?;
     let more = records.len() > limit;
     records.truncate(limit);
     let next = if more {
@@ -120,21 +138,20 @@ async fn list(State(state): State<AppState>, Query(q): Query<ListQuery>) -> Resp
         None
     };
     let credentials: Vec<_> = records.iter().map(CredentialRecord::redacted).collect();
-    ok(json!({ "credentials": credentials, "next": next }))
+    Ok(ok(json!({ "credentials": credentials, "next": next })))
 }
 
 async fn show(
     State(state): State<AppState>,
     path: Result<Path<(String, String)>, PathRejection>,
-) -> Response {
-    let (store, key) = match (store(&state), parse_key(path)) {
-        (Ok(s), Ok(k)) => (s, k),
-        (Err(r), _) | (_, Err(r)) => return r,
-    };
-    match store.get(&key).await {
-        Ok(Some(record)) => ok(record.redacted()),
-        Ok(None) => error(StatusCode::NOT_FOUND, &format!("no credential with {key}")),
-        Err(e) => store_error(e),
+) -> Result<Response, ApiError> {
+    let (store, key) = (store(&state)?, parse_key(path)?);
+    match store.get(&key).await? {
+        Some(record) => Ok(ok(record.redacted())),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no credential with {key}"),
+        )),
     }
 }
 
@@ -152,27 +169,20 @@ struct CredentialBody {
 }
 
 /// Parses a body and hashes its password: the record to store, or the 400 that says why not.
-async fn record_from(body: &[u8]) -> Result<CredentialRecord, Response> {
-    let body: CredentialBody = serde_json::from_slice(body).map_err(|e| {
-        error(
-            StatusCode::BAD_REQUEST,
-            &format!("the body is not a credential object: {e}"),
-        )
-    })?;
+async fn record_from(value: serde_json::Value) -> Result<CredentialRecord, ApiError> {
+    let body: CredentialBody = serde_json::from_value(value)
+        .map_err(|e| ApiError::bad(format!("the body is not a credential object: {e}")))?;
     let password_hash = match (body.password, body.password_hash) {
         (Some(_), Some(_)) => {
-            return Err(error(
-                StatusCode::BAD_REQUEST,
+            return Err(ApiError::bad(
                 "give `password` or `password_hash`, not both",
             ))
         }
-        (Some(pw), None) if pw.is_empty() => {
-            return Err(error(StatusCode::BAD_REQUEST, "`password` is empty"))
-        }
+        (Some(pw), None) if pw.is_empty() => return Err(ApiError::bad("`password` is empty")),
         (Some(pw), None) => Some(
             password::hash_async(pw.into_bytes())
                 .await
-                .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, &e))?,
+                .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e))?,
         ),
         (None, hash) => hash,
     };
@@ -183,78 +193,60 @@ async fn record_from(body: &[u8]) -> Result<CredentialRecord, Response> {
         client_type: body.client_type,
         acl: body.acl,
     };
-    record
-        .validate()
-        .map_err(|e| error(StatusCode::BAD_REQUEST, &e))?;
+    record.validate().map_err(ApiError::bad)?;
     Ok(record)
 }
 
-async fn create(State(state): State<AppState>, body: Bytes) -> Response {
-    let store = match store(&state) {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
-    let record = match record_from(&body).await {
-        Ok(r) => r,
-        Err(r) => return r,
-    };
+fn parse_body(body: &[u8]) -> Result<serde_json::Value, ApiError> {
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad(format!("the body is not a credential object: {e}")))?;
+    if !value.is_object() {
+        return Err(ApiError::bad("the body is not a credential object"));
+    }
+    Ok(value)
+}
+
+async fn create(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let store = store(&state)?;
+    let record = record_from(parse_body(&body)?).await?;
     let view = record.redacted();
     let key = record.key();
-    match store.create(record).await {
-        Ok(true) => (StatusCode::CREATED, axum::Json(view)).into_response(),
-        Ok(false) => error(
-            StatusCode::CONFLICT,
-            &match key {
-                Some(k) => format!("a credential with {k} exists (PUT replaces it)"),
-                None => "the credential exists".into(),
-            },
-        ),
-        Err(e) => store_error(e),
+    if store.create(record).await? {
+        return Ok((StatusCode::CREATED, axum::Json(view)).into_response());
     }
+    Err(ApiError::new(
+        StatusCode::CONFLICT,
+        match key {
+            Some(k) => format!("a credential with {k} exists (PUT replaces it)"),
+            None => "the credential exists".into(),
+        },
+    ))
 }
 
 async fn replace(
     State(state): State<AppState>,
     path: Result<Path<(String, String)>, PathRejection>,
     body: Bytes,
-) -> Response {
-    let (store, key) = match (store(&state), parse_key(path)) {
-        (Ok(s), Ok(k)) => (s, k),
-        (Err(r), _) | (_, Err(r)) => return r,
-    };
-    let record = match record_from_path_body(&key, &body).await {
-        Ok(r) => r,
-        Err(r) => return r,
-    };
+) -> Result<Response, ApiError> {
+    let (store, key) = (store(&state)?, parse_key(path)?);
+    let record = record_from(keyed_body(&key, parse_body(&body)?)?).await?;
     let view = record.redacted();
     // Create first, so the status says whether the key was new; else replace.
-    match store.create(record.clone()).await {
-        Ok(true) => (StatusCode::CREATED, axum::Json(view)).into_response(),
-        Ok(false) => match store.put(record).await {
-            Ok(()) => ok(view),
-            Err(e) => store_error(e),
-        },
-        Err(e) => store_error(e),
+    if store.create(record.clone()).await? {
+        return Ok((StatusCode::CREATED, axum::Json(view)).into_response());
     }
+    store.put(record).await?;
+    Ok(ok(view))
 }
 
-/// The body of a PUT, whose key comes from the path: a `username` or `client_id` in the body
-/// must agree with it.
-async fn record_from_path_body(
+/// The body of a PUT with the key from the path: a `username` or `client_id` in the body must
+/// agree with it.
+fn keyed_body(
     key: &CredentialKey,
-    body: &[u8],
-) -> Result<CredentialRecord, Response> {
-    let mut value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
-        error(
-            StatusCode::BAD_REQUEST,
-            &format!("the body is not a credential object: {e}"),
-        )
-    })?;
+    mut value: serde_json::Value,
+) -> Result<serde_json::Value, ApiError> {
     let Some(obj) = value.as_object_mut() else {
-        return Err(error(
-            StatusCode::BAD_REQUEST,
-            "the body is not a credential object",
-        ));
+        return Err(ApiError::bad("the body is not a credential object"));
     };
     let field = |obj: &serde_json::Map<String, serde_json::Value>, name: &str| {
         obj.get(name).and_then(|v| v.as_str()).map(str::to_string)
@@ -262,8 +254,7 @@ async fn record_from_path_body(
     match key {
         CredentialKey::Username(name) => {
             if field(obj, "username").is_some_and(|u| &u != name) {
-                return Err(error(
-                    StatusCode::BAD_REQUEST,
+                return Err(ApiError::bad(
                     "`username` in the body differs from the path",
                 ));
             }
@@ -271,36 +262,31 @@ async fn record_from_path_body(
         }
         CredentialKey::ClientId(name) => {
             if obj.contains_key("username") {
-                return Err(error(
-                    StatusCode::BAD_REQUEST,
+                return Err(ApiError::bad(
                     "a record with a `username` is keyed by it: PUT it under /credentials/username/{name}",
                 ));
             }
             if field(obj, "client_id").is_some_and(|c| &c != name) {
-                return Err(error(
-                    StatusCode::BAD_REQUEST,
+                return Err(ApiError::bad(
                     "`client_id` in the body differs from the path",
                 ));
             }
             obj.insert("client_id".into(), name.clone().into());
         }
     }
-    let bytes = serde_json::to_vec(&value)
-        .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()))?;
-    record_from(&bytes).await
+    Ok(value)
 }
 
 async fn delete(
     State(state): State<AppState>,
     path: Result<Path<(String, String)>, PathRejection>,
-) -> Response {
-    let (store, key) = match (store(&state), parse_key(path)) {
-        (Ok(s), Ok(k)) => (s, k),
-        (Err(r), _) | (_, Err(r)) => return r,
-    };
-    match store.delete(&key).await {
-        Ok(true) => StatusCode::NO_CONTENT.into_response(),
-        Ok(false) => error(StatusCode::NOT_FOUND, &format!("no credential with {key}")),
-        Err(e) => store_error(e),
+) -> Result<Response, ApiError> {
+    let (store, key) = (store(&state)?, parse_key(path)?);
+    if store.delete(&key).await? {
+        return Ok(StatusCode::NO_CONTENT.into_response());
     }
+    Err(ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("no credential with {key}"),
+    ))
 }
