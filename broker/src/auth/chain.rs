@@ -17,7 +17,7 @@ use super::jwt::{JwtProvider, JwtSetupError, Verdict};
 use super::limiter::FailureLimiter;
 use super::password;
 use super::postgres::PgCredentials;
-use super::store::{CredentialKey, CredentialRecord, CredentialStore, StoreError};
+use super::store::{CredentialKey, CredentialRecord, CredentialStore};
 use super::x509::X509Mapper;
 use super::{AuthDecision, Authenticator, Credentials, Identity};
 use crate::config::{AuthProviderKind, Config};
@@ -26,8 +26,8 @@ use crate::config::{AuthProviderKind, Config};
 pub enum SetupError {
     #[error("credential store: {0}")]
     Store(#[from] OpenError),
-    #[error("credential store (table mqtt_credentials): {0}")]
-    Postgres(StoreError),
+    #[error("credential store: {0}")]
+    Postgres(crate::storage::StorageError),
     #[error(transparent)]
     Jwt(#[from] JwtSetupError),
     #[error("key `auth.x509.cn_regex`: {0}")]

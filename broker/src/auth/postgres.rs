@@ -23,6 +23,7 @@ use super::store::{
 };
 use crate::config::PostgresConfig;
 use crate::storage::postgres::{migrate, schema_options, unreachable};
+use crate::storage::StorageError;
 
 /// Connections of the credential pool. Lookups are single-row primary-key reads, far cheaper
 /// than the password check that follows them, so a few connections keep up with the hashing;
@@ -41,9 +42,8 @@ pub struct PgCredentials {
 impl PgCredentials {
     /// Connects to `postgres.url`, creates the schema if missing and applies the migrations (so
     /// the admin CLI works before the first broker start, too).
-    pub async fn connect(config: &PostgresConfig) -> Result<PgCredentials, StoreError> {
-        let backend = |e: crate::storage::StorageError| StoreError::Backend(e.to_string());
-        let options = schema_options(config).await.map_err(backend)?;
+    pub async fn connect(config: &PostgresConfig) -> Result<PgCredentials, StorageError> {
+        let options = schema_options(config).await?;
         let pool = PgPoolOptions::new()
             .max_connections(POOL_CONNECTIONS)
             // A lookup waits this long for a connection at most; then the CONNECT is refused
@@ -51,8 +51,8 @@ impl PgCredentials {
             .acquire_timeout(Duration::from_secs(config.connect_timeout_secs))
             .connect_with(options)
             .await
-            .map_err(|e| backend(unreachable(config, e)))?;
-        migrate(&pool, &config.schema).await.map_err(backend)?;
+            .map_err(|e| unreachable(config, e))?;
+        migrate(&pool, &config.schema).await?;
         Ok(PgCredentials { pool })
     }
 
