@@ -17,6 +17,7 @@ use rdkafka::message::Message as _;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::oneshot;
 
+use super::fetch_start::{FetchStart, Step};
 use super::record::{self, SubscriberPart};
 use super::{application_topic, kafka_error, Kafka};
 use crate::storage::codec::{decode_delivery, now_ms};
@@ -32,8 +33,9 @@ const TAIL_SCAN: i64 = 2_048;
 /// One client's reader.
 struct Reader {
     consumer: StreamConsumer,
-    /// The offset the consumer will return next.
-    position: i64,
+    /// Where the current fetch is and which offset it must return next; `None` before the
+    /// first read.
+    fetch: Option<FetchStart>,
 }
 
 /// The APPLICATION side of the Kafka backend.
@@ -174,10 +176,11 @@ impl ApplicationLogs {
             .map(|s| s.range(from..).copied().collect::<BTreeSet<u64>>())
             .unwrap_or_default();
         let topic = self.topic(client);
+        let kafka = self.kafka.clone();
         let (tx, rx) = oneshot::channel();
         tokio::spawn(async move {
             let mut reader = reader.lock().await;
-            let result = read_from(&mut reader, &topic, from, limit, &released).await;
+            let result = read_from(&kafka, &mut reader, &topic, from, limit, &released).await;
             let _ = tx.send(result);
         });
         QueueRead::Pending(rx)
@@ -200,7 +203,7 @@ impl ApplicationLogs {
             .map_err(kafka_error)?;
         let reader = Arc::new(tokio::sync::Mutex::new(Reader {
             consumer,
-            position: -1,
+            fetch: None,
         }));
         self.readers.lock().insert(client.clone(), reader.clone());
         Ok(reader)
@@ -212,7 +215,18 @@ impl ApplicationLogs {
     }
 }
 
+/// Points the reader's consumer at `from` (a little before it: see [`FetchStart`]).
+fn assign(reader: &mut Reader, topic: &str, fetch: FetchStart) -> Result<(), StorageError> {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Offset(fetch.from()))
+        .map_err(kafka_error)?;
+    reader.consumer.assign(&tpl).map_err(kafka_error)?;
+    reader.fetch = Some(fetch);
+    Ok(())
+}
+
 async fn read_from(
+    kafka: &Kafka,
     reader: &mut Reader,
     topic: &str,
     from: u64,
@@ -220,12 +234,9 @@ async fn read_from(
     released: &BTreeSet<u64>,
 ) -> Result<Vec<QueuedEntry>, StorageError> {
     let offset = from.saturating_sub(1) as i64;
-    if reader.position != offset {
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(topic, 0, Offset::Offset(offset))
-            .map_err(kafka_error)?;
-        reader.consumer.assign(&tpl).map_err(kafka_error)?;
-        reader.position = offset;
+    if reader.fetch.as_ref().map(FetchStart::want) != Some(offset) {
+        let (low, _) = kafka.watermarks(topic, 0).await?;
+        assign(reader, topic, FetchStart::new(offset, low))?;
     }
     let mut out = Vec::new();
     let now = now_ms();
@@ -235,10 +246,24 @@ async fn read_from(
             Err(_) => break,
             Ok(next) => next.map_err(kafka_error)?,
         };
+        let offset = next.offset();
+        let Some(fetch) = reader.fetch.as_mut() else {
+            break;
+        };
+        match fetch.step(offset) {
+            Step::Skip => continue,
+            Step::Take => {}
+            Step::Rewind(_) => {
+                let fetch = fetch.clone();
+                assign(reader, topic, fetch)?;
+                continue;
+            }
+            Step::Gap { expected } => {
+                tracing::error!(topic, expected, got = offset, "the APPLICATION log skipped offsets: the Kafka broker returned a later record than the one asked for, and the log holds nothing earlier");
+            }
+        }
         // Whatever else is already fetched joins this read; nothing more is waited for.
         wait = Duration::ZERO;
-        let offset = next.offset();
-        reader.position = offset + 1;
         let seq = offset as u64 + 1;
         let delivery = match record::decode(next.headers(), next.payload().unwrap_or_default()) {
             Ok(d) => d,

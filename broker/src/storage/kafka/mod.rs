@@ -13,6 +13,7 @@
 //!   librdkafka delivery opaque; the producer's polling thread answers it directly.
 
 pub mod app;
+pub mod fetch_start;
 pub mod record;
 pub mod router;
 
@@ -409,7 +410,7 @@ pub struct PublishLog {
     topic: String,
     /// Created at start (so a broken setup fails before listeners open), taken by the router.
     router_consumer: parking_lot::Mutex<Option<rdkafka::consumer::StreamConsumer>>,
-    start_positions: std::collections::HashMap<i32, i64>,
+    start_positions: std::collections::HashMap<i32, fetch_start::FetchStart>,
     /// Per APPLICATION client and publish-log partition, the highest origin offset found at the
     /// end of its topic when the broker started: a replayed batch must not append those again.
     pub skip: parking_lot::Mutex<
@@ -435,7 +436,7 @@ impl PublishLog {
     }
 
     /// Where the router starts in each partition (the stored positions).
-    pub fn start_positions(&self) -> std::collections::HashMap<i32, i64> {
+    pub fn start_positions(&self) -> std::collections::HashMap<i32, fetch_start::FetchStart> {
         self.start_positions.clone()
     }
 

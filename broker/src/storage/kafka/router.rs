@@ -29,6 +29,7 @@ use rdkafka::message::Message as _;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 
+use super::fetch_start::{FetchStart, Step};
 use super::{kafka_error, record, router_group, Kafka, PublishLog};
 use crate::broker::Broker;
 use crate::storage::postgres::PgStore;
@@ -39,17 +40,19 @@ const MAX_BATCH: usize = 1_024;
 /// Backoff between attempts to store a batch while a backend is down.
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
+/// How long one seek may wait for librdkafka's own thread.
+const SEEK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Creates the router's consumer, assigned to every partition of the publish log at the
-/// positions stored in PostgreSQL. On the very first start there are none: the router starts at
-/// the log's current end, recorded before any listener opens, so every PUBLISH acknowledged
-/// afterwards lies after the router's starting point. A partition added later starts at its
-/// beginning.
+/// positions stored in PostgreSQL (a little before them: see [`FetchStart`]). On the very first
+/// start there are none: the router starts at the log's current end, recorded before any
+/// listener opens, so every PUBLISH acknowledged afterwards lies after the router's starting
+/// point. A partition added later starts at its beginning.
 pub async fn consumer(
     kafka: &Arc<Kafka>,
     topic: &str,
     pg: &PgStore,
-) -> Result<(StreamConsumer, HashMap<i32, i64>), StorageError> {
+) -> Result<(StreamConsumer, HashMap<i32, FetchStart>), StorageError> {
     let group = router_group(&kafka.config.topic_prefix);
     let consumer: StreamConsumer = Kafka::client_config(&kafka.config)
         .set("group.id", &group)
@@ -66,14 +69,21 @@ pub async fn consumer(
     let mut stored = pg.router_positions().await?;
     let first_start = stored.is_empty();
     let mut init = Vec::new();
+    let mut starts = HashMap::new();
     for p in 0..partitions as i32 {
-        if stored.contains_key(&p) {
-            continue;
-        }
         let (low, high) = kafka.watermarks(topic, p).await?;
-        let start = if first_start { high } else { low };
-        init.push((p, start));
-        stored.insert(p, start);
+        match stored.get(&p) {
+            Some(position) => {
+                starts.insert(p, FetchStart::new(*position, low));
+            }
+            None => {
+                // The log's end and its start are batch boundaries: nothing to look back for.
+                let start = if first_start { high } else { low };
+                init.push((p, start));
+                stored.insert(p, start);
+                starts.insert(p, FetchStart::confirmed_at(start));
+            }
+        }
     }
     if !init.is_empty() {
         pg.init_router_positions(&init).await?;
@@ -84,12 +94,10 @@ pub async fn consumer(
         );
     }
     let mut assignment = TopicPartitionList::new();
-    for (p, offset) in &stored {
-        if *p < partitions as i32 {
-            assignment
-                .add_partition_offset(topic, *p, Offset::Offset(*offset))
-                .map_err(kafka_error)?;
-        }
+    for (p, start) in &starts {
+        assignment
+            .add_partition_offset(topic, *p, Offset::Offset(start.from()))
+            .map_err(kafka_error)?;
     }
     consumer.assign(&assignment).map_err(kafka_error)?;
     let mut positions: Vec<(i32, i64)> = stored.iter().map(|(p, o)| (*p, *o)).collect();
@@ -98,7 +106,7 @@ pub async fn consumer(
         ?positions,
         "router resumes the publish log at the stored positions"
     );
-    Ok((consumer, stored))
+    Ok((consumer, starts))
 }
 
 /// Runs the router until shutdown.
@@ -110,7 +118,8 @@ pub async fn run(broker: Arc<Broker>, log: Arc<PublishLog>, mut shutdown: watch:
     let topic = log.topic().to_string();
     let slow_wait = Duration::from_millis(broker.config.limits.slow_subscriber_wait_ms);
     // The next offset each partition must deliver: a record below it was stored already (it is
-    // skipped), a record above it means the Kafka broker skipped some (logged loudly).
+    // skipped), a record above it means a fetch started too late (fetched again from earlier)
+    // or, once reading in order, that the Kafka broker skipped some (logged loudly).
     let mut expected = log.start_positions();
     let mut stream = consumer.stream().ready_chunks(MAX_BATCH);
     loop {
@@ -141,19 +150,29 @@ pub async fn run(broker: Arc<Broker>, log: Arc<PublishLog>, mut shutdown: watch:
         for (partition, messages) in by_partition {
             let mut batch = WriteBatch::default();
             let mut blocked = std::collections::VecDeque::new();
-            let mut next_offset = 0;
+            let mut next_offset = None;
             for message in messages {
                 let offset = message.offset();
-                let want = expected.get(&partition).copied().unwrap_or(offset);
-                if offset < want {
-                    continue;
+                let state = expected
+                    .entry(partition)
+                    .or_insert_with(|| FetchStart::confirmed_at(offset));
+                match state.step(offset) {
+                    Step::Skip => continue,
+                    Step::Take => {}
+                    Step::Rewind(from) => {
+                        tracing::info!(partition, want = state.want(), got = offset, from, "the publish log returned a later record than the one asked for; fetching again from earlier");
+                        if !rewind(&consumer, &topic, partition, from, &mut shutdown).await {
+                            return;
+                        }
+                        // What else this chunk holds for the partition came from the old fetch.
+                        break;
+                    }
+                    Step::Gap { expected } => {
+                        broker.metrics.storage_errors.inc();
+                        tracing::error!(partition, expected, got = offset, "the publish log skipped offsets: the Kafka broker returned a later record than the one asked for, and the log holds nothing earlier");
+                    }
                 }
-                if offset > want {
-                    broker.metrics.storage_errors.inc();
-                    tracing::error!(partition, expected = want, got = offset, "the publish log skipped offsets: the Kafka broker returned a later record than the one asked for");
-                }
-                expected.insert(partition, offset + 1);
-                next_offset = offset + 1;
+                next_offset = Some(offset + 1);
                 let delivery = match record::decode(
                     message.headers(),
                     message.payload().unwrap_or_default(),
@@ -177,6 +196,10 @@ pub async fn run(broker: Arc<Broker>, log: Arc<PublishLog>, mut shutdown: watch:
                 blocked.extend(routed.full);
                 stamp_origin(&log, &mut batch, first_op, partition, offset);
             }
+            let Some(next_offset) = next_offset else {
+                // Nothing of this partition was routed: its position stays where it is.
+                continue;
+            };
             if !blocked.is_empty() {
                 // Connected subscribers with a full queue get the same grace as on embedded
                 // storage; what still does not fit is dropped and counted.
@@ -201,6 +224,31 @@ pub async fn run(broker: Arc<Broker>, log: Arc<PublishLog>, mut shutdown: watch:
                 .is_ok()
             {
                 let _ = consumer.commit(&commit, CommitMode::Async);
+            }
+        }
+    }
+}
+
+/// Moves the fetch of `partition` to `from`, retrying until it works or the broker shuts down
+/// (false). Records the old fetch had already returned are dropped by librdkafka.
+async fn rewind(
+    consumer: &StreamConsumer,
+    topic: &str,
+    partition: i32,
+    from: i64,
+    shutdown: &mut watch::Receiver<bool>,
+) -> bool {
+    let mut backoff = RETRY_MIN;
+    loop {
+        match consumer.seek(topic, partition, Offset::Offset(from), SEEK_TIMEOUT) {
+            Ok(()) => return true,
+            Err(e) => {
+                tracing::warn!(partition, from, error = %e, "seeking the publish log failed; retrying");
+                tokio::select! {
+                    _ = shutdown.changed() => return false,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(RETRY_MAX);
             }
         }
     }
