@@ -15,6 +15,7 @@ pub mod error;
 pub mod metrics;
 pub mod naming;
 pub mod provision;
+pub mod provisioner;
 pub mod resources;
 pub mod seam;
 pub mod secrets;
