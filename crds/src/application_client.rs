@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::common::LocalObjectRef;
 
 /// Desired state of an APPLICATION client.
-#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[kube(
     group = "ferrymq.io",
     version = "v1alpha1",
@@ -25,6 +25,7 @@ use crate::common::LocalObjectRef;
     namespaced,
     status = "ApplicationClientStatus",
     derive = "PartialEq",
+    derive = "Default",
     cel,
     doc = "An MQTT client id registered as APPLICATION with a ferrymq broker: its Kafka topic and its credentials.",
     printcolumn(

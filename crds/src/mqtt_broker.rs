@@ -31,6 +31,7 @@ use crate::common::{LocalObjectRef, SecretKeyRef};
     namespaced,
     status = "MqttBrokerStatus",
     derive = "PartialEq",
+    derive = "Default",
     cel,
     doc = "A ferrymq MQTT broker: a StatefulSet with its Services, ConfigMap and PodDisruptionBudget.",
     scale(
@@ -150,6 +151,36 @@ impl JsonSchema for ConfigOverrides {
             "type": "object",
             "x-kubernetes-preserve-unknown-fields": true
         })
+    }
+}
+
+/// A broker on embedded storage with the default listener and no image: what serde fills in
+/// for every defaulted field (the image has no default, so this alone is not a valid spec).
+impl Default for MqttBrokerSpec {
+    fn default() -> Self {
+        MqttBrokerSpec {
+            image: String::new(),
+            image_pull_policy: None,
+            image_pull_secrets: Vec::new(),
+            replicas: default_replicas(),
+            listeners: default_listeners(),
+            resources: None,
+            pod: PodSettings::default(),
+            storage: Storage {
+                embedded: Some(EmbeddedStorage {
+                    size: default_pvc_size(),
+                    storage_class_name: None,
+                    fsync: true,
+                }),
+                kafka_postgres: None,
+            },
+            device_queue: None,
+            application_log: None,
+            auth: AuthSpec::default(),
+            metrics: MetricsSpec::default(),
+            disruption_budget: DisruptionBudget::default(),
+            config: None,
+        }
     }
 }
 

@@ -37,6 +37,25 @@ pub async fn reconcile(app: Arc<ApplicationClient>, ctx: Arc<Context>) -> Result
         .namespace()
         .ok_or(Error::MissingField("metadata.namespace"))?;
     let api: Api<ApplicationClient> = Api::namespaced(ctx.client.clone(), &ns);
+    if app.metadata.deletion_timestamp.is_none() && app.finalizers().is_empty() {
+        // The first finalizer, guarded by the resourceVersion (kube's helper tests the list for
+        // null instead, which is equivalent on an API server; this form also works where an
+        // absent key cannot be tested). The write triggers the next reconcile.
+        let rv = app
+            .resource_version()
+            .ok_or(Error::MissingField("metadata.resourceVersion"))?;
+        let patch: json_patch::Patch = serde_json::from_value(serde_json::json!([
+            {"op": "test", "path": "/metadata/resourceVersion", "value": rv},
+            {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]},
+        ]))?;
+        api.patch(
+            &app.name_any(),
+            &PatchParams::default(),
+            &Patch::<()>::Json(patch),
+        )
+        .await?;
+        return Ok(Action::await_change());
+    }
     finalizer(&api, FINALIZER, app, |event| async {
         match event {
             FinalizerEvent::Apply(app) => apply_app(app, ctx.clone()).await,

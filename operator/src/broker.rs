@@ -16,6 +16,7 @@ use ferrymq_crds::{
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use k8s_openapi::ByteString;
@@ -446,15 +447,12 @@ async fn provision_database(
 /// asked for.
 async fn reconcile_service_monitor(broker: &MqttBroker, ctx: &Context, ns: &str) -> Result<()> {
     let wanted = broker.spec.metrics.service_monitor.enabled;
-    let installed = match ctx
-        .client
-        .list_api_group_resources("monitoring.coreos.com/v1")
-        .await
-    {
-        Ok(list) => list.resources.iter().any(|r| r.name == "servicemonitors"),
-        Err(kube::Error::Api(e)) if e.code == 404 => false,
-        Err(e) => return Err(e.into()),
-    };
+    // The CRD, not API discovery: a plain GET that RBAC can grant narrowly (resourceNames).
+    let crds: Api<CustomResourceDefinition> = Api::all(ctx.client.clone());
+    let installed = crds
+        .get_opt("servicemonitors.monitoring.coreos.com")
+        .await?
+        .is_some();
     if !installed {
         if wanted {
             ctx.event(broker, true, "ServiceMonitorUnavailable", "Monitor", "spec.metrics.serviceMonitor.enabled is true but the monitoring.coreos.com/v1 ServiceMonitor CRD is not installed".into()).await;
