@@ -29,22 +29,26 @@ struct Cli {
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "FERRYMQ_OPERATOR_HTTP", default_value = "0.0.0.0:8080")]
     http: SocketAddr,
-    /// Run the controllers without a leader Lease (one replica only).
+    /// Run the controllers only while holding the leader Lease (needed with more than one
+    /// replica). Without it, this process reconciles at once.
     #[arg(long)]
-    no_leader_election: bool,
+    leader_election: bool,
     /// Namespace of the leader Lease (the operator's own).
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     lease_namespace: String,
     #[arg(long, env = "LEASE_NAME", default_value = "ferrymq-operator")]
     lease_name: String,
+    /// Lease duration, seconds; renewed every third of it. A new leader takes over at most this
+    /// long after the old one died.
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(3..=3600))]
+    lease_duration_secs: u64,
+    /// Log format: `text` or `json`.
+    #[arg(long, env = "FERRYMQ_OPERATOR_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
     /// This replica's identity in the Lease.
     #[arg(long, env = "POD_NAME")]
     holder_id: Option<String>,
 }
-
-/// Lease duration; renewed every third of it. A new leader takes over at most this long after
-/// the old one died.
-const LEASE_TTL: Duration = Duration::from_secs(15);
 
 #[derive(Clone)]
 struct Http {
@@ -54,13 +58,18 @@ struct Http {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FERRYMQ_LOG")
-                .unwrap_or_else(|_| "info,kube=warn".into()),
-        )
-        .init();
     let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,kube=warn".into());
+    if cli.log_format == "json" {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    let lease_ttl = Duration::from_secs(cli.lease_duration_secs);
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API")?;
@@ -133,7 +142,7 @@ async fn main() -> anyhow::Result<()> {
         .shared()
     };
 
-    let outcome = if cli.no_leader_election {
+    let outcome = if !cli.leader_election {
         metrics.leader.set(1);
         tokio::select! {
             r = signal => r,
@@ -148,12 +157,12 @@ async fn main() -> anyhow::Result<()> {
             LeaseLockParams {
                 holder_id: holder.clone(),
                 lease_name: cli.lease_name.clone(),
-                lease_ttl: LEASE_TTL,
+                lease_ttl,
             },
         );
         let result = tokio::select! {
             r = signal => r,
-            r = lead(&lock, ctx.clone(), cli.namespace.clone(), controllers_stop.clone(), &metrics) => r,
+            r = lead(&lock, lease_ttl, ctx.clone(), cli.namespace.clone(), controllers_stop.clone(), &metrics) => r,
         };
         let _ = stop_tx.send(true);
         // Give the Lease up at once so a standby takes over without waiting for the TTL.
@@ -176,12 +185,13 @@ async fn main() -> anyhow::Result<()> {
 /// once for longer than one renewal interval.
 async fn lead(
     lock: &LeaseLock,
+    lease_ttl: Duration,
     ctx: Arc<Context>,
     namespace: Option<String>,
     stop: futures_util::future::Shared<futures_util::future::BoxFuture<'static, ()>>,
     metrics: &Metrics,
 ) -> anyhow::Result<()> {
-    let renew = LEASE_TTL / 3;
+    let renew = lease_ttl / 3;
     loop {
         match lock.try_acquire_or_renew().await {
             Ok(kube_leader_election::LeaseLockResult::Acquired(_)) => break,

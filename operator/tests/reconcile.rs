@@ -26,10 +26,13 @@ use serde_json::json;
 
 const NS: &str = "iot";
 
+/// A topic: partitions and configuration.
+type Topic = (i32, BTreeMap<String, String>);
+
 /// Kafka and PostgreSQL in memory, with switches for failures.
 #[derive(Default)]
 struct FakeWorld {
-    topics: Mutex<BTreeMap<String, (i32, BTreeMap<String, String>)>>,
+    topics: Mutex<BTreeMap<String, Topic>>,
     credentials: Mutex<BTreeMap<String, AppCredential>>,
     databases: Mutex<Vec<(String, BrokerDatabase, String)>>,
     kafka_down: AtomicBool,
