@@ -159,11 +159,8 @@ fn kafka_postgres_broker_config_is_accepted() {
     );
 }
 
-/// TLS and WebSocket listeners need the broker's transport work (issue 6, branch `issue6-net`:
-/// `protocol`, `cert_file`, `key_file` on `[[listeners]]`). Until that is on main the broker
-/// refuses the key `protocol`; un-ignore this test when it lands.
+/// TLS and WebSocket listeners: `protocol`, `cert_file` and `key_file` on `[[listeners]]`.
 #[test]
-#[ignore = "needs TLS/WebSocket listeners in the broker (issue 6, branch issue6-net)"]
 fn tls_and_websocket_listeners_are_accepted() {
     let effective = check(json!({
         "image": "ferrymq:test",
