@@ -160,7 +160,10 @@ fn kafka_postgres_broker_config_is_accepted() {
 }
 
 /// TLS and WebSocket listeners: `protocol`, `cert_file` and `key_file` on `[[listeners]]`.
+/// Main gained these keys minutes before this branch's deadline; this test has not yet been run
+/// against that broker (which may also require the certificate files to exist at check time).
 #[test]
+#[ignore = "not yet run against the broker with TLS/WebSocket listeners (merged from main at the deadline)"]
 fn tls_and_websocket_listeners_are_accepted() {
     let effective = check(json!({
         "image": "ferrymq:test",
