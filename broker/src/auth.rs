@@ -8,12 +8,14 @@
 //! ([`acl`]). docs/security.md describes the whole thing.
 
 pub mod acl;
+pub mod applications;
 pub mod chain;
 pub mod cli;
 pub mod embedded;
 pub mod jwt;
 pub mod limiter;
 pub mod password;
+pub mod postgres;
 pub mod store;
 pub mod x509;
 

@@ -28,8 +28,8 @@ struct Cli {
     /// Validate the configuration, print it as TOML and exit.
     #[arg(long)]
     check_config: bool,
-    /// Admin commands on the data directory's credential store (the broker must not be
-    /// running on it: the store file is locked while it does).
+    /// Admin commands on the configured credential store: PostgreSQL with kafka+postgres,
+    /// else the data directory's file (locked while a broker runs on it).
     #[command(subcommand)]
     admin: Option<AdminCommand>,
 }
@@ -54,7 +54,7 @@ fn main() -> anyhow::Result<()> {
     let config = Config::load(cli.config.as_deref(), std::env::vars(), &overrides)
         .context("configuration")?;
     if let Some(admin) = cli.admin {
-        return ferrymq::auth::cli::run(admin, &config.data_dir);
+        return ferrymq::auth::cli::run(admin, &config);
     }
     if cli.check_config {
         println!(

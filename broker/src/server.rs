@@ -61,7 +61,7 @@ pub enum StartError {
 impl Server {
     /// Binds every listener and starts serving.
     pub async fn start(config: Config) -> Result<Server, StartError> {
-        let auth = crate::auth::chain::AuthChain::open(&config)?;
+        let auth = crate::auth::chain::AuthChain::open(&config).await?;
         let broker = Broker::open_with_authenticator(config, Arc::new(auth))
             .await
             .map_err(StartError::Storage)?;

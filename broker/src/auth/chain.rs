@@ -16,6 +16,7 @@ use super::embedded::{EmbeddedCredentials, OpenError};
 use super::jwt::{JwtProvider, JwtSetupError, Verdict};
 use super::limiter::FailureLimiter;
 use super::password;
+use super::postgres::PgCredentials;
 use super::store::{CredentialKey, CredentialRecord, CredentialStore};
 use super::x509::X509Mapper;
 use super::{AuthDecision, Authenticator, Credentials, Identity};
@@ -25,6 +26,8 @@ use crate::config::{AuthProviderKind, Config};
 pub enum SetupError {
     #[error("credential store: {0}")]
     Store(#[from] OpenError),
+    #[error("credential store: {0}")]
+    Postgres(crate::storage::StorageError),
     #[error(transparent)]
     Jwt(#[from] JwtSetupError),
     #[error("key `auth.x509.cn_regex`: {0}")]
@@ -52,10 +55,9 @@ enum Step {
 }
 
 impl AuthChain {
-    /// Opens the embedded credential store under `data_dir` and builds the chain.
-    pub fn open(config: &Config) -> Result<AuthChain, SetupError> {
-        let store = EmbeddedCredentials::open(&config.data_dir)?;
-        Self::new(config, Arc::new(store))
+    /// Opens the configured backend's credential store and builds the chain.
+    pub async fn open(config: &Config) -> Result<AuthChain, SetupError> {
+        Self::new(config, open_store(config).await?)
     }
 
     pub fn new(config: &Config, store: Arc<dyn CredentialStore>) -> Result<AuthChain, SetupError> {
@@ -222,6 +224,19 @@ impl AuthChain {
             }
         }
         AuthDecision::Allow(id)
+    }
+}
+
+/// The credential store of the configured backend: the table `mqtt_credentials` in
+/// `postgres.schema` with `kafka+postgres`, else `<data_dir>/credentials.redb`.
+pub async fn open_store(config: &Config) -> Result<Arc<dyn CredentialStore>, SetupError> {
+    if config.storage.is_kafka_postgres() {
+        let store = PgCredentials::connect(&config.postgres)
+            .await
+            .map_err(SetupError::Postgres)?;
+        Ok(Arc::new(store))
+    } else {
+        Ok(Arc::new(EmbeddedCredentials::open(&config.data_dir)?))
     }
 }
 

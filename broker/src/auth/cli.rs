@@ -1,19 +1,22 @@
-//! `ferrymq credentials …` and `ferrymq app-clients …`: edit the embedded credential store of a
-//! data directory, for users without the operator or the admin API.
+//! `ferrymq credentials …` and `ferrymq app-clients …`: edit the credential store the
+//! configuration names, for users without the operator or the admin API: the PostgreSQL table
+//! with `storage.backend = "kafka+postgres"` (works while brokers run), else the embedded store
+//! of the data directory.
 //!
-//! The store file is locked while a broker runs on the same data directory; the commands then
-//! fail with a message naming the lock (use the running broker's admin API instead).
+//! The embedded store file is locked while a broker runs on the same data directory; the
+//! commands then fail with a message naming the lock (use the running broker's admin API).
 
 use std::io::BufRead;
-use std::path::Path;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
 
 use super::acl::AclRules;
-use super::embedded::EmbeddedCredentials;
+use super::applications;
+use super::chain::open_store;
 use super::password;
-use super::store::{ClientType, CredentialKey, CredentialRecord, MAX_LIST};
+use super::store::{ClientType, CredentialKey, CredentialRecord, CredentialStore, MAX_LIST};
+use crate::config::Config;
 
 #[derive(Debug, Subcommand)]
 pub enum AdminCommand {
@@ -93,16 +96,27 @@ pub struct AddArgs {
     pub subscribe: Vec<String>,
 }
 
-/// Runs one admin command against `<data_dir>/credentials.redb`.
-pub fn run(command: AdminCommand, data_dir: &Path) -> anyhow::Result<()> {
-    let store = EmbeddedCredentials::open(data_dir)?;
-    match command {
-        AdminCommand::Credentials(c) => credentials(&store, c),
-        AdminCommand::AppClients(c) => app_clients(&store, c),
-    }
+/// Runs one admin command against the configured backend's credential store: the table
+/// `mqtt_credentials` with `storage.backend = "kafka+postgres"`, else
+/// `<data_dir>/credentials.redb`.
+pub fn run(command: AdminCommand, config: &Config) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(async {
+        let store = open_store(config).await?;
+        match command {
+            AdminCommand::Credentials(c) => credentials(store.as_ref(), c).await,
+            AdminCommand::AppClients(c) => app_clients(store.as_ref(), c).await,
+        }
+    })
 }
 
-fn credentials(store: &EmbeddedCredentials, command: CredentialsCommand) -> anyhow::Result<()> {
+async fn credentials(
+    store: &dyn CredentialStore,
+    command: CredentialsCommand,
+) -> anyhow::Result<()> {
     match command {
         CredentialsCommand::Add(args) => {
             let password_hash = match (&args.password_hash, &args.password_env) {
@@ -136,28 +150,27 @@ fn credentials(store: &EmbeddedCredentials, command: CredentialsCommand) -> anyh
                     subscribe: args.subscribe,
                 },
             };
-            store.put_blocking(&record)?;
-            if let Some(key) = record.key() {
+            let key = record.key();
+            store.put(record).await?;
+            if let Some(key) = key {
                 println!("stored {key}");
             }
             Ok(())
         }
-        CredentialsCommand::List => for_each(store, |record| {
-            let mut json = serde_json::to_value(record)?;
-            if let Some(obj) = json.as_object_mut() {
-                let has = obj.remove("password_hash").is_some();
-                obj.insert("has_password".into(), serde_json::Value::Bool(has));
-            }
-            println!("{json}");
-            Ok(())
-        }),
+        CredentialsCommand::List => {
+            for_each(store, |record| {
+                println!("{}", record.redacted());
+                Ok(())
+            })
+            .await
+        }
         CredentialsCommand::Delete(args) => {
             let key = match (args.username, args.client_id) {
                 (Some(u), _) => CredentialKey::Username(u),
                 (None, Some(c)) => CredentialKey::ClientId(c),
                 (None, None) => bail!("give --username or --client-id"),
             };
-            if !store.delete_blocking(&key)? {
+            if !store.delete(&key).await? {
                 bail!("no credential with {key}");
             }
             println!("deleted {key}");
@@ -173,61 +186,45 @@ fn hash_nonempty(password: &[u8]) -> anyhow::Result<String> {
     password::hash(password).map_err(|e| anyhow::anyhow!("hashing the password: {e}"))
 }
 
-fn app_clients(store: &EmbeddedCredentials, command: AppClientsCommand) -> anyhow::Result<()> {
+async fn app_clients(
+    store: &dyn CredentialStore,
+    command: AppClientsCommand,
+) -> anyhow::Result<()> {
     match command {
         AppClientsCommand::Add { client_id } => {
-            let key = CredentialKey::ClientId(client_id.clone());
-            // An existing client-id credential keeps its password and ACL.
-            let mut record = store.get_blocking(&key)?.unwrap_or(CredentialRecord {
-                username: None,
-                client_id: Some(client_id),
-                password_hash: None,
-                client_type: None,
-                acl: AclRules::default(),
-            });
-            record.client_type = Some(ClientType::Application);
-            store.put_blocking(&record)?;
-            println!("{key} is an APPLICATION client");
+            applications::register(store, &client_id).await?;
+            println!("client id `{client_id}` is an APPLICATION client");
             Ok(())
         }
-        AppClientsCommand::List => for_each(store, |record| {
-            if let (None, Some(id), Some(ClientType::Application)) =
-                (&record.username, &record.client_id, record.client_type)
-            {
-                println!("{id}");
-            }
-            Ok(())
-        }),
-        AppClientsCommand::Delete { client_id } => {
-            let key = CredentialKey::ClientId(client_id);
-            match store.get_blocking(&key)? {
-                Some(r) if r.client_type == Some(ClientType::Application) => {
-                    if r.password_hash.is_none() && r.acl == AclRules::default() {
-                        store.delete_blocking(&key)?;
-                    } else {
-                        // A credential in its own right: only the registration goes.
-                        store.put_blocking(&CredentialRecord {
-                            client_type: None,
-                            ..r
-                        })?;
+        AppClientsCommand::List => {
+            for_each(store, |record| {
+                if applications::is_registration(record) {
+                    if let Some(id) = &record.client_id {
+                        println!("{id}");
                     }
-                    println!("{key} is no longer registered as an APPLICATION client");
-                    Ok(())
                 }
-                _ => bail!("{key} is not registered as an APPLICATION client"),
+                Ok(())
+            })
+            .await
+        }
+        AppClientsCommand::Delete { client_id } => {
+            if !applications::unregister(store, &client_id).await? {
+                bail!("client id `{client_id}` is not registered as an APPLICATION client");
             }
+            println!("client id `{client_id}` is no longer registered as an APPLICATION client");
+            Ok(())
         }
     }
 }
 
 /// Visits every record, page by page.
-fn for_each(
-    store: &EmbeddedCredentials,
+async fn for_each(
+    store: &dyn CredentialStore,
     mut f: impl FnMut(&CredentialRecord) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let mut after: Option<CredentialKey> = None;
     loop {
-        let page = store.list_blocking(after.as_ref(), MAX_LIST)?;
+        let page = store.list(after.as_ref(), MAX_LIST).await?;
         for record in &page {
             f(record)?;
         }

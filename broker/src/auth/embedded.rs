@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use redb::{Database, ReadableDatabase, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::store::{CredentialKey, CredentialRecord, CredentialStore, StoreError, MAX_LIST};
 
@@ -84,6 +84,29 @@ impl EmbeddedCredentials {
         txn.commit().map_err(backend)
     }
 
+    pub fn create_blocking(&self, record: &CredentialRecord) -> Result<bool, StoreError> {
+        record.validate().map_err(StoreError::Invalid)?;
+        let Some(key) = record.key() else {
+            return Err(StoreError::Invalid("no key".into()));
+        };
+        let value = serde_json::to_vec(record).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let k = key.encode();
+        // Check and insert in one write transaction: redb has one writer at a time.
+        let txn = self.db.begin_write().map_err(backend)?;
+        let inserted = {
+            let mut table = txn.open_table(CREDENTIALS).map_err(backend)?;
+            let taken = table.get(k.as_str()).map_err(backend)?.is_some();
+            if !taken {
+                table
+                    .insert(k.as_str(), value.as_slice())
+                    .map_err(backend)?;
+            }
+            !taken
+        };
+        txn.commit().map_err(backend)?;
+        Ok(inserted)
+    }
+
     pub fn delete_blocking(&self, key: &CredentialKey) -> Result<bool, StoreError> {
         let txn = self.db.begin_write().map_err(backend)?;
         let existed = {
@@ -151,6 +174,11 @@ impl CredentialStore for EmbeddedCredentials {
     async fn put(&self, record: CredentialRecord) -> Result<(), StoreError> {
         let this = self.clone();
         blocking(move || this.put_blocking(&record)).await
+    }
+
+    async fn create(&self, record: CredentialRecord) -> Result<bool, StoreError> {
+        let this = self.clone();
+        blocking(move || this.create_blocking(&record)).await
     }
 
     async fn delete(&self, key: &CredentialKey) -> Result<bool, StoreError> {

@@ -114,6 +114,18 @@ pub async fn verify(password: &[u8], hash: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Hashes on the blocking pool, sharing the one-per-CPU gate with verification (the admin API:
+/// a hash costs as much as a check).
+pub async fn hash_async(password: Vec<u8>) -> Result<String, String> {
+    let _permit = gate()
+        .acquire()
+        .await
+        .map_err(|_| "the hashing gate is closed".to_string())?;
+    tokio::task::spawn_blocking(move || hash(&password))
+        .await
+        .map_err(|e| format!("hashing task failed: {e}"))?
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -59,6 +59,13 @@ impl ClientType {
         }
     }
 
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientType::Device => "device",
+            ClientType::Application => "application",
+        }
+    }
+
     pub fn parse(text: &str) -> Option<ClientType> {
         match text.to_ascii_lowercase().as_str() {
             "device" => Some(ClientType::Device),
@@ -124,6 +131,29 @@ impl CredentialRecord {
     }
 }
 
+impl CredentialRecord {
+    /// The record as shown to people (CLI, admin API): the JSON format without
+    /// `password_hash`, plus `has_password`. Hashes never leave the store.
+    pub fn redacted(&self) -> serde_json::Value {
+        let mut json = serde_json::json!({
+            "acl": { "publish": self.acl.publish, "subscribe": self.acl.subscribe },
+            "has_password": self.password_hash.is_some(),
+        });
+        if let Some(obj) = json.as_object_mut() {
+            if let Some(u) = &self.username {
+                obj.insert("username".into(), u.clone().into());
+            }
+            if let Some(c) = &self.client_id {
+                obj.insert("client_id".into(), c.clone().into());
+            }
+            if let Some(t) = self.client_type {
+                obj.insert("client_type".into(), t.as_str().into());
+            }
+        }
+        json
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("credential store: {0}")]
@@ -145,6 +175,9 @@ pub trait CredentialStore: Send + Sync + 'static {
     async fn get(&self, key: &CredentialKey) -> Result<Option<CredentialRecord>, StoreError>;
     /// Inserts or replaces the record under its key (validated first).
     async fn put(&self, record: CredentialRecord) -> Result<(), StoreError>;
+    /// Inserts the record (validated first) unless its key is taken, atomically; whether it
+    /// was inserted.
+    async fn create(&self, record: CredentialRecord) -> Result<bool, StoreError>;
     /// Whether a record was there.
     async fn delete(&self, key: &CredentialKey) -> Result<bool, StoreError>;
     /// Up to `limit` (at most [`MAX_LIST`]) records in key order, starting after `after`.

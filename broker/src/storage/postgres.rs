@@ -82,59 +82,19 @@ impl PgStore {
         metrics: Arc<Metrics>,
         released: ReleasedHook,
     ) -> Result<(PgStore, PgConnection), StorageError> {
-        let unreachable = |e: sqlx::Error| {
-            StorageError::Engine(format!(
-                "postgres at `{}` (postgres.url): {e}",
-                redact(&config.url)
-            ))
-        };
-        let base = PgConnectOptions::from_str(&config.url).map_err(unreachable)?;
-        // Create the schema before anything uses it as search_path (an operator-provisioned
-        // role owns its schema already, and may lack CREATE on the database: then skip).
-        let mut setup = tokio::time::timeout(
-            Duration::from_secs(config.connect_timeout_secs),
-            PgConnection::connect_with(&base),
-        )
-        .await
-        .map_err(|_| {
-            StorageError::Engine(format!(
-                "postgres at `{}` (postgres.url): no answer within {} s",
-                redact(&config.url),
-                config.connect_timeout_secs
-            ))
-        })?
-        .map_err(unreachable)?;
-        let exists: bool =
-            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
-                .bind(&config.schema)
-                .fetch_one(&mut setup)
-                .await
-                .map_err(db)?;
-        if !exists {
-            sqlx::query(&format!(
-                "CREATE SCHEMA IF NOT EXISTS \"{}\"",
-                config.schema
-            ))
-            .execute(&mut setup)
-            .await
-            .map_err(|e| db(format!("creating schema {}: {e}", config.schema)))?;
-        }
-        let options = base.options([("search_path", config.schema.as_str())]);
+        let options = schema_options(config).await?;
         // The node lock: one broker per schema. It lives as long as this connection.
         let mut lock = PgConnection::connect_with(&options)
             .await
-            .map_err(unreachable)?;
+            .map_err(|e| unreachable(config, e))?;
         take_node_lock(&mut lock, &config.schema).await?;
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections)
             .acquire_timeout(Duration::from_secs(config.connect_timeout_secs))
             .connect_with(options)
             .await
-            .map_err(unreachable)?;
-        sqlx::migrate!("./migrations/postgres")
-            .run(&pool)
-            .await
-            .map_err(|e| db(format!("migrating schema {}: {e}", config.schema)))?;
+            .map_err(|e| unreachable(config, e))?;
+        migrate(&pool, &config.schema).await?;
         let (tx, rx) = mpsc::channel(WRITE_QUEUE_CAPACITY);
         let healthy = Arc::new(AtomicBool::new(true));
         let mut writer = Writer {
@@ -415,6 +375,62 @@ impl PgStore {
         }
         Ok((snapshot, released))
     }
+}
+
+/// "postgres at `<url without password>` (postgres.url): <error>"
+pub fn unreachable(config: &PostgresConfig, e: impl std::fmt::Display) -> StorageError {
+    StorageError::Engine(format!(
+        "postgres at `{}` (postgres.url): {e}",
+        redact(&config.url)
+    ))
+}
+
+/// Connects once to create `postgres.schema` when it is missing, and returns the connection
+/// options of the broker's own connections (search_path = the schema). Fails with a message
+/// naming `postgres.url` when PostgreSQL cannot be reached.
+pub async fn schema_options(config: &PostgresConfig) -> Result<PgConnectOptions, StorageError> {
+    let base = PgConnectOptions::from_str(&config.url).map_err(|e| unreachable(config, e))?;
+    // Create the schema before anything uses it as search_path (an operator-provisioned role
+    // owns its schema already, and may lack CREATE on the database: then skip).
+    let mut setup = tokio::time::timeout(
+        Duration::from_secs(config.connect_timeout_secs),
+        PgConnection::connect_with(&base),
+    )
+    .await
+    .map_err(|_| {
+        unreachable(
+            config,
+            format!("no answer within {} s", config.connect_timeout_secs),
+        )
+    })?
+    .map_err(|e| unreachable(config, e))?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+            .bind(&config.schema)
+            .fetch_one(&mut setup)
+            .await
+            .map_err(db)?;
+    if !exists {
+        sqlx::query(&format!(
+            "CREATE SCHEMA IF NOT EXISTS \"{}\"",
+            config.schema
+        ))
+        .execute(&mut setup)
+        .await
+        .map_err(|e| db(format!("creating schema {}: {e}", config.schema)))?;
+    }
+    // Best effort: the server closes it anyway when the socket goes.
+    let _ = setup.close().await;
+    Ok(base.options([("search_path", config.schema.as_str())]))
+}
+
+/// Applies the embedded migrations (`broker/migrations/postgres/`) inside the pool's schema.
+/// Safe to run from several processes at once: sqlx serialises them with an advisory lock.
+pub async fn migrate(pool: &PgPool, schema: &str) -> Result<(), StorageError> {
+    sqlx::migrate!("./migrations/postgres")
+        .run(pool)
+        .await
+        .map_err(|e| db(format!("migrating schema {schema}: {e}")))
 }
 
 /// Shared map of APPLICATION entries whose PUBREC was received.

@@ -35,6 +35,8 @@ pub struct ConnectOptions {
     pub session_expiry: Option<u32>,
     /// How long to wait for the TCP connection and the CONNACK.
     pub timeout: Duration,
+    /// User name and password for CONNECT.
+    pub login: Option<(String, String)>,
 }
 
 impl ConnectOptions {
@@ -47,6 +49,7 @@ impl ConnectOptions {
             keep_alive: 300,
             session_expiry: None,
             timeout: Duration::from_secs(10),
+            login: None,
         }
     }
 
@@ -74,6 +77,15 @@ impl ConnectOptions {
 
     pub fn session_expiry(mut self, secs: u32) -> ConnectOptions {
         self.session_expiry = Some(secs);
+        self
+    }
+
+    pub fn login(
+        mut self,
+        username: impl Into<String>,
+        password: impl Into<String>,
+    ) -> ConnectOptions {
+        self.login = Some((username.into(), password.into()));
         self
     }
 }
@@ -207,7 +219,10 @@ impl Connection {
                     client_id: opts.client_id.clone(),
                     clean_session: opts.clean,
                     last_will: None,
-                    login: None,
+                    login: opts
+                        .login
+                        .as_ref()
+                        .map(|(u, p)| v4::Login::new(u.as_str(), p.as_str())),
                 };
                 conn.encode4(v4::Packet::Connect(connect))?;
             }
@@ -223,7 +238,11 @@ impl Connection {
                     clean_start: opts.clean,
                     properties,
                 };
-                conn.encode5(v5::Packet::Connect(connect, None, None))?;
+                let login = opts
+                    .login
+                    .as_ref()
+                    .map(|(u, p)| v5::Login::new(u.as_str(), p.as_str()));
+                conn.encode5(v5::Packet::Connect(connect, None, login))?;
             }
         }
         conn.flush().await?;

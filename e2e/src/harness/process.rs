@@ -124,6 +124,7 @@ pub struct BrokerProcess {
     config_path: Option<PathBuf>,
     log_path: PathBuf,
     addr: SocketAddr,
+    http_addr: SocketAddr,
     child: Option<Child>,
     starts: u32,
     kills: u32,
@@ -157,6 +158,10 @@ impl BrokerProcess {
         };
         let log_path = root.join("broker.log");
         let addr = free_port()?;
+        let mut http_addr = free_port()?;
+        while http_addr == addr {
+            http_addr = free_port()?;
+        }
         let mut broker = BrokerProcess {
             opts,
             binary,
@@ -166,6 +171,7 @@ impl BrokerProcess {
             config_path,
             log_path,
             addr,
+            http_addr,
             child: None,
             starts: 0,
             kills: 0,
@@ -177,6 +183,16 @@ impl BrokerProcess {
     /// The address clients connect to (stays the same across restarts).
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The HTTP endpoint (metrics, health, admin API); stays the same across restarts.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// The config file the broker was started with, if any.
+    pub fn config_path(&self) -> Option<&Path> {
+        self.config_path.as_deref()
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -244,7 +260,7 @@ impl BrokerProcess {
             .arg(&self.data_dir)
             // Brokers started side by side must not fight over the default HTTP port.
             .arg("--http")
-            .arg("127.0.0.1:0");
+            .arg(self.http_addr.to_string());
         if let Some(path) = &self.config_path {
             cmd.arg("--config").arg(path);
         }

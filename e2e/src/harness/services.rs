@@ -263,7 +263,34 @@ impl Postgres {
 
     /// `postgres://postgres@127.0.0.1:<port>/postgres`
     pub fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+        self.url_for("postgres")
+    }
+
+    /// The URL of another database of the cluster.
+    pub fn url_for(&self, database: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// Runs `sql` with `psql` (stops at the first error) and returns its output, unaligned and
+    /// without headers: one line per row, columns separated by `|`.
+    pub fn psql(&self, sql: &str) -> anyhow::Result<String> {
+        self.psql_in("postgres", sql)
+    }
+
+    /// [`Postgres::psql`] in another database of the cluster.
+    pub fn psql_in(&self, database: &str, sql: &str) -> anyhow::Result<String> {
+        let out = Command::new(self.bin.join("psql"))
+            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+            .args(["-d", &self.url_for(database), "-c", sql])
+            .output()
+            .context("running psql")?;
+        if !out.status.success() {
+            bail!(
+                "psql failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Stops the server at once (SIGQUIT to the postmaster: immediate shutdown, like a crash;

@@ -9,9 +9,10 @@
 //! lock but keeps only `limit` items, so memory is bounded and pages are stable while the
 //! collection changes.
 //!
-//! One submodule per resource; a new resource (credentials, application clients) adds a file
-//! and one `.merge` below.
+//! One submodule per resource; a new resource adds a file and one `.merge` below.
 
+pub mod application_clients;
+pub mod credentials;
 pub mod retained;
 pub mod sessions;
 pub mod subscriptions;
@@ -37,6 +38,8 @@ pub fn routes(state: AppState) -> Router<AppState> {
         .merge(sessions::routes())
         .merge(subscriptions::routes())
         .merge(retained::routes())
+        .merge(credentials::routes())
+        .merge(application_clients::routes())
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
         .layer(middleware::from_fn_with_state(state, authorize))
 }

@@ -1,0 +1,332 @@
+"""Offline checks of the ferrymq-operator Helm chart: render it with several value sets through
+helm-python-sdk (Helm's Go SDK as a shared library, no helm binary, no cluster), lint it, check
+the rendered objects, and check that values.schema.json refuses bad values.
+
+Run: python3 -m pytest -q charts/   (.ci/run's `chart` phase does).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+helm = pytest.importorskip("helm_python", reason="pip install helm-python-sdk")
+
+CHARTS = Path(__file__).resolve().parent
+CHART_DIR = CHARTS / "ferrymq-operator"
+REPO = CHARTS.parent
+RELEASE = "fmq"
+NAMESPACE = "ferrymq-system"
+
+
+@pytest.fixture(scope="module")
+def chart():
+    return helm.Chart.load(str(CHART_DIR))
+
+
+def render(chart, values: dict | None = None) -> list[dict]:
+    """Every object the chart renders with `values`, NOTES.txt left out."""
+    out = chart.render(values or {}, name=RELEASE, namespace=NAMESPACE)
+    objects = []
+    for path, text in sorted(out.items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        for doc in yaml.safe_load_all(text):
+            if doc:
+                assert "apiVersion" in doc and "kind" in doc, f"{path}: {doc}"
+                assert doc["metadata"]["name"], f"{path}: object without a name"
+                objects.append(doc)
+    return objects
+
+
+def notes(chart, values: dict | None = None) -> str:
+    out = chart.render(values or {}, name=RELEASE, namespace=NAMESPACE)
+    return next(text for path, text in out.items() if path.endswith("NOTES.txt"))
+
+
+def kinds(objects: list[dict]) -> list[str]:
+    return sorted(o["kind"] for o in objects)
+
+
+def one(objects: list[dict], kind: str) -> dict:
+    found = [o for o in objects if o["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+    return found[0]
+
+
+def container(objects: list[dict]) -> dict:
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    assert len(pod["containers"]) == 1
+    return pod["containers"][0]
+
+
+# --- rendering --------------------------------------------------------------------------------
+
+
+def test_default_values_render_the_operator(chart):
+    objects = render(chart)
+    assert kinds(objects) == sorted(
+        [
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Deployment",
+            "Role",
+            "RoleBinding",
+            "Service",
+            "ServiceAccount",
+        ]
+    )
+    for o in objects:
+        labels = o["metadata"]["labels"]
+        assert labels["app.kubernetes.io/name"] == "ferrymq-operator"
+        assert labels["app.kubernetes.io/instance"] == RELEASE
+        if o["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
+            assert o["metadata"]["namespace"] == NAMESPACE, o["kind"]
+
+
+def test_deployment_probes_ports_and_service_agree(chart):
+    objects = render(chart, {"http": {"port": 9100}})
+    c = container(objects)
+    assert c["ports"] == [{"name": "http", "containerPort": 9100, "protocol": "TCP"}]
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    args = c["args"]
+    assert args[args.index("--http") + 1] == "0.0.0.0:9100"
+    assert c["image"] == "ghcr.io/ferrymq/ferrymq-operator:0.1.0"
+    svc = one(objects, "Service")
+    assert svc["spec"]["ports"] == [
+        {"name": "http", "port": 9100, "targetPort": "http", "protocol": "TCP"}
+    ]
+    deploy = one(objects, "Deployment")
+    assert (
+        svc["spec"]["selector"]
+        == deploy["spec"]["selector"]["matchLabels"]
+        == {
+            k: v
+            for k, v in deploy["spec"]["template"]["metadata"]["labels"].items()
+            if k in svc["spec"]["selector"]
+        }
+    )
+    sa = one(objects, "ServiceAccount")
+    assert deploy["spec"]["template"]["spec"]["serviceAccountName"] == sa["metadata"]["name"]
+    sc = c["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+
+
+def test_image_tag_and_env_overrides(chart):
+    c = container(
+        render(
+            chart,
+            {
+                "image": {"repository": "registry.local/op", "tag": "dev", "pullPolicy": "Always"},
+                "logLevel": "debug",
+                "extraEnv": [{"name": "EXTRA", "value": "1"}],
+            },
+        )
+    )
+    assert c["image"] == "registry.local/op:dev"
+    assert c["imagePullPolicy"] == "Always"
+    env = {e["name"]: e for e in c["env"]}
+    assert env["RUST_LOG"]["value"] == "debug"
+    assert env["EXTRA"]["value"] == "1"
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+
+
+def test_service_monitor_off_by_default_and_on_when_asked(chart):
+    assert "ServiceMonitor" not in kinds(render(chart))
+    objects = render(
+        chart,
+        {"serviceMonitor": {"enabled": True, "interval": "15s", "labels": {"release": "prom"}}},
+    )
+    sm = one(objects, "ServiceMonitor")
+    assert sm["apiVersion"] == "monitoring.coreos.com/v1"
+    assert sm["metadata"]["labels"]["release"] == "prom"
+    assert sm["spec"]["endpoints"] == [
+        {"port": "http", "path": "/metrics", "interval": "15s", "scrapeTimeout": "10s"}
+    ]
+    assert sm["spec"]["selector"]["matchLabels"] == one(objects, "Service")["spec"]["selector"]
+    assert sm["spec"]["namespaceSelector"]["matchNames"] == [NAMESPACE]
+
+
+def test_leader_election_flags_and_lease_rbac(chart):
+    on = render(chart, {"replicas": 2})
+    assert one(on, "Deployment")["spec"]["replicas"] == 2
+    args = container(on)["args"]
+    assert "--leader-election" in args
+    assert args[args.index("--lease-name") + 1] == "fmq-ferrymq-operator-leader"
+    assert args[args.index("--lease-namespace") + 1] == "$(POD_NAMESPACE)"
+    lease_roles = [o for o in on if o["kind"] == "Role" and o["metadata"]["name"].endswith("-leader-election")]
+    assert len(lease_roles) == 1
+    assert lease_roles[0]["metadata"]["namespace"] == NAMESPACE
+
+    off = render(chart, {"leaderElection": {"enabled": False}})
+    assert "--leader-election" not in container(off)["args"]
+    assert "Role" not in kinds(off) and "RoleBinding" not in kinds(off)
+    # Without the Lease, two replicas would fight: the chart refuses to render.
+    with pytest.raises(helm.HelmError, match="leaderElection"):
+        render(chart, {"replicas": 2, "leaderElection": {"enabled": False}})
+
+
+# --- RBAC -------------------------------------------------------------------------------------
+
+ALL_WRITE = {"get", "list", "watch", "create", "patch", "update", "delete"}
+EXPECTED_RULES = {
+    ("ferrymq.io", "mqttbrokers"): {"get", "list", "watch", "patch"},
+    ("ferrymq.io", "applicationclients"): {"get", "list", "watch", "patch"},
+    ("ferrymq.io", "mqttbrokers/status"): {"get", "patch", "update"},
+    ("ferrymq.io", "applicationclients/status"): {"get", "patch", "update"},
+    ("ferrymq.io", "mqttbrokers/finalizers"): {"update"},
+    ("ferrymq.io", "applicationclients/finalizers"): {"update"},
+    ("apps", "statefulsets"): ALL_WRITE,
+    ("", "services"): ALL_WRITE,
+    ("", "configmaps"): ALL_WRITE,
+    ("", "secrets"): ALL_WRITE,
+    ("policy", "poddisruptionbudgets"): ALL_WRITE,
+    ("monitoring.coreos.com", "servicemonitors"): ALL_WRITE,
+    ("events.k8s.io", "events"): {"create", "patch"},
+}
+
+
+def flatten(rules: list[dict]) -> dict[tuple[str, str], set[str]]:
+    flat: dict[tuple[str, str], set[str]] = {}
+    for rule in rules:
+        for verb in rule["verbs"]:
+            assert verb != "*", f"wildcard verb in {rule}"
+        for group in rule["apiGroups"]:
+            assert group != "*", f"wildcard group in {rule}"
+            for resource in rule["resources"]:
+                assert resource != "*", f"wildcard resource in {rule}"
+                flat.setdefault((group, resource), set()).update(rule["verbs"])
+    return flat
+
+
+def test_cluster_role_grants_exactly_what_the_controllers_use(chart):
+    objects = render(chart)
+    role = one(objects, "ClusterRole")
+    assert flatten(role["rules"]) == EXPECTED_RULES
+    binding = one(objects, "ClusterRoleBinding")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": role["metadata"]["name"],
+    }
+    assert binding["subjects"] == [
+        {
+            "kind": "ServiceAccount",
+            "name": one(objects, "ServiceAccount")["metadata"]["name"],
+            "namespace": NAMESPACE,
+        }
+    ]
+    lease = next(o for o in objects if o["kind"] == "Role")
+    assert flatten(lease["rules"]) == {
+        ("coordination.k8s.io", "leases"): {"get", "list", "watch", "create", "update", "patch"}
+    }
+
+
+def test_watch_namespace_scopes_the_rbac(chart):
+    objects = render(chart, {"watchNamespace": "iot"})
+    assert "ClusterRole" not in kinds(objects)
+    assert "ClusterRoleBinding" not in kinds(objects)
+    roles = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Role"}
+    workload = roles["fmq-ferrymq-operator"]
+    assert workload["metadata"]["namespace"] == "iot"
+    assert flatten(workload["rules"]) == EXPECTED_RULES
+    args = container(objects)["args"]
+    assert args[args.index("--namespace") + 1] == "iot"
+
+
+def test_rbac_and_service_account_can_be_left_out(chart):
+    objects = render(
+        chart,
+        {"rbac": {"create": False}, "serviceAccount": {"create": False, "name": "existing"}},
+    )
+    assert kinds(objects) == ["Deployment", "Service"]
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "existing"
+    assert "WARNING: rbac.create is false" in notes(
+        chart, {"rbac": {"create": False}}
+    )
+
+
+# --- CRDs -------------------------------------------------------------------------------------
+
+
+def test_crds_are_shipped_and_match_crdgen_output(chart):
+    """charts/ferrymq-operator/crds/ must be a copy of crds/*.yaml (crdgen's output, itself
+    checked against a fresh generation by the crds crate's tests)."""
+    generated = {p.name: p.read_text() for p in sorted((REPO / "crds").glob("*.yaml"))}
+    shipped = {p.name: p.read_text() for p in sorted((CHART_DIR / "crds").glob("*.yaml"))}
+    assert generated, "no crds/*.yaml: run `cargo run -p ferrymq-crds --bin crdgen`"
+    assert shipped == generated, (
+        "charts/ferrymq-operator/crds/ differs from crds/*.yaml; "
+        "run: rm charts/ferrymq-operator/crds/*.yaml && cp crds/*.yaml charts/ferrymq-operator/crds/"
+    )
+    names = set()
+    for crd in chart.crds:
+        for doc in yaml.safe_load_all(crd["data"]):
+            if doc:
+                assert doc["kind"] == "CustomResourceDefinition"
+                names.add(doc["metadata"]["name"])
+    assert {"mqttbrokers.ferrymq.io", "applicationclients.ferrymq.io"} <= names
+
+
+# --- schema -----------------------------------------------------------------------------------
+
+BAD_VALUES = [
+    pytest.param({"unknownKey": 1}, id="unknown top-level key"),
+    pytest.param({"image": {"repository": "x", "tagg": "1"}}, id="unknown nested key"),
+    pytest.param({"image": {"repository": "x", "pullPolicy": "Sometimes"}}, id="pullPolicy enum"),
+    pytest.param({"image": {"repository": ""}}, id="empty repository"),
+    pytest.param({"replicas": "two"}, id="replicas not an integer"),
+    pytest.param({"replicas": -1}, id="negative replicas"),
+    pytest.param({"http": {"port": 80}}, id="privileged port"),
+    pytest.param({"http": {"port": 70000}}, id="port out of range"),
+    pytest.param({"serviceMonitor": {"enabled": "yes"}}, id="enabled not a boolean"),
+    pytest.param({"serviceMonitor": {"interval": "soon"}}, id="bad duration"),
+    pytest.param({"serviceMonitor": {"labels": {"a": 1}}}, id="non-string label"),
+    pytest.param({"watchNamespace": "Bad_NS"}, id="invalid namespace name"),
+    pytest.param({"logFormat": "xml"}, id="logFormat enum"),
+    pytest.param({"service": {"type": "ExternalName"}}, id="service type enum"),
+    pytest.param({"resources": {"limits": {"memory": "lots"}}}, id="bad quantity"),
+    pytest.param({"leaderElection": {"leaseDurationSeconds": 1}}, id="lease too short"),
+]
+
+
+@pytest.mark.parametrize("bad", BAD_VALUES)
+def test_schema_rejects_bad_values(chart, bad):
+    with pytest.raises(helm.HelmValuesError):
+        chart.validate_schema(chart.merge_values(copy.deepcopy(bad)))
+    # An install renders with the same validation: the bad values never reach a template.
+    with pytest.raises(helm.HelmError):
+        render(chart, copy.deepcopy(bad))
+
+
+GOOD_VALUES = [
+    pytest.param({}, id="defaults"),
+    pytest.param({"replicas": 2, "serviceMonitor": {"enabled": True}}, id="ha and monitoring"),
+    pytest.param({"watchNamespace": "iot", "logFormat": "text"}, id="one namespace"),
+    pytest.param(
+        {"resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"cpu": 1}}},
+        id="resources",
+    ),
+]
+
+
+@pytest.mark.parametrize("good", GOOD_VALUES)
+def test_schema_accepts_good_values_and_lint_is_clean(chart, good):
+    chart.validate_schema(chart.merge_values(copy.deepcopy(good)))
+    report = helm.lint(str(CHART_DIR), copy.deepcopy(good), strict=True, namespace=NAMESPACE)
+    assert report["errors"] == [], report
+    # Severity 2 = warning, 3 = error; an info such as "icon is recommended" is fine.
+    assert [m for m in report["messages"] if m["severity"] >= 2] == [], report
+
+
+def test_default_values_file_is_valid(chart):
+    values = yaml.safe_load((CHART_DIR / "values.yaml").read_text())
+    chart.validate_schema(values)
+    assert chart.values == values

@@ -1,0 +1,302 @@
+//! The Kafka side effects against a real Kafka-protocol broker (tansu, started per test by the
+//! e2e harness). Skipped with a message where tansu is missing, unless
+//! `FERRYMQ_REQUIRE_SERVICES=1` (CI), where that fails.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use ferrymq_e2e::harness::free_port;
+use ferrymq_e2e::harness::services::{require_services, Tansu};
+use ferrymq_operator::provision::kafka::{
+    application_topic, ConfigOp, KafkaAdmin, KafkaConnection, KafkaError, TopicAction, TopicSpec,
+};
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn tansu() -> Option<Tansu> {
+    if !require_services() {
+        return None;
+    }
+    Some(Tansu::start().expect("starting tansu"))
+}
+
+fn admin(tansu: &Tansu) -> KafkaAdmin {
+    let mut c = KafkaConnection::new(tansu.bootstrap());
+    c.timeout = Duration::from_secs(10);
+    KafkaAdmin::new(c).expect("admin client")
+}
+
+fn config(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn spec(name: &str, partitions: i32, cfg: &[(&str, &str)]) -> TopicSpec {
+    TopicSpec {
+        name: name.to_string(),
+        partitions,
+        replication_factor: -1,
+        config: config(cfg),
+    }
+}
+
+/// Created with the spec's partitions and configuration; a second run finds it as it is and
+/// changes nothing.
+#[test]
+fn topic_is_created_and_a_second_run_changes_nothing() {
+    let Some(tansu) = tansu() else { return };
+    runtime().block_on(async {
+        let admin = admin(&tansu);
+        admin.check().await.expect("tansu answers");
+        let name = application_topic("prov", "ingest-1");
+        assert_eq!(name, "prov.app.ingest-1");
+        assert!(admin.describe(&name).await.unwrap().is_none());
+
+        let want = spec(&name, 1, &[("retention.ms", "604800000")]);
+        let first = admin.ensure_topic(&want).await.expect("create");
+        println!("created: {first:?}");
+        assert_eq!(first.action, TopicAction::Created);
+        assert!(first.changed());
+        assert_eq!(first.topic.partitions, 1);
+        assert!(first.topic.topic_id.is_some(), "no topic id: {first:?}");
+        assert_eq!(
+            first
+                .topic
+                .effective_config
+                .get("retention.ms")
+                .map(String::as_str),
+            Some("604800000")
+        );
+
+        let second = admin.ensure_topic(&want).await.expect("second run");
+        assert_eq!(second.action, TopicAction::Existing);
+        assert!(
+            !second.changed(),
+            "second run changed something: {second:?}"
+        );
+        assert!(second.config_changes.is_empty());
+        assert_eq!(second.topic.topic_id, first.topic.topic_id);
+    });
+}
+
+/// A topic made by someone else is adopted: the operator does not fail on "already exists", it
+/// takes the topic over and sets its configuration to the spec.
+#[test]
+fn existing_topic_is_adopted() {
+    let Some(tansu) = tansu() else { return };
+    runtime().block_on(async {
+        let admin = admin(&tansu);
+        let name = "prov.app.adopted";
+        let made_elsewhere = spec(name, 1, &[("retention.ms", "1000")]);
+        admin
+            .ensure_topic(&made_elsewhere)
+            .await
+            .expect("out-of-band create");
+
+        let outcome = admin
+            .ensure_topic(&spec(name, 1, &[("retention.ms", "86400000")]))
+            .await
+            .expect("adopt");
+        assert_eq!(outcome.action, TopicAction::Existing);
+        assert_eq!(
+            outcome
+                .config_changes
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["retention.ms: 1000 -> 86400000"]
+        );
+        let now = admin.describe(name).await.unwrap().expect("exists");
+        assert_eq!(
+            now.effective_config.get("retention.ms").map(String::as_str),
+            Some("86400000")
+        );
+    });
+}
+
+/// Configuration changed behind the operator's back is set back, and the outcome names each
+/// key with the value found and the value restored (what the DriftReverted Event says).
+#[test]
+fn config_drift_is_reverted_and_reported() {
+    let Some(tansu) = tansu() else { return };
+    runtime().block_on(async {
+        let admin = admin(&tansu);
+        let name = "prov.app.drift";
+        let want = spec(
+            name,
+            1,
+            &[
+                ("retention.ms", "604800000"),
+                ("max.message.bytes", "1048576"),
+            ],
+        );
+        admin.ensure_topic(&want).await.expect("create");
+
+        // Someone edits the topic with kafka-configs.sh.
+        admin
+            .alter_config(
+                name,
+                &[ConfigOp::Set("retention.ms".into(), "60000".into())],
+            )
+            .await
+            .expect("out-of-band change");
+        let drifted = admin.describe(name).await.unwrap().expect("exists");
+        assert_eq!(
+            drifted
+                .effective_config
+                .get("retention.ms")
+                .map(String::as_str),
+            Some("60000")
+        );
+
+        let outcome = admin.ensure_topic(&want).await.expect("revert");
+        assert_eq!(
+            outcome
+                .config_changes
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["retention.ms: 60000 -> 604800000"]
+        );
+        assert_eq!(
+            outcome
+                .topic
+                .effective_config
+                .get("retention.ms")
+                .map(String::as_str),
+            Some("604800000")
+        );
+        assert!(!admin.ensure_topic(&want).await.unwrap().changed());
+    });
+}
+
+/// Fewer partitions than the topic has is refused with an error that says why, and the topic
+/// is left as it was. More partitions grow it where the cluster implements CreatePartitions;
+/// tansu does not (it answers UNSUPPORTED), so there the test checks that this comes back as
+/// `Unsupported`, naming the request, with the topic unchanged.
+#[test]
+fn partitions_grow_and_shrinking_is_refused() {
+    let Some(tansu) = tansu() else { return };
+    runtime().block_on(async {
+        let admin = admin(&tansu);
+        let name = "prov.app.parts";
+        admin
+            .ensure_topic(&spec(name, 2, &[]))
+            .await
+            .expect("create");
+
+        let err = admin
+            .ensure_topic(&spec(name, 1, &[]))
+            .await
+            .expect_err("shrink must be refused");
+        assert!(
+            matches!(
+                err,
+                KafkaError::PartitionShrink {
+                    current: 2,
+                    requested: 1,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().contains("cannot remove partitions"),
+            "{err}"
+        );
+        assert!(!err.is_transient());
+        assert_eq!(admin.describe(name).await.unwrap().unwrap().partitions, 2);
+
+        match admin.ensure_topic(&spec(name, 3, &[])).await {
+            Ok(outcome) => {
+                assert_eq!(outcome.grown_from, Some(2));
+                assert_eq!(outcome.topic.partitions, 3);
+            }
+            Err(e @ KafkaError::Unsupported { .. }) => {
+                println!("this cluster cannot grow partitions: {e}");
+                assert!(e.to_string().contains("grow topic prov.app.parts"), "{e}");
+                assert_eq!(admin.describe(name).await.unwrap().unwrap().partitions, 2);
+            }
+            Err(e) => panic!("growing failed: {e:?}"),
+        }
+    });
+}
+
+/// Delete removes the topic; deleting again reports that there was nothing to delete.
+#[test]
+fn topic_is_deleted() {
+    let Some(tansu) = tansu() else { return };
+    runtime().block_on(async {
+        let admin = admin(&tansu);
+        let name = "prov.app.gone";
+        admin
+            .ensure_topic(&spec(name, 1, &[]))
+            .await
+            .expect("create");
+        assert!(admin.delete_topic(name).await.expect("delete"));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while admin.describe(name).await.unwrap().is_some() {
+            assert!(tokio::time::Instant::now() < deadline, "topic still listed");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(!admin.delete_topic(name).await.expect("delete again"));
+    });
+}
+
+/// A topic deleted and created again has a new topic id: what status.topicId exposes so a
+/// recreation (and the loss of its data) is visible.
+#[test]
+fn recreated_topic_has_a_new_id() {
+    let Some(tansu) = tansu() else { return };
+    runtime().block_on(async {
+        let admin = admin(&tansu);
+        let name = "prov.app.again";
+        let first = admin
+            .ensure_topic(&spec(name, 1, &[]))
+            .await
+            .expect("create");
+        assert!(admin.delete_topic(name).await.expect("delete"));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while admin.describe(name).await.unwrap().is_some() {
+            assert!(tokio::time::Instant::now() < deadline, "topic still listed");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let second = admin
+            .ensure_topic(&spec(name, 1, &[]))
+            .await
+            .expect("recreate");
+        assert_eq!(second.action, TopicAction::Created);
+        assert!(first.topic.topic_id.is_some());
+        assert_ne!(first.topic.topic_id, second.topic.topic_id);
+    });
+}
+
+/// Nothing listens: every call fails as Unreachable (transient), within the timeout.
+#[test]
+fn unreachable_cluster_is_reported_as_such() {
+    runtime().block_on(async {
+        let addr = free_port().expect("port");
+        let mut c = KafkaConnection::new(addr.to_string());
+        c.timeout = Duration::from_secs(2);
+        let admin = KafkaAdmin::new(c).expect("client");
+        let started = std::time::Instant::now();
+        let err = admin.check().await.expect_err("nothing listens");
+        assert!(matches!(err, KafkaError::Unreachable { .. }), "{err:?}");
+        assert!(err.is_transient());
+        assert!(err.to_string().contains(&addr.to_string()), "{err}");
+        let err = admin
+            .ensure_topic(&spec("x.app.y", 1, &[]))
+            .await
+            .expect_err("nothing listens");
+        assert!(matches!(err, KafkaError::Unreachable { .. }), "{err:?}");
+        assert!(started.elapsed() < Duration::from_secs(30));
+    });
+}
