@@ -428,3 +428,113 @@ fn clean_and_retained_delivery_through_the_log() {
         }
     });
 }
+
+/// APPLICATION shared subscriptions: two APPLICATION members of `$share/workers/jobs/#` are
+/// online while 8 publishers send 2,000 QoS 1 messages, and the broker is killed with SIGKILL
+/// half way. The group's messages go through its own Kafka topic, balanced over the members by
+/// a Kafka consumer group: both members get a share, together they get every acknowledged
+/// message, and no message is handed to both (duplicates only where a publisher resent).
+#[test]
+fn application_shared_group_is_balanced_and_survives_a_kill() {
+    use ferrymq_e2e::harness::{check_delivery, Expectation, MsgId, Subscriber};
+    use std::collections::{HashMap, HashSet};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
+
+    let _serial = serial();
+    let Some(backend) = Backend::kafka_postgres() else {
+        return;
+    };
+    const PUBLISHERS: u32 = 8;
+    const PER_PUBLISHER: u64 = 250;
+    let total = (PUBLISHERS as u64 * PER_PUBLISHER) as usize;
+    let rt = runtime();
+    let config = "[[application_clients]]\nclient_id = \"worker-a\"\n\n\
+                  [[application_clients]]\nclient_id = \"worker-b\"\n";
+    let mut broker = backend.start("shared-app", config);
+    let addr = broker.addr();
+
+    let seen: Arc<Mutex<HashMap<String, HashSet<MsgId>>>> = Arc::default();
+    let publishing_done = Arc::new(AtomicBool::new(false));
+    let mut members = Vec::new();
+    for name in ["worker-a", "worker-b"] {
+        let mut sub = Subscriber::new(persistent(name, Protocol::V5));
+        sub.stall_timeout = Duration::from_secs(240);
+        rt.block_on(async {
+            sub.connect(addr, Duration::from_secs(20)).await?;
+            sub.subscribe(&[("$share/workers/jobs/#", 1)]).await
+        })
+        .expect("member subscribes");
+        let seen = seen.clone();
+        let done = publishing_done.clone();
+        members.push(rt.spawn(async move {
+            let result = sub
+                .receive_until(
+                    addr,
+                    move |s| {
+                        let mut seen = seen.lock().unwrap();
+                        seen.insert(
+                            s.opts.client_id.clone(),
+                            s.received.iter().map(|r| r.id).collect(),
+                        );
+                        let union: HashSet<&MsgId> = seen.values().flatten().collect();
+                        done.load(Ordering::Relaxed) && union.len() >= total
+                    },
+                    Duration::from_secs(3),
+                    Duration::from_secs(240),
+                )
+                .await;
+            (sub, result)
+        }));
+    }
+    // Both claimers join the group's consumer group before the first message.
+    std::thread::sleep(Duration::from_secs(5));
+
+    let progress = Arc::new(AtomicU64::new(0));
+    let handles: Vec<_> = (0..PUBLISHERS)
+        .map(|p| {
+            let cfg = PublisherConfig::new(
+                p,
+                persistent(&format!("share-pub-{p}"), Protocol::V311),
+                1,
+                PER_PUBLISHER,
+                topics("jobs", p, 2),
+            );
+            spawn_publisher(&rt, cfg, &progress, addr)
+        })
+        .collect();
+    wait_until("half the acks", Duration::from_secs(120), || {
+        progress.load(std::sync::atomic::Ordering::Relaxed) >= total as u64 / 2
+    });
+    broker.kill_9().expect("kill -9");
+    broker.restart().expect("restart");
+    let reports = join_publishers(&rt, handles, Duration::from_secs(180));
+    print_publishers(&reports);
+    publishing_done.store(true, Ordering::Relaxed);
+
+    let mut all = Vec::new();
+    let mut shares = Vec::new();
+    for member in members {
+        let (sub, result) = rt.block_on(member).expect("member task");
+        if let Err(e) = &result {
+            println!("{e:#}");
+        }
+        println!(
+            "{}: {} delivered ({} distinct), {} connections",
+            sub.opts.client_id,
+            sub.received.len(),
+            sub.unique(),
+            sub.connections
+        );
+        shares.push((sub.opts.client_id.clone(), sub.unique()));
+        all.extend(sub.received);
+    }
+    let expect = Expectation::from_reports(&reports);
+    assert_eq!(expect.must.len(), total);
+    let check = check_delivery("shared group", &all, &expect);
+    println!("{}", check.summary());
+    assert!(check.ok(), "{}", check.summary());
+    for (name, n) in shares {
+        assert!(n > 0, "{name} got no share of the group's messages");
+    }
+}

@@ -23,8 +23,8 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::codec::{self, decode_delivery, now_ms};
 use super::{
-    ClientKind, Completion, QueuedEntry, RestoredSession, SessionRecord, Snapshot, StorageError,
-    SweepStats, WriteBatch, WriteOp,
+    ClientKind, Completion, Qos2FlowChange, QueuedEntry, RestoredSession, SessionRecord, Snapshot,
+    StorageError, SweepStats, WriteBatch, WriteOp,
 };
 use crate::config::PostgresConfig;
 use crate::metrics::Metrics;
@@ -209,6 +209,23 @@ impl PgStore {
         .await
         .map_err(db)?;
         Ok(committed.max(1) as u64)
+    }
+
+    /// The log router's open QoS 2 flows: publisher → packet ids.
+    pub async fn router_qos2_flows(&self) -> Result<HashMap<Arc<str>, HashSet<u16>>, StorageError> {
+        let rows = sqlx::query("SELECT client_id, pkid FROM router_qos2_flows")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        let mut flows: HashMap<Arc<str>, HashSet<u16>> = HashMap::new();
+        for row in rows {
+            let client: String = row.get(0);
+            let pkid: i32 = row.get(1);
+            if let Ok(pkid) = u16::try_from(pkid) {
+                flows.entry(client.into()).or_default().insert(pkid);
+            }
+        }
+        Ok(flows)
     }
 
     /// The log router's stored positions: partition → next offset.
@@ -795,6 +812,26 @@ impl Writer {
                 .await
                 .map_err(db)?;
             }
+            WriteOp::RouterQos2 { client, change } => {
+                let query = match change {
+                    Qos2FlowChange::Open(pkid) => sqlx::query(
+                        "INSERT INTO router_qos2_flows (client_id, pkid) VALUES ($1, $2) \
+                         ON CONFLICT DO NOTHING",
+                    )
+                    .bind(&*client)
+                    .bind(i32::from(pkid)),
+                    Qos2FlowChange::Release(pkid) => sqlx::query(
+                        "DELETE FROM router_qos2_flows WHERE client_id = $1 AND pkid = $2",
+                    )
+                    .bind(&*client)
+                    .bind(i32::from(pkid)),
+                    Qos2FlowChange::Reset => {
+                        sqlx::query("DELETE FROM router_qos2_flows WHERE client_id = $1")
+                            .bind(&*client)
+                    }
+                };
+                query.execute(t).await.map_err(db)?;
+            }
             WriteOp::PutSession { client, record } => {
                 sqlx::query(
                     "INSERT INTO sessions (client_id, kind, expiry_interval, disconnected_at_ms) \
@@ -973,6 +1010,8 @@ impl Writer {
                 ..
             } => {}
             WriteOp::Enqueue { .. } | WriteOp::AckDevice { .. } | WriteOp::MarkSent { .. } => {}
+            // Appended to Kafka by the Kafka/PostgreSQL backend before the rest reaches here.
+            WriteOp::AppendShared { .. } => {}
         }
         Ok(())
     }
