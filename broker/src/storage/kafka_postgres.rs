@@ -20,8 +20,8 @@ use super::kafka::shared::SharedGroups;
 use super::kafka::{Kafka, PublishLog};
 use super::postgres::{take_node_lock, PgStore, ReleasedHook};
 use super::{
-    ClientKind, Completion, QueueRead, Snapshot, Storage, StorageError, SweepStats, WriteBatch,
-    WriteOp,
+    ClientKind, Completion, QueueRead, QueueTotals, Snapshot, Storage, StorageError, SweepStats,
+    WriteBatch, WriteOp,
 };
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -311,5 +311,34 @@ impl Storage for KafkaPostgresStorage {
 
     fn shared_groups_in_log(&self) -> bool {
         true
+    }
+
+    fn queue_totals(&self) -> Result<Option<QueueTotals>, StorageError> {
+        // Called on a blocking thread (once per scrape): waiting here stalls no connection.
+        tokio::runtime::Handle::current()
+            .block_on(self.totals())
+            .map(Some)
+    }
+}
+
+impl KafkaPostgresStorage {
+    /// DEVICE entries in PostgreSQL; APPLICATION log sizes and lag from each client's topic
+    /// watermarks and its committed offset.
+    async fn totals(&self) -> Result<QueueTotals, StorageError> {
+        let (device_queued, offsets) = self.pg.queue_counts().await?;
+        let mut totals = QueueTotals {
+            device_queued,
+            ..QueueTotals::default()
+        };
+        for (client, committed_seq) in offsets {
+            let Ok((low, high)) = self.kafka.watermarks(&self.apps.topic(&client), 0).await else {
+                continue;
+            };
+            totals.application_log += (high - low).max(0) as u64;
+            // Sequence numbers are offsets + 1: the committed sequence is the first entry not
+            // yet acknowledged.
+            totals.application_lag += (high - (committed_seq - 1).max(low)).max(0) as u64;
+        }
+        Ok(totals)
     }
 }

@@ -190,6 +190,22 @@ impl PgStore {
         rx
     }
 
+    /// Entries in all DEVICE queues, and every APPLICATION client's committed sequence.
+    pub async fn queue_counts(&self) -> Result<(u64, Vec<(String, i64)>), StorageError> {
+        let device: i64 = sqlx::query_scalar("SELECT count(*) FROM device_queue")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db)?;
+        let offsets = sqlx::query("SELECT client_id, committed_seq FROM application_offsets")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        Ok((device.max(0) as u64, offsets))
+    }
+
     /// The APPLICATION client's committed position, created at `start` when it has none.
     pub async fn application_start(&self, client: &str, start: u64) -> Result<u64, StorageError> {
         sqlx::query(

@@ -64,8 +64,13 @@ impl BrokerOptions {
 
 /// The workspace root (the parent of the `e2e` crate).
 pub fn workspace_root() -> PathBuf {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest.parent().unwrap_or(manifest).to_path_buf()
+    // The checkout being tested: cargo sets CARGO_MANIFEST_DIR for the test process. The path
+    // compiled in is only a fallback: cargo may reuse this crate's artifact from another
+    // checkout with the same target directory, and would then build (and test) that one.
+    let manifest = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    manifest.parent().unwrap_or(&manifest).to_path_buf()
 }
 
 /// The target directory: `CARGO_TARGET_DIR` when set, else `<workspace>/target`.
