@@ -238,14 +238,62 @@ pub struct ApplicationClientConfig {
     pub client_id: String,
 }
 
-/// One TCP listener.
+/// One listener: plain MQTT, MQTT over TLS, over WebSocket or over secure WebSocket.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ListenerConfig {
-    /// A name for logs and metrics.
+    /// A name for logs and metrics; authentication providers see it too.
     pub name: String,
     /// Address and port to bind.
     pub bind: SocketAddr,
+    /// `mqtt` (plain TCP), `mqtts` (TLS), `ws` (WebSocket) or `wss` (WebSocket over TLS).
+    pub protocol: ListenerProtocol,
+    /// Server certificate chain, PEM (mqtts/wss). Reloaded when the file changes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    /// Private key for `cert_file`, PEM (PKCS#8, PKCS#1 or SEC1). Reloaded with it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    /// CA certificates, PEM, that client certificates are verified against (mqtts/wss).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_ca_file: Option<PathBuf>,
+    /// Refuse TLS clients without a certificate signed by `client_ca_file`. When false, a
+    /// certificate is optional but still verified when presented.
+    pub require_client_cert: bool,
+    /// Seconds between checks of the certificate, key and CA files for changes.
+    pub tls_reload_interval_secs: u64,
+    /// Expect a PROXY protocol v1 or v2 header before anything else; connections without a
+    /// valid one are closed. The proxied source address replaces the socket peer.
+    pub proxy_protocol: bool,
+    /// HTTP path of the WebSocket upgrade (ws/wss).
+    pub path: String,
+}
+
+/// What a listener speaks on its socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerProtocol {
+    Mqtt,
+    Mqtts,
+    Ws,
+    Wss,
+}
+
+impl ListenerProtocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ListenerProtocol::Mqtt => "mqtt",
+            ListenerProtocol::Mqtts => "mqtts",
+            ListenerProtocol::Ws => "ws",
+            ListenerProtocol::Wss => "wss",
+        }
+    }
+    pub fn is_tls(self) -> bool {
+        matches!(self, ListenerProtocol::Mqtts | ListenerProtocol::Wss)
+    }
+    pub fn is_websocket(self) -> bool {
+        matches!(self, ListenerProtocol::Ws | ListenerProtocol::Wss)
+    }
 }
 
 impl Default for ListenerConfig {
@@ -253,7 +301,81 @@ impl Default for ListenerConfig {
         ListenerConfig {
             name: "tcp".into(),
             bind: SocketAddr::from(([0, 0, 0, 0], 1883)),
+            protocol: ListenerProtocol::Mqtt,
+            cert_file: None,
+            key_file: None,
+            client_ca_file: None,
+            require_client_cert: false,
+            tls_reload_interval_secs: 5,
+            proxy_protocol: false,
+            path: "/mqtt".into(),
         }
+    }
+}
+
+impl ListenerConfig {
+    /// Rules for one listener; `at` is its key path (`listeners[2]`).
+    fn validate(&self, at: &str) -> Result<(), ConfigError> {
+        let key = |k: &str, message: String| {
+            Err(ConfigError::Key {
+                key: format!("{at}.{k}"),
+                message,
+            })
+        };
+        if self.name.is_empty() {
+            return key("name", "must not be empty".into());
+        }
+        if self.protocol.is_tls() {
+            for (k, file) in [("cert_file", &self.cert_file), ("key_file", &self.key_file)] {
+                match file {
+                    None => {
+                        return key(
+                            k,
+                            format!("is required for protocol `{}`", self.protocol.as_str()),
+                        )
+                    }
+                    Some(path) if !path.is_file() => {
+                        return key(k, format!("{} is not a readable file", path.display()))
+                    }
+                    Some(_) => {}
+                }
+            }
+            if let Some(path) = &self.client_ca_file {
+                if !path.is_file() {
+                    return key(
+                        "client_ca_file",
+                        format!("{} is not a readable file", path.display()),
+                    );
+                }
+            }
+            if self.require_client_cert && self.client_ca_file.is_none() {
+                return key(
+                    "require_client_cert",
+                    "needs `client_ca_file` to verify client certificates against".into(),
+                );
+            }
+            if self.tls_reload_interval_secs == 0 {
+                return key("tls_reload_interval_secs", "must be at least 1".into());
+            }
+        } else {
+            for (k, set) in [
+                ("cert_file", self.cert_file.is_some()),
+                ("key_file", self.key_file.is_some()),
+                ("client_ca_file", self.client_ca_file.is_some()),
+                ("require_client_cert", self.require_client_cert),
+            ] {
+                if set {
+                    return key(
+                        k,
+                        "applies to TLS listeners only (protocol `mqtts` or `wss`)".into(),
+                    );
+                }
+            }
+        }
+        if self.protocol.is_websocket() && !self.path.starts_with('/') {
+            return key("path", "must start with `/`".into());
+        }
+        Ok(())
     }
 }
 
@@ -294,6 +416,14 @@ pub struct Limits {
     /// subscriber and drops further overflow for it at once until it has drained half its queue.
     /// 0: never wait, drop at once. Offline sessions never make publishers wait.
     pub slow_subscriber_wait_ms: u64,
+    /// New connections per second across all listeners (token bucket, bursts up to one second's
+    /// worth). Connections over the rate are answered CONNACK 0x9F (v5) / 0x03 (v3) and closed.
+    /// 0: no limit.
+    pub max_connection_rate: u32,
+    /// PUBLISH packets per second one client may send (token bucket, bursts up to one second's
+    /// worth). A client over the rate is disconnected: v5 with DISCONNECT 0x96 (Message rate too
+    /// high), v3 by closing the connection. 0: no limit.
+    pub max_publish_rate: u32,
 }
 
 impl Default for Limits {
@@ -312,6 +442,8 @@ impl Default for Limits {
             write_timeout_secs: 60,
             max_connections: 1_000_000,
             slow_subscriber_wait_ms: 1_000,
+            max_connection_rate: 0,
+            max_publish_rate: 0,
         }
     }
 }
@@ -655,11 +787,17 @@ impl Config {
             return key("listeners", "at least one listener is required");
         }
         let mut seen = std::collections::HashSet::new();
+        let mut names = std::collections::HashSet::new();
         for (i, listener) in self.listeners.iter().enumerate() {
-            if listener.name.is_empty() {
-                return key(&format!("listeners[{i}].name"), "must not be empty");
+            listener.validate(&format!("listeners[{i}]"))?;
+            if !names.insert(listener.name.as_str()) {
+                return key(
+                    &format!("listeners[{i}].name"),
+                    &format!("`{}` is used by another listener", listener.name),
+                );
             }
-            if !seen.insert(listener.bind) {
+            // Port 0 asks the system for a free port, so several such listeners never clash.
+            if listener.bind.port() != 0 && !seen.insert(listener.bind) {
                 return key(
                     &format!("listeners[{i}].bind"),
                     &format!("{} is bound by another listener", listener.bind),
@@ -883,6 +1021,7 @@ fn listeners_from(addrs: &[SocketAddr]) -> Vec<ListenerConfig> {
                 format!("tcp{i}")
             },
             bind: *bind,
+            ..ListenerConfig::default()
         })
         .collect()
 }
@@ -1072,6 +1211,48 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("FERRYMQ_LISTEN"), "{err}");
+    }
+
+    #[test]
+    fn listener_errors_name_the_key() {
+        let check = |text: &str, key: &str| {
+            let err = Config::from_toml_str(text).unwrap_err().to_string();
+            assert!(err.contains(key), "{err} should name {key}");
+        };
+        let tls = "[[listeners]]\nname = \"s\"\nbind = \"127.0.0.1:8883\"\nprotocol = \"mqtts\"\n";
+        check(tls, "listeners[0].cert_file");
+        check(
+            &format!(
+                "{tls}cert_file = \"/nonexistent/c.pem\"\nkey_file = \"/nonexistent/k.pem\"\n"
+            ),
+            "listeners[0].cert_file",
+        );
+        check(
+            "[[listeners]]\nname = \"p\"\nbind = \"127.0.0.1:1883\"\nrequire_client_cert = true\n",
+            "listeners[0].require_client_cert",
+        );
+        check(
+            "[[listeners]]\nname = \"p\"\nbind = \"127.0.0.1:1883\"\nprotocol = \"quic\"\n",
+            "protocol",
+        );
+        check(
+            "[[listeners]]\nname = \"w\"\nbind = \"127.0.0.1:8080\"\nprotocol = \"ws\"\npath = \"mqtt\"\n",
+            "listeners[0].path",
+        );
+        check(
+            "[[listeners]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\n[[listeners]]\nname = \"a\"\nbind = \"127.0.0.1:2\"\n",
+            "listeners[1].name",
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let cert = dir.path().join("c.pem");
+        std::fs::write(&cert, "x").unwrap();
+        check(
+            &format!(
+                "{tls}cert_file = {c:?}\nkey_file = {c:?}\nrequire_client_cert = true\n",
+                c = cert
+            ),
+            "listeners[0].require_client_cert",
+        );
     }
 
     #[test]

@@ -1,45 +1,97 @@
-//! Accept loops. One TCP port serves MQTT 3.1, 3.1.1 and 5.0.
+//! Accept loops. Every listener serves MQTT 3.1, 3.1.1 and 5.0, over plain TCP, TLS, WebSocket or
+//! WebSocket over TLS, optionally behind a PROXY protocol header.
+//!
+//! The accept loop only accepts and counts; everything that waits on the peer (PROXY header,
+//! TLS and WebSocket handshakes) runs in the connection's own task, bounded by
+//! `limits.connect_timeout_secs`, so a slow or hostile client never holds up the others.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
+use crate::auth::ClientCertificate;
 use crate::broker::Broker;
-use crate::config::ListenerConfig;
-use crate::connection;
+use crate::config::{ListenerConfig, ListenerProtocol};
+use crate::connection::transport::Transport;
+use crate::connection::{self, ConnInfo};
+use crate::metrics::{ConnectResult, HandshakeStage, ListenerMetrics};
+use crate::rate_limit::ConnectionRate;
+use crate::tls::{TlsError, TlsReloader};
+use crate::{proxy_protocol, tls, websocket};
+
+/// Why a listener could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenerError {
+    #[error("{0}")]
+    Bind(std::io::Error),
+    #[error("TLS configuration: {0}")]
+    Tls(TlsError),
+}
 
 /// A bound listener, ready to accept.
 pub struct Listener {
     pub config: ListenerConfig,
     listener: TcpListener,
+    context: Arc<Context>,
+}
+
+/// What every connection of one listener needs before CONNECT.
+struct Context {
+    config: ListenerConfig,
+    name: Arc<str>,
+    tls: Option<Arc<TlsReloader>>,
 }
 
 impl Listener {
-    /// Binds now, so that a port conflict is reported at start, before anything else runs.
-    pub async fn bind(config: &ListenerConfig) -> std::io::Result<Listener> {
-        let listener = TcpListener::bind(config.bind).await?;
+    /// Loads TLS files and binds now, so that a bad certificate or a port conflict is reported
+    /// at start, before anything else runs.
+    pub async fn bind(config: &ListenerConfig) -> Result<Listener, ListenerError> {
+        let tls = if config.protocol.is_tls() {
+            Some(Arc::new(
+                TlsReloader::load(config).map_err(ListenerError::Tls)?,
+            ))
+        } else {
+            None
+        };
+        let listener = TcpListener::bind(config.bind)
+            .await
+            .map_err(ListenerError::Bind)?;
         Ok(Listener {
             config: config.clone(),
             listener,
+            context: Arc::new(Context {
+                config: config.clone(),
+                name: Arc::from(config.name.as_str()),
+                tls,
+            }),
         })
     }
 
-    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
     }
 
     /// Accepts until shutdown. Connections beyond `limits.max_connections` are closed at once;
-    /// accept errors (out of file descriptors, say) are logged and retried after a pause instead
-    /// of spinning.
+    /// connections over `limits.max_connection_rate` are marked so that their CONNECT is refused
+    /// with a reason. Accept errors (out of file descriptors, say) are logged and retried after
+    /// a pause instead of spinning.
     pub async fn run(
         self,
         broker: Arc<Broker>,
         connections: Arc<Semaphore>,
+        rate: Arc<ConnectionRate>,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        let name: Arc<str> = Arc::from(self.config.name.as_str());
         let listener_metrics = broker.metrics.listener(&self.config.name);
+        if let Some(tls) = &self.context.tls {
+            tokio::spawn(
+                tls.clone()
+                    .watch(listener_metrics.clone(), shutdown.clone()),
+            );
+        }
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.changed() => return,
@@ -49,7 +101,7 @@ impl Listener {
                 Ok(pair) => pair,
                 Err(e) => {
                     tracing::warn!(listener = %self.config.name, error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             };
@@ -58,14 +110,111 @@ impl Listener {
                 drop(stream);
                 continue;
             };
+            let over_rate = !rate.admit();
+            if over_rate {
+                listener_metrics.connection_rate_limited.inc();
+            }
+            let _ = stream.set_nodelay(true);
             let broker = broker.clone();
             let shutdown = shutdown.clone();
-            let name = name.clone();
-            let listener_metrics = listener_metrics.clone();
+            let context = self.context.clone();
+            let metrics = listener_metrics.clone();
             tokio::spawn(async move {
-                connection::serve(broker, stream, peer, name, shutdown, listener_metrics).await;
+                // Open from accept on: the gauge includes connections still in a handshake.
+                let _open = metrics.network_connection();
+                let deadline = Duration::from_secs(broker.config.limits.connect_timeout_secs);
+                let established = tokio::time::timeout(
+                    deadline,
+                    establish(&context, &broker, &metrics, stream, peer),
+                )
+                .await;
+                match established {
+                    Ok(Some((transport, peer, client_cert))) => {
+                        let info = ConnInfo {
+                            peer,
+                            listener: context.name.clone(),
+                            client_cert,
+                            over_rate,
+                        };
+                        connection::serve(broker, transport, info, shutdown, metrics.clone()).await;
+                    }
+                    Ok(None) => {}
+                    Err(_) => {
+                        metrics.handshake_failed(HandshakeStage::Timeout);
+                        broker
+                            .metrics
+                            .connect_result(ConnectResult::HandshakeFailed);
+                        tracing::debug!(listener = %context.name, %peer, "handshake timed out");
+                    }
+                }
                 drop(permit);
             });
+        }
+    }
+}
+
+/// Reads the PROXY header and runs the TLS and WebSocket handshakes the listener asks for.
+/// `None` when one failed (logged and counted).
+async fn establish(
+    context: &Context,
+    broker: &Broker,
+    metrics: &ListenerMetrics,
+    mut stream: TcpStream,
+    mut peer: SocketAddr,
+) -> Option<(Transport, SocketAddr, Option<ClientCertificate>)> {
+    let config = &context.config;
+    let failed = |stage: HandshakeStage| {
+        metrics.handshake_failed(stage);
+        broker
+            .metrics
+            .connect_result(ConnectResult::HandshakeFailed);
+    };
+    if config.proxy_protocol {
+        match proxy_protocol::read_header(&mut stream).await {
+            Ok(Some(source)) => peer = source,
+            Ok(None) => {}
+            Err(e) => {
+                failed(HandshakeStage::ProxyHeader);
+                tracing::debug!(listener = %context.name, %peer, error = %e, "PROXY header refused");
+                return None;
+            }
+        }
+    }
+    let max_packet = broker.config.limits.max_packet_size;
+    let ws_failed = |e: tokio_tungstenite::tungstenite::Error| {
+        failed(HandshakeStage::WebSocket);
+        tracing::debug!(listener = %context.name, %peer, error = %e, "WebSocket upgrade failed");
+    };
+    match config.protocol {
+        ListenerProtocol::Mqtt => Some((Transport::Tcp(stream), peer, None)),
+        ListenerProtocol::Ws => match websocket::accept(stream, &config.path, max_packet).await {
+            Ok(ws) => Some((Transport::Ws(Box::new(ws)), peer, None)),
+            Err(e) => {
+                ws_failed(e);
+                None
+            }
+        },
+        ListenerProtocol::Mqtts | ListenerProtocol::Wss => {
+            let acceptor = context.tls.as_ref()?.acceptor();
+            let stream = match acceptor.accept(stream).await {
+                Ok(stream) => stream,
+                Err(e) => {
+                    failed(HandshakeStage::Tls);
+                    tracing::debug!(listener = %context.name, %peer, error = %e, "TLS handshake failed");
+                    return None;
+                }
+            };
+            let client_cert = tls::client_certificate(stream.get_ref().1);
+            if config.protocol == ListenerProtocol::Mqtts {
+                return Some((Transport::Tls(Box::new(stream)), peer, client_cert));
+            }
+            match websocket::accept(stream, &config.path, max_packet).await {
+                Ok(ws) => Some((Transport::Wss(Box::new(ws)), peer, client_cert)),
+                Err(e) => {
+                    ws_failed(e);
+                    None
+                }
+            }
         }
     }
 }

@@ -84,6 +84,9 @@ pub enum ConnectResult {
     OverConnectionLimit,
     /// No CONNECT within `limits.connect_timeout_secs`, or the peer left before sending one.
     NoConnect,
+    /// The PROXY header, TLS handshake or WebSocket upgrade failed or did not finish in time
+    /// (`ferrymq_handshake_failures_total` says which).
+    HandshakeFailed,
     ProtocolError,
     UnsupportedProtocolVersion,
     ClientIdRejected,
@@ -100,10 +103,11 @@ pub enum ConnectResult {
 }
 
 impl ConnectResult {
-    pub const ALL: [ConnectResult; 16] = [
+    pub const ALL: [ConnectResult; 17] = [
         ConnectResult::Accepted,
         ConnectResult::OverConnectionLimit,
         ConnectResult::NoConnect,
+        ConnectResult::HandshakeFailed,
         ConnectResult::ProtocolError,
         ConnectResult::UnsupportedProtocolVersion,
         ConnectResult::ClientIdRejected,
@@ -124,6 +128,7 @@ impl ConnectResult {
             ConnectResult::Accepted => "accepted",
             ConnectResult::OverConnectionLimit => "over_connection_limit",
             ConnectResult::NoConnect => "no_connect",
+            ConnectResult::HandshakeFailed => "handshake_failed",
             ConnectResult::ProtocolError => "protocol_error",
             ConnectResult::UnsupportedProtocolVersion => "unsupported_protocol_version",
             ConnectResult::ClientIdRejected => "client_id_rejected",
@@ -157,10 +162,12 @@ pub enum DisconnectReason {
     /// Kicked through the admin API.
     Administrative,
     Shutdown,
+    /// Over `limits.max_publish_rate` (v5 DISCONNECT 0x96).
+    PublishRateExceeded,
 }
 
 impl DisconnectReason {
-    pub const ALL: [DisconnectReason; 8] = [
+    pub const ALL: [DisconnectReason; 9] = [
         DisconnectReason::Client,
         DisconnectReason::ConnectionLost,
         DisconnectReason::KeepAliveTimeout,
@@ -169,6 +176,7 @@ impl DisconnectReason {
         DisconnectReason::TakenOver,
         DisconnectReason::Administrative,
         DisconnectReason::Shutdown,
+        DisconnectReason::PublishRateExceeded,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -181,6 +189,7 @@ impl DisconnectReason {
             DisconnectReason::TakenOver => "taken_over",
             DisconnectReason::Administrative => "administrative",
             DisconnectReason::Shutdown => "shutdown",
+            DisconnectReason::PublishRateExceeded => "publish_rate_exceeded",
         }
     }
 }
@@ -217,15 +226,67 @@ impl AuthFailures {
     }
 }
 
-/// Per-listener connection gauges, resolved when the listener binds.
+/// The step before CONNECT that failed (`ferrymq_handshake_failures_total{stage}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeStage {
+    /// Missing, malformed or unsupported PROXY protocol header.
+    ProxyHeader,
+    /// TLS handshake, including refused client certificates.
+    Tls,
+    /// WebSocket upgrade (wrong path, no `mqtt` subprotocol, not an upgrade request).
+    WebSocket,
+    /// PROXY header, TLS and WebSocket handshakes not done within `limits.connect_timeout_secs`.
+    Timeout,
+}
+
+impl HandshakeStage {
+    pub const ALL: [HandshakeStage; 4] = [
+        HandshakeStage::ProxyHeader,
+        HandshakeStage::Tls,
+        HandshakeStage::WebSocket,
+        HandshakeStage::Timeout,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HandshakeStage::ProxyHeader => "proxy_header",
+            HandshakeStage::Tls => "tls",
+            HandshakeStage::WebSocket => "websocket",
+            HandshakeStage::Timeout => "timeout",
+        }
+    }
+}
+
+/// Per-listener gauges and counters, resolved when the listener binds.
 pub struct ListenerMetrics {
     pub name: String,
-    /// Open network connections, including those still before CONNECT.
+    /// Open network connections, including those still in a handshake or before CONNECT.
     pub network_connections: Gauge,
     connected: [IntGauge; 2],
+    handshake_failures: [IntCounter; 4],
+    /// Connections accepted over `limits.max_connection_rate` (their CONNECT is refused).
+    pub connection_rate_limited: Counter,
+    /// TLS certificate reloads that took effect / changed files that could not be loaded.
+    pub tls_reloads: Counter,
+    pub tls_reload_failures: Counter,
 }
 
 impl ListenerMetrics {
+    /// Counts an accepted network connection as open until the guard is dropped.
+    pub fn network_connection(&self) -> ConnectedGuard {
+        self.network_connections.0.inc();
+        ConnectedGuard(self.network_connections.0.clone())
+    }
+
+    pub fn handshake_failed(&self, stage: HandshakeStage) {
+        // `ALL` lists the variants in declaration order (checked by a test).
+        self.handshake_failures[stage as usize].inc();
+    }
+
+    pub fn handshake_failures(&self, stage: HandshakeStage) -> u64 {
+        self.handshake_failures[stage as usize].get()
+    }
+
     /// Counts a client as connected on this listener until the guard is dropped.
     pub fn connected(&self, kind: ClientKind) -> ConnectedGuard {
         let gauge = self.connected[kind_index(kind)].clone();
@@ -255,10 +316,16 @@ pub struct Metrics {
     registry: Registry,
     network_connections: IntGaugeVec,
     connections: IntGaugeVec,
-    connects: [IntCounter; 16],
-    disconnects: [IntCounter; 8],
+    connects: [IntCounter; 17],
+    disconnects: [IntCounter; 9],
+    handshake_failures: IntCounterVec,
+    connections_rate_limited: IntCounterVec,
+    tls_reloads: IntCounterVec,
     /// Accepted TCP connections closed at once because `limits.max_connections` was reached.
     pub connections_refused: Counter,
+    /// Clients disconnected for exceeding `limits.max_publish_rate`: the same series as
+    /// `ferrymq_disconnects_total{reason="publish_rate_exceeded"}`.
+    pub publish_rate_limited: Counter,
     pub sessions: Gauge,
     /// PUBLISH packets received from clients, by their QoS.
     pub messages_received: ByQos,
@@ -393,6 +460,24 @@ impl Metrics {
         );
         let disconnects =
             DisconnectReason::ALL.map(|r| disconnects_vec.with_label_values(&[r.as_str()]));
+        let publish_rate_limited = Counter(
+            disconnects_vec.with_label_values(&[DisconnectReason::PublishRateExceeded.as_str()]),
+        );
+        let handshake_failures = b.counter_vec(
+            "ferrymq_handshake_failures_total",
+            "Connections closed before CONNECT because the PROXY header, TLS handshake or WebSocket upgrade failed or timed out, per listener and stage.",
+            &["listener", "stage"],
+        );
+        let connections_rate_limited = b.counter_vec(
+            "ferrymq_connections_rate_limited_total",
+            "Connections over limits.max_connection_rate, per listener: their CONNECT is refused (v5 0x9F, v3 0x03).",
+            &["listener"],
+        );
+        let tls_reloads = b.counter_vec(
+            "ferrymq_tls_certificate_reloads_total",
+            "Changed TLS certificate files per listener: loaded (success) or not loadable, old certificate kept (failure).",
+            &["listener", "result"],
+        );
         let received = b.counter_vec(
             "ferrymq_messages_received_total",
             "PUBLISH packets received from clients, by QoS.",
@@ -464,7 +549,11 @@ impl Metrics {
             connections,
             connects,
             disconnects,
+            handshake_failures,
+            connections_rate_limited,
+            tls_reloads,
             connections_refused,
+            publish_rate_limited,
             sessions: Gauge(b.gauge(
                 "ferrymq_sessions",
                 "Sessions held by this node, connected or not (persistent sessions survive their connection).",
@@ -531,6 +620,15 @@ impl Metrics {
                 self.connections
                     .with_label_values(&[name, ClientKind::Application.as_str()]),
             ],
+            handshake_failures: HandshakeStage::ALL.map(|s| {
+                self.handshake_failures
+                    .with_label_values(&[name, s.as_str()])
+            }),
+            connection_rate_limited: Counter(
+                self.connections_rate_limited.with_label_values(&[name]),
+            ),
+            tls_reloads: Counter(self.tls_reloads.with_label_values(&[name, "success"])),
+            tls_reload_failures: Counter(self.tls_reloads.with_label_values(&[name, "failure"])),
         })
     }
 
@@ -538,6 +636,11 @@ impl Metrics {
     pub fn connect_result(&self, result: ConnectResult) {
         // `ALL` lists the variants in declaration order (checked by a test).
         self.connects[result as usize].inc();
+    }
+
+    /// How many connection attempts ended with `result`.
+    pub fn connects(&self, result: ConnectResult) -> u64 {
+        self.connects[result as usize].get()
     }
 
     /// Counts the end of an established connection.
@@ -564,6 +667,9 @@ mod tests {
         for (i, r) in DisconnectReason::ALL.iter().enumerate() {
             assert_eq!(*r as usize, i, "{r:?}");
         }
+        for (i, s) in HandshakeStage::ALL.iter().enumerate() {
+            assert_eq!(*s as usize, i, "{s:?}");
+        }
     }
 
     #[test]
@@ -574,6 +680,11 @@ mod tests {
         m.messages_received.inc(QoS::ExactlyOnce);
         m.messages_dropped_acl.inc();
         m.auth_rate_limited.inc();
+        m.publish_rate_limited.inc();
+        let l = m.listener("tls");
+        l.handshake_failed(HandshakeStage::WebSocket);
+        l.connection_rate_limited.inc();
+        l.tls_reload_failures.inc();
         let text = {
             let mut out = Vec::new();
             prometheus::Encoder::encode(
@@ -591,6 +702,11 @@ mod tests {
             "ferrymq_messages_dropped_total{reason=\"acl_denied\"} 1",
             "ferrymq_acl_denials_total{action=\"publish\"} 1",
             "ferrymq_auth_failures_total{reason=\"rate_limited\"} 1",
+            "ferrymq_disconnects_total{reason=\"publish_rate_exceeded\"} 1",
+            "ferrymq_handshake_failures_total{listener=\"tls\",stage=\"websocket\"} 1",
+            "ferrymq_handshake_failures_total{listener=\"tls\",stage=\"tls\"} 0",
+            "ferrymq_connections_rate_limited_total{listener=\"tls\"} 1",
+            "ferrymq_tls_certificate_reloads_total{listener=\"tls\",result=\"failure\"} 1",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
         }

@@ -49,6 +49,11 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("listener `{name}`: {source}")]
+    Listener {
+        name: String,
+        source: crate::listener::ListenerError,
+    },
     #[error(transparent)]
     Http(#[from] crate::http::HttpStartError),
 }
@@ -70,22 +75,29 @@ impl Server {
         let mut addrs = Vec::new();
         let mut bound = Vec::new();
         for lc in &broker.config.listeners {
-            let listener = Listener::bind(lc)
-                .await
-                .map_err(|source| StartError::Bind {
+            let listener = Listener::bind(lc).await.map_err(|e| match e {
+                crate::listener::ListenerError::Bind(source) => StartError::Bind {
                     name: lc.name.clone(),
                     addr: lc.bind,
                     source,
-                })?;
+                },
+                source => StartError::Listener {
+                    name: lc.name.clone(),
+                    source,
+                },
+            })?;
             let addr = listener.local_addr().map_err(|source| StartError::Bind {
                 name: lc.name.clone(),
                 addr: lc.bind,
                 source,
             })?;
-            tracing::info!(listener = %lc.name, %addr, "listening for MQTT 3.1/3.1.1/5.0");
+            tracing::info!(listener = %lc.name, %addr, protocol = lc.protocol.as_str(), "listening for MQTT 3.1/3.1.1/5.0");
             addrs.push(addr);
             bound.push(listener);
         }
+        let rate = Arc::new(crate::rate_limit::ConnectionRate::new(
+            broker.config.limits.max_connection_rate,
+        ));
         let ready = Arc::new(AtomicBool::new(false));
         let mut http_addr = None;
         if broker.config.http.enabled {
@@ -114,7 +126,12 @@ impl Server {
             ));
         }
         for listener in bound {
-            tasks.spawn(listener.run(broker.clone(), connections.clone(), shutdown_rx.clone()));
+            tasks.spawn(listener.run(
+                broker.clone(),
+                connections.clone(),
+                rate.clone(),
+                shutdown_rx.clone(),
+            ));
         }
         ready.store(true, Ordering::Release);
         let purger = broker.clone();

@@ -1,17 +1,15 @@
 //! The CONNECT → CONNACK handshake: client identifier rules, authentication, keep-alive and
 //! session expiry negotiation, session takeover or resumption.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::BytesMut;
 use rumqttc::v5::mqttbytes::v5::Packet;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 
-use super::READ_CHUNK;
+use super::{ConnInfo, READ_CHUNK};
 use crate::auth::{AuthDecision, Credentials};
 use crate::broker::{Broker, OpenError};
 use crate::metrics::ConnectResult;
@@ -39,14 +37,14 @@ pub(super) struct Accepted {
 
 /// Reads CONNECT and answers it. `Ok(None)` when the connection was refused (CONNACK with an
 /// error code was sent where the spec asks for one) or closed.
-pub(super) async fn handshake(
+pub(super) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     broker: &Arc<Broker>,
-    stream: &mut TcpStream,
-    peer: SocketAddr,
-    listener: &str,
+    stream: &mut S,
+    info: &ConnInfo,
     decoder: &mut Decoder,
     rbuf: &mut BytesMut,
 ) -> std::io::Result<Option<Accepted>> {
+    let peer = info.peer;
     let connect = loop {
         match decoder.decode(rbuf) {
             Ok(Some(Incoming::Connect(connect))) => break connect,
@@ -77,6 +75,19 @@ pub(super) async fn handshake(
     let version = connect.version;
     let v5 = version == ProtocolVersion::V5;
     let limits = &broker.config.limits;
+
+    // Over the connection rate: told so (v3 has no such code and gets 0x03, server unavailable).
+    if info.over_rate {
+        tracing::debug!(%peer, "connection rate exceeded");
+        refuse(
+            broker,
+            stream,
+            version,
+            ConnectReturnCode::ConnectionRateExceeded,
+        )
+        .await;
+        return Ok(None);
+    }
 
     // v5 enhanced authentication is not offered [MQTT-3.1.2-? / 4.12]: refuse the method.
     if connect.properties.authentication_method.is_some() {
@@ -115,8 +126,8 @@ pub(super) async fn handshake(
             username: connect.username.as_deref(),
             password: connect.password.as_ref(),
             peer,
-            client_cert: None,
-            listener,
+            listener: &info.listener,
+            client_cert: info.client_cert.as_ref(),
         })
         .await;
     let identity = match decision {
@@ -326,9 +337,9 @@ fn negotiate_keep_alive(requested: u16, max: u16) -> (u16, Option<u16>) {
 }
 
 /// Sends CONNACK with a refusal code and closes [MQTT-3.2.2-5]. Counted by its code.
-async fn refuse(
+async fn refuse<S: AsyncWrite + Unpin>(
     broker: &Broker,
-    stream: &mut TcpStream,
+    stream: &mut S,
     version: ProtocolVersion,
     code: ConnectReturnCode,
 ) {
@@ -347,6 +358,7 @@ async fn refuse(
     .is_ok()
     {
         let _ = stream.write_all(&out).await;
+        let _ = stream.flush().await;
     }
     let _ = stream.shutdown().await;
 }

@@ -7,6 +7,7 @@
 //! That is what keeps syscalls and wake-ups per message low (see docs/architecture.md).
 
 mod connect;
+pub mod transport;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -16,14 +17,17 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, BytesMut};
 use rumqttc::v5::mqttbytes::v5::Packet;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::sync::{oneshot, watch};
 
+use self::transport::{Io, ReadSide, Transport, WriteSide};
+use crate::auth::ClientCertificate;
 use crate::broker::Broker;
 use crate::metrics::{ConnectResult, DisconnectReason, ListenerMetrics};
 use crate::protocol::{
-    encode, Decoder, Disconnect, DisconnectProperties, DisconnectReasonCode, ProtocolVersion,
+    encode, Decoder, Disconnect, DisconnectProperties, DisconnectReasonCode, Incoming,
+    ProtocolVersion,
 };
+use crate::rate_limit::TokenBucket;
 use crate::session::machine::{Flow, Machine, PendingReply, MAX_PENDING_REPLIES};
 use crate::session::registry::{Kick, KickReason, OnlineInfo};
 use crate::storage::StorageError;
@@ -43,29 +47,36 @@ const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time allowed to flush a final DISCONNECT to a peer that is going away.
 const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Serves one accepted TCP connection until it ends. Never panics on peer input.
+/// What the listener learnt about a connection before CONNECT.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// The client's address: the socket peer, or the source its PROXY header named.
+    pub peer: SocketAddr,
+    /// The listener's name.
+    pub listener: Arc<str>,
+    /// The verified TLS client certificate, if one was presented.
+    pub client_cert: Option<ClientCertificate>,
+    /// Accepted over `limits.max_connection_rate`: its CONNECT is refused (v5 0x9F, v3 0x03).
+    pub over_rate: bool,
+}
+
+/// Serves one accepted connection until it ends. Never panics on peer input.
 pub async fn serve(
     broker: Arc<Broker>,
-    stream: TcpStream,
-    peer: SocketAddr,
-    listener_name: Arc<str>,
+    transport: Transport,
+    info: ConnInfo,
     shutdown: watch::Receiver<bool>,
     listener: Arc<ListenerMetrics>,
 ) {
-    let _ = stream.set_nodelay(true);
-    listener.network_connections.inc();
-    let result = run(
-        broker.clone(),
-        stream,
-        peer,
-        &listener_name,
-        shutdown,
-        &listener,
-    )
-    .await;
-    listener.network_connections.dec();
+    let b = broker.clone();
+    let result = match transport {
+        Transport::Tcp(stream) => run(b, stream, &info, shutdown, &listener).await,
+        Transport::Tls(stream) => run(b, *stream, &info, shutdown, &listener).await,
+        Transport::Ws(stream) => run(b, *stream, &info, shutdown, &listener).await,
+        Transport::Wss(stream) => run(b, *stream, &info, shutdown, &listener).await,
+    };
     if let Err(e) = result {
-        tracing::debug!(%peer, error = %e, "connection ended with an error");
+        tracing::debug!(peer = %info.peer, error = %e, "connection ended with an error");
     }
 }
 
@@ -83,14 +94,14 @@ enum End {
     Shutdown,
 }
 
-async fn run(
+async fn run<S: Io>(
     broker: Arc<Broker>,
-    mut stream: TcpStream,
-    peer: SocketAddr,
-    listener_name: &str,
+    mut stream: S,
+    info: &ConnInfo,
     mut shutdown: watch::Receiver<bool>,
     listener: &ListenerMetrics,
 ) -> std::io::Result<()> {
+    let peer = info.peer;
     let limits = broker.config.limits.clone();
     let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
     // Allocated on first use: an idle connection writes nothing after CONNACK.
@@ -100,14 +111,7 @@ async fn run(
     let connect_deadline = Duration::from_secs(limits.connect_timeout_secs);
     let accepted = match tokio::time::timeout(
         connect_deadline,
-        connect::handshake(
-            &broker,
-            &mut stream,
-            peer,
-            listener_name,
-            &mut decoder,
-            &mut rbuf,
-        ),
+        connect::handshake(&broker, &mut stream, info, &mut decoder, &mut rbuf),
     )
     .await
     {
@@ -191,6 +195,8 @@ async fn run(
                 DisconnectReason::ProtocolError
             } else if code == DisconnectReasonCode::KeepAliveTimeout {
                 DisconnectReason::KeepAliveTimeout
+            } else if code == DisconnectReasonCode::MessageRateTooHigh {
+                DisconnectReason::PublishRateExceeded
             } else {
                 DisconnectReason::ServerError
             };
@@ -230,7 +236,8 @@ async fn run(
             send_disconnect(&mut stream, &mut wbuf, code, why).await;
         }
     }
-    let _ = stream.shutdown().await;
+    // Bounded: a TLS close_notify or WebSocket close frame waits on a peer that may not read.
+    let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, stream.shutdown()).await;
     machine.settle_pending_writes(SETTLE_TIMEOUT).await;
     machine.session.mailbox.set_online(false);
     if !machine.blocked.is_empty() {
@@ -251,9 +258,9 @@ async fn run(
 
 /// The connected phase. Returns why it ended.
 #[allow(clippy::too_many_arguments)]
-async fn event_loop(
+async fn event_loop<S: Io>(
     broker: &Arc<Broker>,
-    stream: &mut TcpStream,
+    stream: &mut S,
     machine: &mut Machine,
     decoder: &mut Decoder,
     rbuf: &mut BytesMut,
@@ -270,11 +277,16 @@ async fn event_loop(
     let mut write_stalled_since: Option<Instant> = None;
     let timer = tokio::time::sleep(next_check(idle_limit, last_read, write_timeout));
     tokio::pin!(timer);
+    let max_publish_rate = broker.config.limits.max_publish_rate;
+    let mut publish_rate =
+        (max_publish_rate > 0).then(|| TokenBucket::new(max_publish_rate, Instant::now()));
     // Packets that arrived in the same read as CONNECT are already buffered.
-    if let Some(end) = handle_buffered(decoder, rbuf, machine, wbuf) {
+    if let Some(end) = handle_buffered(decoder, rbuf, machine, wbuf, &mut publish_rate) {
         return end;
     }
-    let (reader, mut writer) = stream.split();
+    let (mut reader, mut writer) = stream.halves();
+    // Output a TLS or WebSocket layer still holds after `write` took it.
+    let mut unflushed = false;
     let mut read_size = READ_CHUNK;
     let slow_wait = Duration::from_millis(broker.config.limits.slow_subscriber_wait_ms);
     let mut blocked_since: Option<tokio::time::Instant> = None;
@@ -312,13 +324,15 @@ async fn event_loop(
                 Err(_) => kick_closed = true,
             },
             _ = shutdown.changed() => return End::Shutdown,
-            written = writer.write(wbuf), if !wbuf.is_empty() => match written {
-                Ok(0) | Err(_) => return End::SocketClosed,
-                Ok(n) => {
+            pushed = push(&mut writer, wbuf), if !wbuf.is_empty() || unflushed => match pushed {
+                Ok(Some(0)) | Err(_) => return End::SocketClosed,
+                Ok(Some(n)) => {
                     metrics.bytes_sent.add(n as u64);
                     wbuf.advance(n);
                     write_stalled_since = None;
+                    unflushed = S::BUFFERED;
                 }
+                Ok(None) => unflushed = false,
             },
             done = front_completion(&mut machine.replies), if !machine.replies.is_empty() => {
                 if let Flow::Close(code, why) = machine.complete_front(done, wbuf) {
@@ -338,29 +352,20 @@ async fn event_loop(
                     return End::Close(code, why);
                 }
             }
-            // Wait for readability first and take buffer space only then: an idle connection
-            // holds no read buffer at all.
-            ready = reader.as_ref().readable(), if can_read => {
-                if ready.is_err() {
-                    return End::SocketClosed;
-                }
-                if rbuf.capacity() - rbuf.len() < read_size / 2 {
-                    rbuf.reserve(read_size);
-                }
-                let read_room = rbuf.capacity() - rbuf.len();
-                let n = match reader.as_ref().try_read_buf(rbuf) {
-                    Ok(0) => return End::SocketClosed,
-                    Ok(n) => n,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                    Err(_) => return End::SocketClosed,
+            // On plain TCP this waits for readability first and takes buffer space only then:
+            // an idle connection holds no read buffer at all.
+            read = reader.read_into(rbuf, read_size), if can_read => {
+                let (n, filled) = match read {
+                    Ok((0, _)) | Err(_) => return End::SocketClosed,
+                    Ok(read) => read,
                 };
                 {
                     metrics.bytes_received.add(n as u64);
                     last_read = Instant::now();
-                    if n >= read_room {
+                    if filled {
                         read_size = (read_size * 2).min(MAX_READ_CHUNK);
                     }
-                    if let Some(end) = handle_buffered(decoder, rbuf, machine, wbuf) {
+                    if let Some(end) = handle_buffered(decoder, rbuf, machine, wbuf, &mut publish_rate) {
                         return end;
                     }
                     // A quiet connection gives its (small) buffer back between packets.
@@ -406,20 +411,31 @@ async fn event_loop(
 }
 
 /// Decodes and handles every complete packet in `rbuf`. `Some` when the connection must end.
+/// A PUBLISH over `limits.max_publish_rate` ends the connection with 0x96 (Message rate too
+/// high), before it is handled.
 fn handle_buffered(
     decoder: &mut Decoder,
     rbuf: &mut BytesMut,
     machine: &mut Machine,
     wbuf: &mut BytesMut,
+    publish_rate: &mut Option<TokenBucket>,
 ) -> Option<End> {
     loop {
         match decoder.decode(rbuf) {
-            Ok(Some(packet)) => match machine.handle(packet, wbuf) {
-                Flow::Continue => {}
-                Flow::ClientDisconnected { publish_will } => {
-                    return Some(End::ClientDisconnect { publish_will })
+            Ok(Some(packet)) => match publish_limited(&packet, publish_rate) {
+                true => {
+                    return Some(End::Close(
+                        DisconnectReasonCode::MessageRateTooHigh,
+                        "message rate too high",
+                    ))
                 }
-                Flow::Close(code, why) => return Some(End::Close(code, why)),
+                false => match machine.handle(packet, wbuf) {
+                    Flow::Continue => {}
+                    Flow::ClientDisconnected { publish_will } => {
+                        return Some(End::ClientDisconnect { publish_will })
+                    }
+                    Flow::Close(code, why) => return Some(End::Close(code, why)),
+                },
             },
             Ok(None) => return None,
             Err(e) => {
@@ -427,6 +443,24 @@ fn handle_buffered(
                 return Some(End::Close(e.disconnect_reason(), "protocol error"));
             }
         }
+    }
+}
+
+/// Writes some of `wbuf` (`Some(bytes taken)`), or with `wbuf` empty flushes what a TLS or
+/// WebSocket layer holds (`None`).
+async fn push<W: WriteSide>(writer: &mut W, wbuf: &[u8]) -> std::io::Result<Option<usize>> {
+    if wbuf.is_empty() {
+        writer.flush().await.map(|()| None)
+    } else {
+        writer.write(wbuf).await.map(Some)
+    }
+}
+
+/// Whether `packet` is a PUBLISH beyond the client's rate.
+fn publish_limited(packet: &Incoming, bucket: &mut Option<TokenBucket>) -> bool {
+    match (packet, bucket) {
+        (Incoming::Publish(_), Some(bucket)) => !bucket.try_take(Instant::now()),
+        _ => false,
     }
 }
 
@@ -529,8 +563,8 @@ fn next_check(
 }
 
 /// Writes a v5 DISCONNECT after whatever output is pending, giving the peer a moment to take it.
-async fn send_disconnect(
-    stream: &mut TcpStream,
+async fn send_disconnect<S: Io>(
+    stream: &mut S,
     wbuf: &mut BytesMut,
     code: DisconnectReasonCode,
     why: &'static str,
@@ -545,6 +579,10 @@ async fn send_disconnect(
         }),
     });
     let _ = encode(&packet, ProtocolVersion::V5, None, wbuf);
-    let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, stream.write_all(wbuf)).await;
+    let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, async {
+        stream.write_all(wbuf).await?;
+        stream.flush().await
+    })
+    .await;
     wbuf.clear();
 }

@@ -10,8 +10,10 @@ use ferrymq::config::Config;
 use ferrymq::server::Server;
 use rumqttc::mqttbytes::v4;
 use rumqttc::v5::mqttbytes::v5;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+pub mod net;
 
 pub const WAIT: Duration = Duration::from_secs(5);
 pub const QUIET: Duration = Duration::from_millis(300);
@@ -43,9 +45,13 @@ pub async fn start() -> (Server, SocketAddr) {
     start_with(|_| {}).await
 }
 
-/// A client speaking raw MQTT over TCP.
+/// Any byte stream a raw client can speak over (TCP, TLS, WebSocket).
+pub trait ByteStream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> ByteStream for T {}
+
+/// A client speaking raw MQTT over TCP (or, with [`Raw::over`], any byte stream).
 pub struct Raw {
-    pub stream: TcpStream,
+    pub stream: Box<dyn ByteStream>,
     buf: BytesMut,
 }
 
@@ -53,14 +59,19 @@ impl Raw {
     pub async fn connect(addr: SocketAddr) -> Raw {
         let stream = TcpStream::connect(addr).await.unwrap();
         stream.set_nodelay(true).unwrap();
+        Raw::over(stream)
+    }
+
+    pub fn over(stream: impl ByteStream + 'static) -> Raw {
         Raw {
-            stream,
+            stream: Box::new(stream),
             buf: BytesMut::new(),
         }
     }
 
     pub async fn send_bytes(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).await.unwrap();
+        self.stream.flush().await.unwrap();
     }
 
     pub async fn send5(&mut self, packet: v5::Packet) {
