@@ -1,6 +1,9 @@
 //! `ApplicationClient`: an MQTT client id registered as APPLICATION with a broker, with its own
 //! Kafka topic and MQTT credentials.
 
+// kube's `printcolumn(type_ = ...)` repeats the same attribute key once per column.
+#![allow(clippy::duplicated_attributes)]
+
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -61,6 +64,9 @@ pub struct ApplicationClientSpec {
     /// The client's Kafka topic `<prefix>.app.<clientId>`.
     #[serde(default)]
     pub topic: TopicSpec,
+    /// What the client may publish and subscribe to (the credential record's ACL).
+    #[serde(default)]
+    pub acl: Acl,
     /// Name of the Secret the operator writes the MQTT credentials into (`username`,
     /// `password`, `clientId`); `<metadata.name>-mqtt` when absent. Immutable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -112,6 +118,35 @@ fn default_partitions() -> i32 {
 
 fn default_replication_factor() -> i32 {
     -1
+}
+
+/// Topic patterns of the client's credential record (docs/security.md "ACL syntax"); an empty
+/// list allows nothing.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Acl {
+    /// Patterns the client may publish to. Default: none.
+    #[serde(default)]
+    #[schemars(length(max = 256))]
+    pub publish: Vec<String>,
+    /// Patterns the client may subscribe to. Default: `#` (everything), since an APPLICATION
+    /// client usually consumes what devices publish.
+    #[serde(default = "default_subscribe")]
+    #[schemars(length(max = 256))]
+    pub subscribe: Vec<String>,
+}
+
+impl Default for Acl {
+    fn default() -> Self {
+        Acl {
+            publish: Vec::new(),
+            subscribe: default_subscribe(),
+        }
+    }
+}
+
+fn default_subscribe() -> Vec<String> {
+    vec!["#".into()]
 }
 
 /// What happens to the topic and registration when the resource is deleted.

@@ -1,6 +1,9 @@
 //! `MqttBroker`: one ferrymq deployment (a StatefulSet with its Services, ConfigMap and
 //! PodDisruptionBudget).
 
+// kube's `printcolumn(type_ = ...)` repeats the same attribute key once per column.
+#![allow(clippy::duplicated_attributes)]
+
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{

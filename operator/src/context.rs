@@ -1,0 +1,68 @@
+//! What every reconcile gets: the Kubernetes client, the side-effect seam, metrics and the
+//! Event recorder.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Client, Resource};
+
+use crate::metrics::Metrics;
+use crate::seam::Provisioner;
+
+pub struct Context {
+    pub client: Client,
+    pub provisioner: Arc<dyn Provisioner>,
+    pub metrics: Arc<Metrics>,
+    pub recorder: Recorder,
+    /// How often a healthy object is reconciled again, which is when out-of-band drift in Kafka
+    /// or PostgreSQL is found and reverted.
+    pub resync: Duration,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        provisioner: Arc<dyn Provisioner>,
+        metrics: Arc<Metrics>,
+        instance: Option<String>,
+    ) -> Context {
+        let reporter = Reporter {
+            controller: "ferrymq-operator".into(),
+            instance,
+        };
+        Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            provisioner,
+            metrics,
+            resync: Duration::from_secs(300),
+        }
+    }
+
+    /// Publishes an Event about `obj`. A failure to publish is logged, never fatal: Events are
+    /// a courtesy, the status is the record.
+    pub async fn event<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        warning: bool,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        let event = Event {
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: reason.into(),
+            note: Some(note),
+            action: action.into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &obj.object_ref(&())).await {
+            tracing::warn!(error = %e, reason, "cannot publish event");
+        }
+    }
+}
