@@ -17,7 +17,7 @@ use crate::session::registry::{Claim, Due, Kick, KickReason, PendingWill, Regist
 use crate::session::{Session, NEVER_EXPIRES};
 use crate::storage::codec::now_ms;
 use crate::storage::embedded::{EmbeddedOptions, EmbeddedStorage};
-use crate::storage::kafka::PublishLog;
+use crate::storage::kafka::{record::Control, PublishLog};
 use crate::storage::kafka_postgres::KafkaPostgresStorage;
 use crate::storage::{ClientKind, SessionRecord, Storage, StorageError, WriteBatch, WriteOp};
 
@@ -89,8 +89,10 @@ impl Broker {
             max_topic_len: config.limits.max_topic_len,
             max_levels: config.limits.max_topic_levels,
         };
+        let router = Router::new(metrics.clone(), config.device.message_ttl_secs);
+        router.set_shared_groups_in_log(storage.shared_groups_in_log());
         Arc::new(Broker {
-            router: Router::new(metrics.clone(), config.device.message_ttl_secs),
+            router,
             registry: Registry::default(),
             auth,
             metrics,
@@ -275,7 +277,20 @@ impl Broker {
                 client: client_id.clone(),
                 record,
             });
+            // On Kafka, a new session frees every QoS 2 packet id the log router still holds
+            // for this client (see `router::Qos2Flows`); the reset is in the log before any
+            // PUBLISH of the new session.
+            let reset = match (&self.publish_log, present) {
+                (Some(log), false) => Some(log.append_control(&Control::Reset {
+                    publisher: client_id.clone(),
+                })),
+                _ => None,
+            };
             let written = self.storage.submit(batch).await;
+            let written = match (written, reset) {
+                (Ok(Ok(())), Some(reset)) => reset.await,
+                (written, _) => written,
+            };
             match written {
                 Ok(Ok(())) => session.stored = true,
                 Ok(Err(e)) => {
@@ -288,7 +303,22 @@ impl Broker {
                 }
             }
         }
+        if kind == ClientKind::Application {
+            self.application_shared(&session);
+        }
         Ok((session, present))
+    }
+
+    /// Hands an online APPLICATION session's shared subscriptions to the storage backend.
+    pub fn application_shared(&self, session: &Session) {
+        let shared: Vec<_> = session
+            .subscriptions
+            .iter()
+            .filter(|(filter, _)| filter.starts_with("$share/"))
+            .map(|(filter, options)| (filter.clone(), options.clone()))
+            .collect();
+        self.storage
+            .application_shared(&session.client_id, shared, session.mailbox.stored.clone());
     }
 
     /// Gives the slot back when a session could not be made durable.
@@ -434,7 +464,7 @@ impl Broker {
         if let Some(log) = &self.publish_log {
             // Through the publish log like any PUBLISH, so the router stores it for persistent
             // subscribers; nobody waits for it, but a failure is worth a log line.
-            let appended = log.append(&message);
+            let appended = log.append(&message, None);
             let client_id = client_id.clone();
             tokio::spawn(async move {
                 if let Ok(Err(e)) = appended.await {

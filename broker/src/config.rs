@@ -143,6 +143,9 @@ pub struct KafkaConfig {
     /// Create `<prefix>.app.<client>` when an APPLICATION client first needs it. When false the
     /// topic must exist (the operator provisions it) and a client without one is refused.
     pub auto_create_application_topics: bool,
+    /// Partitions of a shared group topic `<prefix>.share.…` when the broker creates it: at most
+    /// this many APPLICATION members of one group receive at the same time.
+    pub shared_group_partitions: i32,
     /// Extra librdkafka properties for every client (TLS, SASL, …), passed through unchanged.
     pub properties: std::collections::BTreeMap<String, String>,
 }
@@ -159,6 +162,7 @@ impl Default for KafkaConfig {
             produce_timeout_ms: 10_000,
             max_pending_records: 100_000,
             auto_create_application_topics: true,
+            shared_group_partitions: 4,
             properties: Default::default(),
         }
     }
@@ -813,6 +817,9 @@ impl Config {
         }
         if k.msg_all_partitions < 1 {
             return key("kafka.msg_all_partitions", "must be at least 1");
+        }
+        if k.shared_group_partitions < 1 {
+            return key("kafka.shared_group_partitions", "must be at least 1");
         }
         if k.replication_factor == 0 || k.replication_factor < -1 {
             return key(

@@ -589,12 +589,11 @@ mod kafka_postgres {
         super::qos1_100k_messages_survive_three_kills(&backend);
     }
 
-    /// Known gap, not hidden: on Kafka the PUBLISH append and the publisher's stored QoS 2
-    /// packet id are two writes to two systems. A kill between them makes the publisher's DUP
-    /// resend look new, and the message is routed twice (10 duplicates seen with
-    /// FERRYMQ_E2E_SEED=1795606077816851297). Run it with `--ignored`; see docs/kafka-postgres.md.
+    /// On Kafka the PUBLISH append and the publisher's stored QoS 2 packet id are writes to two
+    /// systems; a kill between them makes the publisher resend a message already in the log.
+    /// The router recognises such resends (`router::Qos2Flows`); before it did, 4-10
+    /// duplicates per run were seen here.
     #[test]
-    #[ignore = "QoS 2 exactly-once across broker kills is not yet guaranteed on kafka+postgres"]
     fn qos2_exactly_once_across_kills() {
         let _serial = serial();
         let Some(backend) = Backend::kafka_postgres() else {

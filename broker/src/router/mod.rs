@@ -168,8 +168,17 @@ enum Subscription {
 /// The members of one `$share/{group}/{filter}`; each message goes to one of them, round-robin.
 #[derive(Debug)]
 struct SharedGroup {
+    name: Arc<str>,
+    filter: Arc<str>,
     members: Vec<(Arc<Mailbox>, SubscriptionOptions)>,
     next: AtomicUsize,
+}
+
+/// Who gets a shared group's message.
+enum SharedPick {
+    Member(Arc<Mailbox>, SubscriptionOptions),
+    /// The group's own log, from which its online APPLICATION members claim (Kafka backend).
+    GroupLog,
 }
 
 /// What the router needs to know about a subscribe call's effect.
@@ -186,6 +195,9 @@ pub struct Router {
     metrics: Arc<Metrics>,
     /// `device.message_ttl_secs` in milliseconds.
     device_ttl_ms: u64,
+    /// APPLICATION members of shared groups get QoS 1/2 messages through the group's log
+    /// (`WriteOp::AppendShared`), set when the storage backend serves them that way.
+    shared_groups_in_log: AtomicBool,
 }
 
 impl Router {
@@ -195,7 +207,13 @@ impl Router {
             retained: RwLock::new(RetainedStore::new()),
             metrics,
             device_ttl_ms: device_ttl_secs.saturating_mul(1000),
+            shared_groups_in_log: AtomicBool::new(false),
         }
+    }
+
+    /// See [`crate::storage::Storage::shared_groups_in_log`].
+    pub fn set_shared_groups_in_log(&self, on: bool) {
+        self.shared_groups_in_log.store(on, Ordering::Relaxed);
     }
 
     /// Adds or replaces a subscription. `filter` has been validated by [`topic::parse_filter`].
@@ -238,6 +256,8 @@ impl Router {
                     filter,
                     key,
                     Subscription::Shared(SharedGroup {
+                        name: Arc::from(group),
+                        filter: Arc::from(filter),
                         members: vec![(mailbox.clone(), options)],
                         next: AtomicUsize::new(0),
                     }),
@@ -280,6 +300,8 @@ impl Router {
         let topic = message.topic_str();
         let mut direct: Vec<Target> = Vec::new();
         let mut shared: Vec<(Arc<Mailbox>, QoS, bool, Option<usize>)> = Vec::new();
+        let mut group_logs: Vec<(Arc<str>, Arc<str>)> = Vec::new();
+        let in_log = self.shared_groups_in_log.load(Ordering::Relaxed);
         let mut matched = 0usize;
         {
             let trie = self.subscriptions.read();
@@ -299,13 +321,17 @@ impl Router {
                 }
                 Subscription::Shared(group) => {
                     matched += 1;
-                    if let Some((mailbox, options)) = pick_member(group) {
-                        shared.push((
+                    match pick_member(group, in_log, message.qos) {
+                        Some(SharedPick::Member(mailbox, options)) => shared.push((
                             mailbox,
                             min_qos(message.qos, options.qos),
                             options.retain_as_published && message.retain,
                             options.identifier,
-                        ));
+                        )),
+                        Some(SharedPick::GroupLog) => {
+                            group_logs.push((group.name.clone(), group.filter.clone()));
+                        }
+                        None => {}
                     }
                 }
             });
@@ -351,6 +377,15 @@ impl Router {
                 dup: false,
             };
             self.deliver(&mailbox, delivery, batch, &mut result);
+        }
+        for (group, filter) in group_logs {
+            let expires_at_ms = self.expiry_deadline(ClientKind::Application, message);
+            batch.push(WriteOp::AppendShared {
+                group,
+                filter,
+                record: encode_delivery(message.qos, message.retain, expires_at_ms, &[], message),
+                origin: None,
+            });
         }
         result
     }
@@ -502,22 +537,38 @@ struct Target {
 
 /// Round-robin over a shared group's members [MQTT-4.8.2]. Members whose queue is closed (the
 /// session is gone) are skipped; fullness is handled by the caller's normal drop accounting.
-fn pick_member(group: &SharedGroup) -> Option<(Arc<Mailbox>, &SubscriptionOptions)> {
-    let n = group.members.len();
-    if n == 0 {
+///
+/// With `in_log` (Kafka backend), the group's APPLICATION members together take one turn of
+/// the round robin for QoS 1/2 messages: those go to the group's log, and Kafka balances it
+/// over the online members. QoS 0 is never stored, so it goes to one of them directly.
+fn pick_member(group: &SharedGroup, in_log: bool, qos: QoS) -> Option<SharedPick> {
+    let is_app = |m: &Arc<Mailbox>| m.kind == ClientKind::Application;
+    let via_log = in_log && qos != QoS::AtMostOnce && group.members.iter().any(|(m, _)| is_app(m));
+    let candidates: Vec<&(Arc<Mailbox>, SubscriptionOptions)> = group
+        .members
+        .iter()
+        .filter(|(m, _)| !(via_log && is_app(m)))
+        .collect();
+    let slots = candidates.len() + usize::from(via_log);
+    if slots == 0 {
         return None;
     }
     let start = group.next.fetch_add(1, Ordering::Relaxed);
-    for i in 0..n {
-        let (mailbox, options) = &group.members[(start + i) % n];
+    for i in 0..slots {
+        let slot = (start + i) % slots;
+        let Some((mailbox, options)) = candidates.get(slot) else {
+            return Some(SharedPick::GroupLog);
+        };
         if mailbox.tx.is_closed() || mailbox.tx.capacity() == 0 {
             continue;
         }
-        return Some((mailbox.clone(), options));
+        return Some(SharedPick::Member(mailbox.clone(), options.clone()));
     }
     // Everyone is full: pick the scheduled one so the drop is counted against it.
-    let (mailbox, options) = &group.members[start % n];
-    Some((mailbox.clone(), options))
+    match candidates.get(start % slots) {
+        Some((mailbox, options)) => Some(SharedPick::Member(mailbox.clone(), options.clone())),
+        None => Some(SharedPick::GroupLog),
+    }
 }
 
 /// Outcome of routing one message.

@@ -23,6 +23,7 @@ use crate::protocol::{
 };
 use crate::router::topic::{parse_filter, validate_topic_name, ParsedFilter};
 use crate::router::SubscriptionOptions;
+use crate::storage::kafka::record::Control;
 use crate::storage::{
     pkid_for_seq, Completion, QueueRead, QueuedEntry, StorageError, WriteBatch, WriteOp,
 };
@@ -493,7 +494,7 @@ impl Machine {
             publisher: self.session.client_id.clone(),
         });
         if let Some(log) = self.broker.publish_log.clone() {
-            return self.publish_to_log(&log, &message, pkid, out);
+            return self.publish_to_log(&log, &message, pkid, publish.dup, out);
         }
         let mut batch = WriteBatch::default();
         if message.retain {
@@ -567,9 +568,14 @@ impl Machine {
         log: &crate::storage::kafka::PublishLog,
         message: &Arc<Message>,
         pkid: u16,
+        dup: bool,
         out: &mut BytesMut,
     ) -> Flow {
-        let appended = log.append(message);
+        // A persistent session's QoS 2 PUBLISH carries its packet id: after a crash between the
+        // append and the stored packet id, the publisher's resend is appended again, and the
+        // router recognises and drops it (clean sessions have nothing to resume).
+        let flow = (message.qos == QoS::ExactlyOnce && self.session.stored).then_some((pkid, dup));
+        let appended = log.append(message, flow);
         match message.qos {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => self.reply(
@@ -758,7 +764,7 @@ impl Machine {
         };
         // The stored packet id must be gone before PUBCOMP: otherwise a crash could leave it
         // behind and a later message reusing the id would be taken for a duplicate and lost.
-        let wait = if known && self.session.stored {
+        let mut wait = if known && self.session.stored {
             let mut batch = WriteBatch::default();
             batch.push(WriteOp::DeleteInboundQos2 {
                 client: self.session.client_id.clone(),
@@ -768,6 +774,22 @@ impl Machine {
         } else {
             None
         };
+        // On Kafka the log router keeps the packet ids of routed QoS 2 messages too; the
+        // release goes through the log (after the message, same partition) before PUBCOMP lets
+        // the publisher reuse the id. Also for an unknown id: a crash may have kept the router's
+        // copy while the stored one was deleted.
+        if self.session.stored {
+            if let Some(log) = &self.broker.publish_log {
+                let released = log.append_control(&Control::Release {
+                    publisher: self.session.client_id.clone(),
+                    pkid: rel.pkid,
+                });
+                wait = Some(match wait {
+                    Some(deleted) => both(deleted, released),
+                    None => released,
+                });
+            }
+        }
         self.reply(
             Packet::PubComp(PubComp {
                 pkid: rel.pkid,
@@ -872,6 +894,13 @@ impl Machine {
                 }
             }
         }
+        if subscribe
+            .filters
+            .iter()
+            .any(|f| f.path.starts_with("$share/"))
+        {
+            self.shared_subscriptions_changed();
+        }
         // A persistent session's SUBACK waits until the subscription is durable.
         let wait = self.submit(batch);
         self.reply(
@@ -914,6 +943,9 @@ impl Machine {
             };
             reasons.push(reason);
         }
+        if unsubscribe.filters.iter().any(|f| f.starts_with("$share/")) {
+            self.shared_subscriptions_changed();
+        }
         let wait = self.submit(batch);
         self.reply(
             Packet::UnsubAck(UnsubAck {
@@ -926,6 +958,14 @@ impl Machine {
             out,
         );
         Flow::Continue
+    }
+
+    /// Tells the storage backend the APPLICATION client's shared subscriptions (see
+    /// `Storage::application_shared`).
+    fn shared_subscriptions_changed(&self) {
+        if self.session.kind == crate::storage::ClientKind::Application {
+            self.broker.application_shared(&self.session);
+        }
     }
 
     fn on_disconnect(&mut self, disconnect: Disconnect) -> Flow {
@@ -1018,8 +1058,11 @@ impl Machine {
         ) {
             Ok(_) => {
                 self.broker.metrics.messages_sent.inc(delivery.qos);
-                if let Some(state) = state {
-                    self.session.outbound.push(pkid, delivery, state);
+                match state {
+                    Some(state) => self.session.outbound.push(pkid, delivery, state),
+                    // A stored entry granted QoS 0 (an APPLICATION shared group member that
+                    // subscribed at QoS 0) is done once it is sent.
+                    None => self.stored_done(delivery.seq),
                 }
             }
             Err(_) => {

@@ -758,7 +758,11 @@ impl Writer {
                 t.remove(topic.as_str()).map_err(engine)?;
             }
             // Only the Kafka backend's log router writes positions.
-            WriteOp::RouterPosition { .. } => {}
+            WriteOp::RouterPosition { .. } | WriteOp::RouterQos2 { .. } => {}
+            // Never produced here: the embedded router picks a member (`shared_groups_in_log`).
+            WriteOp::AppendShared { .. } => {
+                tracing::error!("AppendShared reached the embedded backend; dropped");
+            }
             WriteOp::Expire { client, kind, seq } => {
                 if self.remove_entry(txn, &client, kind, seq)? {
                     match kind {

@@ -13,17 +13,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::PgConnection;
-use tokio::sync::{oneshot, Mutex};
+use tokio::sync::{oneshot, Mutex, Notify};
 
-use super::kafka::app::ApplicationLogs;
+use super::kafka::app::{ApplicationLogs, Tag};
+use super::kafka::shared::SharedGroups;
 use super::kafka::{Kafka, PublishLog};
 use super::postgres::{take_node_lock, PgStore, ReleasedHook};
 use super::{
-    ClientKind, Completion, QueueRead, Snapshot, Storage, StorageError, SweepStats, WriteBatch,
-    WriteOp,
+    ClientKind, Completion, QueueRead, QueueTotals, Snapshot, Storage, StorageError, SweepStats,
+    WriteBatch, WriteOp,
 };
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::router::SubscriptionOptions;
 
 /// How often Kafka and PostgreSQL are probed for the readiness state.
 const PROBE_INTERVAL: Duration = Duration::from_secs(2);
@@ -32,6 +34,7 @@ pub struct KafkaPostgresStorage {
     kafka: Arc<Kafka>,
     log: Arc<PublishLog>,
     apps: Arc<ApplicationLogs>,
+    shared: Arc<SharedGroups>,
     pg: Arc<PgStore>,
     app_topic_config: Vec<(&'static str, String)>,
 }
@@ -61,15 +64,23 @@ impl KafkaPostgresStorage {
             lock,
             config.postgres.url.clone(),
         ));
+        let app_topic_config = ApplicationLogs::topic_config(
+            config.application.retention_secs.saturating_mul(1000),
+            config.application.retention_bytes,
+        );
+        let shared = Arc::new(SharedGroups::new(
+            kafka.clone(),
+            apps.clone(),
+            config.kafka.shared_group_partitions,
+            app_topic_config.clone(),
+        ));
         Ok(KafkaPostgresStorage {
             kafka,
             log,
             apps,
+            shared,
             pg,
-            app_topic_config: ApplicationLogs::topic_config(
-                config.application.retention_secs.saturating_mul(1000),
-                config.application.retention_bytes,
-            ),
+            app_topic_config,
         })
     }
 
@@ -127,7 +138,7 @@ impl Storage for KafkaPostgresStorage {
                 WriteOp::Enqueue {
                     kind: ClientKind::Application,
                     ..
-                }
+                } | WriteOp::AppendShared { .. }
             )
         });
         if !has_app {
@@ -137,7 +148,22 @@ impl Storage for KafkaPostgresStorage {
         // has them all.
         let mut produced = Vec::new();
         let mut wake = Vec::new();
+        let mut shared = Vec::new();
         batch.ops.retain_mut(|op| match op {
+            WriteOp::AppendShared {
+                group,
+                filter,
+                record,
+                origin,
+            } => {
+                shared.push((
+                    group.clone(),
+                    filter.clone(),
+                    std::mem::take(record),
+                    *origin,
+                ));
+                false
+            }
             WriteOp::Enqueue {
                 client,
                 kind: ClientKind::Application,
@@ -145,7 +171,11 @@ impl Storage for KafkaPostgresStorage {
                 notify,
                 origin,
             } => {
-                produced.push(self.apps.append(client, record, *origin));
+                let tag = match origin {
+                    Some((p, o)) => Tag::Origin(*p, *o),
+                    None => Tag::None,
+                };
+                produced.push(self.apps.append(client, record, tag));
                 self.kafka.metrics.application_messages_stored.inc();
                 if let Some(n) = notify.take() {
                     wake.push(n);
@@ -155,9 +185,14 @@ impl Storage for KafkaPostgresStorage {
             _ => true,
         });
         let pg = self.pg.clone();
+        let groups = self.shared.clone();
         let (tx, rx) = oneshot::channel();
         tokio::spawn(async move {
             let mut result = Ok(());
+            // Group topics may need creating first; appended in the router's order.
+            for (group, filter, record, origin) in shared {
+                produced.push(groups.append(&group, &filter, &record, origin).await);
+            }
             for p in produced {
                 if let Err(e) = p.await.unwrap_or(Err(StorageError::Closed)) {
                     result = Err(e);
@@ -189,12 +224,24 @@ impl Storage for KafkaPostgresStorage {
                 map.entry(client).or_default().insert(seq);
             }
         }
+        let shared_filters: Vec<String> = snapshot
+            .sessions
+            .iter()
+            .filter(|s| s.record.kind == ClientKind::Application)
+            .flat_map(|s| s.subscriptions.iter().map(|(f, _)| f.clone()))
+            .filter(|f| f.starts_with("$share/"))
+            .collect();
+        self.shared.scan_group_topics(&shared_filters).await;
         for session in &mut snapshot.sessions {
             if session.record.kind == ClientKind::Application {
-                match self.apps.tail_origins(&session.client).await {
-                    Ok(origins) => {
-                        tracing::info!(client_id = %session.client, ?origins, "APPLICATION log tail read; a replay skips appends up to these publish-log offsets");
-                        self.log.skip.lock().insert(session.client.clone(), origins);
+                match self.apps.tail(&session.client).await {
+                    Ok(tail) => {
+                        tracing::info!(client_id = %session.client, origins = ?tail.origins, claims = ?tail.claims, "APPLICATION log tail read; a replay skips appends up to these offsets");
+                        self.log
+                            .skip
+                            .lock()
+                            .insert(session.client.clone(), tail.origins);
+                        self.shared.claimed_at_start(tail.claims);
                     }
                     Err(e) => {
                         tracing::warn!(client_id = %session.client, error = %e, "reading the end of an APPLICATION topic failed");
@@ -249,6 +296,49 @@ impl Storage for KafkaPostgresStorage {
     }
 
     fn client_offline(&self, client: &str) {
+        self.shared.member_offline(client);
         self.apps.drop_reader(client);
+    }
+
+    fn application_shared(
+        &self,
+        client: &Arc<str>,
+        subscriptions: Vec<(String, SubscriptionOptions)>,
+        wake: Arc<Notify>,
+    ) {
+        self.shared.set_member(client, subscriptions, wake);
+    }
+
+    fn shared_groups_in_log(&self) -> bool {
+        true
+    }
+
+    fn queue_totals(&self) -> Result<Option<QueueTotals>, StorageError> {
+        // Called on a blocking thread (once per scrape): waiting here stalls no connection.
+        tokio::runtime::Handle::current()
+            .block_on(self.totals())
+            .map(Some)
+    }
+}
+
+impl KafkaPostgresStorage {
+    /// DEVICE entries in PostgreSQL; APPLICATION log sizes and lag from each client's topic
+    /// watermarks and its committed offset.
+    async fn totals(&self) -> Result<QueueTotals, StorageError> {
+        let (device_queued, offsets) = self.pg.queue_counts().await?;
+        let mut totals = QueueTotals {
+            device_queued,
+            ..QueueTotals::default()
+        };
+        for (client, committed_seq) in offsets {
+            let Ok((low, high)) = self.kafka.watermarks(&self.apps.topic(&client), 0).await else {
+                continue;
+            };
+            totals.application_log += (high - low).max(0) as u64;
+            // Sequence numbers are offsets + 1: the committed sequence is the first entry not
+            // yet acknowledged.
+            totals.application_lag += (high - (committed_seq - 1).max(low)).max(0) as u64;
+        }
+        Ok(totals)
     }
 }

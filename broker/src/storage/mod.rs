@@ -61,6 +61,17 @@ pub struct SessionRecord {
     pub disconnected_at_ms: u64,
 }
 
+/// How a publisher's open QoS 2 flows changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Qos2FlowChange {
+    /// A message with this packet id was routed.
+    Open(u16),
+    /// The publisher released the packet id (PUBREL).
+    Release(u16),
+    /// The publisher started a new session: every packet id is free.
+    Reset,
+}
+
 /// One change to durable state.
 #[derive(Debug, Clone)]
 pub enum WriteOp {
@@ -98,12 +109,28 @@ pub enum WriteOp {
         /// log router so that a replay after a crash can recognise appends it already made.
         origin: Option<(i32, i64)>,
     },
+    /// A message for the APPLICATION members of a shared group, appended once to the group's own
+    /// log (Kafka backend only; see `kafka::shared`). `record` is an encoded delivery with the
+    /// message's own QoS and retain flag; each member's share is decided when it is claimed.
+    AppendShared {
+        group: Arc<str>,
+        filter: Arc<str>,
+        record: Vec<u8>,
+        /// As for `Enqueue`: the publish-log record it was routed from.
+        origin: Option<(i32, i64)>,
+    },
     /// The log router has stored everything of a publish-log partition below `next_offset`.
     /// Written in the same transaction as the batch's queue writes, so a replay after a crash
     /// starts exactly after what was stored (Kafka backend only).
     RouterPosition {
         partition: i32,
         next_offset: i64,
+    },
+    /// The log router's record of a publisher's open QoS 2 flows changed (Kafka backend only;
+    /// see `kafka::router::Qos2Flows`). Written in the batch's transaction.
+    RouterQos2 {
+        client: Arc<str>,
+        change: Qos2FlowChange,
     },
     /// The DEVICE client acknowledged the entry (PUBACK, or PUBCOMP for QoS 2).
     AckDevice {
@@ -268,6 +295,22 @@ pub trait Storage: Send + Sync + 'static {
     /// The session `client` ended for good or went offline: release per-client resources
     /// (readers, caches). Nothing durable changes.
     fn client_offline(&self, _client: &str) {}
+    /// The shared subscriptions (`$share/…` filters) of an online APPLICATION client, given at
+    /// connect and after each change: a backend that serves APPLICATION shared groups from
+    /// their own log (Kafka) starts or stops the member's share of it. `wake` is notified
+    /// when entries were added to the client's log.
+    fn application_shared(
+        &self,
+        _client: &Arc<str>,
+        _subscriptions: Vec<(String, SubscriptionOptions)>,
+        _wake: Arc<Notify>,
+    ) {
+    }
+    /// Whether the router hands APPLICATION shared group members their messages through the
+    /// group's own log ([`WriteOp::AppendShared`]) instead of picking a member.
+    fn shared_groups_in_log(&self) -> bool {
+        false
+    }
     /// Stored message totals for the metrics endpoint (called on a blocking thread, once per
     /// scrape); `None` when the backend does not report them (the gauges are then left out).
     fn queue_totals(&self) -> Result<Option<QueueTotals>, StorageError> {

@@ -23,8 +23,8 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::codec::{self, decode_delivery, now_ms};
 use super::{
-    ClientKind, Completion, QueuedEntry, RestoredSession, SessionRecord, Snapshot, StorageError,
-    SweepStats, WriteBatch, WriteOp,
+    ClientKind, Completion, Qos2FlowChange, QueuedEntry, RestoredSession, SessionRecord, Snapshot,
+    StorageError, SweepStats, WriteBatch, WriteOp,
 };
 use crate::config::PostgresConfig;
 use crate::metrics::Metrics;
@@ -190,6 +190,22 @@ impl PgStore {
         rx
     }
 
+    /// Entries in all DEVICE queues, and every APPLICATION client's committed sequence.
+    pub async fn queue_counts(&self) -> Result<(u64, Vec<(String, i64)>), StorageError> {
+        let device: i64 = sqlx::query_scalar("SELECT count(*) FROM device_queue")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db)?;
+        let offsets = sqlx::query("SELECT client_id, committed_seq FROM application_offsets")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        Ok((device.max(0) as u64, offsets))
+    }
+
     /// The APPLICATION client's committed position, created at `start` when it has none.
     pub async fn application_start(&self, client: &str, start: u64) -> Result<u64, StorageError> {
         sqlx::query(
@@ -209,6 +225,23 @@ impl PgStore {
         .await
         .map_err(db)?;
         Ok(committed.max(1) as u64)
+    }
+
+    /// The log router's open QoS 2 flows: publisher → packet ids.
+    pub async fn router_qos2_flows(&self) -> Result<HashMap<Arc<str>, HashSet<u16>>, StorageError> {
+        let rows = sqlx::query("SELECT client_id, pkid FROM router_qos2_flows")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        let mut flows: HashMap<Arc<str>, HashSet<u16>> = HashMap::new();
+        for row in rows {
+            let client: String = row.get(0);
+            let pkid: i32 = row.get(1);
+            if let Ok(pkid) = u16::try_from(pkid) {
+                flows.entry(client.into()).or_default().insert(pkid);
+            }
+        }
+        Ok(flows)
     }
 
     /// The log router's stored positions: partition → next offset.
@@ -795,6 +828,26 @@ impl Writer {
                 .await
                 .map_err(db)?;
             }
+            WriteOp::RouterQos2 { client, change } => {
+                let query = match change {
+                    Qos2FlowChange::Open(pkid) => sqlx::query(
+                        "INSERT INTO router_qos2_flows (client_id, pkid) VALUES ($1, $2) \
+                         ON CONFLICT DO NOTHING",
+                    )
+                    .bind(&*client)
+                    .bind(i32::from(pkid)),
+                    Qos2FlowChange::Release(pkid) => sqlx::query(
+                        "DELETE FROM router_qos2_flows WHERE client_id = $1 AND pkid = $2",
+                    )
+                    .bind(&*client)
+                    .bind(i32::from(pkid)),
+                    Qos2FlowChange::Reset => {
+                        sqlx::query("DELETE FROM router_qos2_flows WHERE client_id = $1")
+                            .bind(&*client)
+                    }
+                };
+                query.execute(t).await.map_err(db)?;
+            }
             WriteOp::PutSession { client, record } => {
                 sqlx::query(
                     "INSERT INTO sessions (client_id, kind, expiry_interval, disconnected_at_ms) \
@@ -973,6 +1026,8 @@ impl Writer {
                 ..
             } => {}
             WriteOp::Enqueue { .. } | WriteOp::AckDevice { .. } | WriteOp::MarkSent { .. } => {}
+            // Appended to Kafka by the Kafka/PostgreSQL backend before the rest reaches here.
+            WriteOp::AppendShared { .. } => {}
         }
         Ok(())
     }

@@ -30,6 +30,69 @@ const FIRST_RECORD_WAIT: Duration = Duration::from_millis(500);
 /// (two router batches' worth).
 const TAIL_SCAN: i64 = 2_048;
 
+/// Where an APPLICATION append came from.
+#[derive(Debug, Clone, Copy)]
+pub enum Tag<'a> {
+    None,
+    /// Routed from this publish-log record (partition, offset).
+    Origin(i32, i64),
+    /// Claimed from this shared group topic record (topic, partition, offset).
+    Claim(&'a str, i32, i64),
+}
+
+/// What the end of an APPLICATION topic says was appended (see [`ApplicationLogs::tail`]).
+#[derive(Debug, Default)]
+pub struct Tail {
+    pub origins: HashMap<i32, i64>,
+    pub claims: HashMap<(String, i32), i64>,
+}
+
+/// Reads the last [`TAIL_SCAN`] records of a partition (and on until nothing more arrives,
+/// rather than trusting one record at the high watermark, which a broker may report a little
+/// stale), handing each record's headers to `f`. A missing topic has no tail.
+pub async fn scan_tail(
+    kafka: &Kafka,
+    topic: &str,
+    partition: i32,
+    mut f: impl FnMut(&rdkafka::message::BorrowedHeaders),
+) -> Result<(), StorageError> {
+    let (low, high) = match kafka.watermarks(topic, partition).await {
+        Ok(w) => w,
+        Err(_) => return Ok(()),
+    };
+    if high <= low {
+        return Ok(());
+    }
+    let consumer: StreamConsumer = Kafka::client_config(&kafka.config)
+        .set(
+            "group.id",
+            format!("{}.app.reader", kafka.config.topic_prefix),
+        )
+        .set("enable.auto.commit", "false")
+        .create()
+        .map_err(kafka_error)?;
+    let mut tpl = TopicPartitionList::new();
+    // From further back than needed: a fetch inside a record batch may skip that batch (see
+    // `fetch_start`), and what counts is the very end.
+    tpl.add_partition_offset(
+        topic,
+        partition,
+        Offset::Offset((high - TAIL_SCAN).max(low)),
+    )
+    .map_err(kafka_error)?;
+    consumer.assign(&tpl).map_err(kafka_error)?;
+    let mut wait = Duration::from_secs(10);
+    while let Ok(next) = tokio::time::timeout(wait, consumer.recv()).await {
+        let next = next.map_err(kafka_error)?;
+        if let Some(headers) = next.headers() {
+            f(headers);
+        }
+        // Once the first record is in, the rest is already fetched or close behind.
+        wait = Duration::from_millis(500);
+    }
+    Ok(())
+}
+
 /// One client's reader.
 struct Reader {
     consumer: StreamConsumer,
@@ -91,7 +154,8 @@ impl ApplicationLogs {
     }
 
     /// Appends an encoded delivery (the router's `WriteOp::Enqueue` record) to the client's log.
-    pub fn append(&self, client: &str, encoded: &[u8], origin: Option<(i32, i64)>) -> Completion {
+    /// `tag`: where it came from, for recognising it after a crash.
+    pub fn append(&self, client: &str, encoded: &[u8], tag: Tag<'_>) -> Completion {
         let delivery = match decode_delivery(bytes::Bytes::copy_from_slice(encoded)) {
             Ok(d) => d,
             Err(e) => {
@@ -108,10 +172,15 @@ impl ApplicationLogs {
                 subscription_ids: &delivery.subscription_ids,
             }),
         );
-        if let Some((p, o)) = origin {
+        let tag = match tag {
+            Tag::None => None,
+            Tag::Origin(p, o) => Some((record::ORIGIN_HEADER, format!("{p}:{o}"))),
+            Tag::Claim(topic, p, o) => Some((record::CLAIM_HEADER, format!("{topic}:{p}:{o}"))),
+        };
+        if let Some((key, value)) = &tag {
             headers = headers.insert(rdkafka::message::Header {
-                key: record::ORIGIN_HEADER,
-                value: Some(format!("{p}:{o}").as_bytes()),
+                key,
+                value: Some(value.as_bytes()),
             });
         }
         self.kafka.send(
@@ -123,44 +192,23 @@ impl ApplicationLogs {
         )
     }
 
-    /// For each publish-log partition, the highest origin offset among the last records of
-    /// `client`'s topic: what a replaying router must not append again. Reads the tail of the
-    /// topic (the last [`TAIL_SCAN`] records, and on until nothing more arrives) rather than
-    /// trusting one record at the high watermark, which a broker may report a little stale.
-    pub async fn tail_origins(&self, client: &str) -> Result<HashMap<i32, i64>, StorageError> {
-        let topic = self.topic(client);
-        let mut origins = HashMap::new();
-        let (low, high) = match self.kafka.watermarks(&topic, 0).await {
-            Ok(w) => w,
-            // No topic: nothing was appended.
-            Err(_) => return Ok(origins),
-        };
-        if high <= low {
-            return Ok(origins);
-        }
-        let consumer: StreamConsumer = Kafka::client_config(&self.kafka.config)
-            .set(
-                "group.id",
-                format!("{}.app.reader", self.kafka.config.topic_prefix),
-            )
-            .set("enable.auto.commit", "false")
-            .create()
-            .map_err(kafka_error)?;
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&topic, 0, Offset::Offset((high - TAIL_SCAN).max(low)))
-            .map_err(kafka_error)?;
-        consumer.assign(&tpl).map_err(kafka_error)?;
-        let mut wait = Duration::from_secs(10);
-        while let Ok(next) = tokio::time::timeout(wait, consumer.recv()).await {
-            let next = next.map_err(kafka_error)?;
-            if let Some((p, o)) = next.headers().and_then(record::origin) {
-                let e = origins.entry(p).or_insert(o);
+    /// What the end of `client`'s topic says was appended: per publish-log partition the
+    /// highest origin offset (what a replaying router must not append again), and per shared
+    /// group topic partition the highest offset claimed (see the `shared` module).
+    pub async fn tail(&self, client: &str) -> Result<Tail, StorageError> {
+        let mut tail = Tail::default();
+        scan_tail(&self.kafka, &self.topic(client), 0, |headers| {
+            if let Some((p, o)) = record::origin(headers) {
+                let e = tail.origins.entry(p).or_insert(o);
                 *e = (*e).max(o);
             }
-            // Once the first record is in, the rest is already fetched or close behind.
-            wait = Duration::from_millis(500);
-        }
-        Ok(origins)
+            if let Some((topic, p, o)) = record::claim(headers) {
+                let e = tail.claims.entry((topic, p)).or_insert(o);
+                *e = (*e).max(o);
+            }
+        })
+        .await?;
+        Ok(tail)
     }
 
     /// Starts a read of up to `limit` entries from sequence `from`.

@@ -16,6 +16,7 @@ pub mod app;
 pub mod fetch_start;
 pub mod record;
 pub mod router;
+pub mod shared;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -411,6 +412,8 @@ pub struct PublishLog {
     /// Created at start (so a broken setup fails before listeners open), taken by the router.
     router_consumer: parking_lot::Mutex<Option<rdkafka::consumer::StreamConsumer>>,
     start_positions: std::collections::HashMap<i32, fetch_start::FetchStart>,
+    /// The router's open QoS 2 flows as stored, taken by the router.
+    qos2_flows: parking_lot::Mutex<Option<router::Qos2Flows>>,
     /// Per APPLICATION client and publish-log partition, the highest origin offset found at the
     /// end of its topic when the broker started: a replayed batch must not append those again.
     pub skip: parking_lot::Mutex<
@@ -426,11 +429,13 @@ impl PublishLog {
     ) -> Result<PublishLog, StorageError> {
         let topic = msg_all_topic(&kafka.config.topic_prefix);
         let (consumer, positions) = router::consumer(&kafka, &topic, pg).await?;
+        let qos2_flows = router::Qos2Flows::new(pg.router_qos2_flows().await?);
         Ok(PublishLog {
             kafka,
             topic,
             router_consumer: parking_lot::Mutex::new(Some(consumer)),
             start_positions: positions,
+            qos2_flows: parking_lot::Mutex::new(Some(qos2_flows)),
             skip: Default::default(),
         })
     }
@@ -444,20 +449,46 @@ impl PublishLog {
         self.router_consumer.lock().take()
     }
 
+    pub fn take_qos2_flows(&self) -> Option<router::Qos2Flows> {
+        self.qos2_flows.lock().take()
+    }
+
     pub fn topic(&self) -> &str {
         &self.topic
     }
 
     /// Appends `message`; the completion resolves once Kafka has it with acks=all. Fails at
     /// once with `Overloaded` when the producer's queue (`kafka.max_pending_records`) is full.
-    pub fn append(&self, message: &Message) -> Completion {
-        let headers = record::headers(message, None);
+    /// `qos2`: the packet id and DUP flag of a QoS 2 PUBLISH from a persistent session, which
+    /// lets the router drop a resend of a message it already routed (see `router::Qos2Flows`).
+    pub fn append(&self, message: &Message, qos2: Option<(u16, bool)>) -> Completion {
+        let mut headers = record::headers(message, None);
+        if let Some((pkid, dup)) = qos2 {
+            headers = record::with_qos2_flow(headers, pkid, dup);
+        }
         self.kafka.send(
             &self.topic,
             Some(message.publisher.as_bytes()),
             None,
             &message.payload,
             headers,
+        )
+    }
+
+    /// Appends a control record for the router. Keyed by the publisher like its messages, so
+    /// it lands in the same partition, after everything the publisher appended before.
+    pub fn append_control(&self, control: &record::Control) -> Completion {
+        let publisher = match control {
+            record::Control::Release { publisher, .. } | record::Control::Reset { publisher } => {
+                publisher
+            }
+        };
+        self.kafka.send(
+            &self.topic,
+            Some(publisher.as_bytes()),
+            None,
+            &[],
+            record::control_headers(control),
         )
     }
 }

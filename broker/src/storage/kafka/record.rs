@@ -37,7 +37,91 @@ use crate::storage::codec::{instant_to_ms, ms_to_instant, StoredDelivery};
 pub const VERSION_HEADER: &str = "ferrymq.v";
 /// APPLICATION records: `partition:offset` of the publish-log record they were routed from.
 pub const ORIGIN_HEADER: &str = "ferrymq.origin";
+/// APPLICATION records claimed from a shared group topic: `topic:partition:offset`.
+pub const CLAIM_HEADER: &str = "ferrymq.claim";
+/// QoS 2 PUBLISH records of persistent sessions: `<packet id>` or `<packet id>;dup` (the
+/// publisher's DUP flag), so the router can drop a resend it already routed.
+pub const QOS2_HEADER: &str = "ferrymq.qos2";
+/// Control records (no MQTT message): `release:<packet id>` (the publisher released a QoS 2
+/// packet id with PUBREL) or `reset` (the publisher started a new session).
+pub const CONTROL_HEADER: &str = "ferrymq.control";
+const PUBLISHER_HEADER: &str = "ferrymq.publisher";
 const V1: &[u8] = b"1";
+
+/// A control record of the publish log: state of a publisher's QoS 2 flows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Control {
+    /// PUBREL: the packet id may carry a new message from now on.
+    Release { publisher: Arc<str>, pkid: u16 },
+    /// A new session: every packet id of the publisher is free.
+    Reset { publisher: Arc<str> },
+}
+
+/// The headers of a control record.
+pub fn control_headers(control: &Control) -> OwnedHeaders {
+    let (publisher, value) = match control {
+        Control::Release { publisher, pkid } => (publisher, format!("release:{pkid}")),
+        Control::Reset { publisher } => (publisher, "reset".to_string()),
+    };
+    OwnedHeaders::new_with_capacity(3)
+        .insert(header(VERSION_HEADER, V1))
+        .insert(header(CONTROL_HEADER, value.as_bytes()))
+        .insert(header(PUBLISHER_HEADER, publisher.as_bytes()))
+}
+
+/// The control record these headers describe, if they describe one. `Err` when the record is a
+/// control record this broker cannot read.
+pub fn control<H: Headers>(headers: Option<&H>) -> Result<Option<Control>, RecordError> {
+    let Some(headers) = headers else {
+        return Ok(None);
+    };
+    let mut value = None;
+    let mut publisher = None;
+    for h in headers.iter() {
+        match h.key {
+            CONTROL_HEADER => value = h.value,
+            PUBLISHER_HEADER => publisher = h.value,
+            _ => {}
+        }
+    }
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    let publisher: Arc<str> =
+        std::str::from_utf8(publisher.ok_or(RecordError::Header(PUBLISHER_HEADER))?)
+            .map_err(|_| RecordError::Header(PUBLISHER_HEADER))?
+            .into();
+    match value {
+        b"reset" => Ok(Some(Control::Reset { publisher })),
+        v => match v.strip_prefix(b"release:") {
+            Some(pkid) => Ok(Some(Control::Release {
+                publisher,
+                pkid: number(pkid, CONTROL_HEADER)?,
+            })),
+            None => Err(RecordError::Header(CONTROL_HEADER)),
+        },
+    }
+}
+
+/// The `ferrymq.qos2` header: the publisher's packet id and DUP flag.
+pub fn qos2_flow<H: Headers>(headers: Option<&H>) -> Option<(u16, bool)> {
+    let h = headers?.iter().find(|h| h.key == QOS2_HEADER)?;
+    let text = std::str::from_utf8(h.value?).ok()?;
+    match text.strip_suffix(";dup") {
+        Some(pkid) => Some((pkid.parse().ok()?, true)),
+        None => Some((text.parse().ok()?, false)),
+    }
+}
+
+/// Adds the `ferrymq.qos2` header to a PUBLISH record's headers.
+pub fn with_qos2_flow(headers: OwnedHeaders, pkid: u16, dup: bool) -> OwnedHeaders {
+    let value = if dup {
+        format!("{pkid};dup")
+    } else {
+        pkid.to_string()
+    };
+    headers.insert(header(QOS2_HEADER, value.as_bytes()))
+}
 
 /// Why a record could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -70,7 +154,7 @@ pub fn headers(message: &Message, sub: Option<SubscriberPart<'_>>) -> OwnedHeade
         h = h.insert(header("mqtt.retain", b"1"));
     }
     h = h
-        .insert(header("ferrymq.publisher", message.publisher.as_bytes()))
+        .insert(header(PUBLISHER_HEADER, message.publisher.as_bytes()))
         .insert(header(
             "ferrymq.received_ms",
             instant_to_ms(message.received_at).to_string().as_bytes(),
@@ -151,6 +235,15 @@ pub fn origin<H: Headers>(headers: &H) -> Option<(i32, i64)> {
     let text = std::str::from_utf8(h.value?).ok()?;
     let (p, o) = text.split_once(':')?;
     Some((p.parse().ok()?, o.parse().ok()?))
+}
+
+/// The `ferrymq.claim` header of an APPLICATION record.
+pub fn claim<H: Headers>(headers: &H) -> Option<(String, i32, i64)> {
+    let h = headers.iter().find(|h| h.key == CLAIM_HEADER)?;
+    let text = std::str::from_utf8(h.value?).ok()?;
+    let (rest, o) = text.rsplit_once(':')?;
+    let (topic, p) = rest.rsplit_once(':')?;
+    Some((topic.to_string(), p.parse().ok()?, o.parse().ok()?))
 }
 
 /// Reads a record back: the message, and the subscriber part when present.
@@ -251,6 +344,41 @@ pub fn decode<H: Headers>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_records_and_qos2_flows_round_trip() {
+        let publisher: Arc<str> = "meter/7".into();
+        for c in [
+            Control::Release {
+                publisher: publisher.clone(),
+                pkid: 65_535,
+            },
+            Control::Reset {
+                publisher: publisher.clone(),
+            },
+        ] {
+            let h = control_headers(&c);
+            assert_eq!(control(Some(&h)), Ok(Some(c.clone())));
+            // A control record is not a message.
+            assert!(decode(Some(&h), b"").is_err());
+        }
+        let h = OwnedHeaders::new()
+            .insert(header(VERSION_HEADER, V1))
+            .insert(header(CONTROL_HEADER, b"release:x"))
+            .insert(header(PUBLISHER_HEADER, b"p"));
+        assert_eq!(control(Some(&h)), Err(RecordError::Header(CONTROL_HEADER)));
+        let plain = OwnedHeaders::new().insert(header(VERSION_HEADER, V1));
+        assert_eq!(control(Some(&plain)), Ok(None));
+        assert_eq!(qos2_flow(Some(&plain)), None);
+        assert_eq!(
+            qos2_flow(Some(&with_qos2_flow(plain.clone(), 7, false))),
+            Some((7, false))
+        );
+        assert_eq!(
+            qos2_flow(Some(&with_qos2_flow(plain, 7, true))),
+            Some((7, true))
+        );
+    }
     use std::time::Instant;
 
     fn message() -> Message {

@@ -15,11 +15,19 @@
 //! backoff, until they succeed: the router stops moving, the publish log keeps the messages,
 //! nothing acknowledged is lost.
 //!
+//! **QoS 2.** The PUBLISH append and the publisher's stored packet id are writes to two systems;
+//! a crash between them makes the publisher resend (DUP set) a message that is already in the
+//! log. QoS 2 records of persistent sessions carry their packet id, and the router remembers
+//! the packet ids it routed (`router_qos2_flows`, in the batch transaction) until the
+//! publisher's PUBREL (a `release` control record) or a new session (`reset`) frees them: a
+//! DUP record for a packet id still open is such a copy and is dropped. A record without DUP
+//! is always new (a publisher only sets DUP on a resend).
+//!
 //! The consumer is assigned every partition explicitly (no group membership, so no rebalance
 //! pauses); offsets are also committed to the `<prefix>.router` group, for lag tooling only. One
 //! broker node owns a PostgreSQL schema at a time (the node lock), so one router consumes the log.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,10 +38,11 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 
 use super::fetch_start::{FetchStart, Step};
+use super::record::Control;
 use super::{kafka_error, record, router_group, Kafka, PublishLog};
 use crate::broker::Broker;
 use crate::storage::postgres::PgStore;
-use crate::storage::{ClientKind, StorageError, WriteBatch, WriteOp};
+use crate::storage::{ClientKind, Qos2FlowChange, StorageError, WriteBatch, WriteOp};
 
 /// Records routed per batch at most (one storage transaction and one offset commit per batch).
 const MAX_BATCH: usize = 1_024;
@@ -111,7 +120,8 @@ pub async fn consumer(
 
 /// Runs the router until shutdown.
 pub async fn run(broker: Arc<Broker>, log: Arc<PublishLog>, mut shutdown: watch::Receiver<bool>) {
-    let Some(consumer) = log.take_router_consumer() else {
+    let (Some(consumer), Some(mut flows)) = (log.take_router_consumer(), log.take_qos2_flows())
+    else {
         tracing::error!("the router consumer was already taken; not routing");
         return;
     };
@@ -173,6 +183,19 @@ pub async fn run(broker: Arc<Broker>, log: Arc<PublishLog>, mut shutdown: watch:
                     }
                 }
                 next_offset = Some(offset + 1);
+                match record::control(message.headers()) {
+                    Ok(None) => {}
+                    Ok(Some(control)) => {
+                        flows.apply(&control, &mut batch);
+                        continue;
+                    }
+                    Err(e) => {
+                        broker.metrics.storage_errors.inc();
+                        tracing::error!(partition, offset, error = %e, "skipping unreadable publish log control record");
+                        continue;
+                    }
+                }
+                let qos2 = record::qos2_flow(message.headers());
                 let delivery = match record::decode(
                     message.headers(),
                     message.payload().unwrap_or_default(),
@@ -184,6 +207,12 @@ pub async fn run(broker: Arc<Broker>, log: Arc<PublishLog>, mut shutdown: watch:
                         continue;
                     }
                 };
+                if let Some((pkid, dup)) = qos2 {
+                    if !flows.route(&delivery.message.publisher, pkid, dup, &mut batch) {
+                        tracing::debug!(partition, offset, publisher = %delivery.message.publisher, pkid, "dropping a resent QoS 2 message the router already routed");
+                        continue;
+                    }
+                }
                 let message = Arc::new(delivery.message);
                 let first_op = batch.ops.len();
                 if message.retain {
@@ -229,6 +258,69 @@ pub async fn run(broker: Arc<Broker>, log: Arc<PublishLog>, mut shutdown: watch:
     }
 }
 
+/// The QoS 2 packet ids the router routed a message for and has not seen released, per
+/// publisher (see the module docs). Bounded by 65,535 per publisher client id; a new session
+/// of the publisher clears its entries.
+pub struct Qos2Flows {
+    open: HashMap<Arc<str>, HashSet<u16>>,
+}
+
+impl Qos2Flows {
+    pub fn new(open: HashMap<Arc<str>, HashSet<u16>>) -> Qos2Flows {
+        Qos2Flows { open }
+    }
+
+    /// Whether to route a QoS 2 message with this packet id and DUP flag; records the flow as
+    /// open (in `batch`) when it is routed.
+    fn route(
+        &mut self,
+        publisher: &Arc<str>,
+        pkid: u16,
+        dup: bool,
+        batch: &mut WriteBatch,
+    ) -> bool {
+        let ids = self.open.entry(publisher.clone()).or_default();
+        if ids.contains(&pkid) {
+            // Open already: a DUP is the copy of what was routed; without DUP the publisher
+            // says it is new (the release must have been lost with a crash), and it stays open.
+            return !dup;
+        }
+        ids.insert(pkid);
+        batch.push(WriteOp::RouterQos2 {
+            client: publisher.clone(),
+            change: Qos2FlowChange::Open(pkid),
+        });
+        true
+    }
+
+    fn apply(&mut self, control: &Control, batch: &mut WriteBatch) {
+        match control {
+            Control::Release { publisher, pkid } => {
+                let Some(ids) = self.open.get_mut(publisher) else {
+                    return;
+                };
+                if ids.remove(pkid) {
+                    if ids.is_empty() {
+                        self.open.remove(publisher);
+                    }
+                    batch.push(WriteOp::RouterQos2 {
+                        client: publisher.clone(),
+                        change: Qos2FlowChange::Release(*pkid),
+                    });
+                }
+            }
+            Control::Reset { publisher } => {
+                if self.open.remove(publisher).is_some() {
+                    batch.push(WriteOp::RouterQos2 {
+                        client: publisher.clone(),
+                        change: Qos2FlowChange::Reset,
+                    });
+                }
+            }
+        }
+    }
+}
+
 /// Moves the fetch of `partition` to `from`, retrying until it works or the broker shuts down
 /// (false). Records the old fetch had already returned are dropped by librdkafka.
 async fn rewind(
@@ -266,6 +358,12 @@ fn stamp_origin(
     let skip = log.skip.lock();
     let mut i = from;
     while i < batch.ops.len() {
+        // Group topics are checked where their partition is known (`shared::append`).
+        if let WriteOp::AppendShared { origin, .. } = &mut batch.ops[i] {
+            *origin = Some((partition, offset));
+            i += 1;
+            continue;
+        }
         if let WriteOp::Enqueue {
             client,
             kind: ClientKind::Application,

@@ -1,0 +1,550 @@
+//! APPLICATION shared subscriptions on Kafka: `$share/<group>/<filter>` subscribed by
+//! APPLICATION clients.
+//!
+//! The router appends each message for the group once, to the group's own topic
+//! ([`group_topic`]), keyed and partitioned by publisher (so one publisher's messages stay in
+//! order). Every online member runs a *claimer*: a consumer in the group's Kafka consumer group
+//! (group id = the topic name), so Kafka balances the topic's partitions over the online
+//! members and hands a departed member's partitions to the others. A claimer moves each record
+//! it is given into its member's own APPLICATION log (with the member's granted QoS and
+//! subscription identifier), then commits. From there the member's ordinary delivery path takes
+//! over: acknowledgements, redelivery and the committed offset work as for its own messages,
+//! and a message, once claimed, stays with that member [MQTT-4.8.2-5]. Messages wait in the
+//! group topic (within its retention) while no member is online.
+//!
+//! **Once, not twice.** A record must not be claimed twice: not when a partition moves between
+//! members before the first one committed, and not when the broker crashed between the append
+//! and the commit. Claims in progress are announced per partition, and the highest claimed
+//! offset per partition is kept; at start it is read back from the `ferrymq.claim` header at
+//! the end of every APPLICATION topic. The router's own appends to group topics carry their
+//! publish-log origin and are recognised after a crash like APPLICATION appends.
+//!
+//! The embedded backend keeps MQTT's usual round robin over members, storing into the chosen
+//! member's log.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{Header, Message as _};
+use rdkafka::{Offset, TopicPartitionList};
+use sha2::{Digest, Sha256};
+use tokio::sync::{oneshot, watch, Notify};
+
+use super::app::{scan_tail, ApplicationLogs, Tag};
+use super::record::{self, SubscriberPart};
+use super::{kafka_error, Kafka};
+use crate::message::min_qos;
+use crate::router::topic::{parse_filter, ParsedFilter, TopicLimits};
+use crate::router::SubscriptionOptions;
+use crate::storage::codec::{decode_delivery, encode_delivery};
+use crate::storage::{Completion, StorageError};
+
+/// Records a claimer moves per round at most (one round = produce all, await all, commit).
+const CLAIM_BATCH: usize = 512;
+/// Backoff while a member's log cannot be written.
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// The topic of one shared group: `<prefix>.share.<group>.<16 hex of sha-256(filter)>` when the
+/// share name is 1 to 64 characters of `[A-Za-z0-9_-]`, else `<prefix>.share.h.<sha-256 of
+/// group NUL filter>`. The share name and the filter together identify a shared subscription
+/// (MQTT 5 §4.8.2), and both forms stay legal, stable topic names.
+pub fn group_topic(prefix: &str, group: &str, filter: &str) -> String {
+    let plain = !group.is_empty()
+        && group.len() <= 64
+        && group
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if plain {
+        let digest = Sha256::digest(filter.as_bytes());
+        let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        format!("{prefix}.share.{group}.{hex}")
+    } else {
+        let mut hasher = Sha256::new();
+        hasher.update(group.as_bytes());
+        hasher.update([0]);
+        hasher.update(filter.as_bytes());
+        let hex: String = hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        format!("{prefix}.share.h.{hex}")
+    }
+}
+
+/// The partition of a group topic a publisher's messages go to (FNV-1a: stable across
+/// versions, unlike std's hasher).
+fn partition_for(publisher: &str, partitions: i32) -> i32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for b in publisher.bytes() {
+        hash ^= u32::from(b);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    (hash % partitions.max(1) as u32) as i32
+}
+
+type PartitionKey = (String, i32);
+
+/// State shared by the claimers of this broker.
+#[derive(Default)]
+struct Claims {
+    /// Per group topic partition, the highest offset moved into some member's log.
+    done: HashMap<PartitionKey, i64>,
+    /// Per group topic partition, the highest offset a claimer is moving right now.
+    in_progress: HashMap<PartitionKey, i64>,
+}
+
+/// A running claimer; dropping it stops the claimer between two rounds.
+struct Claimer {
+    options: SubscriptionOptions,
+    _stop: watch::Sender<()>,
+}
+
+pub struct SharedGroups {
+    kafka: Arc<Kafka>,
+    apps: Arc<ApplicationLogs>,
+    partitions: i32,
+    topic_config: Vec<(&'static str, String)>,
+    /// Partition counts of the group topics known to exist.
+    known: parking_lot::Mutex<HashMap<String, i32>>,
+    /// Router replays: per group topic partition and publish-log partition, the highest origin
+    /// found at the end of the topic at start.
+    skip: parking_lot::Mutex<HashMap<PartitionKey, HashMap<i32, i64>>>,
+    claims: Arc<parking_lot::Mutex<Claims>>,
+    /// Member → group topic → claimer.
+    claimers: parking_lot::Mutex<HashMap<Arc<str>, HashMap<String, Claimer>>>,
+}
+
+impl SharedGroups {
+    pub fn new(
+        kafka: Arc<Kafka>,
+        apps: Arc<ApplicationLogs>,
+        partitions: i32,
+        topic_config: Vec<(&'static str, String)>,
+    ) -> SharedGroups {
+        SharedGroups {
+            kafka,
+            apps,
+            partitions,
+            topic_config,
+            known: Default::default(),
+            skip: Default::default(),
+            claims: Default::default(),
+            claimers: Default::default(),
+        }
+    }
+
+    fn topic(&self, group: &str, filter: &str) -> String {
+        group_topic(&self.kafka.config.topic_prefix, group, filter)
+    }
+
+    /// The partition count of a group topic, created on first need (group topics are the
+    /// broker's own, whatever `auto_create_application_topics` says: the router must never
+    /// wait for an operator).
+    async fn partitions_of(&self, topic: &str) -> Result<i32, StorageError> {
+        if let Some(n) = self.known.lock().get(topic) {
+            return Ok(*n);
+        }
+        self.kafka
+            .ensure_topic(topic, self.partitions, &self.topic_config, true)
+            .await?;
+        let n = self
+            .kafka
+            .partitions(topic)
+            .await?
+            .ok_or_else(|| StorageError::MissingTopic(topic.to_string()))? as i32;
+        self.known.lock().insert(topic.to_string(), n);
+        Ok(n)
+    }
+
+    /// Appends a message for a group (the router's `WriteOp::AppendShared`). Resolves at once
+    /// when a crashed predecessor already appended it.
+    pub async fn append(
+        &self,
+        group: &str,
+        filter: &str,
+        encoded: &[u8],
+        origin: Option<(i32, i64)>,
+    ) -> Completion {
+        let topic = self.topic(group, filter);
+        let done = |result| {
+            let (tx, rx) = oneshot::channel();
+            let _ = tx.send(result);
+            rx
+        };
+        let partitions = match self.partitions_of(&topic).await {
+            Ok(n) => n,
+            Err(e) => return done(Err(e)),
+        };
+        let delivery = match decode_delivery(bytes::Bytes::copy_from_slice(encoded)) {
+            Ok(d) => d,
+            Err(e) => return done(Err(StorageError::Corrupt(e.to_string()))),
+        };
+        let publisher = delivery.message.publisher.clone();
+        let partition = partition_for(&publisher, partitions);
+        if let Some((p, o)) = origin {
+            let skip = self.skip.lock();
+            if skip
+                .get(&(topic.clone(), partition))
+                .and_then(|origins| origins.get(&p))
+                .is_some_and(|appended| o <= *appended)
+            {
+                return done(Ok(()));
+            }
+        }
+        let mut headers = record::headers(
+            &delivery.message,
+            Some(SubscriberPart {
+                qos: delivery.qos,
+                retain: delivery.retain,
+                subscription_ids: &[],
+            }),
+        );
+        if let Some((p, o)) = origin {
+            headers = headers.insert(Header {
+                key: record::ORIGIN_HEADER,
+                value: Some(format!("{p}:{o}").as_bytes()),
+            });
+        }
+        self.kafka.send(
+            &topic,
+            Some(publisher.as_bytes()),
+            Some(partition),
+            &delivery.message.payload,
+            headers,
+        )
+    }
+
+    /// At start: reads the end of every group topic these shared subscriptions use (what a
+    /// replaying router must not append again).
+    pub async fn scan_group_topics(&self, filters: &[String]) {
+        let mut topics: Vec<String> = filters
+            .iter()
+            .filter_map(|f| split_shared(f))
+            .map(|(g, f)| self.topic(&g, &f))
+            .collect();
+        topics.sort();
+        topics.dedup();
+        for topic in topics {
+            let partitions = match self.kafka.partitions(&topic).await {
+                Ok(Some(n)) => n as i32,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(topic, error = %e, "reading a shared group topic at start failed");
+                    continue;
+                }
+            };
+            self.known.lock().insert(topic.clone(), partitions);
+            for partition in 0..partitions {
+                let mut origins: HashMap<i32, i64> = HashMap::new();
+                let scanned = scan_tail(&self.kafka, &topic, partition, |headers| {
+                    if let Some((p, o)) = record::origin(headers) {
+                        let e = origins.entry(p).or_insert(o);
+                        *e = (*e).max(o);
+                    }
+                })
+                .await;
+                if let Err(e) = scanned {
+                    tracing::warn!(topic, partition, error = %e, "reading the end of a shared group topic failed");
+                }
+                if !origins.is_empty() {
+                    self.skip.lock().insert((topic.clone(), partition), origins);
+                }
+            }
+        }
+    }
+
+    /// At start: what the end of an APPLICATION topic says was claimed.
+    pub fn claimed_at_start(&self, claims: HashMap<(String, i32), i64>) {
+        let mut state = self.claims.lock();
+        for (key, offset) in claims {
+            let e = state.done.entry(key).or_insert(offset);
+            *e = (*e).max(offset);
+        }
+    }
+
+    /// Sets the shared subscriptions of an online APPLICATION member: claimers start for new
+    /// ones and stop for those gone (or restart with changed options).
+    pub fn set_member(
+        &self,
+        member: &Arc<str>,
+        subscriptions: Vec<(String, SubscriptionOptions)>,
+        wake: Arc<Notify>,
+    ) {
+        let mut wanted: HashMap<String, SubscriptionOptions> = HashMap::new();
+        for (filter, options) in subscriptions {
+            if let Some((g, f)) = split_shared(&filter) {
+                wanted.insert(self.topic(&g, &f), options);
+            }
+        }
+        let mut all = self.claimers.lock();
+        let running = all.entry(member.clone()).or_default();
+        running.retain(|topic, c| wanted.get(topic) == Some(&c.options));
+        for (topic, options) in wanted {
+            if running.contains_key(&topic) {
+                continue;
+            }
+            let (stop, stopped) = watch::channel(());
+            let claimer = ClaimerTask {
+                kafka: self.kafka.clone(),
+                apps: self.apps.clone(),
+                claims: self.claims.clone(),
+                member: member.clone(),
+                topic: topic.clone(),
+                options: options.clone(),
+                wake: wake.clone(),
+                partitions: self.partitions,
+                topic_config: self.topic_config.clone(),
+            };
+            tokio::spawn(claimer.run(stopped));
+            running.insert(
+                topic,
+                Claimer {
+                    options,
+                    _stop: stop,
+                },
+            );
+        }
+        if running.is_empty() {
+            all.remove(member);
+        }
+    }
+
+    /// The member went offline: its claimers stop (Kafka hands their partitions to the others).
+    pub fn member_offline(&self, member: &str) {
+        self.claimers.lock().remove(member);
+    }
+}
+
+/// `$share/<group>/<filter>` → (group, filter).
+fn split_shared(filter: &str) -> Option<(String, String)> {
+    match parse_filter(filter, &TopicLimits::default()) {
+        Ok(ParsedFilter::Shared { group, filter }) => Some((group.to_string(), filter.to_string())),
+        _ => None,
+    }
+}
+
+struct ClaimerTask {
+    kafka: Arc<Kafka>,
+    apps: Arc<ApplicationLogs>,
+    claims: Arc<parking_lot::Mutex<Claims>>,
+    member: Arc<str>,
+    topic: String,
+    options: SubscriptionOptions,
+    wake: Arc<Notify>,
+    /// For creating the group topic.
+    partitions: i32,
+    topic_config: Vec<(&'static str, String)>,
+}
+
+impl ClaimerTask {
+    async fn run(self, mut stopped: watch::Receiver<()>) {
+        // The topic may not exist yet when nobody published to the group so far.
+        if let Err(e) = self
+            .kafka
+            .ensure_topic(&self.topic, self.partitions, &self.topic_config, true)
+            .await
+        {
+            tracing::warn!(topic = self.topic, error = %e, "creating a shared group topic failed; the member's claimer retries");
+        }
+        let mut backoff = RETRY_MIN;
+        loop {
+            match self.consume(&mut stopped).await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(client_id = %self.member, topic = self.topic, error = %e, "shared group claimer failed; restarting");
+                    tokio::select! {
+                        _ = stopped.changed() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(RETRY_MAX);
+                }
+            }
+        }
+    }
+
+    /// Consumes until stopped (`Ok`) or the consumer fails.
+    async fn consume(&self, stopped: &mut watch::Receiver<()>) -> Result<(), StorageError> {
+        let consumer: StreamConsumer = Kafka::client_config(&self.kafka.config)
+            .set("group.id", &self.topic)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("fetch.wait.max.ms", "100")
+            .create()
+            .map_err(kafka_error)?;
+        consumer.subscribe(&[&self.topic]).map_err(kafka_error)?;
+        loop {
+            let first = tokio::select! {
+                _ = stopped.changed() => return Ok(()),
+                next = consumer.recv() => next.map_err(kafka_error)?,
+            };
+            let mut round = vec![first.detach()];
+            while round.len() < CLAIM_BATCH {
+                match tokio::time::timeout(Duration::ZERO, consumer.recv()).await {
+                    Ok(Ok(m)) => round.push(m.detach()),
+                    _ => break,
+                }
+            }
+            self.claim(&round, stopped).await;
+            let mut commit = TopicPartitionList::new();
+            let mut last: HashMap<i32, i64> = HashMap::new();
+            for m in &round {
+                let e = last.entry(m.partition()).or_insert(m.offset());
+                *e = (*e).max(m.offset());
+            }
+            for (p, o) in last {
+                let _ = commit.add_partition_offset(&self.topic, p, Offset::Offset(o + 1));
+            }
+            // Losing a commit (rebalance, crash) only means the next owner reads records that
+            // the claim state marks as done.
+            let _ = consumer.commit(&commit, CommitMode::Async);
+        }
+    }
+
+    /// Moves one round of records into the member's log; returns once all are there (retrying
+    /// while the log cannot be written) or the claimer is stopped.
+    async fn claim(
+        &self,
+        round: &[rdkafka::message::OwnedMessage],
+        stopped: &mut watch::Receiver<()>,
+    ) {
+        let mut highest: HashMap<i32, i64> = HashMap::new();
+        for m in round {
+            let e = highest.entry(m.partition()).or_insert(m.offset());
+            *e = (*e).max(m.offset());
+        }
+        // Wait while another claimer (the partition's previous owner) is still moving records
+        // of these partitions, then announce ours.
+        loop {
+            let busy = {
+                let mut claims = self.claims.lock();
+                let busy = highest
+                    .keys()
+                    .any(|p| claims.in_progress.contains_key(&(self.topic.clone(), *p)));
+                if !busy {
+                    for (p, o) in &highest {
+                        claims.in_progress.insert((self.topic.clone(), *p), *o);
+                    }
+                }
+                busy
+            };
+            if !busy {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let done: HashMap<i32, i64> = {
+            let claims = self.claims.lock();
+            highest
+                .keys()
+                .filter_map(|p| claims.done.get(&(self.topic.clone(), *p)).map(|o| (*p, *o)))
+                .collect()
+        };
+        let mut records = Vec::new();
+        for m in round {
+            if done.get(&m.partition()).is_some_and(|d| m.offset() <= *d) {
+                continue;
+            }
+            match record::decode(m.headers(), m.payload().unwrap_or_default()) {
+                Ok(delivery) => {
+                    let qos = min_qos(delivery.qos, self.options.qos);
+                    let retain = self.options.retain_as_published && delivery.retain;
+                    let ids: Vec<usize> = self.options.identifier.into_iter().collect();
+                    let encoded = encode_delivery(
+                        qos,
+                        retain,
+                        delivery.expires_at_ms,
+                        &ids,
+                        &delivery.message,
+                    );
+                    records.push((m.partition(), m.offset(), encoded));
+                }
+                Err(e) => {
+                    tracing::error!(topic = self.topic, partition = m.partition(), offset = m.offset(), error = %e, "skipping unreadable shared group record");
+                }
+            }
+        }
+        let mut backoff = RETRY_MIN;
+        while !records.is_empty() {
+            let pending: Vec<Completion> = records
+                .iter()
+                .map(|(p, o, encoded)| {
+                    self.apps
+                        .append(&self.member, encoded, Tag::Claim(&self.topic, *p, *o))
+                })
+                .collect();
+            let mut failed = None;
+            for (i, p) in pending.into_iter().enumerate() {
+                if let Err(e) = p.await.unwrap_or(Err(StorageError::Closed)) {
+                    failed.get_or_insert((i, e));
+                }
+            }
+            match failed {
+                None => break,
+                Some((i, e)) => {
+                    // The log is one partition, appended in order: what precedes the first
+                    // failure is in; redo from there.
+                    tracing::warn!(client_id = %self.member, topic = self.topic, error = %e, "moving shared group records into the member's log failed; retrying");
+                    records.drain(..i);
+                    if stopped.has_changed().is_err() {
+                        break;
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(RETRY_MAX);
+                }
+            }
+        }
+        {
+            let mut claims = self.claims.lock();
+            for (p, o) in &highest {
+                let key = (self.topic.clone(), *p);
+                claims.in_progress.remove(&key);
+                // Stopped before everything was in: the next owner claims the rest.
+                if records.is_empty() {
+                    let e = claims.done.entry(key).or_insert(*o);
+                    *e = (*e).max(*o);
+                }
+            }
+        }
+        self.wake.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_topics_are_legal_stable_and_distinct() {
+        let a = group_topic("ferrymq", "g1", "plant/+/temp");
+        let b = group_topic("ferrymq", "g1", "plant/#");
+        let c = group_topic("ferrymq", "g/1", "plant/#");
+        assert!(a.starts_with("ferrymq.share.g1."));
+        assert_ne!(a, b);
+        assert!(c.starts_with("ferrymq.share.h."));
+        for t in [&a, &b, &c] {
+            assert!(t.len() <= 249);
+            assert!(t
+                .bytes()
+                .all(|x| x.is_ascii_alphanumeric() || b"._-".contains(&x)));
+        }
+        assert_eq!(a, group_topic("ferrymq", "g1", "plant/+/temp"));
+    }
+
+    #[test]
+    fn a_publisher_always_lands_in_the_same_partition() {
+        for n in [1, 4, 16] {
+            let p = partition_for("meter-17", n);
+            assert!((0..n).contains(&p));
+            assert_eq!(p, partition_for("meter-17", n));
+        }
+        let spread: std::collections::HashSet<i32> = (0..64)
+            .map(|i| partition_for(&format!("p{i}"), 4))
+            .collect();
+        assert_eq!(spread.len(), 4);
+    }
+}
