@@ -132,7 +132,7 @@ def test_image_tag_and_env_overrides(chart):
     assert c["image"] == "registry.local/op:dev"
     assert c["imagePullPolicy"] == "Always"
     env = {e["name"]: e for e in c["env"]}
-    assert env["RUST_LOG"]["value"] == "debug"
+    assert env["FERRYMQ_LOG"]["value"] == "debug"
     assert env["EXTRA"]["value"] == "1"
     assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
 
@@ -156,16 +156,20 @@ def test_service_monitor_off_by_default_and_on_when_asked(chart):
 def test_leader_election_flags_and_lease_rbac(chart):
     on = render(chart, {"replicas": 2})
     assert one(on, "Deployment")["spec"]["replicas"] == 2
-    args = container(on)["args"]
-    assert "--leader-election" in args
+    c = container(on)
+    args = c["args"]
+    assert "--no-leader-election" not in args
     assert args[args.index("--lease-name") + 1] == "fmq-ferrymq-operator-leader"
-    assert args[args.index("--lease-namespace") + 1] == "$(POD_NAMESPACE)"
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in c["env"] if "valueFrom" in e}
+    # The operator reads the Lease namespace and its holder id from these.
+    assert env == {"POD_NAMESPACE": "metadata.namespace", "POD_NAME": "metadata.name"}
     lease_roles = [o for o in on if o["kind"] == "Role" and o["metadata"]["name"].endswith("-leader-election")]
     assert len(lease_roles) == 1
     assert lease_roles[0]["metadata"]["namespace"] == NAMESPACE
 
     off = render(chart, {"leaderElection": {"enabled": False}})
-    assert "--leader-election" not in container(off)["args"]
+    assert "--no-leader-election" in container(off)["args"]
+    assert "--lease-name" not in container(off)["args"]
     assert "Role" not in kinds(off) and "RoleBinding" not in kinds(off)
     # Without the Lease, two replicas would fight: the chart refuses to render.
     with pytest.raises(helm.HelmError, match="leaderElection"):
@@ -290,10 +294,10 @@ BAD_VALUES = [
     pytest.param({"serviceMonitor": {"interval": "soon"}}, id="bad duration"),
     pytest.param({"serviceMonitor": {"labels": {"a": 1}}}, id="non-string label"),
     pytest.param({"watchNamespace": "Bad_NS"}, id="invalid namespace name"),
-    pytest.param({"logFormat": "xml"}, id="logFormat enum"),
+    pytest.param({"logFormat": "json"}, id="removed key"),
     pytest.param({"service": {"type": "ExternalName"}}, id="service type enum"),
     pytest.param({"resources": {"limits": {"memory": "lots"}}}, id="bad quantity"),
-    pytest.param({"leaderElection": {"leaseDurationSeconds": 1}}, id="lease too short"),
+    pytest.param({"leaderElection": {"leaseName": "Not_A_Name"}}, id="bad lease name"),
 ]
 
 
@@ -309,7 +313,7 @@ def test_schema_rejects_bad_values(chart, bad):
 GOOD_VALUES = [
     pytest.param({}, id="defaults"),
     pytest.param({"replicas": 2, "serviceMonitor": {"enabled": True}}, id="ha and monitoring"),
-    pytest.param({"watchNamespace": "iot", "logFormat": "text"}, id="one namespace"),
+    pytest.param({"watchNamespace": "iot", "logLevel": "debug"}, id="one namespace"),
     pytest.param(
         {"resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"cpu": 1}}},
         id="resources",
