@@ -51,18 +51,29 @@ pub fn msg_all_topic(prefix: &str) -> String {
 /// contain no `.`, so the two forms can never collide; the hash keeps every other id (UTF-8,
 /// `/`, very long) a legal, stable topic name. The operator names topics with the same rule.
 pub fn application_topic(prefix: &str, client_id: &str) -> String {
-    let plain = !client_id.is_empty()
-        && client_id.len() <= 64
-        && client_id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-    if plain {
+    if is_plain_name(client_id) {
         format!("{prefix}.app.{client_id}")
     } else {
-        let digest = Sha256::digest(client_id.as_bytes());
-        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-        format!("{prefix}.app.h.{hex}")
+        format!(
+            "{prefix}.app.h.{}",
+            hex(&Sha256::digest(client_id.as_bytes()))
+        )
     }
+}
+
+/// A name usable as is inside a topic name: 1 to 64 characters of `[A-Za-z0-9_-]` (no `.`, so
+/// it cannot collide with the hashed forms).
+pub(crate) fn is_plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Lower-case hex of `bytes`.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The consumer group whose committed offsets say how far the router has stored `msg.all`.

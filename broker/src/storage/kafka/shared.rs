@@ -37,7 +37,7 @@ use tokio::sync::{oneshot, watch, Notify};
 use super::app::{scan_tail, ApplicationLogs, Tag};
 use super::fetch_start::{FetchStart, Step};
 use super::record::{self, SubscriberPart};
-use super::{kafka_error, Kafka};
+use super::{hex, is_plain_name, kafka_error, Kafka};
 use crate::message::min_qos;
 use crate::router::topic::{parse_filter, ParsedFilter, TopicLimits};
 use crate::router::SubscriptionOptions;
@@ -129,26 +129,15 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 /// group NUL filter>`. The share name and the filter together identify a shared subscription
 /// (MQTT 5 §4.8.2), and both forms stay legal, stable topic names.
 pub fn group_topic(prefix: &str, group: &str, filter: &str) -> String {
-    let plain = !group.is_empty()
-        && group.len() <= 64
-        && group
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-    if plain {
+    if is_plain_name(group) {
         let digest = Sha256::digest(filter.as_bytes());
-        let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
-        format!("{prefix}.share.{group}.{hex}")
+        format!("{prefix}.share.{group}.{}", hex(&digest[..8]))
     } else {
         let mut hasher = Sha256::new();
         hasher.update(group.as_bytes());
         hasher.update([0]);
         hasher.update(filter.as_bytes());
-        let hex: String = hasher
-            .finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        format!("{prefix}.share.h.{hex}")
+        format!("{prefix}.share.h.{}", hex(&hasher.finalize()))
     }
 }
 
