@@ -331,9 +331,12 @@ impl KafkaPostgresStorage {
             ..QueueTotals::default()
         };
         for (client, committed_seq) in offsets {
-            let Ok((low, high)) = self.kafka.watermarks(&self.apps.topic(&client), 0).await else {
+            let topic = self.apps.topic(&client);
+            let Ok((low, listed)) = self.kafka.watermarks(&topic, 0).await else {
                 continue;
             };
+            // The listed end may lag behind (see `kafka::KnownEnds`).
+            let high = listed.max(self.kafka.known_end(&topic, 0).unwrap_or(0));
             totals.application_log += (high - low).max(0) as u64;
             // Sequence numbers are offsets + 1: the committed sequence is the first entry not
             // yet acknowledged.
