@@ -132,6 +132,13 @@ async fn watch_health(kafka: Arc<Kafka>, pg: Arc<PgStore>, lock: PgConnection, u
 #[async_trait::async_trait]
 impl Storage for KafkaPostgresStorage {
     fn submit(&self, mut batch: WriteBatch) -> Completion {
+        for op in &batch.ops {
+            if let WriteOp::DeleteSession { client } = op {
+                // A new session of this client learns its log's end afresh: the topic may have
+                // been deleted and re-created meanwhile (see docs/kafka-postgres.md).
+                self.kafka.forget_end(&self.apps.topic(client), 0);
+            }
+        }
         let has_app = batch.ops.iter().any(|op| {
             matches!(
                 op,

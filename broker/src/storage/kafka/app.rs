@@ -240,6 +240,12 @@ impl ApplicationLogs {
         tokio::spawn(async move {
             let mut reader = reader.lock().await;
             let result = read_from(&kafka, &mut reader, &topic, from, limit, &released).await;
+            if result.is_err() {
+                // The log may have been deleted (and re-created) behind the broker's back: the
+                // next read learns its end afresh and fetches from scratch.
+                kafka.forget_end(&topic, 0);
+                reader.fetch = None;
+            }
             let _ = tx.send(result);
         });
         QueueRead::Pending(rx)

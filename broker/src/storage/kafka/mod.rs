@@ -242,6 +242,11 @@ impl Kafka {
             .copied()
     }
 
+    /// Drops what is known about a partition's end (a read of it failed).
+    pub fn forget_end(&self, topic: &str, partition: i32) {
+        self.ends.lock().remove(&(topic.to_string(), partition));
+    }
+
     /// Records what a scan found at the end of a partition.
     pub fn note_end(&self, topic: &str, partition: i32, end: i64) {
         note_end(&self.ends, topic, partition, end);

@@ -581,6 +581,7 @@ impl ClaimerTask {
         }
         // Wait while another claimer (the partition's previous owner) is still moving records
         // of these partitions, then announce ours.
+        let mut waited = false;
         loop {
             let busy = {
                 let mut claims = self.claims.lock();
@@ -597,7 +598,10 @@ impl ClaimerTask {
             if !busy {
                 break;
             }
-            tracing::debug!(client_id = %self.member, topic = self.topic, "waiting for another claimer of these partitions");
+            if !waited {
+                waited = true;
+                tracing::debug!(client_id = %self.member, topic = self.topic, "waiting for another claimer of these partitions");
+            }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let done: HashMap<i32, i64> = {
