@@ -28,7 +28,7 @@ use crate::metrics::Metrics;
 use crate::router::SubscriptionOptions;
 
 /// How often Kafka and PostgreSQL are probed for the readiness state.
-const PROBE_INTERVAL: Duration = Duration::from_secs(2);
+pub(crate) const PROBE_INTERVAL: Duration = Duration::from_secs(2);
 
 pub struct KafkaPostgresStorage {
     kafka: Arc<Kafka>,
@@ -90,7 +90,8 @@ impl KafkaPostgresStorage {
 }
 
 /// Probes both services, logs every change of state, and keeps the node lock: when its
-/// connection dies (PostgreSQL restarted) a new one takes the lock again.
+/// connection dies (PostgreSQL restarted) a new one takes the lock again; when another node took
+/// it meanwhile, the process exits.
 async fn watch_health(kafka: Arc<Kafka>, pg: Arc<PgStore>, lock: PgConnection, url: String) {
     let lock = Mutex::new(Some(lock));
     let mut tick = tokio::time::interval(PROBE_INTERVAL);
@@ -120,6 +121,16 @@ async fn watch_health(kafka: Arc<Kafka>, pg: Arc<PgStore>, lock: PgConnection, u
                             "node lock taken again after a postgres reconnect"
                         );
                         *held = Some(conn);
+                    }
+                    Err(StorageError::NodeLockHeld(schema)) => {
+                        // Another node (a standby) holds the lock now and is taking over: two
+                        // nodes must never write one schema, so this one stops at once, without
+                        // the graceful shutdown that would write more.
+                        tracing::error!(
+                            schema,
+                            "lost the node lock to another broker node; exiting now so that only one node writes"
+                        );
+                        std::process::exit(3);
                     }
                     Err(e) => tracing::error!(error = %e, "cannot take the node lock again"),
                 },
