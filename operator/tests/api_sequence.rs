@@ -382,6 +382,10 @@ async fn broker_first_reconcile_applies_children_then_writes_status() {
         .await;
     assert_eq!(status.content_type.as_deref(), Some(MERGE));
     assert_eq!(
+        status.query.get("fieldManager").map(String::as_str),
+        Some("ferrymq-operator")
+    );
+    assert_eq!(
         status
             .body
             .as_object()
@@ -392,6 +396,23 @@ async fn broker_first_reconcile_applies_children_then_writes_status() {
     );
     let st = &status.body["status"];
     assert_eq!(st["observedGeneration"], 1);
+    // The whole status is replaced: every field is named, an empty one as null.
+    let mut fields: Vec<_> = st.as_object().expect("status").keys().cloned().collect();
+    fields.sort();
+    assert_eq!(
+        fields,
+        [
+            "conditions",
+            "configHash",
+            "endpoints",
+            "observedGeneration",
+            "readyReplicas",
+            "replicas",
+            "selector",
+            "storageBackend",
+            "updatedReplicas"
+        ]
+    );
     assert_eq!(st["storageBackend"], "embedded");
     assert_eq!(st["endpoints"][0]["url"], "mqtt://edge.iot.svc:1883");
     let ready = condition(st, "Ready");
@@ -484,6 +505,10 @@ async fn a_newer_claim_on_a_client_id_gets_only_a_conflict_status() {
         )
         .await;
     assert_eq!(status.content_type.as_deref(), Some(MERGE));
+    assert_eq!(
+        status.query.get("fieldManager").map(String::as_str),
+        Some("ferrymq-operator")
+    );
     let st = &status.body["status"];
     let ready = condition(st, "Ready");
     assert_eq!(
@@ -497,7 +522,8 @@ async fn a_newer_claim_on_a_client_id_gets_only_a_conflict_status() {
         "{ready}"
     );
     assert_eq!(condition(st, "Stalled")["status"], "True");
-    assert!(st.get("topicName").is_none_or(Value::is_null), "{st}");
+    // A client that lost the claim reports no topic (null clears one it may have had).
+    assert_eq!(st.get("topicName"), Some(&Value::Null), "{st}");
     let event = s.server.expect(Method::POST, EVENTS, Reply::Echo).await;
     assert_eq!(
         (
