@@ -132,6 +132,13 @@ async fn watch_health(kafka: Arc<Kafka>, pg: Arc<PgStore>, lock: PgConnection, u
 #[async_trait::async_trait]
 impl Storage for KafkaPostgresStorage {
     fn submit(&self, mut batch: WriteBatch) -> Completion {
+        for op in &batch.ops {
+            if let WriteOp::DeleteSession { client } = op {
+                // A new session of this client learns its log's end afresh: the topic may have
+                // been deleted and re-created meanwhile (see docs/kafka-postgres.md).
+                self.kafka.forget_end(&self.apps.topic(client), 0);
+            }
+        }
         let has_app = batch.ops.iter().any(|op| {
             matches!(
                 op,
@@ -331,9 +338,12 @@ impl KafkaPostgresStorage {
             ..QueueTotals::default()
         };
         for (client, committed_seq) in offsets {
-            let Ok((low, high)) = self.kafka.watermarks(&self.apps.topic(&client), 0).await else {
+            let topic = self.apps.topic(&client);
+            let Ok((low, listed)) = self.kafka.watermarks(&topic, 0).await else {
                 continue;
             };
+            // The listed end may lag behind (see `kafka::KnownEnds`).
+            let high = listed.max(self.kafka.known_end(&topic, 0).unwrap_or(0));
             totals.application_log += (high - low).max(0) as u64;
             // Sequence numbers are offsets + 1: the committed sequence is the first entry not
             // yet acknowledged.

@@ -274,8 +274,10 @@ pub trait Storage: Send + Sync + 'static {
     /// Reads everything needed to rebuild the broker's state.
     async fn load(&self) -> Result<Snapshot, StorageError>;
     /// Up to `limit` live entries with `seq >= from`, in order. Expired entries are skipped.
-    /// A backend whose reads cross the network may wait a little for the first entry and
-    /// return fewer than `limit`; the session reads again when `Mailbox::stored` is woken.
+    /// Fewer than `limit` means the queue held nothing more when the read began: the session
+    /// then stops reading until `Mailbox::stored` is woken, and the wake for entries written
+    /// before the read may already be spent. So a backend must not stop short of entries that
+    /// were durable when the read began (a slow network read fails instead).
     fn read_queue(&self, client: &Arc<str>, kind: ClientKind, from: u64, limit: usize)
         -> QueueRead;
     /// Removes expired entries, at most `budget` of them. Bounded work per call.

@@ -525,11 +525,17 @@ struct Pending {
     ack_seq: Vec<i64>,
     sent: HashMap<String, i64>,
     touched: HashSet<String>,
+    /// APPLICATION commit points: one per client and group (every acknowledgement moves it, and
+    /// only the furthest matters).
+    app_commit: HashMap<String, i64>,
 }
 
 impl Pending {
     fn is_empty(&self) -> bool {
-        self.insert_client.is_empty() && self.ack_client.is_empty() && self.sent.is_empty()
+        self.insert_client.is_empty()
+            && self.ack_client.is_empty()
+            && self.sent.is_empty()
+            && self.app_commit.is_empty()
     }
 }
 
@@ -744,6 +750,27 @@ impl Writer {
             .await
             .map_err(db)?;
         }
+        if !p.app_commit.is_empty() {
+            let (clients, next): (Vec<String>, Vec<i64>) = p.app_commit.into_iter().unzip();
+            sqlx::query(
+                "UPDATE application_offsets o SET committed_seq = GREATEST(o.committed_seq, v.n) \
+                 FROM UNNEST($1::text[], $2::int8[]) AS v(c, n) WHERE o.client_id = v.c",
+            )
+            .bind(&clients)
+            .bind(&next)
+            .execute(&mut **txn)
+            .await
+            .map_err(db)?;
+            sqlx::query(
+                "DELETE FROM application_released r USING UNNEST($1::text[], $2::int8[]) AS v(c, n) \
+                 WHERE r.client_id = v.c AND r.seq < v.n",
+            )
+            .bind(&clients)
+            .bind(&next)
+            .execute(&mut **txn)
+            .await
+            .map_err(db)?;
+        }
         if !p.sent.is_empty() {
             let (clients, upto): (Vec<String>, Vec<i64>) = p.sent.into_iter().unzip();
             sqlx::query(
@@ -799,6 +826,15 @@ impl Writer {
             WriteOp::AckDevice { client, seq } => {
                 pending.ack_client.push(client.to_string());
                 pending.ack_seq.push(seq as i64);
+                return Ok(());
+            }
+            WriteOp::CommitApplication {
+                client,
+                next_offset,
+            } => {
+                let e = pending.app_commit.entry(client.to_string()).or_insert(0);
+                *e = (*e).max(next_offset as i64);
+                released.push((client, ReleasedChange::Below(next_offset)));
                 return Ok(());
             }
             WriteOp::MarkSent { client, upto } => {
@@ -915,27 +951,6 @@ impl Writer {
                     .await
                     .map_err(db)?;
             }
-            WriteOp::CommitApplication {
-                client,
-                next_offset,
-            } => {
-                sqlx::query(
-                    "UPDATE application_offsets SET committed_seq = GREATEST(committed_seq, $2) \
-                     WHERE client_id = $1",
-                )
-                .bind(&*client)
-                .bind(next_offset as i64)
-                .execute(&mut **txn)
-                .await
-                .map_err(db)?;
-                sqlx::query("DELETE FROM application_released WHERE client_id = $1 AND seq < $2")
-                    .bind(&*client)
-                    .bind(next_offset as i64)
-                    .execute(&mut **txn)
-                    .await
-                    .map_err(db)?;
-                released.push((client, ReleasedChange::Below(next_offset)));
-            }
             WriteOp::MarkReleased { client, kind, seq } => match kind {
                 ClientKind::Device => {
                     sqlx::query(
@@ -1025,7 +1040,10 @@ impl Writer {
                 kind: ClientKind::Application,
                 ..
             } => {}
-            WriteOp::Enqueue { .. } | WriteOp::AckDevice { .. } | WriteOp::MarkSent { .. } => {}
+            WriteOp::Enqueue { .. }
+            | WriteOp::AckDevice { .. }
+            | WriteOp::MarkSent { .. }
+            | WriteOp::CommitApplication { .. } => {}
             // Appended to Kafka by the Kafka/PostgreSQL backend before the rest reaches here.
             WriteOp::AppendShared { .. } => {}
         }

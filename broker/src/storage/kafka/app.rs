@@ -23,9 +23,9 @@ use super::{application_topic, kafka_error, Kafka};
 use crate::storage::codec::{decode_delivery, now_ms};
 use crate::storage::{Completion, QueueRead, QueuedEntry, StorageError};
 
-/// How long a read waits for the first record before answering "nothing yet"; the session reads
-/// again when the router wakes it.
-const FIRST_RECORD_WAIT: Duration = Duration::from_millis(500);
+/// How long a read waits for the next record it knows is in the log before giving up (the
+/// session then closes the connection with an error, and the client's reconnect reads again).
+const RECORD_WAIT: Duration = Duration::from_secs(15);
 /// Records read from the end of an APPLICATION topic at start to learn what was appended
 /// (two router batches' worth).
 const TAIL_SCAN: i64 = 2_048;
@@ -48,8 +48,9 @@ pub struct Tail {
 }
 
 /// Reads the last [`TAIL_SCAN`] records of a partition (and on until nothing more arrives,
-/// rather than trusting one record at the high watermark, which a broker may report a little
-/// stale), handing each record's headers to `f`. A missing topic has no tail.
+/// rather than trusting the high watermark, which a broker may report stale: see
+/// [`KnownEnds`](super::KnownEnds)), handing each record's headers to `f`, and notes the end
+/// it found. A missing topic has no tail.
 pub async fn scan_tail(
     kafka: &Kafka,
     topic: &str,
@@ -61,6 +62,7 @@ pub async fn scan_tail(
         Err(_) => return Ok(()),
     };
     if high <= low {
+        kafka.note_end(topic, partition, high);
         return Ok(());
     }
     let consumer: StreamConsumer = Kafka::client_config(&kafka.config)
@@ -82,14 +84,17 @@ pub async fn scan_tail(
     .map_err(kafka_error)?;
     consumer.assign(&tpl).map_err(kafka_error)?;
     let mut wait = Duration::from_secs(10);
+    let mut end = high;
     while let Ok(next) = tokio::time::timeout(wait, consumer.recv()).await {
         let next = next.map_err(kafka_error)?;
+        end = end.max(next.offset() + 1);
         if let Some(headers) = next.headers() {
             f(headers);
         }
         // Once the first record is in, the rest is already fetched or close behind.
         wait = Duration::from_millis(500);
     }
+    kafka.note_end(topic, partition, end);
     Ok(())
 }
 
@@ -143,14 +148,19 @@ impl ApplicationLogs {
         self.kafka
             .ensure_topic(&topic, 1, topic_config, create)
             .await?;
-        let (_, high) = self.kafka.watermarks(&topic, 0).await?;
-        Ok(high.max(0) as u64 + 1)
+        Ok(self.end(client).await?.max(0) as u64 + 1)
     }
 
     /// The sequence number the next append to `client`'s log will get.
     pub async fn next_seq(&self, client: &str) -> Result<u64, StorageError> {
-        let (_, high) = self.kafka.watermarks(&self.topic(client), 0).await?;
-        Ok(high.max(0) as u64 + 1)
+        Ok(self.end(client).await?.max(0) as u64 + 1)
+    }
+
+    /// The offset after the last record of `client`'s log: what this broker appended or
+    /// found there (see [`KnownEnds`](super::KnownEnds)), scanning the log's end the first
+    /// time.
+    pub async fn end(&self, client: &str) -> Result<i64, StorageError> {
+        log_end(&self.kafka, &self.topic(client)).await
     }
 
     /// Appends an encoded delivery (the router's `WriteOp::Enqueue` record) to the client's log.
@@ -211,7 +221,8 @@ impl ApplicationLogs {
         Ok(tail)
     }
 
-    /// Starts a read of up to `limit` entries from sequence `from`.
+    /// Starts a read of up to `limit` entries from sequence `from`. It returns fewer only when
+    /// it reached the log's known end (see `Storage::read_queue`).
     pub fn read(&self, client: &Arc<str>, from: u64, limit: usize) -> QueueRead {
         let reader = match self.reader(client) {
             Ok(r) => r,
@@ -229,6 +240,12 @@ impl ApplicationLogs {
         tokio::spawn(async move {
             let mut reader = reader.lock().await;
             let result = read_from(&kafka, &mut reader, &topic, from, limit, &released).await;
+            if result.is_err() {
+                // The log may have been deleted (and re-created) behind the broker's back: the
+                // next read learns its end afresh and fetches from scratch.
+                kafka.forget_end(&topic, 0);
+                reader.fetch = None;
+            }
             let _ = tx.send(result);
         });
         QueueRead::Pending(rx)
@@ -263,6 +280,18 @@ impl ApplicationLogs {
     }
 }
 
+/// The offset after the last record of a single-partition log (see [`ApplicationLogs::end`]).
+async fn log_end(kafka: &Kafka, topic: &str) -> Result<i64, StorageError> {
+    if let Some(end) = kafka.known_end(topic, 0) {
+        return Ok(end);
+    }
+    scan_tail(kafka, topic, 0, |_| {}).await?;
+    match kafka.known_end(topic, 0) {
+        Some(end) => Ok(end),
+        None => Ok(kafka.watermarks(topic, 0).await?.1),
+    }
+}
+
 /// Points the reader's consumer at `from` (a little before it: see [`FetchStart`]).
 fn assign(reader: &mut Reader, topic: &str, fetch: FetchStart) -> Result<(), StorageError> {
     let mut tpl = TopicPartitionList::new();
@@ -282,16 +311,26 @@ async fn read_from(
     released: &BTreeSet<u64>,
 ) -> Result<Vec<QueuedEntry>, StorageError> {
     let offset = from.saturating_sub(1) as i64;
+    // The end of the log now: a read stops short of `limit` only there (see
+    // `Storage::read_queue`: the session takes a short read as "drained").
+    let high = log_end(kafka, topic).await?;
+    if offset >= high {
+        return Ok(Vec::new());
+    }
     if reader.fetch.as_ref().map(FetchStart::want) != Some(offset) {
         let (low, _) = kafka.watermarks(topic, 0).await?;
         assign(reader, topic, FetchStart::new(offset, low))?;
     }
     let mut out = Vec::new();
     let now = now_ms();
-    let mut wait = FIRST_RECORD_WAIT;
-    while out.len() < limit {
-        let next = match tokio::time::timeout(wait, reader.consumer.recv()).await {
-            Err(_) => break,
+    while out.len() < limit && reader.fetch.as_ref().is_some_and(|f| f.want() < high) {
+        let next = match tokio::time::timeout(RECORD_WAIT, reader.consumer.recv()).await {
+            Err(_) => {
+                return Err(StorageError::Engine(format!(
+                    "reading {topic}: no record in {RECORD_WAIT:?} although the log holds offsets up to {}",
+                    high - 1
+                )))
+            }
             Ok(next) => next.map_err(kafka_error)?,
         };
         let offset = next.offset();
@@ -310,8 +349,6 @@ async fn read_from(
                 tracing::error!(topic, expected, got = offset, "the APPLICATION log skipped offsets: the Kafka broker returned a later record than the one asked for, and the log holds nothing earlier");
             }
         }
-        // Whatever else is already fetched joins this read; nothing more is waited for.
-        wait = Duration::ZERO;
         let seq = offset as u64 + 1;
         let delivery = match record::decode(next.headers(), next.payload().unwrap_or_default()) {
             Ok(d) => d,

@@ -18,7 +18,7 @@ pub mod record;
 pub mod router;
 pub mod shared;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +28,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message as _;
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientContext;
 use sha2::{Digest, Sha256};
@@ -88,13 +89,35 @@ pub(crate) fn kafka_error(e: KafkaError) -> StorageError {
     }
 }
 
-/// Answers each record's completion channel from the producer's polling thread, and notes
-/// when the producer's idempotence state is broken.
-#[derive(Default)]
+/// Per topic partition, the offset after the last record this process had acknowledged (or
+/// found at the end of the log by a scan).
+///
+/// Why not ask Kafka (ListOffsets)? Some Kafka-protocol brokers report a high watermark that
+/// lags behind acknowledged records (tansu 0.6 does, by hundreds of records, for as long as
+/// nothing more is appended), and a reader that trusts it stops short of records that are
+/// there and waits for a wake-up that never comes. Every APPLICATION log and group topic is
+/// appended to by this broker only (one broker node per PostgreSQL schema), so what it saw
+/// acknowledged is the exact end.
+pub type KnownEnds = Arc<parking_lot::Mutex<HashMap<(String, i32), i64>>>;
+
+/// Raises the known end of a topic partition to `end` (never lowers it).
+pub fn note_end(ends: &KnownEnds, topic: &str, partition: i32, end: i64) {
+    let mut ends = ends.lock();
+    match ends.get_mut(&(topic.to_string(), partition)) {
+        Some(known) => *known = (*known).max(end),
+        None => {
+            ends.insert((topic.to_string(), partition), end);
+        }
+    }
+}
+
+/// Answers each record's completion channel from the producer's polling thread, notes the end
+/// of each partition it appended to, and notes when the producer's idempotence state is broken.
 pub struct DeliveryContext {
     /// The cluster fenced this producer or lost its sequence state (after a long outage, say):
     /// every further record would fail the same way, so a new producer is needed.
     broken: AtomicBool,
+    ends: KnownEnds,
 }
 
 impl ClientContext for DeliveryContext {}
@@ -104,7 +127,16 @@ impl ProducerContext for DeliveryContext {
 
     fn delivery(&self, result: &DeliveryResult<'_>, done: Self::DeliveryOpaque) {
         let outcome = match result {
-            Ok(_) => Ok(()),
+            Ok(record) => {
+                // Before the completion fires, so whoever it wakes sees the new end.
+                note_end(
+                    &self.ends,
+                    record.topic(),
+                    record.partition(),
+                    record.offset() + 1,
+                );
+                Ok(())
+            }
             Err((e, _)) => {
                 if matches!(
                     e.rdkafka_error_code(),
@@ -132,6 +164,8 @@ pub struct Kafka {
     /// Replaced when it hits a fatal error (an idempotent producer that was fenced cannot send
     /// again); records in flight on the old one fail, and are therefore not acknowledged.
     producer: parking_lot::RwLock<Arc<ThreadedProducer<DeliveryContext>>>,
+    /// Shared by every producer this broker creates (see [`KnownEnds`]).
+    ends: KnownEnds,
     admin: AdminClient<DefaultClientContext>,
     metadata: Arc<BaseConsumer>,
     /// Topics known to exist (created or seen), so a lookup happens once per topic.
@@ -163,7 +197,8 @@ impl Kafka {
                 config.bootstrap_servers
             ))
         };
-        let producer = Self::producer(config).map_err(unreachable)?;
+        let ends = KnownEnds::default();
+        let producer = Self::producer(config, &ends).map_err(unreachable)?;
         let admin: AdminClient<DefaultClientContext> =
             Self::client_config(config).create().map_err(unreachable)?;
         let metadata: BaseConsumer = Self::client_config(config)
@@ -174,6 +209,7 @@ impl Kafka {
         let kafka = Arc::new(Kafka {
             config: config.clone(),
             producer: parking_lot::RwLock::new(Arc::new(producer)),
+            ends,
             admin,
             metadata: Arc::new(metadata),
             known_topics: Default::default(),
@@ -197,9 +233,31 @@ impl Kafka {
         Ok(kafka)
     }
 
+    /// The offset after the last record known to be in a partition (see [`KnownEnds`]);
+    /// `None` when this broker neither appended to it nor scanned it.
+    pub fn known_end(&self, topic: &str, partition: i32) -> Option<i64> {
+        self.ends
+            .lock()
+            .get(&(topic.to_string(), partition))
+            .copied()
+    }
+
+    /// Drops what is known about a partition's end (a read of it failed).
+    pub fn forget_end(&self, topic: &str, partition: i32) {
+        self.ends.lock().remove(&(topic.to_string(), partition));
+    }
+
+    /// Records what a scan found at the end of a partition.
+    pub fn note_end(&self, topic: &str, partition: i32, end: i64) {
+        note_end(&self.ends, topic, partition, end);
+    }
+
     /// The producer every record goes through: acks=all and idempotence, whatever the
     /// pass-through properties say.
-    fn producer(config: &KafkaConfig) -> Result<ThreadedProducer<DeliveryContext>, KafkaError> {
+    fn producer(
+        config: &KafkaConfig,
+        ends: &KnownEnds,
+    ) -> Result<ThreadedProducer<DeliveryContext>, KafkaError> {
         Self::client_config(config)
             .set("acks", "all")
             .set("enable.idempotence", "true")
@@ -210,7 +268,10 @@ impl Kafka {
                 "queue.buffering.max.messages",
                 config.max_pending_records.to_string(),
             )
-            .create_with_context(DeliveryContext::default())
+            .create_with_context(DeliveryContext {
+                broken: AtomicBool::new(false),
+                ends: ends.clone(),
+            })
     }
 
     /// Replaces a producer that hit a fatal error or lost its idempotence state. The health
@@ -235,7 +296,7 @@ impl Kafka {
             ?fatal,
             "kafka producer lost its idempotence state; replacing it"
         );
-        match Self::producer(&self.config) {
+        match Self::producer(&self.config, &self.ends) {
             Ok(p) => *slot = Arc::new(p),
             Err(e) => tracing::error!(error = %e, "creating a new kafka producer failed"),
         }

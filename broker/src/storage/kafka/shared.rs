@@ -71,9 +71,34 @@ impl ConsumerContext for ClaimContext {
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let starts = self.starts(consumer, tpl);
-                if let Ok(starts) = &starts {
-                    for (topic, p, start) in starts {
-                        let _ = tpl.set_partition_offset(topic, *p, Offset::Offset(start.from()));
+                match &starts {
+                    Ok(starts) => tracing::info!(
+                        starts = ?starts.iter().map(|(t, p, s)| (t.as_str(), *p, s.want(), s.from())).collect::<Vec<_>>(),
+                        "shared group partitions assigned"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "shared group partitions assigned, but their committed offsets could not be read; reading them from the log start")
+                    }
+                }
+                match &starts {
+                    Ok(starts) => {
+                        for (topic, p, start) in starts {
+                            let _ =
+                                tpl.set_partition_offset(topic, *p, Offset::Offset(start.from()));
+                        }
+                    }
+                    // Resuming at the committed offset could silently skip the rest of a
+                    // record batch (see `fetch_start`); from the log start, the claim state
+                    // skips what was claimed, and at worst a record claimed long ago is
+                    // claimed again (at least once, never lost).
+                    Err(_) => {
+                        for elem in tpl.clone().elements() {
+                            let _ = tpl.set_partition_offset(
+                                elem.topic(),
+                                elem.partition(),
+                                Offset::Beginning,
+                            );
+                        }
                     }
                 }
                 if let Err(e) = consumer.assign(tpl) {
@@ -88,6 +113,7 @@ impl ConsumerContext for ClaimContext {
                 }
             }
             _ => {
+                tracing::info!(partitions = ?tpl.elements().iter().map(|e| e.partition()).collect::<Vec<_>>(), reason = ?err, "shared group partitions revoked");
                 let _ = consumer.unassign();
                 self.fetch.lock().clear();
             }
@@ -117,6 +143,15 @@ impl ClaimContext {
         Ok(starts)
     }
 }
+
+/// The claimers' Kafka group session timeout. A broker that died holds its members'
+/// partitions until the group coordinator gives up on it; librdkafka's default (45 s) would
+/// leave a shared group unserved that long after a crash.
+const GROUP_SESSION_TIMEOUT_MS: &str = "10000";
+/// How long a claim round may take before the claimer counts as stuck and leaves the group
+/// (a member whose log cannot be written; its partitions go to the others). Also the time the
+/// coordinator waits for members to rejoin during a rebalance.
+const GROUP_MAX_POLL_INTERVAL_MS: &str = "30000";
 
 /// Records a claimer moves per round at most (one round = produce all, await all, commit).
 const CLAIM_BATCH: usize = 512;
@@ -440,6 +475,9 @@ impl ClaimerTask {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("fetch.wait.max.ms", "100")
+            .set("session.timeout.ms", GROUP_SESSION_TIMEOUT_MS)
+            .set("heartbeat.interval.ms", "3000")
+            .set("max.poll.interval.ms", GROUP_MAX_POLL_INTERVAL_MS)
             .create_with_context(ClaimContext::default())
             .map_err(kafka_error)?;
         consumer.subscribe(&[&self.topic]).map_err(kafka_error)?;
@@ -455,7 +493,9 @@ impl ClaimerTask {
                     _ => break,
                 }
             }
+            let fetched = round.len();
             let round = self.positioned(&consumer, round);
+            tracing::debug!(client_id = %self.member, topic = self.topic, fetched, kept = round.len(), first = ?round.first().map(|m| (m.partition(), m.offset())), last = ?round.last().map(|m| (m.partition(), m.offset())), "claim round");
             if round.is_empty() {
                 continue;
             }
@@ -497,6 +537,14 @@ impl ClaimerTask {
                 Step::Skip => {}
                 Step::Take => kept.push(m),
                 Step::Rewind(from) => {
+                    tracing::debug!(
+                        topic = self.topic,
+                        partition = p,
+                        got = m.offset(),
+                        want = state.want(),
+                        from,
+                        "shared group fetch rewinds"
+                    );
                     if let Err(e) =
                         consumer.seek(&self.topic, p, Offset::Offset(from), ASSIGN_TIMEOUT)
                     {
@@ -533,6 +581,7 @@ impl ClaimerTask {
         }
         // Wait while another claimer (the partition's previous owner) is still moving records
         // of these partitions, then announce ours.
+        let mut waited = false;
         loop {
             let busy = {
                 let mut claims = self.claims.lock();
@@ -548,6 +597,10 @@ impl ClaimerTask {
             };
             if !busy {
                 break;
+            }
+            if !waited {
+                waited = true;
+                tracing::debug!(client_id = %self.member, topic = self.topic, "waiting for another claimer of these partitions");
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -582,6 +635,7 @@ impl ClaimerTask {
                 }
             }
         }
+        tracing::debug!(client_id = %self.member, topic = self.topic, ?done, to_claim = records.len(), "claiming");
         let mut backoff = RETRY_MIN;
         while !records.is_empty() {
             let pending: Vec<Completion> = records
