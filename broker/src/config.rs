@@ -180,6 +180,10 @@ pub struct PostgresConfig {
     pub max_connections: u32,
     /// Seconds to wait for a connection at start and from the pool.
     pub connect_timeout_secs: u64,
+    /// When another broker node holds this schema's node lock: `false` (default) refuses to
+    /// start; `true` waits as a standby (not ready, MQTT listeners closed) and takes over when
+    /// the lock is released. See docs/operations.md, "Standby nodes".
+    pub standby: bool,
 }
 
 impl Default for PostgresConfig {
@@ -189,6 +193,7 @@ impl Default for PostgresConfig {
             schema: "ferrymq".into(),
             max_connections: 8,
             connect_timeout_secs: 5,
+            standby: false,
         }
     }
 }

@@ -19,6 +19,7 @@ pub mod rate_limit;
 pub mod router;
 pub mod server;
 pub mod session;
+pub mod standby;
 pub mod storage;
 pub mod tls;
 pub mod websocket;

@@ -7,7 +7,8 @@ use anyhow::Context;
 use clap::Parser;
 use ferrymq::auth::cli::AdminCommand;
 use ferrymq::config::{Config, Overrides};
-use ferrymq::server::Server;
+use ferrymq::server::{Server, StartError};
+use ferrymq::storage::StorageError;
 
 /// ferrymq — a durable MQTT 3.1/3.1.1/5.0 broker.
 #[derive(Debug, Parser)]
@@ -36,15 +37,19 @@ struct Cli {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    use std::io::IsTerminal;
     let logs = tracing_subscriber::fmt().with_env_filter(
         tracing_subscriber::EnvFilter::try_from_env("FERRYMQ_LOG")
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
     );
-    // Admin commands print their results on stdout; keep logs out of the way.
+    // Admin commands print their results on stdout; keep logs out of the way. Colours only on a
+    // terminal: log files and `kubectl logs` get plain text.
     if cli.admin.is_some() {
-        logs.with_writer(std::io::stderr).init();
+        logs.with_ansi(std::io::stderr().is_terminal())
+            .with_writer(std::io::stderr)
+            .init();
     } else {
-        logs.init();
+        logs.with_ansi(std::io::stdout().is_terminal()).init();
     }
     let overrides = Overrides {
         listen: cli.listen.clone(),
@@ -71,7 +76,26 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
-    let server = Server::start(config).await?;
+    let standby = config.storage.is_kafka_postgres() && config.postgres.standby;
+    let server = loop {
+        if standby {
+            tokio::select! {
+                waited = ferrymq::standby::wait_for_node_lock(&config) => waited?,
+                signal = wait_for_signal() => {
+                    signal?;
+                    tracing::info!("shutting down (standby)");
+                    return Ok(());
+                }
+            }
+        }
+        match Server::start(config.clone()).await {
+            // Another standby took the lock first: stand by again.
+            Err(StartError::Storage(StorageError::NodeLockHeld(_))) if standby => {
+                tracing::info!("standby: another node took the node lock first");
+            }
+            started => break started?,
+        }
+    };
     tracing::info!("ferrymq {} ready", env!("CARGO_PKG_VERSION"));
     wait_for_signal().await?;
     tracing::info!("shutting down");

@@ -343,6 +343,123 @@ fn second_broker_on_the_same_schema_is_refused() {
     drop(first);
 }
 
+/// `GET path` on `addr`: the status code and body, or `None` when nothing answers.
+fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: ferrymq\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    Some((status, body))
+}
+
+/// High availability with `postgres.standby`: a second broker on the same schema and the same
+/// MQTT address waits (HTTP probes answer, readiness says "standby", the MQTT port stays closed)
+/// while the first serves. The first is killed with SIGKILL half way through 4 publishers'
+/// 2,000 QoS 1 messages each; the standby takes over the address, the publishers reconnect to
+/// it, and the offline persistent DEVICE subscriber then gets every acknowledged message from
+/// the new active node. A third broker started without `standby` is refused while one is
+/// active.
+#[test]
+fn standby_takes_over_when_the_active_broker_is_killed() {
+    let _serial = serial();
+    let Some(backend) = Backend::kafka_postgres() else {
+        return;
+    };
+    const PUBLISHERS: u32 = 4;
+    const PER_PUBLISHER: u64 = 2_000;
+    let total = PUBLISHERS as u64 * PER_PUBLISHER;
+    let rt = runtime();
+    let config = backend.config("standby", "").expect("config");
+    let options = |name: &str| {
+        BrokerOptions::new(name)
+            .binary(broker_bin())
+            .config(config.clone())
+            .standby()
+    };
+    let mut active = BrokerProcess::start(options("standby-a")).expect("first broker");
+    let addr = active.addr();
+    // A standby-enabled node starts once the lock has stayed free for a few seconds.
+    wait_until(
+        "the first broker to be ready",
+        Duration::from_secs(30),
+        || {
+            matches!(
+                http_get(active.http_addr(), "/health/ready"),
+                Some((200, _))
+            )
+        },
+    );
+    let standby = BrokerProcess::start(options("standby-b").listen(addr)).expect("standby broker");
+    wait_until(
+        "the standby's readiness says standby",
+        Duration::from_secs(30),
+        || {
+            matches!(http_get(standby.http_addr(), "/health/ready"),
+            Some((503, body)) if body.contains("standby"))
+        },
+    );
+    assert_eq!(
+        http_get(standby.http_addr(), "/health/live").map(|(s, _)| s),
+        Some(200)
+    );
+    assert_eq!(
+        http_get(active.http_addr(), "/health/ready").map(|(s, _)| s),
+        Some(200)
+    );
+    // Not active without the flag either.
+    let (out, stderr) = run_to_exit(&config);
+    assert!(!out.status.success(), "a third broker started: {stderr}");
+    assert!(stderr.contains("postgres.standby"), "{stderr}");
+
+    let device = persistent("ha-device", Protocol::V311);
+    rt.block_on(subscribe_and_leave(addr, &device, &[("ha/#", 1)]))
+        .expect("device subscribe");
+    let progress = Arc::new(AtomicU64::new(0));
+    let handles: Vec<_> = (0..PUBLISHERS)
+        .map(|p| {
+            let cfg = PublisherConfig::new(
+                p,
+                persistent(&format!("ha-pub-{p}"), Protocol::V311),
+                1,
+                PER_PUBLISHER,
+                topics("ha", p, 2),
+            );
+            spawn_publisher(&rt, cfg, &progress, addr)
+        })
+        .collect();
+    wait_until("half the acks", Duration::from_secs(120), || {
+        progress.load(std::sync::atomic::Ordering::Relaxed) >= total / 2
+    });
+    let killed_at = Instant::now();
+    active.kill_9().expect("kill -9 the active broker");
+    wait_until("the standby to take over", Duration::from_secs(60), || {
+        matches!(
+            http_get(standby.http_addr(), "/health/ready"),
+            Some((200, _))
+        )
+    });
+    println!("standby ready {:?} after the kill", killed_at.elapsed());
+    let reports = join_publishers(&rt, handles, Duration::from_secs(180));
+    print_publishers(&reports);
+    let expect = ferrymq_e2e::harness::Expectation::from_reports(&reports);
+    assert_eq!(expect.must.len() as u64, total);
+    let (_, check, present) = drain(&rt, "DEVICE", addr, device, &expect, Duration::from_secs(2));
+    assert!(present, "the DEVICE session did not survive the takeover");
+    assert!(check.ok(), "{}", check.summary());
+    let lost: u32 = reports.iter().map(|r| r.sessions_lost).sum();
+    assert_eq!(lost, 0, "publisher sessions lost in the takeover");
+    assert!(standby.log_tail(200).contains("taking over"));
+    drop(standby);
+}
+
 /// Clean-session subscribers get messages through the publish log and the router; a retained
 /// message and a QoS 1 message for a persistent subscriber survive a kill -9 of the broker.
 #[test]
@@ -488,8 +605,23 @@ fn application_shared_group_is_balanced_and_survives_a_kill() {
             (sub, result)
         }));
     }
-    // Both claimers join the group's consumer group before the first message.
-    std::thread::sleep(Duration::from_secs(5));
+    // Both claimers are in the group's consumer group, each with partitions, before the first
+    // message: Kafka balances partitions, not messages, so a member that joined late could
+    // otherwise find the backlog claimed by the other (a claimer moves thousands a second).
+    wait_until(
+        "both members' claimers to hold partitions",
+        Duration::from_secs(90),
+        || {
+            let log = broker.log_tail(400);
+            ["worker-a", "worker-b"].iter().all(|m| {
+                log.lines().any(|l| {
+                    l.contains("shared group partitions assigned")
+                        && l.contains(&format!("client_id={m}"))
+                        && !l.contains("starts=[]")
+                })
+            })
+        },
+    );
 
     let progress = Arc::new(AtomicU64::new(0));
     let handles: Vec<_> = (0..PUBLISHERS)

@@ -38,6 +38,7 @@ fn pg_config(pg: &Postgres, schema: &str) -> PostgresConfig {
         schema: schema.into(),
         max_connections: 2,
         connect_timeout_secs: 5,
+        standby: false,
     }
 }
 

@@ -9,9 +9,11 @@
 //! after Kafka acknowledged them; the completion resolves when both are done. Only the router
 //! submits APPLICATION appends, one batch at a time, so their order is the router's order.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::stream::{self, StreamExt};
 use sqlx::PgConnection;
 use tokio::sync::{oneshot, Mutex, Notify};
 
@@ -28,7 +30,9 @@ use crate::metrics::Metrics;
 use crate::router::SubscriptionOptions;
 
 /// How often Kafka and PostgreSQL are probed for the readiness state.
-const PROBE_INTERVAL: Duration = Duration::from_secs(2);
+pub(crate) const PROBE_INTERVAL: Duration = Duration::from_secs(2);
+/// APPLICATION logs whose ends are read at once at start.
+const TAIL_SCAN_CONCURRENCY: usize = 16;
 
 pub struct KafkaPostgresStorage {
     kafka: Arc<Kafka>,
@@ -90,7 +94,8 @@ impl KafkaPostgresStorage {
 }
 
 /// Probes both services, logs every change of state, and keeps the node lock: when its
-/// connection dies (PostgreSQL restarted) a new one takes the lock again.
+/// connection dies (PostgreSQL restarted) a new one takes the lock again; when another node took
+/// it meanwhile, the process exits.
 async fn watch_health(kafka: Arc<Kafka>, pg: Arc<PgStore>, lock: PgConnection, url: String) {
     let lock = Mutex::new(Some(lock));
     let mut tick = tokio::time::interval(PROBE_INTERVAL);
@@ -120,6 +125,16 @@ async fn watch_health(kafka: Arc<Kafka>, pg: Arc<PgStore>, lock: PgConnection, u
                             "node lock taken again after a postgres reconnect"
                         );
                         *held = Some(conn);
+                    }
+                    Err(StorageError::NodeLockHeld(schema)) => {
+                        // Another node (a standby) holds the lock now and is taking over: two
+                        // nodes must never write one schema, so this one stops at once, without
+                        // the graceful shutdown that would write more.
+                        tracing::error!(
+                            schema,
+                            "lost the node lock to another broker node; exiting now so that only one node writes"
+                        );
+                        std::process::exit(3);
                     }
                     Err(e) => tracing::error!(error = %e, "cannot take the node lock again"),
                 },
@@ -239,30 +254,50 @@ impl Storage for KafkaPostgresStorage {
             .filter(|f| f.starts_with("$share/"))
             .collect();
         self.shared.scan_group_topics(&shared_filters).await;
+        // Each tail scan waits for the end of its log to go quiet (about half a second): scan
+        // several logs at once, or a broker with many APPLICATION clients starts slowly.
+        let clients: Vec<Arc<str>> = snapshot
+            .sessions
+            .iter()
+            .filter(|s| s.record.kind == ClientKind::Application)
+            .map(|s| s.client.clone())
+            .collect();
+        let apps = &self.apps;
+        let mut scanned: HashMap<Arc<str>, _> = stream::iter(clients)
+            .map(|client| async move {
+                let tail = apps.tail(&client).await;
+                // After the scan, the log's end is known: no second read of Kafka.
+                let next = apps.next_seq(&client).await;
+                (client, (tail, next))
+            })
+            .buffer_unordered(TAIL_SCAN_CONCURRENCY)
+            .collect()
+            .await;
         for session in &mut snapshot.sessions {
-            if session.record.kind == ClientKind::Application {
-                match self.apps.tail(&session.client).await {
-                    Ok(tail) => {
-                        tracing::info!(client_id = %session.client, origins = ?tail.origins, claims = ?tail.claims, "APPLICATION log tail read; a replay skips appends up to these offsets");
-                        self.log
-                            .skip
-                            .lock()
-                            .insert(session.client.clone(), tail.origins);
-                        self.shared.claimed_at_start(tail.claims);
-                    }
-                    Err(e) => {
-                        tracing::warn!(client_id = %session.client, error = %e, "reading the end of an APPLICATION topic failed");
-                    }
+            let Some((tail, next)) = scanned.remove(&session.client) else {
+                continue;
+            };
+            match tail {
+                Ok(tail) => {
+                    tracing::info!(client_id = %session.client, origins = ?tail.origins, claims = ?tail.claims, "APPLICATION log tail read; a replay skips appends up to these offsets");
+                    self.log
+                        .skip
+                        .lock()
+                        .insert(session.client.clone(), tail.origins);
+                    self.shared.claimed_at_start(tail.claims);
                 }
-                // The log's end is in Kafka; a topic deleted out of band leaves nothing to read.
-                session.next_seq = match self.apps.next_seq(&session.client).await {
-                    Ok(n) => n.max(session.read_from),
-                    Err(e) => {
-                        tracing::warn!(client_id = %session.client, error = %e, "APPLICATION topic not readable at start");
-                        session.read_from
-                    }
-                };
+                Err(e) => {
+                    tracing::warn!(client_id = %session.client, error = %e, "reading the end of an APPLICATION topic failed");
+                }
             }
+            // The log's end is in Kafka; a topic deleted out of band leaves nothing to read.
+            session.next_seq = match next {
+                Ok(n) => n.max(session.read_from),
+                Err(e) => {
+                    tracing::warn!(client_id = %session.client, error = %e, "APPLICATION topic not readable at start");
+                    session.read_from
+                }
+            };
         }
         Ok(snapshot)
     }

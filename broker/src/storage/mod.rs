@@ -206,6 +206,13 @@ pub enum StorageError {
     Overloaded,
     #[error("storage is shut down")]
     Closed,
+    /// Another broker node holds the node lock on this PostgreSQL schema.
+    #[error(
+        "another ferrymq node holds the lock on postgres schema `{0}` (postgres.schema); each \
+         active broker node needs its own schema (set postgres.standby = true to wait as a \
+         standby instead)"
+    )]
+    NodeLockHeld(String),
     /// The APPLICATION client's Kafka topic does not exist and may not be created by the broker.
     #[error("missing Kafka topic {0}")]
     MissingTopic(String),

@@ -444,12 +444,29 @@ pub async fn take_node_lock(conn: &mut PgConnection, schema: &str) -> Result<(),
         .await
         .map_err(db)?;
     if !got {
-        return Err(StorageError::Engine(format!(
-            "another ferrymq node holds the lock on postgres schema `{schema}` (postgres.schema); \
-             each broker node needs its own schema"
-        )));
+        return Err(StorageError::NodeLockHeld(schema.to_string()));
     }
     Ok(())
+}
+
+/// Whether the schema's node lock is free right now (taken and released at once on `conn`).
+pub async fn node_lock_is_free(
+    conn: &mut PgConnection,
+    schema: &str,
+) -> Result<bool, StorageError> {
+    let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext('ferrymq:' || $1))")
+        .bind(schema)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(db)?;
+    if got {
+        sqlx::query("SELECT pg_advisory_unlock(hashtext('ferrymq:' || $1))")
+            .bind(schema)
+            .execute(&mut *conn)
+            .await
+            .map_err(db)?;
+    }
+    Ok(got)
 }
 
 /// The URL without its password, for messages.

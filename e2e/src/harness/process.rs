@@ -32,6 +32,11 @@ pub struct BrokerOptions {
     pub start_timeout: Duration,
     /// How long [`BrokerProcess::stop`] waits after SIGTERM before it gives up and kills.
     pub stop_timeout: Duration,
+    /// The MQTT address (`--listen`); by default a free port.
+    pub listen: Option<SocketAddr>,
+    /// A standby (`postgres.standby`) binds no MQTT port until it takes over: (re)starts wait
+    /// for its HTTP port instead.
+    pub standby: bool,
 }
 
 impl BrokerOptions {
@@ -43,7 +48,20 @@ impl BrokerOptions {
             binary: None,
             start_timeout: Duration::from_secs(20),
             stop_timeout: Duration::from_secs(20),
+            listen: None,
+            standby: false,
         }
+    }
+
+    pub fn listen(mut self, addr: SocketAddr) -> BrokerOptions {
+        self.listen = Some(addr);
+        self
+    }
+
+    /// Starts the broker as a standby: `postgres.standby = true`, ready once HTTP answers.
+    pub fn standby(mut self) -> BrokerOptions {
+        self.standby = true;
+        self.env("FERRYMQ_POSTGRES__STANDBY", "true")
     }
 
     pub fn config(mut self, toml: impl Into<String>) -> BrokerOptions {
@@ -157,7 +175,10 @@ impl BrokerProcess {
             None => None,
         };
         let log_path = root.join("broker.log");
-        let addr = free_port()?;
+        let addr = match opts.listen {
+            Some(addr) => addr,
+            None => free_port()?,
+        };
         let mut http_addr = free_port()?;
         while http_addr == addr {
             http_addr = free_port()?;
@@ -306,7 +327,12 @@ impl BrokerProcess {
                     bail!("broker exited during startup: {status}");
                 }
             }
-            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
+            let probe = if self.opts.standby {
+                self.http_addr
+            } else {
+                self.addr
+            };
+            if TcpStream::connect_timeout(&probe, Duration::from_millis(200)).is_ok() {
                 return Ok(());
             }
             if started.elapsed() > self.opts.start_timeout {

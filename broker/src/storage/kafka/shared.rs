@@ -53,8 +53,9 @@ const ASSIGN_TIMEOUT: Duration = Duration::from_secs(5);
 /// ended, often inside a record batch, and some Kafka-protocol brokers skip the rest of such a
 /// batch (see `fetch_start`). So on each assignment the fetch starts a little earlier, and the
 /// claim loop skips what lies below the committed offset.
-#[derive(Default)]
 struct ClaimContext {
+    /// The member this claimer works for (for the logs).
+    member: Arc<str>,
     fetch: parking_lot::Mutex<HashMap<i32, FetchStart>>,
 }
 
@@ -73,11 +74,12 @@ impl ConsumerContext for ClaimContext {
                 let starts = self.starts(consumer, tpl);
                 match &starts {
                     Ok(starts) => tracing::info!(
+                        client_id = %self.member,
                         starts = ?starts.iter().map(|(t, p, s)| (t.as_str(), *p, s.want(), s.from())).collect::<Vec<_>>(),
                         "shared group partitions assigned"
                     ),
                     Err(e) => {
-                        tracing::warn!(error = %e, "shared group partitions assigned, but their committed offsets could not be read; reading them from the log start")
+                        tracing::warn!(client_id = %self.member, error = %e, "shared group partitions assigned, but their committed offsets could not be read; reading them from the log start")
                     }
                 }
                 match &starts {
@@ -113,7 +115,7 @@ impl ConsumerContext for ClaimContext {
                 }
             }
             _ => {
-                tracing::info!(partitions = ?tpl.elements().iter().map(|e| e.partition()).collect::<Vec<_>>(), reason = ?err, "shared group partitions revoked");
+                tracing::info!(client_id = %self.member, partitions = ?tpl.elements().iter().map(|e| e.partition()).collect::<Vec<_>>(), reason = ?err, "shared group partitions revoked");
                 let _ = consumer.unassign();
                 self.fetch.lock().clear();
             }
@@ -478,7 +480,10 @@ impl ClaimerTask {
             .set("session.timeout.ms", GROUP_SESSION_TIMEOUT_MS)
             .set("heartbeat.interval.ms", "3000")
             .set("max.poll.interval.ms", GROUP_MAX_POLL_INTERVAL_MS)
-            .create_with_context(ClaimContext::default())
+            .create_with_context(ClaimContext {
+                member: self.member.clone(),
+                fetch: Default::default(),
+            })
             .map_err(kafka_error)?;
         consumer.subscribe(&[&self.topic]).map_err(kafka_error)?;
         loop {
