@@ -71,6 +71,8 @@ def test_default_values_render_the_operator(chart):
     assert kinds(objects) == sorted(
         [
             "ClusterRole",
+            "ClusterRole",
+            "ClusterRoleBinding",
             "ClusterRoleBinding",
             "Deployment",
             "Role",
@@ -178,68 +180,102 @@ def test_leader_election_flags_and_lease_rbac(chart):
 
 # --- RBAC -------------------------------------------------------------------------------------
 
-ALL_WRITE = {"get", "list", "watch", "create", "patch", "update", "delete"}
+# Each verb is one the controllers' requests need (docs/operator.md, "RBAC"); `create` goes with
+# `patch` on children because a server-side apply that creates an object is authorized as both.
+APPLIED = {"get", "create", "patch"}
+WATCHED = {"list", "watch"}
 EXPECTED_RULES = {
-    ("ferrymq.io", "mqttbrokers"): {"get", "list", "watch", "patch"},
-    ("ferrymq.io", "applicationclients"): {"get", "list", "watch", "patch"},
-    ("ferrymq.io", "mqttbrokers/status"): {"get", "patch", "update"},
-    ("ferrymq.io", "applicationclients/status"): {"get", "patch", "update"},
+    ("ferrymq.io", "mqttbrokers"): {"get"} | WATCHED,
+    # The finalizer is the one write outside status (a JSON patch on the object).
+    ("ferrymq.io", "applicationclients"): {"get", "patch"} | WATCHED,
+    ("ferrymq.io", "mqttbrokers/status"): {"patch"},
+    ("ferrymq.io", "applicationclients/status"): {"patch"},
+    # blockOwnerDeletion on the children's owner references.
     ("ferrymq.io", "mqttbrokers/finalizers"): {"update"},
     ("ferrymq.io", "applicationclients/finalizers"): {"update"},
-    ("apps", "statefulsets"): ALL_WRITE,
-    ("", "services"): ALL_WRITE,
-    ("", "configmaps"): ALL_WRITE,
-    ("", "secrets"): ALL_WRITE,
-    ("policy", "poddisruptionbudgets"): ALL_WRITE,
-    ("monitoring.coreos.com", "servicemonitors"): ALL_WRITE,
+    ("apps", "statefulsets"): APPLIED | WATCHED,
+    ("", "configmaps"): APPLIED | WATCHED,
+    ("", "secrets"): APPLIED | WATCHED,
+    ("", "services"): APPLIED | WATCHED | {"delete"},
+    ("policy", "poddisruptionbudgets"): APPLIED | WATCHED | {"delete"},
+    ("monitoring.coreos.com", "servicemonitors"): APPLIED | {"delete"},
     ("events.k8s.io", "events"): {"create", "patch"},
 }
+# Whether the ServiceMonitor CRD is installed: one GET of one CRD by name.
+CRD_RULES = {
+    ("apiextensions.k8s.io", "customresourcedefinitions", "servicemonitors.monitoring.coreos.com"): {
+        "get"
+    },
+}
+LEASE_RULES = {("coordination.k8s.io", "leases"): {"get", "create", "patch"}}
 
 
-def flatten(rules: list[dict]) -> dict[tuple[str, str], set[str]]:
-    flat: dict[tuple[str, str], set[str]] = {}
+def flatten(rules: list[dict]) -> dict[tuple[str, ...], set[str]]:
+    """(group, resource) -> verbs; (group, resource, name) for rules limited by resourceNames."""
+    flat: dict[tuple[str, ...], set[str]] = {}
     for rule in rules:
         for verb in rule["verbs"]:
             assert verb != "*", f"wildcard verb in {rule}"
+        names = rule.get("resourceNames") or [None]
         for group in rule["apiGroups"]:
             assert group != "*", f"wildcard group in {rule}"
             for resource in rule["resources"]:
                 assert resource != "*", f"wildcard resource in {rule}"
-                flat.setdefault((group, resource), set()).update(rule["verbs"])
+                for name in names:
+                    key = (group, resource) if name is None else (group, resource, name)
+                    flat.setdefault(key, set()).update(rule["verbs"])
     return flat
+
+
+def by_name(objects: list[dict], kind: str) -> dict[str, dict]:
+    return {o["metadata"]["name"]: o for o in objects if o["kind"] == kind}
+
+
+def assert_bound(binding: dict, role: dict, service_account: str) -> None:
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": role["kind"],
+        "name": role["metadata"]["name"],
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": service_account, "namespace": NAMESPACE}
+    ]
 
 
 def test_cluster_role_grants_exactly_what_the_controllers_use(chart):
     objects = render(chart)
-    role = one(objects, "ClusterRole")
-    assert flatten(role["rules"]) == EXPECTED_RULES
-    binding = one(objects, "ClusterRoleBinding")
-    assert binding["roleRef"] == {
-        "apiGroup": "rbac.authorization.k8s.io",
-        "kind": "ClusterRole",
-        "name": role["metadata"]["name"],
-    }
-    assert binding["subjects"] == [
-        {
-            "kind": "ServiceAccount",
-            "name": one(objects, "ServiceAccount")["metadata"]["name"],
-            "namespace": NAMESPACE,
-        }
+    sa = one(objects, "ServiceAccount")["metadata"]["name"]
+    roles = by_name(objects, "ClusterRole")
+    bindings = by_name(objects, "ClusterRoleBinding")
+    assert sorted(roles) == sorted(bindings) == [
+        "fmq-ferrymq-operator",
+        "fmq-ferrymq-operator-servicemonitor-crd",
     ]
-    lease = next(o for o in objects if o["kind"] == "Role")
-    assert flatten(lease["rules"]) == {
-        ("coordination.k8s.io", "leases"): {"get", "list", "watch", "create", "update", "patch"}
-    }
+    assert flatten(roles["fmq-ferrymq-operator"]["rules"]) == EXPECTED_RULES
+    crd = roles["fmq-ferrymq-operator-servicemonitor-crd"]
+    assert flatten(crd["rules"]) == CRD_RULES
+    for name, role in roles.items():
+        assert_bound(bindings[name], role, sa)
+    lease = one(objects, "Role")
+    assert lease["metadata"]["namespace"] == NAMESPACE
+    assert flatten(lease["rules"]) == LEASE_RULES
+    assert_bound(one(objects, "RoleBinding"), lease, sa)
 
 
 def test_watch_namespace_scopes_the_rbac(chart):
     objects = render(chart, {"watchNamespace": "iot"})
-    assert "ClusterRole" not in kinds(objects)
-    assert "ClusterRoleBinding" not in kinds(objects)
-    roles = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Role"}
+    sa = one(objects, "ServiceAccount")["metadata"]["name"]
+    # The one cluster-wide grant left: the CRD lookup (a CRD has no namespace).
+    assert flatten(one(objects, "ClusterRole")["rules"]) == CRD_RULES
+    assert_bound(one(objects, "ClusterRoleBinding"), one(objects, "ClusterRole"), sa)
+    roles = by_name(objects, "Role")
     workload = roles["fmq-ferrymq-operator"]
     assert workload["metadata"]["namespace"] == "iot"
     assert flatten(workload["rules"]) == EXPECTED_RULES
+    binding = by_name(objects, "RoleBinding")["fmq-ferrymq-operator"]
+    assert binding["metadata"]["namespace"] == "iot"
+    assert_bound(binding, workload, sa)
+    assert flatten(roles["fmq-ferrymq-operator-leader-election"]["rules"]) == LEASE_RULES
     args = container(objects)["args"]
     assert args[args.index("--namespace") + 1] == "iot"
 

@@ -19,7 +19,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
 use kube::{Resource, ResourceExt};
 
-use crate::apply::apply;
+use crate::apply::{apply, replace_status};
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::seam::{AppCredential, KafkaTarget, ProvisionError, TopicWanted};
@@ -664,12 +664,6 @@ async fn write_status(
         &app.namespace()
             .ok_or(Error::MissingField("metadata.namespace"))?,
     );
-    let patch = serde_json::json!({"status": status});
-    api.patch_status(
-        &app.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&patch),
-    )
-    .await?;
+    replace_status(&api, &app.name_any(), &status).await?;
     Ok(())
 }

@@ -4,6 +4,7 @@
 
 use kube::api::{Api, Patch, PatchParams};
 use kube::Resource;
+use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
@@ -43,6 +44,48 @@ where
     Ok((live, true))
 }
 
+/// Replaces the status of `name` with `status`: a JSON merge patch that names every field of the
+/// status type, the empty ones as `null`. A merge patch leaves keys it does not mention alone,
+/// so without the nulls a field that became empty (a topic id the cluster no longer reports, the
+/// last endpoint, the last condition) would keep its old value for ever; lists (conditions,
+/// endpoints) are replaced whole by a merge patch. The field list comes from the type's schema,
+/// not from the status the operator last read, so a stale cache cannot leave a field behind.
+/// (Server-side apply would clear only fields this field manager already owns, not ones an
+/// earlier writer left.)
+pub async fn replace_status<K, S>(api: &Api<K>, name: &str, status: &S) -> Result<K>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+    S: Serialize + JsonSchema,
+{
+    let params = PatchParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..PatchParams::default()
+    };
+    let patch = serde_json::json!({ "status": full_status(status)? });
+    Ok(api
+        .patch_status(name, &params, &Patch::Merge(&patch))
+        .await?)
+}
+
+/// `status` as JSON with every top-level field of its type present, `null` where it has no
+/// value.
+pub fn full_status<S: Serialize + JsonSchema>(status: &S) -> Result<Value> {
+    let mut value = serde_json::to_value(status)?;
+    let schema = schemars::schema_for!(S);
+    if let (Some(fields), Some(props)) = (
+        value.as_object_mut(),
+        schema
+            .as_value()
+            .get("properties")
+            .and_then(Value::as_object),
+    ) {
+        for key in props.keys() {
+            fields.entry(key.clone()).or_insert(Value::Null);
+        }
+    }
+    Ok(value)
+}
+
 /// Deletes `name` if it exists; returns whether it did.
 pub async fn delete_if_present<K>(api: &Api<K>, name: &str) -> Result<bool>
 where
@@ -60,8 +103,33 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::contains;
+    use super::{contains, full_status};
+    use ferrymq_crds::{ApplicationClientStatus, MqttBrokerStatus};
     use serde_json::json;
+
+    #[test]
+    fn a_full_status_names_every_field_and_nulls_the_empty_ones() {
+        let app = ApplicationClientStatus {
+            topic_name: Some("ferrymq.app.a".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            full_status(&app).unwrap(),
+            json!({"observedGeneration": null, "topicName": "ferrymq.app.a", "topicId": null,
+                   "partitions": null, "secretName": null, "conditions": null})
+        );
+        let broker = full_status(&MqttBrokerStatus::default()).unwrap();
+        for key in [
+            "endpoints",
+            "conditions",
+            "configHash",
+            "selector",
+            "storageBackend",
+        ] {
+            assert_eq!(broker[key], json!(null), "{key}");
+        }
+        assert_eq!(broker["replicas"], json!(0));
+    }
 
     #[test]
     fn contains_ignores_server_defaults_but_not_changes() {

@@ -25,7 +25,7 @@ use kube::runtime::controller::Action;
 use kube::ResourceExt;
 use sha2::{Digest, Sha256};
 
-use crate::apply::{apply, contains, delete_if_present};
+use crate::apply::{apply, contains, delete_if_present, replace_status};
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::resources::{self as res, FIELD_MANAGER};
@@ -579,13 +579,7 @@ async fn finish_status(
                 .namespace()
                 .ok_or(Error::MissingField("metadata.namespace"))?,
         );
-        let patch = serde_json::json!({"status": status});
-        api.patch_status(
-            &broker.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await?;
+        replace_status(&api, &broker.name_any(), status).await?;
     }
     Ok(ready)
 }

@@ -21,7 +21,10 @@ use crate::{app, broker};
 /// transient API errors and long enough not to hammer Kafka or PostgreSQL.
 const ERROR_REQUEUE: Duration = Duration::from_secs(10);
 
-fn error_policy<K>(controller: &'static str) -> impl Fn(Arc<K>, &Error, Arc<Context>) -> Action {
+/// What the controllers do with a failed reconcile: log it, count it by error kind, requeue.
+pub fn error_policy<K>(
+    controller: &'static str,
+) -> impl Fn(Arc<K>, &Error, Arc<Context>) -> Action {
     move |_obj, error, ctx| {
         tracing::warn!(controller, %error, "reconcile failed");
         ctx.metrics.failed(controller, error.metric_label());

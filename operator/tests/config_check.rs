@@ -47,15 +47,24 @@ fn broker_bin() -> PathBuf {
     .clone()
 }
 
-/// Runs `ferrymq --config <rendered> --check-config` with a clean environment (a `FERRYMQ_*`
-/// variable of the developer's shell must not change the outcome) and returns the effective
-/// configuration it prints.
+/// Runs `ferrymq --config <rendered> --check-config` on what the operator renders for `spec`.
 fn check(spec: serde_json::Value) -> toml::Table {
-    let spec: MqttBrokerSpec = serde_json::from_value(spec).expect("valid spec");
-    let rendered = ferrymq_operator::config::render(&spec).expect("renders");
+    let rendered = render(spec);
     let dir = tempfile::tempdir().expect("tempdir");
-    let file = dir.path().join("ferrymq.toml");
-    std::fs::write(&file, &rendered).expect("write config");
+    check_rendered(&rendered, dir.path())
+}
+
+fn render(spec: serde_json::Value) -> String {
+    let spec: MqttBrokerSpec = serde_json::from_value(spec).expect("valid spec");
+    ferrymq_operator::config::render(&spec).expect("renders")
+}
+
+/// Runs `ferrymq --config <dir>/ferrymq.toml --check-config` with a clean environment (a
+/// `FERRYMQ_*` variable of the developer's shell must not change the outcome) and returns the
+/// effective configuration it prints.
+fn check_rendered(rendered: &str, dir: &Path) -> toml::Table {
+    let file = dir.join("ferrymq.toml");
+    std::fs::write(&file, rendered).expect("write config");
     let out = Command::new(broker_bin())
         .arg("--config")
         .arg(&file)
@@ -159,13 +168,13 @@ fn kafka_postgres_broker_config_is_accepted() {
     );
 }
 
-/// TLS and WebSocket listeners: `protocol`, `cert_file` and `key_file` on `[[listeners]]`.
-/// Main gained these keys minutes before this branch's deadline; this test has not yet been run
-/// against that broker (which may also require the certificate files to exist at check time).
+/// TLS and WebSocket listeners: `protocol`, `cert_file` and `key_file` on `[[listeners]]`. The
+/// broker's check requires the certificate and key files to exist, so the paths the operator
+/// renders (where the StatefulSet mounts each listener's TLS Secret, `kubernetes.io/tls` keys)
+/// are pointed at a self-signed pair made here; everything else is the rendered file as is.
 #[test]
-#[ignore = "not yet run against the broker with TLS/WebSocket listeners (merged from main at the deadline)"]
 fn tls_and_websocket_listeners_are_accepted() {
-    let effective = check(json!({
+    let spec = json!({
         "image": "ferrymq:test",
         "listeners": [
             {"name": "mqtt", "port": 1883},
@@ -174,17 +183,68 @@ fn tls_and_websocket_listeners_are_accepted() {
             {"name": "wss", "port": 8084, "protocol": "wss", "tlsSecretRef": {"name": "tls"}}
         ],
         "storage": {"embedded": {}}
-    }));
-    let listeners = effective["listeners"].as_array().unwrap();
-    assert_eq!(listeners[1]["protocol"].as_str(), Some("mqtts"));
+    });
+    let rendered = render(spec.clone());
+    let tls_dir = ferrymq_operator::config::TLS_DIR;
+    for listener in ["mqtts", "wss"] {
+        for file in ["tls.crt", "tls.key"] {
+            let path = format!("\"{tls_dir}/{listener}/{file}\"");
+            assert!(rendered.contains(&path), "{path} in\n{rendered}");
+        }
+    }
+    // The mounts the rendered paths rely on.
+    let broker: ferrymq_crds::MqttBroker = serde_json::from_value(json!({
+        "apiVersion": "ferrymq.io/v1alpha1", "kind": "MqttBroker",
+        "metadata": {"name": "edge", "namespace": "iot"}, "spec": spec,
+    }))
+    .expect("broker");
+    let sts = ferrymq_operator::resources::stateful_set(&broker, "c", "s");
+    let pod = sts.spec.and_then(|s| s.template.spec).expect("pod spec");
+    let mounts: Vec<_> = pod.containers[0]
+        .volume_mounts
+        .iter()
+        .flatten()
+        .filter(|m| m.mount_path.starts_with(tls_dir))
+        .map(|m| m.mount_path.clone())
+        .collect();
     assert_eq!(
-        listeners[1]["cert_file"].as_str(),
-        Some("/etc/ferrymq/tls/mqtts/tls.crt")
+        mounts,
+        [format!("{tls_dir}/mqtts"), format!("{tls_dir}/wss")]
+    );
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cert = rcgen::generate_simple_self_signed(vec!["edge.iot.svc".to_string()])
+        .expect("self-signed certificate");
+    for listener in ["mqtts", "wss"] {
+        let d = dir.path().join("tls").join(listener);
+        std::fs::create_dir_all(&d).expect("mkdir");
+        std::fs::write(d.join("tls.crt"), cert.cert.pem()).expect("write cert");
+        std::fs::write(d.join("tls.key"), cert.signing_key.serialize_pem()).expect("write key");
+    }
+    let local_tls = dir.path().join("tls");
+    let local_tls = local_tls.to_str().expect("utf-8 temp path");
+    let effective = check_rendered(&rendered.replace(tls_dir, local_tls), dir.path());
+
+    let listeners = effective["listeners"].as_array().expect("listeners");
+    let field = |i: usize, k: &str| listeners[i].get(k).and_then(|v| v.as_str());
+    assert_eq!(field(0, "protocol"), Some("mqtt"));
+    assert_eq!(field(1, "protocol"), Some("mqtts"));
+    assert_eq!(
+        field(1, "cert_file"),
+        Some(format!("{local_tls}/mqtts/tls.crt").as_str())
     );
     assert_eq!(
-        listeners[1]["key_file"].as_str(),
-        Some("/etc/ferrymq/tls/mqtts/tls.key")
+        field(1, "key_file"),
+        Some(format!("{local_tls}/mqtts/tls.key").as_str())
     );
-    assert_eq!(listeners[2]["protocol"].as_str(), Some("ws"));
-    assert_eq!(listeners[3]["protocol"].as_str(), Some("wss"));
+    assert_eq!(field(2, "protocol"), Some("ws"));
+    assert_eq!(field(2, "cert_file"), None);
+    assert_eq!(field(3, "protocol"), Some("wss"));
+    assert_eq!(
+        field(3, "cert_file"),
+        Some(format!("{local_tls}/wss/tls.crt").as_str())
+    );
+    for (i, port) in [1883, 8883, 8080, 8084].into_iter().enumerate() {
+        assert_eq!(field(i, "bind"), Some(format!("0.0.0.0:{port}").as_str()));
+    }
 }

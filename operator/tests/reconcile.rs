@@ -37,6 +37,8 @@ struct FakeWorld {
     databases: Mutex<Vec<(String, BrokerDatabase, String)>>,
     kafka_down: AtomicBool,
     kafka_refuses: AtomicBool,
+    /// A cluster without DescribeTopics, which reports no topic ids.
+    no_topic_ids: AtomicBool,
 }
 
 #[async_trait]
@@ -75,7 +77,9 @@ impl Provisioner for FakeWorld {
             }
         }
         state.partitions = topics[&t.name].0;
-        state.topic_id = Some(format!("id-{}", t.name));
+        if !self.no_topic_ids.load(Ordering::SeqCst) {
+            state.topic_id = Some(format!("id-{}", t.name));
+        }
         Ok(state)
     }
 
@@ -823,6 +827,43 @@ async fn application_client_provisions_converges_and_deletes() {
         api.get_opt("analytics").await.unwrap().is_none(),
         "finalizer removed, object gone"
     );
+}
+
+#[tokio::test]
+async fn a_status_field_that_becomes_empty_is_cleared() {
+    let h = harness(
+        app_world(vec![app_json(
+            "analytics",
+            "analytics",
+            "2026-01-01T00:00:00Z",
+            "Retain",
+        )]),
+        false,
+    )
+    .await;
+    reconcile_app(&h, "analytics").await.unwrap();
+    reconcile_app(&h, "analytics").await.unwrap();
+    let status = app_status(&h, "analytics").await;
+    assert_eq!(status.topic_id.as_deref(), Some("id-ferrymq.app.analytics"));
+
+    // Kafka moves to servers without DescribeTopics: the topic no longer has a known id, and
+    // the old one must not stay in the status as if it were current.
+    h.world.no_topic_ids.store(true, Ordering::SeqCst);
+    h.writes.take();
+    reconcile_app(&h, "analytics").await.unwrap();
+    assert_eq!(h.writes.take(), 1, "one status write");
+    let api: Api<ApplicationClient> = Api::namespaced(h.client.clone(), NS);
+    let raw = serde_json::to_value(api.get("analytics").await.unwrap()).unwrap();
+    assert!(
+        raw["status"].get("topicId").is_none(),
+        "topicId is gone: {}",
+        raw["status"]
+    );
+    // The rest of the status is still there.
+    let status = app_status(&h, "analytics").await;
+    assert_eq!(status.topic_name.as_deref(), Some("ferrymq.app.analytics"));
+    assert_eq!(status.partitions, Some(3));
+    assert_eq!(cond(&status.conditions, "Ready").unwrap().status, "True");
 }
 
 #[tokio::test]
