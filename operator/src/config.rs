@@ -107,6 +107,9 @@ pub fn render(spec: &MqttBrokerSpec) -> Result<String, RenderError> {
             "max_connections".into(),
             i64::from(kp.postgres.max_connections).into(),
         );
+        // Every pod runs this config: one takes the schema's node lock and serves, the others
+        // wait as standbys and take over when it goes away (see `broker::roll_pods`).
+        postgres.insert("standby".into(), true.into());
         root.insert("postgres".into(), postgres.into());
     }
 

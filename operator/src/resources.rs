@@ -427,7 +427,17 @@ pub fn stateful_set(broker: &MqttBroker, config_hash: &str, secret_hash: &str) -
                 ..LabelSelector::default()
             },
             update_strategy: Some(StatefulSetUpdateStrategy {
-                type_: Some("RollingUpdate".into()),
+                // On Kafka + PostgreSQL one pod is active and the others are standbys that
+                // never turn ready; a RollingUpdate would wait for them forever. The operator
+                // replaces those pods itself: standbys first, the active one last.
+                type_: Some(
+                    if spec.storage.kafka_postgres.is_some() {
+                        "OnDelete"
+                    } else {
+                        "RollingUpdate"
+                    }
+                    .into(),
+                ),
                 ..StatefulSetUpdateStrategy::default()
             }),
             template: PodTemplateSpec {
@@ -494,7 +504,14 @@ pub fn pod_disruption_budget(broker: &MqttBroker) -> Option<PodDisruptionBudget>
             }),
             min_available,
             max_unavailable,
-            ..PodDisruptionBudgetSpec::default()
+            // Standbys are never ready: without this an unready pod could only be evicted
+            // while the budget holds, which it never does with standbys.
+            unhealthy_pod_eviction_policy: broker
+                .spec
+                .storage
+                .kafka_postgres
+                .is_some()
+                .then(|| "AlwaysAllow".into()),
         }),
         ..PodDisruptionBudget::default()
     })

@@ -16,7 +16,7 @@ use ferrymq_operator::seam::{
     TopicWanted,
 };
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::ByteString;
 use kube::api::{Api, Patch, PatchParams};
@@ -978,4 +978,133 @@ async fn suspend_and_missing_broker() {
         cond(&orphan.conditions, "Reconciling").unwrap().status,
         "True"
     );
+}
+
+/// A pod of `broker` on template `revision`, `ready` or not (a standby), running.
+fn pod_json(name: &str, labels: &BTreeMap<String, String>, revision: &str, ready: bool) -> Pod {
+    let mut labels = labels.clone();
+    labels.insert("controller-revision-hash".into(), revision.into());
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": NS, "labels": labels, "uid": format!("uid-{name}-{revision}")},
+        "spec": {"containers": [{"name": "ferrymq", "image": "ferrymq:test"}]},
+        "status": {"phase": "Running", "conditions": [
+            {"type": "Ready", "status": if ready { "True" } else { "False" }}
+        ]},
+    }))
+    .unwrap()
+}
+
+/// Kafka + PostgreSQL: every pod runs `postgres.standby = true`, one serves and the others wait.
+/// The StatefulSet uses OnDelete and the operator rolls the pods itself: the standbys on the old
+/// template first, then the active pod once the others run the new one. Ready means one active
+/// pod and the rest standbys on the current template.
+#[tokio::test]
+async fn kafka_postgres_pods_roll_standbys_first_then_the_active_one() {
+    let h = harness(
+        vec![
+            broker_json("core", kafka_postgres_spec()),
+            secret_json("pg", &[("url", "postgres://ferrymq:pw@db/ferrymq")]),
+            secret_json("kafka-props", &[("security.protocol", "SASL_SSL")]),
+        ],
+        false,
+    )
+    .await;
+    reconcile_broker(&h, "core").await.unwrap();
+    let cms: Api<ConfigMap> = Api::namespaced(h.client.clone(), NS);
+    let cm = cms.get("core-config").await.unwrap();
+    let rendered: toml::Table = cm.data.unwrap()["ferrymq.toml"].parse().unwrap();
+    assert_eq!(rendered["postgres"]["standby"].as_bool(), Some(true));
+    let sts_api: Api<StatefulSet> = Api::namespaced(h.client.clone(), NS);
+    let sts = sts_api.get("core").await.unwrap();
+    let spec = sts.spec.clone().unwrap();
+    assert_eq!(
+        spec.update_strategy.unwrap().type_.as_deref(),
+        Some("OnDelete")
+    );
+    assert_eq!(spec.pod_management_policy.as_deref(), Some("Parallel"));
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(h.client.clone(), NS);
+    let pdb = pdbs.get("core").await.unwrap();
+    assert_eq!(
+        pdb.spec.unwrap().unhealthy_pod_eviction_policy.as_deref(),
+        Some("AlwaysAllow")
+    );
+
+    // A template change is half rolled out: the active pod and one standby are on r1.
+    let labels = spec.selector.match_labels.unwrap();
+    let set_sts = |ready: i32, updated: i32| {
+        let api = sts_api.clone();
+        let generation = sts.metadata.generation;
+        async move {
+            let status = json!({"status": {
+                "observedGeneration": generation, "replicas": 3, "readyReplicas": ready,
+                "updatedReplicas": updated, "currentRevision": "r1", "updateRevision": "r2"
+            }});
+            api.patch_status("core", &PatchParams::default(), &Patch::Merge(&status))
+                .await
+                .unwrap();
+        }
+    };
+    set_sts(1, 1).await;
+    let pods: Api<Pod> = Api::namespaced(h.client.clone(), NS);
+    let pp = kube::api::PostParams::default();
+    pods.create(&pp, &pod_json("core-0", &labels, "r1", true))
+        .await
+        .unwrap();
+    pods.create(&pp, &pod_json("core-1", &labels, "r1", false))
+        .await
+        .unwrap();
+    pods.create(&pp, &pod_json("core-2", &labels, "r2", false))
+        .await
+        .unwrap();
+    let names = |pods: Api<Pod>| async move {
+        let mut n: Vec<(String, String)> = pods
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .map(|p| (p.name_any(), p.labels()["controller-revision-hash"].clone()))
+            .collect();
+        n.sort();
+        n
+    };
+
+    // First the old standby goes; the active pod stays while a standby is still old.
+    reconcile_broker(&h, "core").await.unwrap();
+    assert_eq!(
+        names(pods.clone()).await,
+        vec![
+            ("core-0".to_string(), "r1".to_string()),
+            ("core-2".to_string(), "r2".to_string())
+        ]
+    );
+    let status = broker_status(&h, "core").await;
+    assert_eq!(cond(&status.conditions, "Ready").unwrap().status, "False");
+
+    // The StatefulSet controller re-creates it on r2; now the active pod is replaced.
+    pods.create(&pp, &pod_json("core-1", &labels, "r2", false))
+        .await
+        .unwrap();
+    set_sts(1, 2).await;
+    reconcile_broker(&h, "core").await.unwrap();
+    assert_eq!(
+        names(pods.clone()).await,
+        vec![
+            ("core-1".to_string(), "r2".to_string()),
+            ("core-2".to_string(), "r2".to_string())
+        ]
+    );
+
+    // A standby took over, core-0 came back as a standby: rolled out, and Ready.
+    pods.create(&pp, &pod_json("core-0", &labels, "r2", false))
+        .await
+        .unwrap();
+    set_sts(1, 3).await;
+    reconcile_broker(&h, "core").await.unwrap();
+    assert_eq!(names(pods.clone()).await.len(), 3);
+    let status = broker_status(&h, "core").await;
+    let ready = cond(&status.conditions, "Ready").unwrap();
+    assert_eq!(ready.status, "True", "{ready:?}");
+    assert_eq!(ready.message, "1 active pod, 2 standby");
 }
