@@ -1001,15 +1001,7 @@ fn pod_json(name: &str, labels: &BTreeMap<String, String>, revision: &str, ready
 /// pod and the rest standbys on the current template.
 #[tokio::test]
 async fn kafka_postgres_pods_roll_standbys_first_then_the_active_one() {
-    let h = harness(
-        vec![
-            broker_json("core", kafka_postgres_spec()),
-            secret_json("pg", &[("url", "postgres://ferrymq:pw@db/ferrymq")]),
-            secret_json("kafka-props", &[("security.protocol", "SASL_SSL")]),
-        ],
-        false,
-    )
-    .await;
+    let h = harness(app_world(Vec::new()), false).await;
     reconcile_broker(&h, "core").await.unwrap();
     let cms: Api<ConfigMap> = Api::namespaced(h.client.clone(), NS);
     let cm = cms.get("core-config").await.unwrap();

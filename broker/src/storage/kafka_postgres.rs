@@ -197,6 +197,8 @@ impl Storage for KafkaPostgresStorage {
                     Some((p, o)) => Tag::Origin(*p, *o),
                     None => Tag::None,
                 };
+                // The op is dropped here: its record moves on without a copy.
+                let record = bytes::Bytes::from(std::mem::take(record));
                 produced.push(self.apps.append(client, record, tag));
                 self.kafka.metrics.application_messages_stored.inc();
                 if let Some(n) = notify.take() {
@@ -213,7 +215,11 @@ impl Storage for KafkaPostgresStorage {
             let mut result = Ok(());
             // Group topics may need creating first; appended in the router's order.
             for (group, filter, record, origin) in shared {
-                produced.push(groups.append(&group, &filter, &record, origin).await);
+                produced.push(
+                    groups
+                        .append(&group, &filter, bytes::Bytes::from(record), origin)
+                        .await,
+                );
             }
             for p in produced {
                 if let Err(e) = p.await.unwrap_or(Err(StorageError::Closed)) {

@@ -438,15 +438,18 @@ pub type ReleasedHook = Arc<parking_lot::Mutex<HashMap<Arc<str>, std::collection
 
 /// Takes the schema's node lock (a session-level advisory lock) on `conn`.
 pub async fn take_node_lock(conn: &mut PgConnection, schema: &str) -> Result<(), StorageError> {
-    let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext('ferrymq:' || $1))")
-        .bind(schema)
-        .fetch_one(conn)
-        .await
-        .map_err(db)?;
-    if !got {
+    if !try_node_lock(conn, schema).await? {
         return Err(StorageError::NodeLockHeld(schema.to_string()));
     }
     Ok(())
+}
+
+async fn try_node_lock(conn: &mut PgConnection, schema: &str) -> Result<bool, StorageError> {
+    sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext('ferrymq:' || $1))")
+        .bind(schema)
+        .fetch_one(conn)
+        .await
+        .map_err(db)
 }
 
 /// Whether the schema's node lock is free right now (taken and released at once on `conn`).
@@ -454,11 +457,7 @@ pub async fn node_lock_is_free(
     conn: &mut PgConnection,
     schema: &str,
 ) -> Result<bool, StorageError> {
-    let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext('ferrymq:' || $1))")
-        .bind(schema)
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(db)?;
+    let got = try_node_lock(conn, schema).await?;
     if got {
         sqlx::query("SELECT pg_advisory_unlock(hashtext('ferrymq:' || $1))")
             .bind(schema)

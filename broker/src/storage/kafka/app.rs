@@ -165,8 +165,8 @@ impl ApplicationLogs {
 
     /// Appends an encoded delivery (the router's `WriteOp::Enqueue` record) to the client's log.
     /// `tag`: where it came from, for recognising it after a crash.
-    pub fn append(&self, client: &str, encoded: &[u8], tag: Tag<'_>) -> Completion {
-        let delivery = match decode_delivery(bytes::Bytes::copy_from_slice(encoded)) {
+    pub fn append(&self, client: &str, encoded: bytes::Bytes, tag: Tag<'_>) -> Completion {
+        let delivery = match decode_delivery(encoded) {
             Ok(d) => d,
             Err(e) => {
                 let (tx, rx) = oneshot::channel();

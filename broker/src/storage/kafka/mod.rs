@@ -98,17 +98,20 @@ pub(crate) fn kafka_error(e: KafkaError) -> StorageError {
 /// there and waits for a wake-up that never comes. Every APPLICATION log and group topic is
 /// appended to by this broker only (one broker node per PostgreSQL schema), so what it saw
 /// acknowledged is the exact end.
-pub type KnownEnds = Arc<parking_lot::Mutex<HashMap<(String, i32), i64>>>;
+///
+/// Keyed by topic, then partition: the delivery report of every record (each PUBLISH's too)
+/// updates it, and a lookup by `&str` allocates nothing.
+pub type KnownEnds = Arc<parking_lot::Mutex<HashMap<String, HashMap<i32, i64>>>>;
 
 /// Raises the known end of a topic partition to `end` (never lowers it).
 pub fn note_end(ends: &KnownEnds, topic: &str, partition: i32, end: i64) {
     let mut ends = ends.lock();
-    match ends.get_mut(&(topic.to_string(), partition)) {
-        Some(known) => *known = (*known).max(end),
-        None => {
-            ends.insert((topic.to_string(), partition), end);
-        }
-    }
+    let partitions = match ends.get_mut(topic) {
+        Some(p) => p,
+        None => ends.entry(topic.to_string()).or_default(),
+    };
+    let known = partitions.entry(partition).or_insert(end);
+    *known = (*known).max(end);
 }
 
 /// Answers each record's completion channel from the producer's polling thread, notes the end
@@ -238,13 +241,16 @@ impl Kafka {
     pub fn known_end(&self, topic: &str, partition: i32) -> Option<i64> {
         self.ends
             .lock()
-            .get(&(topic.to_string(), partition))
+            .get(topic)
+            .and_then(|p| p.get(&partition))
             .copied()
     }
 
     /// Drops what is known about a partition's end (a read of it failed).
     pub fn forget_end(&self, topic: &str, partition: i32) {
-        self.ends.lock().remove(&(topic.to_string(), partition));
+        if let Some(p) = self.ends.lock().get_mut(topic) {
+            p.remove(&partition);
+        }
     }
 
     /// Records what a scan found at the end of a partition.

@@ -269,7 +269,7 @@ impl SharedGroups {
         &self,
         group: &str,
         filter: &str,
-        encoded: &[u8],
+        encoded: bytes::Bytes,
         origin: Option<(i32, i64)>,
     ) -> Completion {
         let topic = self.topic(group, filter);
@@ -282,7 +282,7 @@ impl SharedGroups {
             Ok(n) => n,
             Err(e) => return done(Err(e)),
         };
-        let delivery = match decode_delivery(bytes::Bytes::copy_from_slice(encoded)) {
+        let delivery = match decode_delivery(encoded) {
             Ok(d) => d,
             Err(e) => return done(Err(StorageError::Corrupt(e.to_string()))),
         };
@@ -633,7 +633,7 @@ impl ClaimerTask {
                         &ids,
                         &delivery.message,
                     );
-                    records.push((m.partition(), m.offset(), encoded));
+                    records.push((m.partition(), m.offset(), bytes::Bytes::from(encoded)));
                 }
                 Err(e) => {
                     tracing::error!(topic = self.topic, partition = m.partition(), offset = m.offset(), error = %e, "skipping unreadable shared group record");
@@ -646,8 +646,11 @@ impl ClaimerTask {
             let pending: Vec<Completion> = records
                 .iter()
                 .map(|(p, o, encoded)| {
-                    self.apps
-                        .append(&self.member, encoded, Tag::Claim(&self.topic, *p, *o))
+                    self.apps.append(
+                        &self.member,
+                        encoded.clone(),
+                        Tag::Claim(&self.topic, *p, *o),
+                    )
                 })
                 .collect();
             let mut failed = None;
