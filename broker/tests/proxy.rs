@@ -38,16 +38,7 @@ fn v2_header(command: Command, source: SocketAddr, destination: SocketAddr) -> V
 async fn connect_after(addr: SocketAddr, header: &[u8], id: &str) -> v5::ConnectReturnCode {
     let mut c = Raw::connect(addr).await;
     c.send_bytes(header).await;
-    c.send5(v5::Packet::Connect(
-        connect5_packet(id, true, 0),
-        None,
-        None,
-    ))
-    .await;
-    match c.recv5().await {
-        v5::Packet::ConnAck(ack) => ack.code,
-        other => panic!("expected CONNACK, got {other:?}"),
-    }
+    c.handshake5(connect5_packet(id, true, 0), None).await.code
 }
 
 #[tokio::test]
@@ -225,13 +216,8 @@ async fn proxy_header_in_front_of_tls() {
         .await
         .unwrap();
     let mut c = Raw::over(tls);
-    c.send5(v5::Packet::Connect(
-        connect5_packet("tls-proxied", true, 0),
-        None,
-        None,
-    ))
-    .await;
-    assert!(matches!(c.recv5().await, v5::Packet::ConnAck(_)));
+    c.handshake5(connect5_packet("tls-proxied", true, 0), None)
+        .await;
     let seen = recorder.last("tls-proxied").unwrap();
     assert_eq!(seen.peer, source);
     assert_eq!(seen.listener, "tls-lb");

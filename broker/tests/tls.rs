@@ -38,16 +38,8 @@ async fn tls_broker(
 
 async fn connect5_over(stream: impl ByteStream + 'static, id: &str) -> (Raw, v5::ConnAck) {
     let mut c = Raw::over(stream);
-    c.send5(v5::Packet::Connect(
-        connect5_packet(id, true, 0),
-        None,
-        None,
-    ))
-    .await;
-    match c.recv5().await {
-        v5::Packet::ConnAck(ack) => (c, ack),
-        other => panic!("expected CONNACK, got {other:?}"),
-    }
+    let ack = c.handshake5(connect5_packet(id, true, 0), None).await;
+    (c, ack)
 }
 
 #[tokio::test]

@@ -24,16 +24,8 @@ async fn ws_raw(addr: std::net::SocketAddr, id: &str) -> Raw {
     let tcp = TcpStream::connect(addr).await.unwrap();
     let ws = ws_upgrade(tcp, "/mqtt", Some("mqtt")).await.unwrap();
     let mut c = Raw::over(ws_bytes(ws));
-    c.send5(v5::Packet::Connect(
-        connect5_packet(id, true, 0),
-        None,
-        None,
-    ))
-    .await;
-    match c.recv5().await {
-        v5::Packet::ConnAck(ack) => assert_eq!(ack.code, v5::ConnectReturnCode::Success),
-        other => panic!("expected CONNACK, got {other:?}"),
-    }
+    let ack = c.handshake5(connect5_packet(id, true, 0), None).await;
+    assert_eq!(ack.code, v5::ConnectReturnCode::Success);
     c
 }
 
@@ -203,13 +195,7 @@ async fn upgrade_needs_the_mqtt_subprotocol_and_the_configured_path() {
         .await
         .unwrap();
     let mut c = Raw::over(ws_bytes(ws));
-    c.send5(v5::Packet::Connect(
-        connect5_packet("ok", true, 0),
-        None,
-        None,
-    ))
-    .await;
-    assert!(matches!(c.recv5().await, v5::Packet::ConnAck(_)));
+    c.handshake5(connect5_packet("ok", true, 0), None).await;
     server.shutdown().await;
 }
 
@@ -291,13 +277,7 @@ async fn mqtt_over_secure_websocket_with_a_client_certificate() {
     let tls = tls_connect(addrs[0], config).await.unwrap();
     let ws = ws_upgrade(tls, "/mqtt", Some("mqtt")).await.unwrap();
     let mut c = Raw::over(ws_bytes(ws));
-    c.send5(v5::Packet::Connect(
-        connect5_packet("wss-1", true, 0),
-        None,
-        None,
-    ))
-    .await;
-    assert!(matches!(c.recv5().await, v5::Packet::ConnAck(_)));
+    c.handshake5(connect5_packet("wss-1", true, 0), None).await;
     c.subscribe5(1, filter5("secure/ws", QoS::AtLeastOnce), None)
         .await;
     c.publish5(publish5_packet(

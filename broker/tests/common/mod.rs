@@ -203,9 +203,20 @@ impl Raw {
         will: Option<v5::LastWill>,
     ) -> (Raw, v5::ConnAck) {
         let mut c = Raw::connect(addr).await;
-        c.send5(v5::Packet::Connect(connect, will, None)).await;
-        match c.recv5().await {
-            v5::Packet::ConnAck(ack) => (c, ack),
+        let ack = c.handshake5(connect, will).await;
+        (c, ack)
+    }
+
+    /// Sends CONNECT on an open stream (after a PROXY header, over TLS or WebSocket, ...) and
+    /// returns the CONNACK.
+    pub async fn handshake5(
+        &mut self,
+        connect: v5::Connect,
+        will: Option<v5::LastWill>,
+    ) -> v5::ConnAck {
+        self.send5(v5::Packet::Connect(connect, will, None)).await;
+        match self.recv5().await {
+            v5::Packet::ConnAck(ack) => ack,
             other => panic!("expected CONNACK, got {other:?}"),
         }
     }
