@@ -65,14 +65,7 @@ pub async fn scan_tail(
         kafka.note_end(topic, partition, high);
         return Ok(());
     }
-    let consumer: StreamConsumer = Kafka::client_config(&kafka.config)
-        .set(
-            "group.id",
-            format!("{}.app.reader", kafka.config.topic_prefix),
-        )
-        .set("enable.auto.commit", "false")
-        .create()
-        .map_err(kafka_error)?;
+    let consumer = reader_consumer(kafka)?;
     let mut tpl = TopicPartitionList::new();
     // From further back than needed: a fetch inside a record batch may skip that batch (see
     // `fetch_start`), and what counts is the very end.
@@ -255,17 +248,7 @@ impl ApplicationLogs {
         if let Some(r) = self.readers.lock().get(client) {
             return Ok(r.clone());
         }
-        let consumer: StreamConsumer = Kafka::client_config(&self.kafka.config)
-            .set(
-                "group.id",
-                format!("{}.app.reader", self.kafka.config.topic_prefix),
-            )
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("fetch.wait.max.ms", "100")
-            .create()
-            .map_err(kafka_error)?;
+        let consumer = reader_consumer(&self.kafka)?;
         let reader = Arc::new(tokio::sync::Mutex::new(Reader {
             consumer,
             fetch: None,
@@ -278,6 +261,22 @@ impl ApplicationLogs {
     pub fn drop_reader(&self, client: &str) {
         self.readers.lock().remove(client);
     }
+}
+
+/// A consumer that reads assigned partitions (no group membership, nothing committed to Kafka:
+/// APPLICATION offsets live in PostgreSQL).
+fn reader_consumer(kafka: &Kafka) -> Result<StreamConsumer, StorageError> {
+    Kafka::client_config(&kafka.config)
+        .set(
+            "group.id",
+            format!("{}.app.reader", kafka.config.topic_prefix),
+        )
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "100")
+        .create()
+        .map_err(kafka_error)
 }
 
 /// The offset after the last record of a single-partition log (see [`ApplicationLogs::end`]).
