@@ -146,6 +146,11 @@ pub struct KafkaConfig {
     /// Partitions of a shared group topic `<prefix>.share.…` when the broker creates it: at most
     /// this many APPLICATION members of one group receive at the same time.
     pub shared_group_partitions: i32,
+    /// librdkafka `session.timeout.ms` of the shared group claimers: how long the group
+    /// coordinator keeps partitions with a member whose broker node died before it hands them
+    /// to the online members. Kafka's default; lower means faster failover and more false
+    /// evictions on a stalled node.
+    pub group_session_timeout_ms: u32,
     /// Extra librdkafka properties for every client (TLS, SASL, …), passed through unchanged.
     pub properties: std::collections::BTreeMap<String, String>,
 }
@@ -163,6 +168,7 @@ impl Default for KafkaConfig {
             max_pending_records: 100_000,
             auto_create_application_topics: true,
             shared_group_partitions: 4,
+            group_session_timeout_ms: 45_000,
             properties: Default::default(),
         }
     }
@@ -968,6 +974,14 @@ impl Config {
             return key(
                 "kafka.replication_factor",
                 "must be -1 (cluster default) or at least 1",
+            );
+        }
+        if !(6_000..=300_000).contains(&k.group_session_timeout_ms) {
+            // The range Kafka's group coordinator accepts by default
+            // (group.min/max.session.timeout.ms).
+            return key(
+                "kafka.group_session_timeout_ms",
+                "must be between 6000 and 300000 (Kafka's group.min/max.session.timeout.ms)",
             );
         }
         if k.produce_timeout_ms < 100 {

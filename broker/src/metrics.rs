@@ -362,6 +362,23 @@ pub struct Metrics {
     pub subscriptions_denied_acl: Counter,
     /// From PUBLISH received to PUBACK/PUBREC put on the wire (QoS 1/2, successful acks only).
     pub publish_ack_latency: Histogram,
+    /// Kafka log records deleted by retention before ferrymq read them (lost to their readers).
+    pub kafka_log_gaps: Counter,
+    /// What the publish log's topic offers acks=all (see [`KafkaReplication`]).
+    pub kafka_replication: KafkaReplication,
+}
+
+/// The replication of the publish log topic as last described: whether an acknowledged
+/// PUBLISH survives the loss of a Kafka broker.
+#[derive(Clone)]
+pub struct KafkaReplication {
+    pub replication_factor: Gauge,
+    pub min_insync_replicas: Gauge,
+    /// Partitions whose in-sync replicas are fewer than their replicas.
+    pub under_replicated_partitions: Gauge,
+    /// Partitions whose in-sync replicas are fewer than `min.insync.replicas`: appends to them
+    /// fail (NOT_ENOUGH_REPLICAS) and publishers get no ack.
+    pub under_min_isr_partitions: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -600,6 +617,28 @@ impl Metrics {
             },
             subscriptions_denied_acl: Counter(acl.with_label_values(&["subscribe"])),
             publish_ack_latency,
+            kafka_log_gaps: Counter(b.counter(
+                "ferrymq_kafka_log_gap_records_total",
+                "Kafka log records deleted by retention before ferrymq read them; lost to their readers.",
+            )),
+            kafka_replication: KafkaReplication {
+                replication_factor: Gauge(b.gauge(
+                    "ferrymq_kafka_publish_log_replication_factor",
+                    "Replicas of each partition of the publish log topic (Kafka + PostgreSQL backend).",
+                )),
+                min_insync_replicas: Gauge(b.gauge(
+                    "ferrymq_kafka_publish_log_min_insync_replicas",
+                    "min.insync.replicas of the publish log topic: the replicas acks=all waits for. Below 2, one Kafka broker failure can lose acknowledged messages.",
+                )),
+                under_replicated_partitions: Gauge(b.gauge(
+                    "ferrymq_kafka_publish_log_under_replicated_partitions",
+                    "Partitions of the publish log with fewer in-sync replicas than replicas.",
+                )),
+                under_min_isr_partitions: Gauge(b.gauge(
+                    "ferrymq_kafka_publish_log_under_min_isr_partitions",
+                    "Partitions of the publish log with fewer in-sync replicas than min.insync.replicas: publishes to them fail.",
+                )),
+            },
             registry: b.registry,
         }
     }

@@ -559,8 +559,8 @@ impl ferrymq::storage::Storage for FlakyStorage {
         if self.healthy.load(Ordering::Acquire) {
             self.inner.health()
         } else {
-            Err(ferrymq::storage::StorageError::Engine(
-                "database unreachable (test)".into(),
+            Err(ferrymq::storage::StorageError::engine_msg(
+                "database unreachable (test)",
             ))
         }
     }

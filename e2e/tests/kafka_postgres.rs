@@ -1,9 +1,9 @@
-//! The Kafka + PostgreSQL backend against real services: a tansu broker (Kafka protocol) and a
-//! private PostgreSQL cluster, started for each test. The crash scenarios of `crash.rs` run on
+//! The Kafka + PostgreSQL backend against real services: an Apache Kafka broker (single-node
+//! KRaft) and a private PostgreSQL cluster, started for each test. The crash scenarios of `crash.rs` run on
 //! this backend too (module `kafka_postgres` there); this file holds what only this backend has:
 //! service outages, start-up checks, topic provisioning, the node lock, the record format.
 //!
-//! Skipped with a message where tansu or PostgreSQL is missing, unless
+//! Skipped with a message where Kafka or PostgreSQL is missing, unless
 //! `FERRYMQ_REQUIRE_SERVICES=1` (set by `.ci/run`).
 
 mod common;
@@ -66,7 +66,7 @@ async fn publish_each(conn: &mut Connection, topic: &str, first: u16, n: u16) ->
     (ok, refused, false)
 }
 
-/// Kafka stops answering (the tansu process is frozen, as in a network partition): PUBLISHes
+/// Kafka stops answering (the JVM is frozen, as in a network partition): PUBLISHes
 /// are not acknowledged as stored — v5 gets PUBACK 0x80 once `kafka.produce_timeout_ms` passes,
 /// v3 is disconnected. When Kafka answers again, publishing resumes without a broker restart,
 /// and every message acknowledged before, during and after reaches the persistent subscriber.
@@ -90,7 +90,7 @@ fn kafka_outage_refuses_acks_and_recovers() {
         let (ok, refused, closed) = publish_each(&mut v5, "ko/a", 1, 20).await;
         assert_eq!((ok, refused, closed), (20, 0, false), "before the outage");
 
-        services.kafka.freeze().expect("freeze tansu");
+        services.kafka.freeze().expect("freeze kafka");
         let started = Instant::now();
         let (ok, refused, closed) = publish_each(&mut v5, "ko/a", 100, 2).await;
         println!(
@@ -117,7 +117,7 @@ fn kafka_outage_refuses_acks_and_recovers() {
         );
         assert!(closed, "the v3 publisher was not disconnected");
 
-        services.kafka.thaw().expect("thaw tansu");
+        services.kafka.thaw().expect("thaw kafka");
         // librdkafka reconnects on its own; allow it a few attempts.
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut resumed = false;
@@ -605,24 +605,6 @@ fn application_shared_group_is_balanced_and_survives_a_kill() {
             (sub, result)
         }));
     }
-    // Both claimers are in the group's consumer group, each with partitions, before the first
-    // message: Kafka balances partitions, not messages, so a member that joined late could
-    // otherwise find the backlog claimed by the other (a claimer moves thousands a second).
-    wait_until(
-        "both members' claimers to hold partitions",
-        Duration::from_secs(90),
-        || {
-            let log = broker.log_tail(400);
-            ["worker-a", "worker-b"].iter().all(|m| {
-                log.lines().any(|l| {
-                    l.contains("shared group partitions assigned")
-                        && l.contains(&format!("client_id={m}"))
-                        && !l.contains("starts=[]")
-                })
-            })
-        },
-    );
-
     let progress = Arc::new(AtomicU64::new(0));
     let handles: Vec<_> = (0..PUBLISHERS)
         .map(|p| {
@@ -739,4 +721,137 @@ fn application_shared_group_is_balanced_and_survives_a_kill() {
             "{name} got no share of the group's messages"
         );
     }
+}
+
+/// Panics with the check's summary unless the subscriber got every acknowledged message.
+fn assert_all_delivered(check: &ferrymq_e2e::harness::DeliveryCheck) {
+    assert!(check.ok(), "{}", check.summary());
+}
+
+/// Runs 4 QoS 1 publishers (v5, persistent) against `broker` while `outage` takes Kafka away
+/// and brings it back, then drains an offline DEVICE subscriber and an APPLICATION client: every
+/// acknowledged message reaches both, without a broker restart. Returns the publishers' reports.
+fn qos1_load_through(
+    backend: &mut Backend,
+    name: &str,
+    outage: impl FnOnce(&mut ferrymq_e2e::harness::services::Kafka),
+) -> Vec<ferrymq_e2e::harness::PublisherReport> {
+    use ferrymq_e2e::harness::Expectation;
+    const PUBLISHERS: u32 = 4;
+    const PER_PUBLISHER: u64 = 3_000;
+    let rt = runtime();
+    let config = format!(
+        "[[application_clients]]\nclient_id = \"{name}-app\"\n\n[device]\nqueue_limit = 100000\n"
+    );
+    let broker = backend.start(name, &config);
+    let addr = broker.addr();
+    let device = persistent(&format!("{name}-device"), Protocol::V311);
+    let app = persistent(&format!("{name}-app"), Protocol::V5);
+    rt.block_on(subscribe_and_leave(addr, &device, &[("out/#", 1)]))
+        .expect("device subscribe");
+    rt.block_on(subscribe_and_leave(addr, &app, &[("out/#", 1)]))
+        .expect("application subscribe");
+    let progress = Arc::new(AtomicU64::new(0));
+    let handles: Vec<_> = (0..PUBLISHERS)
+        .map(|p| {
+            let mut cfg = PublisherConfig::new(
+                p,
+                persistent(&format!("{name}-pub-{p}"), Protocol::V5),
+                1,
+                PER_PUBLISHER,
+                topics("out", p, 2),
+            );
+            // Slow enough that the outage comes in the middle of the run.
+            cfg.window = 4;
+            // The outage lasts longer than the publishers' default patience.
+            cfg.reconnect_deadline = Duration::from_secs(180);
+            cfg.ack_timeout = Duration::from_secs(60);
+            spawn_publisher(&rt, cfg, &progress, addr)
+        })
+        .collect();
+    let total = u64::from(PUBLISHERS) * PER_PUBLISHER;
+    wait_until("a quarter of the acks", Duration::from_secs(120), || {
+        progress.load(std::sync::atomic::Ordering::Relaxed) >= total / 4
+    });
+    let services = backend.services_mut().expect("services");
+    outage(&mut services.kafka);
+    let reports = join_publishers(&rt, handles, Duration::from_secs(300));
+    print_publishers(&reports);
+    let expect = Expectation::from_reports(&reports);
+    assert_eq!(
+        expect.must.len() as u64,
+        total,
+        "every message acknowledged in the end"
+    );
+    let (_, dev_check, _) = drain_large(&rt, "DEVICE", addr, device, &expect);
+    let (_, app_check, _) = drain_large(&rt, "APPLICATION", addr, app, &expect);
+    assert_all_delivered(&dev_check);
+    assert_all_delivered(&app_check);
+    reports
+}
+
+/// Kafka is stopped (its JVM killed) for 30 s under QoS 1 load, then started again on the same
+/// log dir. While it is down, v5 publishers get PUBACK 0x80 (Unspecified error) for what could
+/// not be stored, never a success; the broker is not restarted, recovers on its own, and every
+/// acknowledged message reaches the DEVICE and APPLICATION subscribers.
+#[test]
+fn kafka_stopped_for_30_seconds_under_load_loses_nothing() {
+    let _serial = serial();
+    let Some(mut backend) = Backend::kafka_postgres() else {
+        return;
+    };
+    let reports = qos1_load_through(&mut backend, "kafka-down", |kafka| {
+        kafka.kill().expect("stop kafka");
+        println!("kafka stopped");
+        std::thread::sleep(Duration::from_secs(30));
+        kafka.start_again().expect("start kafka again");
+        println!("kafka started again");
+    });
+    let rejected: u64 = reports.iter().map(|r| r.rejected).sum();
+    assert!(
+        rejected > 0,
+        "no v5 publisher was refused while Kafka was down for 30 s"
+    );
+}
+
+/// Kafka's JVM is killed (SIGKILL) and restarted at once on the same log dir under QoS 1 load:
+/// nothing acknowledged is lost, and delivery resumes without a broker restart.
+#[test]
+fn kafka_killed_and_restarted_under_load_loses_nothing() {
+    let _serial = serial();
+    let Some(mut backend) = Backend::kafka_postgres() else {
+        return;
+    };
+    qos1_load_through(&mut backend, "kafka-kill", |kafka| {
+        kafka.start_again().expect("kill -9 and restart kafka");
+        println!("kafka killed and restarted");
+    });
+}
+
+/// On this backend too, `ferrymq_publish_ack_latency_seconds` times every PUBACK/PUBREC (the
+/// Kafka path once skipped it).
+#[test]
+fn publish_ack_latency_is_recorded_on_the_kafka_path() {
+    let _serial = serial();
+    let Some(backend) = Backend::kafka_postgres() else {
+        return;
+    };
+    let rt = runtime();
+    let broker = backend.start("ack-latency", "");
+    let addr = broker.addr();
+    rt.block_on(async {
+        let (mut conn, _) = Connection::connect(addr, &ConnectOptions::v5("lat-pub"))
+            .await
+            .expect("connect");
+        let (ok, _, _) = publish_each(&mut conn, "lat/a", 1, 5).await;
+        assert_eq!(ok, 5);
+    });
+    let (status, body) = http_get(broker.http_addr(), "/metrics").expect("metrics");
+    assert_eq!(status, 200);
+    let count: u64 = body
+        .lines()
+        .find_map(|l| l.strip_prefix("ferrymq_publish_ack_latency_seconds_count "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("ack latency histogram exported");
+    assert_eq!(count, 5, "every PUBACK timed");
 }

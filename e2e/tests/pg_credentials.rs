@@ -4,7 +4,7 @@
 //! fails validation refuses that CONNECT with "server unavailable", the admin CLI and the admin
 //! API write the table. The store lists in exactly the embedded store's order.
 //!
-//! Skipped with a message where tansu or PostgreSQL is missing, unless
+//! Skipped with a message where Kafka or PostgreSQL is missing, unless
 //! `FERRYMQ_REQUIRE_SERVICES=1` (set by `.ci/run`).
 
 mod common;

@@ -1,6 +1,6 @@
 //! The boundary between the controllers and the systems outside Kubernetes. Controllers talk to
 //! Kafka and PostgreSQL only through [`Provisioner`]; the production implementation
-//! (`provisioner::Real`) calls `crate::provision`, which is tested against real tansu and
+//! (`provisioner::Real`) calls `crate::provision`, which is tested against real Apache Kafka and
 //! PostgreSQL, and the controller tests use an in-memory implementation to drive every branch
 //! (unreachable, refused, drift) without those services.
 

@@ -3,7 +3,7 @@
 //! schema, the publish log and the APPLICATION topic (automatic topic creation off), and the
 //! credential rows — and an APPLICATION client that logs in with the operator's credential.
 //!
-//! Skipped with a message where tansu or PostgreSQL is missing, unless
+//! Skipped with a message where Kafka or PostgreSQL is missing, unless
 //! `FERRYMQ_REQUIRE_SERVICES=1` (CI), where that fails.
 
 use std::collections::BTreeMap;
@@ -50,7 +50,7 @@ fn broker_runs_on_what_the_operator_provisioned() {
     if !require_services() {
         return;
     }
-    let services = Services::start().expect("starting tansu and PostgreSQL");
+    let services = Services::start().expect("starting Kafka and PostgreSQL");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

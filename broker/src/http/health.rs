@@ -30,8 +30,8 @@ async fn ready(State(state): State<AppState>) -> Response {
     let health = tokio::task::spawn_blocking(move || storage.health())
         .await
         .unwrap_or_else(|_| {
-            Err(crate::storage::StorageError::Engine(
-                "storage check panicked".into(),
+            Err(crate::storage::StorageError::engine_msg(
+                "storage check panicked",
             ))
         });
     let ok = listeners && health.is_ok();

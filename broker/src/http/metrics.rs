@@ -30,7 +30,7 @@ async fn scrape(State(state): State<AppState>) -> Response {
         tokio::task::spawn_blocking(move || (storage.health(), storage.queue_totals()))
             .await
             .unwrap_or_else(|_| {
-                let e = crate::storage::StorageError::Engine("storage check panicked".into());
+                let e = crate::storage::StorageError::engine_msg("storage check panicked");
                 (Err(e.clone()), Err(e))
             });
     let scraped = Registry::new();

@@ -578,7 +578,7 @@ impl Machine {
         let appended = log.append(message, flow);
         match message.qos {
             QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => self.reply(
+            QoS::AtLeastOnce => self.reply_ack(
                 Packet::PubAck(PubAck {
                     pkid,
                     reason: PubAckReason::Success,
@@ -586,6 +586,7 @@ impl Machine {
                 }),
                 Some(appended),
                 OnError::PubAck(pkid),
+                Some(message.received_at),
                 out,
             ),
             QoS::ExactlyOnce => {
@@ -603,7 +604,7 @@ impl Machine {
                 } else {
                     appended
                 };
-                self.reply(
+                self.reply_ack(
                     Packet::PubRec(PubRec {
                         pkid,
                         reason: PubRecReason::Success,
@@ -611,6 +612,7 @@ impl Machine {
                     }),
                     Some(wait),
                     OnError::PubRec(pkid),
+                    Some(message.received_at),
                     out,
                 );
             }

@@ -105,8 +105,8 @@ struct QueueStats {
     next_seq: u64,
 }
 
-fn engine<E: std::fmt::Display>(e: E) -> StorageError {
-    StorageError::Engine(e.to_string())
+fn engine(e: impl Into<redb::Error>) -> StorageError {
+    StorageError::engine("embedded storage", e.into())
 }
 
 impl EmbeddedStorage {
@@ -117,10 +117,10 @@ impl EmbeddedStorage {
         metrics: Arc<Metrics>,
     ) -> Result<EmbeddedStorage, StorageError> {
         std::fs::create_dir_all(dir)
-            .map_err(|e| StorageError::Engine(format!("creating {}: {e}", dir.display())))?;
+            .map_err(|e| StorageError::engine(format!("creating {}", dir.display()), e))?;
         let path = dir.join("ferrymq.redb");
         let db = Database::create(&path)
-            .map_err(|e| StorageError::Engine(format!("opening {}: {e}", path.display())))?;
+            .map_err(|e| StorageError::engine(format!("opening {}", path.display()), e))?;
         let db = Arc::new(db);
         // Create every table up front so readers never see a missing one.
         {
@@ -150,7 +150,7 @@ impl EmbeddedStorage {
         thread::Builder::new()
             .name("ferrymq-storage".into())
             .spawn(move || writer.run(rx))
-            .map_err(|e| StorageError::Engine(format!("starting the writer thread: {e}")))?;
+            .map_err(|e| StorageError::engine("starting the writer thread", e))?;
         Ok(EmbeddedStorage {
             db,
             tx,
@@ -214,12 +214,12 @@ impl Storage for EmbeddedStorage {
         let this = self.clone();
         tokio::task::spawn_blocking(move || this.sweep_blocking(now_ms, budget))
             .await
-            .map_err(|e| StorageError::Engine(format!("sweep task: {e}")))?
+            .map_err(|e| StorageError::engine("sweep task", e))?
     }
 
     fn health(&self) -> Result<(), StorageError> {
         if self.tx.is_closed() {
-            return Err(StorageError::Engine("the writer thread has stopped".into()));
+            return Err(StorageError::engine_msg("the writer thread has stopped"));
         }
         let txn = self.db.begin_read().map_err(engine)?;
         txn.open_table(SESSIONS).map_err(engine)?;

@@ -6,8 +6,11 @@
 //!   PostgreSQL.
 //!
 //! A batch that holds APPLICATION appends is produced first and its PostgreSQL part is applied
-//! after Kafka acknowledged them; the completion resolves when both are done. Only the router
-//! submits APPLICATION appends, one batch at a time, so their order is the router's order.
+//! after Kafka acknowledged them; the completion resolves when both are done. The PostgreSQL
+//! writer waits for those appends before it applies that batch or any submitted after it, so
+//! batches are applied in submission order whoever submits them (the `Storage` contract). The
+//! price: while Kafka does not answer, PostgreSQL writes queue behind such a batch for up to
+//! `kafka.produce_timeout_ms`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -147,13 +150,6 @@ async fn watch_health(kafka: Arc<Kafka>, pg: Arc<PgStore>, lock: PgConnection, u
 #[async_trait::async_trait]
 impl Storage for KafkaPostgresStorage {
     fn submit(&self, mut batch: WriteBatch) -> Completion {
-        for op in &batch.ops {
-            if let WriteOp::DeleteSession { client } = op {
-                // A new session of this client learns its log's end afresh: the topic may have
-                // been deleted and re-created meanwhile (see docs/kafka-postgres.md).
-                self.kafka.forget_end(&self.apps.topic(client), 0);
-            }
-        }
         let has_app = batch.ops.iter().any(|op| {
             matches!(
                 op,
@@ -208,9 +204,8 @@ impl Storage for KafkaPostgresStorage {
             }
             _ => true,
         });
-        let pg = self.pg.clone();
         let groups = self.shared.clone();
-        let (tx, rx) = oneshot::channel();
+        let (appended, after) = oneshot::channel();
         tokio::spawn(async move {
             let mut result = Ok(());
             // Group topics may need creating first; appended in the router's order.
@@ -230,13 +225,10 @@ impl Storage for KafkaPostgresStorage {
                 for n in wake {
                     n.notify_one();
                 }
-                if !batch.is_empty() {
-                    result = pg.submit(batch).await.unwrap_or(Err(StorageError::Closed));
-                }
             }
-            let _ = tx.send(result);
+            let _ = appended.send(result);
         });
-        rx
+        self.pg.submit_after(batch, Some(after))
     }
 
     fn flush(&self) -> Completion {
@@ -260,8 +252,8 @@ impl Storage for KafkaPostgresStorage {
             .filter(|f| f.starts_with("$share/"))
             .collect();
         self.shared.scan_group_topics(&shared_filters).await;
-        // Each tail scan waits for the end of its log to go quiet (about half a second): scan
-        // several logs at once, or a broker with many APPLICATION clients starts slowly.
+        // Each tail scan is a few round trips to Kafka: scan several logs at once, or a broker
+        // with many APPLICATION clients starts slowly.
         let clients: Vec<Arc<str>> = snapshot
             .sessions
             .iter()
@@ -272,7 +264,6 @@ impl Storage for KafkaPostgresStorage {
         let mut scanned: HashMap<Arc<str>, _> = stream::iter(clients)
             .map(|client| async move {
                 let tail = apps.tail(&client).await;
-                // After the scan, the log's end is known: no second read of Kafka.
                 let next = apps.next_seq(&client).await;
                 (client, (tail, next))
             })
@@ -327,13 +318,13 @@ impl Storage for KafkaPostgresStorage {
 
     fn health(&self) -> Result<(), StorageError> {
         if !self.kafka.is_healthy() {
-            return Err(StorageError::Engine(format!(
+            return Err(StorageError::engine_msg(format!(
                 "kafka at `{}` is unreachable",
                 self.kafka.config.bootstrap_servers
             )));
         }
         if !self.pg.is_healthy() {
-            return Err(StorageError::Engine("postgres is unreachable".into()));
+            return Err(StorageError::engine_msg("postgres is unreachable"));
         }
         Ok(())
     }
@@ -380,11 +371,9 @@ impl KafkaPostgresStorage {
         };
         for (client, committed_seq) in offsets {
             let topic = self.apps.topic(&client);
-            let Ok((low, listed)) = self.kafka.watermarks(&topic, 0).await else {
+            let Ok((low, high)) = self.kafka.watermarks(&topic, 0).await else {
                 continue;
             };
-            // The listed end may lag behind (see `kafka::KnownEnds`).
-            let high = listed.max(self.kafka.known_end(&topic, 0).unwrap_or(0));
             totals.application_log += (high - low).max(0) as u64;
             // Sequence numbers are offsets + 1: the committed sequence is the first entry not
             // yet acknowledged.

@@ -198,8 +198,15 @@ impl WriteBatch {
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StorageError {
-    #[error("storage engine: {0}")]
-    Engine(String),
+    /// A backend failed. `source` keeps the underlying error (a `KafkaError`, an `sqlx::Error`,
+    /// …) for whoever wants to tell cases apart; shared, because a failed batch completes every
+    /// waiter with the same error.
+    #[error("{context}{}", source.as_ref().map(|s| format!(": {s}")).unwrap_or_default())]
+    Engine {
+        context: String,
+        #[source]
+        source: Option<Arc<dyn std::error::Error + Send + Sync>>,
+    },
     #[error("stored record is corrupt: {0}")]
     Corrupt(String),
     #[error("storage write queue is full")]
@@ -216,6 +223,27 @@ pub enum StorageError {
     /// The APPLICATION client's Kafka topic does not exist and may not be created by the broker.
     #[error("missing Kafka topic {0}")]
     MissingTopic(String),
+}
+
+impl StorageError {
+    /// A backend error with its cause.
+    pub fn engine(
+        context: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> StorageError {
+        StorageError::Engine {
+            context: context.into(),
+            source: Some(Arc::new(source)),
+        }
+    }
+
+    /// A backend error that has no underlying error value (a state the broker detected).
+    pub fn engine_msg(context: impl Into<String>) -> StorageError {
+        StorageError::Engine {
+            context: context.into(),
+            source: None,
+        }
+    }
 }
 
 /// Resolves when a submitted batch is durable (or failed).

@@ -34,8 +34,8 @@ const WRITE_QUEUE_CAPACITY: usize = 16_384;
 /// Batches group-committed in one transaction at most.
 const MAX_GROUP: usize = 1_024;
 
-fn db<E: std::fmt::Display>(e: E) -> StorageError {
-    StorageError::Engine(format!("postgres: {e}"))
+fn db(e: sqlx::Error) -> StorageError {
+    StorageError::engine("postgres", e)
 }
 
 fn kind_code(kind: ClientKind) -> i16 {
@@ -56,6 +56,11 @@ fn kind_from(code: i16) -> Result<ClientKind, StorageError> {
 enum Request {
     Batch {
         batch: WriteBatch,
+        /// Writes to another system this batch must follow: the writer waits for it before the
+        /// batch (and everything submitted after it) is applied, and fails the batch with its
+        /// error. This is what keeps batches in submission order when part of one goes to
+        /// Kafka first.
+        after: Option<Completion>,
         done: oneshot::Sender<Result<(), StorageError>>,
     },
     Sweep {
@@ -149,8 +154,13 @@ impl PgStore {
 
     /// Queues a batch for the writer; never blocks.
     pub fn submit(&self, batch: WriteBatch) -> Completion {
+        self.submit_after(batch, None)
+    }
+
+    /// Queues a batch that is applied only once `after` succeeded (see `Request::Batch`).
+    pub fn submit_after(&self, batch: WriteBatch, after: Option<Completion>) -> Completion {
         let (done, completion) = oneshot::channel();
-        if let Err(e) = self.tx.try_send(Request::Batch { batch, done }) {
+        if let Err(e) = self.tx.try_send(Request::Batch { batch, after, done }) {
             let (request, error) = match e {
                 mpsc::error::TrySendError::Full(r) => (r, StorageError::Overloaded),
                 mpsc::error::TrySendError::Closed(r) => (r, StorageError::Closed),
@@ -378,11 +388,14 @@ impl PgStore {
 }
 
 /// "postgres at `<url without password>` (postgres.url): <error>"
-pub fn unreachable(config: &PostgresConfig, e: impl std::fmt::Display) -> StorageError {
-    StorageError::Engine(format!(
-        "postgres at `{}` (postgres.url): {e}",
-        redact(&config.url)
-    ))
+pub fn unreachable(
+    config: &PostgresConfig,
+    e: impl std::error::Error + Send + Sync + 'static,
+) -> StorageError {
+    StorageError::engine(
+        format!("postgres at `{}` (postgres.url)", redact(&config.url)),
+        e,
+    )
 }
 
 /// Connects once to create `postgres.schema` when it is missing, and returns the connection
@@ -398,10 +411,11 @@ pub async fn schema_options(config: &PostgresConfig) -> Result<PgConnectOptions,
     )
     .await
     .map_err(|_| {
-        unreachable(
-            config,
-            format!("no answer within {} s", config.connect_timeout_secs),
-        )
+        StorageError::engine_msg(format!(
+            "postgres at `{}` (postgres.url): no answer within {} s",
+            redact(&config.url),
+            config.connect_timeout_secs
+        ))
     })?
     .map_err(|e| unreachable(config, e))?;
     let exists: bool =
@@ -417,7 +431,9 @@ pub async fn schema_options(config: &PostgresConfig) -> Result<PgConnectOptions,
         ))
         .execute(&mut setup)
         .await
-        .map_err(|e| db(format!("creating schema {}: {e}", config.schema)))?;
+        .map_err(|e| {
+            StorageError::engine(format!("postgres: creating schema {}", config.schema), e)
+        })?;
     }
     // Best effort: the server closes it anyway when the socket goes.
     let _ = setup.close().await;
@@ -430,7 +446,7 @@ pub async fn migrate(pool: &PgPool, schema: &str) -> Result<(), StorageError> {
     sqlx::migrate!("./migrations/postgres")
         .run(pool)
         .await
-        .map_err(|e| db(format!("migrating schema {schema}: {e}")))
+        .map_err(|e| StorageError::engine(format!("postgres: migrating schema {schema}"), e))
 }
 
 /// Shared map of APPLICATION entries whose PUBREC was received.
@@ -611,7 +627,13 @@ impl Writer {
             let mut sweeps = Vec::new();
             for request in group.drain(..) {
                 match request {
-                    Request::Batch { batch, done } => {
+                    Request::Batch { batch, after, done } => {
+                        if let Some(after) = after {
+                            if let Err(e) = after.await.unwrap_or(Err(StorageError::Closed)) {
+                                let _ = done.send(Err(e));
+                                continue;
+                            }
+                        }
                         batches.push(batch);
                         dones.push(done);
                     }

@@ -250,7 +250,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<bool> {
             let mut specs = Vec::new();
             for kind in &a.brokers {
                 let bin = match kind {
-                    Kind::Ferrymq => Some(a.ferrymq_bin.clone()),
+                    Kind::Ferrymq | Kind::FerrymqKafka => Some(a.ferrymq_bin.clone()),
                     Kind::Mosquitto => a
                         .mosquitto_bin
                         .clone()

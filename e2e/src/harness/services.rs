@@ -1,8 +1,9 @@
-//! The real services the Kafka + PostgreSQL backend needs, started per test: a `tansu` broker
-//! (Kafka protocol, in-memory storage) and a private PostgreSQL 15 cluster in a temporary
-//! directory, each on a free loopback port and killed when dropped.
+//! The real services the Kafka + PostgreSQL backend needs, started per test: an Apache Kafka
+//! broker (single-node KRaft, from the jars `e2e/services/kafka/install.sh` caches) and a
+//! private PostgreSQL cluster, each in a temporary directory on free loopback ports and killed
+//! when dropped.
 //!
-//! Tests that need them call [`require_services`] first: on a machine without `tansu` or the
+//! Tests that need them call [`require_services`] first: on a machine without Kafka's jars, Java or the
 //! PostgreSQL server binaries the test is skipped with a message, unless
 //! `FERRYMQ_REQUIRE_SERVICES=1` (set by `.ci/run`), where a missing service fails the test.
 
@@ -17,24 +18,8 @@ use super::process::free_port;
 
 /// `1` makes a missing service a test failure instead of a skip.
 pub const REQUIRE_ENV: &str = "FERRYMQ_REQUIRE_SERVICES";
-/// Overrides where `tansu` is found.
-pub const TANSU_ENV: &str = "FERRYMQ_TANSU_BIN";
 /// Overrides the PostgreSQL server binary directory (`initdb`, `postgres`, `pg_ctl`).
 pub const PG_BIN_ENV: &str = "FERRYMQ_PG_BIN";
-
-/// The `tansu` binary: `FERRYMQ_TANSU_BIN`, `~/.cargo/bin/tansu`, or `tansu` on the PATH.
-pub fn tansu_binary() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os(TANSU_ENV) {
-        return Some(PathBuf::from(p));
-    }
-    if let Some(home) = std::env::var_os("HOME") {
-        let p = Path::new(&home).join(".cargo/bin/tansu");
-        if p.is_file() {
-            return Some(p);
-        }
-    }
-    which("tansu")
-}
 
 /// The directory holding `initdb` and `postgres`.
 pub fn pg_bin_dir() -> Option<PathBuf> {
@@ -62,8 +47,11 @@ fn which(name: &str) -> Option<PathBuf> {
 /// `FERRYMQ_REQUIRE_SERVICES=1` a missing service panics instead.
 pub fn require_services() -> bool {
     let mut missing = Vec::new();
-    if tansu_binary().is_none() {
-        missing.push("tansu (cargo install tansu --locked --features dynostore)");
+    if kafka_libs().is_none() {
+        missing.push("Apache Kafka's jars (bash e2e/services/kafka/install.sh)");
+    }
+    if java_binary().is_none() {
+        missing.push("java 17 or newer (apt-get install openjdk-17-jre-headless)");
     }
     if pg_bin_dir().is_none() {
         missing.push("PostgreSQL server binaries (apt-get install postgresql)");
@@ -100,41 +88,90 @@ fn wait_for_port(
     }
 }
 
-/// A `tansu` Kafka-protocol broker with in-memory storage.
-pub struct Tansu {
-    child: Child,
+/// A single-node Apache Kafka broker (KRaft, broker and controller roles in one JVM) on free
+/// loopback ports, with its log dir in a temporary directory. Dropping it kills the JVM.
+///
+/// [`Kafka::stop`] and [`Kafka::start_again`] take it down and bring it back on the same ports
+/// and log dir, as an outage or a crash of a real cluster would.
+pub struct Kafka {
+    child: Option<Child>,
+    java: PathBuf,
+    libs: PathBuf,
     addr: SocketAddr,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
-impl Tansu {
-    pub fn start() -> anyhow::Result<Tansu> {
-        let binary = tansu_binary().context("tansu not found")?;
+impl Kafka {
+    pub fn start() -> anyhow::Result<Kafka> {
+        let libs =
+            kafka_libs().context("Kafka jars not found (bash e2e/services/kafka/install.sh)")?;
+        let java = java_binary().context("java not found")?;
         let dir = tempfile::Builder::new()
-            .prefix("ferrymq-tansu-")
+            .prefix("ferrymq-kafka-")
             .tempdir()?;
         let addr = free_port()?;
-        let log = dir.path().join("tansu.log");
-        let out = std::fs::File::create(&log)?;
-        let url = format!("tcp://{addr}");
-        let mut child = Command::new(&binary)
-            .arg("broker")
-            .args(["--listener-url", &url, "--advertised-listener-url", &url])
-            .args(["--storage-engine", "memory://tansu/"])
-            .env_remove("CLUSTER_ID")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::from(out.try_clone()?))
-            .stderr(Stdio::from(out))
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
-        wait_for_port(addr, Duration::from_secs(20), "tansu", &mut child)?;
-        Ok(Tansu {
-            child,
+        let controller = free_port()?;
+        let logs = dir.path().join("logs");
+        std::fs::write(
+            dir.path().join("server.properties"),
+            server_properties(addr, controller, &logs),
+        )?;
+        std::fs::write(dir.path().join("log4j2.properties"), LOG4J2_PROPERTIES)?;
+        let format = Command::new(&java)
+            .args(JVM_OPTS)
+            .arg("-cp")
+            .arg(libs.join("*"))
+            .arg(log4j_config(dir.path()))
+            .args(["kafka.tools.StorageTool", "format"])
+            .args(["-t", KAFKA_CLUSTER_ID, "-c"])
+            .arg(dir.path().join("server.properties"))
+            .stdout(Stdio::null())
+            .output()
+            .context("running kafka.tools.StorageTool format")?;
+        if !format.status.success() {
+            bail!(
+                "kafka-storage format failed: {}",
+                String::from_utf8_lossy(&format.stderr)
+            );
+        }
+        let mut kafka = Kafka {
+            child: None,
+            java,
+            libs,
             addr,
-            log,
-            _dir: dir,
-        })
+            dir,
+        };
+        kafka.spawn()?;
+        Ok(kafka)
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let log_path = self.dir.path().join("kafka.log");
+        // Each (re)start appends to the same log: wait for one more "started" line than now.
+        let starts_before = count_in(&log_path, KAFKA_STARTED);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)?;
+        let mut child = Command::new(&self.java)
+            .args(JVM_OPTS)
+            .arg("-cp")
+            .arg(self.libs.join("*"))
+            .arg(log4j_config(self.dir.path()))
+            .arg("kafka.Kafka")
+            .arg(self.dir.path().join("server.properties"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .context("starting kafka.Kafka")?;
+        if let Err(e) = wait_until_logged(&log_path, starts_before, &mut child) {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{e:#}\n{}", self.log_tail());
+        }
+        self.child = Some(child);
+        Ok(())
     }
 
     /// `host:port` for `kafka.bootstrap_servers`.
@@ -142,27 +179,165 @@ impl Tansu {
         self.addr.to_string()
     }
 
-    /// Freezes the process (SIGSTOP): connections stay open but nothing answers, as in a
-    /// network partition. Its data survives, unlike a restart of in-memory storage.
+    /// Freezes the JVM (SIGSTOP): connections stay open but nothing answers, as in a network
+    /// partition.
     pub fn freeze(&self) -> anyhow::Result<()> {
-        signal(self.child.id(), "-STOP")
+        signal(self.pid()?, "-STOP")
     }
 
     pub fn thaw(&self) -> anyhow::Result<()> {
-        signal(self.child.id(), "-CONT")
+        signal(self.pid()?, "-CONT")
+    }
+
+    /// Kills the JVM (SIGKILL): a crash. The log dir stays for [`Kafka::start_again`].
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            let _ = signal(child.id(), "-CONT");
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Starts the broker again on the same ports and log dir.
+    pub fn start_again(&mut self) -> anyhow::Result<()> {
+        self.kill()?;
+        self.spawn()
+    }
+
+    fn pid(&self) -> anyhow::Result<u32> {
+        self.child
+            .as_ref()
+            .map(Child::id)
+            .context("kafka is not running")
     }
 
     pub fn log_tail(&self) -> String {
-        tail(&self.log, 30)
+        tail(&self.dir.path().join("kafka.log"), 30)
     }
 }
 
-impl Drop for Tansu {
+impl Drop for Kafka {
     fn drop(&mut self) {
-        let _ = signal(self.child.id(), "-CONT");
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = self.kill();
     }
+}
+
+/// The Kafka version `e2e/services/kafka/install.sh` fetches; change both together.
+pub const KAFKA_VERSION: &str = "4.4.0";
+/// Overrides the directory holding the Kafka broker's jars.
+pub const KAFKA_LIBS_ENV: &str = "FERRYMQ_KAFKA_LIBS";
+/// Overrides the `java` that runs it (17 or newer).
+pub const JAVA_ENV: &str = "FERRYMQ_JAVA";
+
+/// Any fixed id will do (a base64 UUID): every test broker is a cluster of its own.
+const KAFKA_CLUSTER_ID: &str = "ZmVycnltcS10ZXN0LWthZg";
+/// A JVM start on a busy 2-core machine takes 5-30 s.
+const KAFKA_START_TIMEOUT: Duration = Duration::from_secs(120);
+/// What `kafka.Kafka` logs once the broker serves requests.
+const KAFKA_STARTED: &str = "[KafkaRaftServer nodeId=1] Kafka Server started";
+/// A small heap: the tests write megabytes, not gigabytes.
+const JVM_OPTS: &[&str] = &["-Xms64m", "-Xmx512m", "-Djava.awt.headless=true"];
+
+const LOG4J2_PROPERTIES: &str = "\
+status = warn
+appender.file.type = Console
+appender.file.name = OUT
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = info
+rootLogger.appenderRef.out.ref = OUT
+logger.kafka.name = kafka
+logger.kafka.level = info
+logger.apache.name = org.apache.kafka
+logger.apache.level = warn
+";
+
+/// The port opens before the broker has caught up with its metadata log and registered with the
+/// controller, and requests fail until then; the "started" log line says it is serving.
+fn wait_until_logged(log: &Path, starts_before: usize, child: &mut Child) -> anyhow::Result<()> {
+    let deadline = Instant::now() + KAFKA_START_TIMEOUT;
+    loop {
+        if count_in(log, KAFKA_STARTED) > starts_before {
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            bail!("kafka exited during start-up: {status}");
+        }
+        if Instant::now() > deadline {
+            bail!("kafka did not log \"{KAFKA_STARTED}\" within {KAFKA_START_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn count_in(path: &Path, needle: &str) -> usize {
+    std::fs::read_to_string(path)
+        .map(|t| t.matches(needle).count())
+        .unwrap_or(0)
+}
+
+fn log4j_config(dir: &Path) -> String {
+    format!(
+        "-Dlog4j2.configurationFile={}",
+        dir.join("log4j2.properties").display()
+    )
+}
+
+/// A single-node KRaft cluster. Replication factor 1 for the internal topics (one broker), no
+/// initial rebalance delay (tests join groups all the time), and no fsync beyond Kafka's
+/// default (it relies on replication, not fsync; a SIGKILL of the JVM keeps the page cache).
+fn server_properties(addr: SocketAddr, controller: SocketAddr, logs: &Path) -> String {
+    format!(
+        "process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@{controller}
+listeners=PLAINTEXT://{addr},CONTROLLER://{controller}
+advertised.listeners=PLAINTEXT://{addr}
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+log.dirs={logs}
+num.partitions=1
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=4
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+auto.create.topics.enable=false
+",
+        logs = logs.display()
+    )
+}
+
+/// The broker's jars: `FERRYMQ_KAFKA_LIBS`, else where `install.sh` caches them.
+pub fn kafka_libs() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os(KAFKA_LIBS_ENV) {
+        return Some(PathBuf::from(p));
+    }
+    let cache = match std::env::var_os("FERRYMQ_CACHE") {
+        Some(c) => PathBuf::from(c),
+        None => Path::new(&std::env::var_os("HOME")?).join(".cache/ferrymq"),
+    };
+    let libs = cache.join(format!("kafka-{KAFKA_VERSION}/lib"));
+    libs.join(format!("kafka_2.13-{KAFKA_VERSION}.jar"))
+        .is_file()
+        .then_some(libs)
+}
+
+fn java_binary() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os(JAVA_ENV) {
+        return Some(PathBuf::from(p));
+    }
+    if let Some(home) = std::env::var_os("JAVA_HOME") {
+        let p = Path::new(&home).join("bin/java");
+        if p.is_file() {
+            return Some(p);
+        }
+    }
+    which("java")
 }
 
 fn signal(pid: u32, sig: &str) -> anyhow::Result<()> {
@@ -351,14 +526,14 @@ fn run_as(cmd: Command, as_postgres: bool) -> Command {
 /// Both services, plus the `[storage]`, `[kafka]` and `[postgres]` config sections that point
 /// a broker at them (each broker gets its own topic prefix and schema).
 pub struct Services {
-    pub kafka: Tansu,
+    pub kafka: Kafka,
     pub postgres: Postgres,
 }
 
 impl Services {
     pub fn start() -> anyhow::Result<Services> {
         Ok(Services {
-            kafka: Tansu::start()?,
+            kafka: Kafka::start()?,
             postgres: Postgres::start()?,
         })
     }

@@ -34,7 +34,7 @@ impl Backend {
             return None;
         }
         Some(Backend::KafkaPostgres(
-            Services::start().expect("starting tansu and PostgreSQL"),
+            Services::start().expect("starting Kafka and PostgreSQL"),
         ))
     }
 

@@ -462,12 +462,8 @@ impl KafkaAdmin {
             && existing.replication_factor != spec.replication_factor)
             .then_some((existing.replication_factor, spec.replication_factor));
         let topic = if grown_from.is_some() || !config_changes.is_empty() {
-            self.describe(&spec.name)
+            self.wait_until_applied(&spec.name, spec.partitions, &config_changes)
                 .await?
-                .ok_or_else(|| KafkaError::InvalidRequest {
-                    action: format!("describe topic {}", spec.name),
-                    detail: "the topic disappeared while it was being updated".into(),
-                })?
         } else {
             existing
         };
@@ -522,6 +518,39 @@ impl KafkaAdmin {
                     servers: self.connection.bootstrap_servers.clone(),
                     detail: format!("topic {topic} was created but does not show up in metadata"),
                 });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Describes the topic until it shows `partitions` and every change in `changes`. Kafka
+    /// applies a configuration change or new partitions asynchronously: the controller commits
+    /// the change to the metadata log and each broker applies it when it replays that log, so
+    /// a describe right after the request may still show the old state (and the next
+    /// reconcile would see drift that is not there).
+    async fn wait_until_applied(
+        &self,
+        topic: &str,
+        partitions: i32,
+        changes: &[ConfigChange],
+    ) -> Result<TopicDescription, KafkaError> {
+        let deadline = tokio::time::Instant::now() + self.connection.timeout;
+        loop {
+            let Some(now) = self.describe(topic).await? else {
+                return Err(KafkaError::InvalidRequest {
+                    action: format!("describe topic {topic}"),
+                    detail: "the topic disappeared while it was being updated".into(),
+                });
+            };
+            let applied = now.partitions >= partitions
+                && changes.iter().all(|c| match &c.wanted {
+                    Some(v) => now.effective_config.get(&c.key) == Some(v),
+                    None => !now.config.contains_key(&c.key),
+                });
+            if applied || tokio::time::Instant::now() >= deadline {
+                // Past the deadline the caller gets what the cluster shows; the next reconcile
+                // compares again.
+                return Ok(now);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

@@ -17,18 +17,18 @@ use rdkafka::message::Message as _;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::oneshot;
 
-use super::fetch_start::{FetchStart, Step};
+use super::position::{NextOffset, Step};
 use super::record::{self, SubscriberPart};
 use super::{application_topic, kafka_error, Kafka};
 use crate::storage::codec::{decode_delivery, now_ms};
 use crate::storage::{Completion, QueueRead, QueuedEntry, StorageError};
 
-/// How long a read waits for the next record it knows is in the log before giving up (the
-/// session then closes the connection with an error, and the client's reconnect reads again).
-const RECORD_WAIT: Duration = Duration::from_secs(15);
 /// Records read from the end of an APPLICATION topic at start to learn what was appended
 /// (two router batches' worth).
 const TAIL_SCAN: i64 = 2_048;
+/// How long a start-up scan of a log's end may wait for Kafka to return records below the high
+/// watermark: only an unreachable cluster takes that long.
+const SCAN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Where an APPLICATION append came from.
 #[derive(Debug, Clone, Copy)]
@@ -47,10 +47,8 @@ pub struct Tail {
     pub claims: HashMap<(String, i32), i64>,
 }
 
-/// Reads the last [`TAIL_SCAN`] records of a partition (and on until nothing more arrives,
-/// rather than trusting the high watermark, which a broker may report stale: see
-/// [`KnownEnds`](super::KnownEnds)), handing each record's headers to `f`, and notes the end
-/// it found. A missing topic has no tail.
+/// Reads the last [`TAIL_SCAN`] records of a partition, up to its high watermark, handing each
+/// record's headers to `f`. A missing topic has no tail.
 pub async fn scan_tail(
     kafka: &Kafka,
     topic: &str,
@@ -62,13 +60,10 @@ pub async fn scan_tail(
         Err(_) => return Ok(()),
     };
     if high <= low {
-        kafka.note_end(topic, partition, high);
         return Ok(());
     }
     let consumer = reader_consumer(kafka)?;
     let mut tpl = TopicPartitionList::new();
-    // From further back than needed: a fetch inside a record batch may skip that batch (see
-    // `fetch_start`), and what counts is the very end.
     tpl.add_partition_offset(
         topic,
         partition,
@@ -76,27 +71,29 @@ pub async fn scan_tail(
     )
     .map_err(kafka_error)?;
     consumer.assign(&tpl).map_err(kafka_error)?;
-    let mut wait = Duration::from_secs(10);
-    let mut end = high;
-    while let Ok(next) = tokio::time::timeout(wait, consumer.recv()).await {
-        let next = next.map_err(kafka_error)?;
-        end = end.max(next.offset() + 1);
+    loop {
+        let next = tokio::time::timeout(SCAN_TIMEOUT, consumer.recv())
+            .await
+            .map_err(|_| {
+                StorageError::engine_msg(format!(
+                    "kafka: reading the end of {topic}: no record within {SCAN_TIMEOUT:?} although its high watermark is {high}"
+                ))
+            })?
+            .map_err(kafka_error)?;
         if let Some(headers) = next.headers() {
             f(headers);
         }
-        // Once the first record is in, the rest is already fetched or close behind.
-        wait = Duration::from_millis(500);
+        if next.offset() + 1 >= high {
+            return Ok(());
+        }
     }
-    kafka.note_end(topic, partition, end);
-    Ok(())
 }
 
 /// One client's reader.
 struct Reader {
     consumer: StreamConsumer,
-    /// Where the current fetch is and which offset it must return next; `None` before the
-    /// first read.
-    fetch: Option<FetchStart>,
+    /// The offset the current fetch returns next; `None` before the first read.
+    next: Option<NextOffset>,
 }
 
 /// The APPLICATION side of the Kafka backend.
@@ -149,11 +146,9 @@ impl ApplicationLogs {
         Ok(self.end(client).await?.max(0) as u64 + 1)
     }
 
-    /// The offset after the last record of `client`'s log: what this broker appended or
-    /// found there (see [`KnownEnds`](super::KnownEnds)), scanning the log's end the first
-    /// time.
+    /// The offset after the last record of `client`'s log (its high watermark).
     pub async fn end(&self, client: &str) -> Result<i64, StorageError> {
-        log_end(&self.kafka, &self.topic(client)).await
+        Ok(self.kafka.watermarks(&self.topic(client), 0).await?.1)
     }
 
     /// Appends an encoded delivery (the router's `WriteOp::Enqueue` record) to the client's log.
@@ -215,7 +210,7 @@ impl ApplicationLogs {
     }
 
     /// Starts a read of up to `limit` entries from sequence `from`. It returns fewer only when
-    /// it reached the log's known end (see `Storage::read_queue`).
+    /// it reached the log's high watermark (see `Storage::read_queue`).
     pub fn read(&self, client: &Arc<str>, from: u64, limit: usize) -> QueueRead {
         let reader = match self.reader(client) {
             Ok(r) => r,
@@ -234,10 +229,8 @@ impl ApplicationLogs {
             let mut reader = reader.lock().await;
             let result = read_from(&kafka, &mut reader, &topic, from, limit, &released).await;
             if result.is_err() {
-                // The log may have been deleted (and re-created) behind the broker's back: the
-                // next read learns its end afresh and fetches from scratch.
-                kafka.forget_end(&topic, 0);
-                reader.fetch = None;
+                // The next read positions the fetch afresh.
+                reader.next = None;
             }
             let _ = tx.send(result);
         });
@@ -251,7 +244,7 @@ impl ApplicationLogs {
         let consumer = reader_consumer(&self.kafka)?;
         let reader = Arc::new(tokio::sync::Mutex::new(Reader {
             consumer,
-            fetch: None,
+            next: None,
         }));
         self.readers.lock().insert(client.clone(), reader.clone());
         Ok(reader)
@@ -275,29 +268,20 @@ fn reader_consumer(kafka: &Kafka) -> Result<StreamConsumer, StorageError> {
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("fetch.wait.max.ms", "100")
+        // One reader per connected APPLICATION client: librdkafka's 64 MB prefetch each would
+        // let a thousand clients hold gigabytes. 4 MB still covers many read batches.
+        .set("queued.max.messages.kbytes", "4096")
         .create()
         .map_err(kafka_error)
 }
 
-/// The offset after the last record of a single-partition log (see [`ApplicationLogs::end`]).
-async fn log_end(kafka: &Kafka, topic: &str) -> Result<i64, StorageError> {
-    if let Some(end) = kafka.known_end(topic, 0) {
-        return Ok(end);
-    }
-    scan_tail(kafka, topic, 0, |_| {}).await?;
-    match kafka.known_end(topic, 0) {
-        Some(end) => Ok(end),
-        None => Ok(kafka.watermarks(topic, 0).await?.1),
-    }
-}
-
-/// Points the reader's consumer at `from` (a little before it: see [`FetchStart`]).
-fn assign(reader: &mut Reader, topic: &str, fetch: FetchStart) -> Result<(), StorageError> {
+/// Points the reader's consumer at `offset`.
+fn assign(reader: &mut Reader, topic: &str, offset: i64) -> Result<(), StorageError> {
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Offset(fetch.from()))
+    tpl.add_partition_offset(topic, 0, Offset::Offset(offset))
         .map_err(kafka_error)?;
     reader.consumer.assign(&tpl).map_err(kafka_error)?;
-    reader.fetch = Some(fetch);
+    reader.next = Some(NextOffset::new(offset));
     Ok(())
 }
 
@@ -309,43 +293,39 @@ async fn read_from(
     limit: usize,
     released: &BTreeSet<u64>,
 ) -> Result<Vec<QueuedEntry>, StorageError> {
-    let offset = from.saturating_sub(1) as i64;
+    let wanted = from.saturating_sub(1) as i64;
     // The end of the log now: a read stops short of `limit` only there (see
-    // `Storage::read_queue`: the session takes a short read as "drained").
-    let high = log_end(kafka, topic).await?;
-    if offset >= high {
+    // `Storage::read_queue`: the session takes a short read as "drained"). Every record whose
+    // append completed before this lies below it.
+    let (low, high) = kafka.watermarks(topic, 0).await?;
+    if wanted >= high {
         return Ok(Vec::new());
     }
-    if reader.fetch.as_ref().map(FetchStart::want) != Some(offset) {
-        let (low, _) = kafka.watermarks(topic, 0).await?;
-        assign(reader, topic, FetchStart::new(offset, low))?;
+    if reader.next.map(NextOffset::get) != Some(wanted) {
+        // Entries retention deleted are gone: start at the log start and count the gap below.
+        assign(reader, topic, wanted.max(low))?;
+        if wanted < low {
+            kafka.metrics.kafka_log_gaps.add((low - wanted) as u64);
+            tracing::error!(topic, expected = wanted, log_start = low, "APPLICATION log entries were deleted by retention before the client read them; they are lost");
+        }
     }
     let mut out = Vec::new();
     let now = now_ms();
-    while out.len() < limit && reader.fetch.as_ref().is_some_and(|f| f.want() < high) {
-        let next = match tokio::time::timeout(RECORD_WAIT, reader.consumer.recv()).await {
-            Err(_) => {
-                return Err(StorageError::Engine(format!(
-                    "reading {topic}: no record in {RECORD_WAIT:?} although the log holds offsets up to {}",
-                    high - 1
-                )))
-            }
-            Ok(next) => next.map_err(kafka_error)?,
-        };
+    while out.len() < limit && reader.next.is_some_and(|n| n.get() < high) {
+        // No timeout: the record is in the log (below the high watermark), so only an
+        // unreachable cluster delays it, and the read goes on when the cluster is back. The
+        // session does not wait on this task (it is answered through a channel).
+        let next = reader.consumer.recv().await.map_err(kafka_error)?;
         let offset = next.offset();
-        let Some(fetch) = reader.fetch.as_mut() else {
+        let Some(position) = reader.next.as_mut() else {
             break;
         };
-        match fetch.step(offset) {
+        match position.step(offset) {
             Step::Skip => continue,
             Step::Take => {}
-            Step::Rewind(_) => {
-                let fetch = fetch.clone();
-                assign(reader, topic, fetch)?;
-                continue;
-            }
-            Step::Gap { expected } => {
-                tracing::error!(topic, expected, got = offset, "the APPLICATION log skipped offsets: the Kafka broker returned a later record than the one asked for, and the log holds nothing earlier");
+            Step::Gap { expected, missing } => {
+                kafka.metrics.kafka_log_gaps.add(missing as u64);
+                tracing::error!(topic, expected, got = offset, missing, "APPLICATION log entries were deleted by retention before the client read them; they are lost");
             }
         }
         let seq = offset as u64 + 1;

@@ -13,22 +13,21 @@
 //!   librdkafka delivery opaque; the producer's polling thread answers it directly.
 
 pub mod app;
-pub mod fetch_start;
+pub mod position;
 pub mod record;
 pub mod router;
 pub mod shared;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::Message as _;
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientContext;
 use sha2::{Digest, Sha256};
@@ -85,42 +84,16 @@ pub fn router_group(prefix: &str) -> String {
 pub(crate) fn kafka_error(e: KafkaError) -> StorageError {
     match e {
         KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => StorageError::Overloaded,
-        e => StorageError::Engine(format!("kafka: {e}")),
+        e => StorageError::engine("kafka", e),
     }
 }
 
-/// Per topic partition, the offset after the last record this process had acknowledged (or
-/// found at the end of the log by a scan).
-///
-/// Why not ask Kafka (ListOffsets)? Some Kafka-protocol brokers report a high watermark that
-/// lags behind acknowledged records (tansu 0.6 does, by hundreds of records, for as long as
-/// nothing more is appended), and a reader that trusts it stops short of records that are
-/// there and waits for a wake-up that never comes. Every APPLICATION log and group topic is
-/// appended to by this broker only (one broker node per PostgreSQL schema), so what it saw
-/// acknowledged is the exact end.
-///
-/// Keyed by topic, then partition: the delivery report of every record (each PUBLISH's too)
-/// updates it, and a lookup by `&str` allocates nothing.
-pub type KnownEnds = Arc<parking_lot::Mutex<HashMap<String, HashMap<i32, i64>>>>;
-
-/// Raises the known end of a topic partition to `end` (never lowers it).
-pub fn note_end(ends: &KnownEnds, topic: &str, partition: i32, end: i64) {
-    let mut ends = ends.lock();
-    let partitions = match ends.get_mut(topic) {
-        Some(p) => p,
-        None => ends.entry(topic.to_string()).or_default(),
-    };
-    let known = partitions.entry(partition).or_insert(end);
-    *known = (*known).max(end);
-}
-
-/// Answers each record's completion channel from the producer's polling thread, notes the end
-/// of each partition it appended to, and notes when the producer's idempotence state is broken.
+/// Answers each record's completion channel from the producer's polling thread, and notes when
+/// the producer's idempotence state is broken.
 pub struct DeliveryContext {
     /// The cluster fenced this producer or lost its sequence state (after a long outage, say):
     /// every further record would fail the same way, so a new producer is needed.
     broken: AtomicBool,
-    ends: KnownEnds,
 }
 
 impl ClientContext for DeliveryContext {}
@@ -129,17 +102,11 @@ impl ProducerContext for DeliveryContext {
     type DeliveryOpaque = Box<oneshot::Sender<Result<(), StorageError>>>;
 
     fn delivery(&self, result: &DeliveryResult<'_>, done: Self::DeliveryOpaque) {
+        // With acks=all, Kafka answers a produce request only once the partition's high
+        // watermark covers the record: a reader that asks for the high watermark after this
+        // completion fires finds the record below it.
         let outcome = match result {
-            Ok(record) => {
-                // Before the completion fires, so whoever it wakes sees the new end.
-                note_end(
-                    &self.ends,
-                    record.topic(),
-                    record.partition(),
-                    record.offset() + 1,
-                );
-                Ok(())
-            }
+            Ok(_) => Ok(()),
             Err((e, _)) => {
                 if matches!(
                     e.rdkafka_error_code(),
@@ -167,8 +134,6 @@ pub struct Kafka {
     /// Replaced when it hits a fatal error (an idempotent producer that was fenced cannot send
     /// again); records in flight on the old one fail, and are therefore not acknowledged.
     producer: parking_lot::RwLock<Arc<ThreadedProducer<DeliveryContext>>>,
-    /// Shared by every producer this broker creates (see [`KnownEnds`]).
-    ends: KnownEnds,
     admin: AdminClient<DefaultClientContext>,
     metadata: Arc<BaseConsumer>,
     /// Topics known to exist (created or seen), so a lookup happens once per topic.
@@ -195,13 +160,15 @@ impl Kafka {
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Kafka>, StorageError> {
         let unreachable = |e: KafkaError| {
-            StorageError::Engine(format!(
-                "kafka at `{}` (kafka.bootstrap_servers): {e}",
-                config.bootstrap_servers
-            ))
+            StorageError::engine(
+                format!(
+                    "kafka at `{}` (kafka.bootstrap_servers)",
+                    config.bootstrap_servers
+                ),
+                e,
+            )
         };
-        let ends = KnownEnds::default();
-        let producer = Self::producer(config, &ends).map_err(unreachable)?;
+        let producer = Self::producer(config).map_err(unreachable)?;
         let admin: AdminClient<DefaultClientContext> =
             Self::client_config(config).create().map_err(unreachable)?;
         let metadata: BaseConsumer = Self::client_config(config)
@@ -212,7 +179,6 @@ impl Kafka {
         let kafka = Arc::new(Kafka {
             config: config.clone(),
             producer: parking_lot::RwLock::new(Arc::new(producer)),
-            ends,
             admin,
             metadata: Arc::new(metadata),
             known_topics: Default::default(),
@@ -227,43 +193,77 @@ impl Kafka {
                 true,
             )
             .await
-            .map_err(|e| {
-                StorageError::Engine(format!(
-                    "kafka at `{}` (kafka.bootstrap_servers): {e}",
-                    config.bootstrap_servers
-                ))
+            .map_err(|e| match e {
+                StorageError::Engine { context, source } => StorageError::Engine {
+                    context: format!(
+                        "kafka at `{}` (kafka.bootstrap_servers): {context}",
+                        config.bootstrap_servers
+                    ),
+                    source,
+                },
+                e => e,
             })?;
+        kafka.check_durability().await;
         Ok(kafka)
     }
 
-    /// The offset after the last record known to be in a partition (see [`KnownEnds`]);
-    /// `None` when this broker neither appended to it nor scanned it.
-    pub fn known_end(&self, topic: &str, partition: i32) -> Option<i64> {
-        self.ends
-            .lock()
-            .get(topic)
-            .and_then(|p| p.get(&partition))
-            .copied()
-    }
-
-    /// Drops what is known about a partition's end (a read of it failed).
-    pub fn forget_end(&self, topic: &str, partition: i32) {
-        if let Some(p) = self.ends.lock().get_mut(topic) {
-            p.remove(&partition);
+    /// Reads the publish log topic's `min.insync.replicas` and `unclean.leader.election.enable`
+    /// and warns when acks=all cannot keep an acknowledged PUBLISH through the loss of a Kafka
+    /// broker (see docs/kafka-postgres.md, "A production Kafka cluster"). Failing to read them
+    /// is a warning too: some managed services refuse DescribeConfigs.
+    async fn check_durability(&self) {
+        let topic = msg_all_topic(&self.config.topic_prefix);
+        let options = AdminOptions::new().request_timeout(Some(REQUEST_TIMEOUT));
+        let described = self
+            .admin
+            .describe_configs([&ResourceSpecifier::Topic(&topic)], &options)
+            .await;
+        let resource = match described.as_deref() {
+            Ok([Ok(resource)]) => resource,
+            other => {
+                tracing::warn!(topic, result = ?other.map(|r| r.len()), "cannot read the publish log topic's configuration; its min.insync.replicas is not checked");
+                return;
+            }
+        };
+        let value = |name: &str| resource.get(name).and_then(|e| e.value.clone());
+        let min_isr: u64 = value("min.insync.replicas")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1);
+        self.metrics
+            .kafka_replication
+            .min_insync_replicas
+            .set(min_isr);
+        if min_isr < 2 {
+            tracing::warn!(topic, min_isr, "the publish log topic has min.insync.replicas below 2: acks=all is satisfied by the partition leader alone, and losing that one Kafka broker loses acknowledged messages. Production clusters need replication_factor = 3 and min.insync.replicas = 2");
+        }
+        if value("unclean.leader.election.enable").as_deref() == Some("true") {
+            tracing::warn!(topic, "the publish log topic allows unclean leader election: an out-of-sync replica may become leader and drop acknowledged messages. Set unclean.leader.election.enable=false");
         }
     }
 
-    /// Records what a scan found at the end of a partition.
-    pub fn note_end(&self, topic: &str, partition: i32, end: i64) {
-        note_end(&self.ends, topic, partition, end);
+    /// Exports how the publish log's partitions are replicated, from a metadata answer, and
+    /// warns when that changes for the worse.
+    fn note_replication(&self, topic: &rdkafka::metadata::MetadataTopic) {
+        let gauges = &self.metrics.kafka_replication;
+        let min_isr = gauges.min_insync_replicas.get().max(1) as usize;
+        let (mut factor, mut under, mut under_min) = (0, 0, 0);
+        for p in topic.partitions() {
+            factor = factor.max(p.replicas().len());
+            under += usize::from(p.isr().len() < p.replicas().len());
+            under_min += usize::from(p.isr().len() < min_isr);
+        }
+        gauges.replication_factor.set(factor as u64);
+        let was = gauges.under_min_isr_partitions.get();
+        gauges.under_replicated_partitions.set(under as u64);
+        gauges.under_min_isr_partitions.set(under_min as u64);
+        if under_min > 0 && was == 0 {
+            tracing::error!(topic = topic.name(), partitions = under_min, "publish log partitions have fewer in-sync replicas than min.insync.replicas: publishes to them fail until the replicas catch up");
+        }
     }
 
     /// The producer every record goes through: acks=all and idempotence, whatever the
     /// pass-through properties say.
-    fn producer(
-        config: &KafkaConfig,
-        ends: &KnownEnds,
-    ) -> Result<ThreadedProducer<DeliveryContext>, KafkaError> {
+    fn producer(config: &KafkaConfig) -> Result<ThreadedProducer<DeliveryContext>, KafkaError> {
         Self::client_config(config)
             .set("acks", "all")
             .set("enable.idempotence", "true")
@@ -276,7 +276,6 @@ impl Kafka {
             )
             .create_with_context(DeliveryContext {
                 broken: AtomicBool::new(false),
-                ends: ends.clone(),
             })
     }
 
@@ -302,7 +301,7 @@ impl Kafka {
             ?fatal,
             "kafka producer lost its idempotence state; replacing it"
         );
-        match Self::producer(&self.config, &self.ends) {
+        match Self::producer(&self.config) {
             Ok(p) => *slot = Arc::new(p),
             Err(e) => tracing::error!(error = %e, "creating a new kafka producer failed"),
         }
@@ -319,13 +318,20 @@ impl Kafka {
         self.renew_producer_if_fatal(true);
         let metadata = self.metadata.clone();
         let topic = msg_all_topic(&self.config.topic_prefix);
-        let ok = tokio::task::spawn_blocking(move || {
-            metadata
-                .fetch_metadata(Some(&topic), REQUEST_TIMEOUT)
-                .is_ok_and(|m| m.topics().iter().any(|t| t.error().is_none()))
+        let answer = tokio::task::spawn_blocking(move || {
+            metadata.fetch_metadata(Some(&topic), REQUEST_TIMEOUT)
         })
-        .await
-        .unwrap_or(false);
+        .await;
+        let ok = match &answer {
+            Ok(Ok(m)) => match m.topics().iter().find(|t| t.error().is_none()) {
+                Some(t) => {
+                    self.note_replication(t);
+                    true
+                }
+                None => false,
+            },
+            _ => false,
+        };
         let was = self.healthy.swap(ok, Ordering::AcqRel);
         if was != ok {
             if ok {
@@ -354,10 +360,11 @@ impl Kafka {
                 }))
         })
         .await
-        .map_err(|e| StorageError::Engine(format!("metadata task: {e}")))?
+        .map_err(|e| StorageError::engine("kafka metadata task", e))?
     }
 
-    /// (low, high) watermarks of partition 0 of `topic`.
+    /// (low, high) watermarks of a partition of `topic`, asked of the partition leader
+    /// (ListOffsets). The high watermark covers every record acknowledged with acks=all.
     pub async fn watermarks(
         &self,
         topic: &str,
@@ -375,7 +382,7 @@ impl Kafka {
                     .map_err(kafka_error)
             })
             .await
-            .map_err(|e| StorageError::Engine(format!("watermark task: {e}")))?;
+            .map_err(|e| StorageError::engine("kafka watermark task", e))?;
             attempt += 1;
             match result {
                 Err(_) if attempt < 10 => tokio::time::sleep(Duration::from_millis(100)).await,
@@ -418,9 +425,10 @@ impl Kafka {
                     Ok(_) => tracing::info!(topic, partitions, "created kafka topic"),
                     Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
                     Err((name, code)) => {
-                        return Err(StorageError::Engine(format!(
-                            "kafka: creating topic {name}: {code}"
-                        )))
+                        return Err(StorageError::engine(
+                            format!("kafka: creating topic {name}"),
+                            KafkaError::AdminOp(code),
+                        ))
                     }
                 }
             }
@@ -429,7 +437,7 @@ impl Kafka {
             let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
             while self.partitions(topic).await.ok().flatten().is_none() {
                 if tokio::time::Instant::now() >= deadline {
-                    return Err(StorageError::Engine(format!(
+                    return Err(StorageError::engine_msg(format!(
                         "kafka: topic {topic} was created but does not show up in metadata"
                     )));
                 }
@@ -489,7 +497,7 @@ pub struct PublishLog {
     topic: String,
     /// Created at start (so a broken setup fails before listeners open), taken by the router.
     router_consumer: parking_lot::Mutex<Option<rdkafka::consumer::StreamConsumer>>,
-    start_positions: std::collections::HashMap<i32, fetch_start::FetchStart>,
+    start_positions: std::collections::HashMap<i32, position::NextOffset>,
     /// The router's open QoS 2 flows as stored, taken by the router.
     qos2_flows: parking_lot::Mutex<Option<router::Qos2Flows>>,
     /// Per APPLICATION client and publish-log partition, the highest origin offset found at the
@@ -519,7 +527,7 @@ impl PublishLog {
     }
 
     /// Where the router starts in each partition (the stored positions).
-    pub fn start_positions(&self) -> std::collections::HashMap<i32, fetch_start::FetchStart> {
+    pub fn start_positions(&self) -> std::collections::HashMap<i32, position::NextOffset> {
         self.start_positions.clone()
     }
 

@@ -37,7 +37,7 @@ use rdkafka::message::Message as _;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 
-use super::fetch_start::{FetchStart, Step};
+use super::position::{NextOffset, Step};
 use super::record::Control;
 use super::{kafka_error, record, router_group, Kafka, PublishLog};
 use crate::broker::Broker;
@@ -49,11 +49,9 @@ const MAX_BATCH: usize = 1_024;
 /// Backoff between attempts to store a batch while a backend is down.
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
-/// How long one seek may wait for librdkafka's own thread.
-const SEEK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Creates the router's consumer, assigned to every partition of the publish log at the
-/// positions stored in PostgreSQL (a little before them: see [`FetchStart`]). On the very first
+/// positions stored in PostgreSQL. On the very first
 /// start there are none: the router starts at the log's current end, recorded before any
 /// listener opens, so every PUBLISH acknowledged afterwards lies after the router's starting
 /// point. A partition added later starts at its beginning.
@@ -61,7 +59,7 @@ pub async fn consumer(
     kafka: &Arc<Kafka>,
     topic: &str,
     pg: &PgStore,
-) -> Result<(StreamConsumer, HashMap<i32, FetchStart>), StorageError> {
+) -> Result<(StreamConsumer, HashMap<i32, NextOffset>), StorageError> {
     let group = router_group(&kafka.config.topic_prefix);
     let consumer: StreamConsumer = Kafka::client_config(&kafka.config)
         .set("group.id", &group)
@@ -83,14 +81,13 @@ pub async fn consumer(
         let (low, high) = kafka.watermarks(topic, p).await?;
         match stored.get(&p) {
             Some(position) => {
-                starts.insert(p, FetchStart::new(*position, low));
+                starts.insert(p, NextOffset::new(*position));
             }
             None => {
-                // The log's end and its start are batch boundaries: nothing to look back for.
                 let start = if first_start { high } else { low };
                 init.push((p, start));
                 stored.insert(p, start);
-                starts.insert(p, FetchStart::confirmed_at(start));
+                starts.insert(p, NextOffset::new(start));
             }
         }
     }
@@ -105,7 +102,7 @@ pub async fn consumer(
     let mut assignment = TopicPartitionList::new();
     for (p, start) in &starts {
         assignment
-            .add_partition_offset(topic, *p, Offset::Offset(start.from()))
+            .add_partition_offset(topic, *p, Offset::Offset(start.get()))
             .map_err(kafka_error)?;
     }
     consumer.assign(&assignment).map_err(kafka_error)?;
@@ -128,8 +125,8 @@ pub async fn run(broker: Arc<Broker>, log: Arc<PublishLog>, mut shutdown: watch:
     let topic = log.topic().to_string();
     let slow_wait = Duration::from_millis(broker.config.limits.slow_subscriber_wait_ms);
     // The next offset each partition must deliver: a record below it was stored already (it is
-    // skipped), a record above it means a fetch started too late (fetched again from earlier)
-    // or, once reading in order, that the Kafka broker skipped some (logged loudly).
+    // skipped), a record above it means records were deleted before the router got to them
+    // (retention shorter than an outage of the router: logged and counted).
     let mut expected = log.start_positions();
     let mut stream = consumer.stream().ready_chunks(MAX_BATCH);
     loop {
@@ -165,21 +162,13 @@ pub async fn run(broker: Arc<Broker>, log: Arc<PublishLog>, mut shutdown: watch:
                 let offset = message.offset();
                 let state = expected
                     .entry(partition)
-                    .or_insert_with(|| FetchStart::confirmed_at(offset));
+                    .or_insert_with(|| NextOffset::new(offset));
                 match state.step(offset) {
                     Step::Skip => continue,
                     Step::Take => {}
-                    Step::Rewind(from) => {
-                        tracing::info!(partition, want = state.want(), got = offset, from, "the publish log returned a later record than the one asked for; fetching again from earlier");
-                        if !rewind(&consumer, &topic, partition, from, &mut shutdown).await {
-                            return;
-                        }
-                        // What else this chunk holds for the partition came from the old fetch.
-                        break;
-                    }
-                    Step::Gap { expected } => {
-                        broker.metrics.storage_errors.inc();
-                        tracing::error!(partition, expected, got = offset, "the publish log skipped offsets: the Kafka broker returned a later record than the one asked for, and the log holds nothing earlier");
+                    Step::Gap { expected, missing } => {
+                        broker.metrics.kafka_log_gaps.add(missing as u64);
+                        tracing::error!(topic, partition, expected, got = offset, missing, "publish log records were deleted before the router read them (retention.ms/retention.bytes of the topic too short for this outage); they are lost");
                     }
                 }
                 next_offset = Some(offset + 1);
@@ -316,31 +305,6 @@ impl Qos2Flows {
                         change: Qos2FlowChange::Reset,
                     });
                 }
-            }
-        }
-    }
-}
-
-/// Moves the fetch of `partition` to `from`, retrying until it works or the broker shuts down
-/// (false). Records the old fetch had already returned are dropped by librdkafka.
-async fn rewind(
-    consumer: &StreamConsumer,
-    topic: &str,
-    partition: i32,
-    from: i64,
-    shutdown: &mut watch::Receiver<bool>,
-) -> bool {
-    let mut backoff = RETRY_MIN;
-    loop {
-        match consumer.seek(topic, partition, Offset::Offset(from), SEEK_TIMEOUT) {
-            Ok(()) => return true,
-            Err(e) => {
-                tracing::warn!(partition, from, error = %e, "seeking the publish log failed; retrying");
-                tokio::select! {
-                    _ = shutdown.changed() => return false,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(RETRY_MAX);
             }
         }
     }

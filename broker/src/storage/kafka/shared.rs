@@ -26,8 +26,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, StreamConsumer};
-use rdkafka::error::KafkaResult;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::message::{Header, Message as _};
 use rdkafka::ClientContext;
 use rdkafka::{Offset, TopicPartitionList};
@@ -35,7 +36,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{oneshot, watch, Notify};
 
 use super::app::{scan_tail, ApplicationLogs, Tag};
-use super::fetch_start::{FetchStart, Step};
+use super::position::{NextOffset, Step};
 use super::record::{self, SubscriberPart};
 use super::{hex, is_plain_name, kafka_error, Kafka};
 use crate::message::min_qos;
@@ -44,112 +45,46 @@ use crate::router::SubscriptionOptions;
 use crate::storage::codec::{decode_delivery, encode_delivery};
 use crate::storage::{Completion, StorageError};
 
-/// How long the rebalance callback may wait for committed offsets and watermarks.
-const ASSIGN_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// The claimer's consumer context: where each assigned partition must resume.
-///
-/// A group consumer resumes at the committed offset, which is wherever the last claim round
-/// ended, often inside a record batch, and some Kafka-protocol brokers skip the rest of such a
-/// batch (see `fetch_start`). So on each assignment the fetch starts a little earlier, and the
-/// claim loop skips what lies below the committed offset.
+/// The claimer's consumer context: logs which member got or lost which partitions. Where a
+/// partition resumes is Kafka's business: the committed offset, fetched exactly.
 struct ClaimContext {
     /// The member this claimer works for (for the logs).
     member: Arc<str>,
-    fetch: parking_lot::Mutex<HashMap<i32, FetchStart>>,
+    /// Per assigned partition, the offset the claimer expects next (known after its first
+    /// record), to notice records retention deleted before anyone claimed them.
+    next: parking_lot::Mutex<HashMap<i32, NextOffset>>,
 }
 
 impl ClientContext for ClaimContext {}
 
 impl ConsumerContext for ClaimContext {
-    fn rebalance(
-        &self,
-        consumer: &BaseConsumer<Self>,
-        err: rdkafka::types::RDKafkaRespErr,
-        tpl: &mut TopicPartitionList,
-    ) {
-        use rdkafka::types::RDKafkaRespErr;
-        match err {
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                let starts = self.starts(consumer, tpl);
-                match &starts {
-                    Ok(starts) => tracing::info!(
-                        client_id = %self.member,
-                        starts = ?starts.iter().map(|(t, p, s)| (t.as_str(), *p, s.want(), s.from())).collect::<Vec<_>>(),
-                        "shared group partitions assigned"
-                    ),
-                    Err(e) => {
-                        tracing::warn!(client_id = %self.member, error = %e, "shared group partitions assigned, but their committed offsets could not be read; reading them from the log start")
-                    }
-                }
-                match &starts {
-                    Ok(starts) => {
-                        for (topic, p, start) in starts {
-                            let _ =
-                                tpl.set_partition_offset(topic, *p, Offset::Offset(start.from()));
-                        }
-                    }
-                    // Resuming at the committed offset could silently skip the rest of a
-                    // record batch (see `fetch_start`); from the log start, the claim state
-                    // skips what was claimed, and at worst a record claimed long ago is
-                    // claimed again (at least once, never lost).
-                    Err(_) => {
-                        for elem in tpl.clone().elements() {
-                            let _ = tpl.set_partition_offset(
-                                elem.topic(),
-                                elem.partition(),
-                                Offset::Beginning,
-                            );
-                        }
-                    }
-                }
-                if let Err(e) = consumer.assign(tpl) {
-                    tracing::warn!(error = %e, "assigning shared group partitions failed");
-                }
-                let mut fetch = self.fetch.lock();
-                fetch.clear();
-                if let Ok(starts) = starts {
-                    for (_, p, start) in starts {
-                        fetch.insert(p, start);
-                    }
-                }
-            }
-            _ => {
-                tracing::info!(client_id = %self.member, partitions = ?tpl.elements().iter().map(|e| e.partition()).collect::<Vec<_>>(), reason = ?err, "shared group partitions revoked");
-                let _ = consumer.unassign();
-                self.fetch.lock().clear();
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        self.next.lock().clear();
+        match rebalance {
+            Rebalance::Assign(tpl) => tracing::info!(
+                client_id = %self.member,
+                partitions = ?partitions(tpl),
+                "shared group partitions assigned"
+            ),
+            Rebalance::Revoke(tpl) => tracing::info!(
+                client_id = %self.member,
+                partitions = ?partitions(tpl),
+                "shared group partitions revoked"
+            ),
+            Rebalance::Error(e) => {
+                tracing::warn!(client_id = %self.member, error = %e, "shared group rebalance failed")
             }
         }
     }
 }
 
-impl ClaimContext {
-    /// For each assigned partition: resume at its committed offset (or the log start), looking
-    /// back from there.
-    fn starts(
-        &self,
-        consumer: &BaseConsumer<Self>,
-        tpl: &TopicPartitionList,
-    ) -> KafkaResult<Vec<(String, i32, FetchStart)>> {
-        let committed = consumer.committed_offsets(tpl.clone(), ASSIGN_TIMEOUT)?;
-        let mut starts = Vec::new();
-        for elem in committed.elements() {
-            let (topic, p) = (elem.topic().to_string(), elem.partition());
-            let (low, _) = consumer.fetch_watermarks(&topic, p, ASSIGN_TIMEOUT)?;
-            let start = match elem.offset() {
-                Offset::Offset(c) if c > low => FetchStart::new(c, low),
-                _ => FetchStart::confirmed_at(low),
-            };
-            starts.push((topic, p, start));
-        }
-        Ok(starts)
-    }
+fn partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
+    tpl.elements()
+        .iter()
+        .map(|e| (e.topic().to_string(), e.partition()))
+        .collect()
 }
 
-/// The claimers' Kafka group session timeout. A broker that died holds its members'
-/// partitions until the group coordinator gives up on it; librdkafka's default (45 s) would
-/// leave a shared group unserved that long after a crash.
-const GROUP_SESSION_TIMEOUT_MS: &str = "10000";
 /// How long a claim round may take before the claimer counts as stuck and leaves the group
 /// (a member whose log cannot be written; its partitions go to the others). Also the time the
 /// coordinator waits for members to rejoin during a rebalance.
@@ -477,12 +412,15 @@ impl ClaimerTask {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("fetch.wait.max.ms", "100")
-            .set("session.timeout.ms", GROUP_SESSION_TIMEOUT_MS)
+            .set(
+                "session.timeout.ms",
+                self.kafka.config.group_session_timeout_ms.to_string(),
+            )
             .set("heartbeat.interval.ms", "3000")
             .set("max.poll.interval.ms", GROUP_MAX_POLL_INTERVAL_MS)
             .create_with_context(ClaimContext {
                 member: self.member.clone(),
-                fetch: Default::default(),
+                next: Default::default(),
             })
             .map_err(kafka_error)?;
         consumer.subscribe(&[&self.topic]).map_err(kafka_error)?;
@@ -520,50 +458,30 @@ impl ClaimerTask {
         }
     }
 
-    /// Keeps the records at or past each partition's resume point (see [`ClaimContext`]);
-    /// fetches a partition again from further back when its first record lies past it.
+    /// Drops records below what the claimer already took from their partition (a refetch),
+    /// and counts records retention deleted between two it got.
     fn positioned(
         &self,
         consumer: &StreamConsumer<ClaimContext>,
         round: Vec<rdkafka::message::OwnedMessage>,
     ) -> Vec<rdkafka::message::OwnedMessage> {
-        let mut rewound: Vec<i32> = Vec::new();
         let mut kept = Vec::with_capacity(round.len());
-        let mut fetch = consumer.context().fetch.lock();
+        let mut next = consumer.context().next.lock();
         for m in round {
             let p = m.partition();
-            if rewound.contains(&p) {
-                continue;
-            }
-            let state = fetch
-                .entry(p)
-                .or_insert_with(|| FetchStart::confirmed_at(m.offset()));
+            let state = next.entry(p).or_insert_with(|| NextOffset::new(m.offset()));
             match state.step(m.offset()) {
                 Step::Skip => {}
                 Step::Take => kept.push(m),
-                Step::Rewind(from) => {
-                    tracing::debug!(
-                        topic = self.topic,
-                        partition = p,
-                        got = m.offset(),
-                        want = state.want(),
-                        from,
-                        "shared group fetch rewinds"
-                    );
-                    if let Err(e) =
-                        consumer.seek(&self.topic, p, Offset::Offset(from), ASSIGN_TIMEOUT)
-                    {
-                        tracing::warn!(topic = self.topic, partition = p, error = %e, "seeking a shared group partition failed");
-                    }
-                    rewound.push(p);
-                }
-                Step::Gap { expected } => {
+                Step::Gap { expected, missing } => {
+                    self.kafka.metrics.kafka_log_gaps.add(missing as u64);
                     tracing::error!(
                         topic = self.topic,
                         partition = p,
                         expected,
                         got = m.offset(),
-                        "the shared group topic skipped offsets, and the log holds nothing earlier"
+                        missing,
+                        "shared group records were deleted by retention before a member claimed them; they are lost"
                     );
                     kept.push(m);
                 }
