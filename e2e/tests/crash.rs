@@ -1,9 +1,9 @@
 //! Crash tests: the real `ferrymq` binary, real TCP, real SIGKILL.
 //!
 //! Every test runs twice: on the embedded backend (module `embedded`) and on Kafka + PostgreSQL
-//! (module `kafka_postgres`: a tansu broker and a private PostgreSQL cluster are started for the
-//! test; kill -9 hits the broker only). The second set is skipped, with a message, where tansu or
-//! PostgreSQL is not installed, unless `FERRYMQ_REQUIRE_SERVICES=1` (CI) makes that a failure.
+//! (module `kafka_postgres`: an Apache Kafka broker and a private PostgreSQL cluster are started
+//! for the test; kill -9 hits the broker only). The second set is skipped, with a message, where
+//! Kafka or PostgreSQL is not installed, unless `FERRYMQ_REQUIRE_SERVICES=1` (CI) makes that a failure.
 //!
 //! Every test builds the broker once (`cargo build -p ferrymq-broker --release`, skipped when
 //! `FERRYMQ_BIN` is set), runs it as a child process with its own data dir and port, and drives it
@@ -67,8 +67,8 @@ fn baseline_without_kills_delivers_exactly_once_in_order(backend: &Backend) {
 /// by publisher resends or carry DUP=1; first occurrences keep per-publisher, per-topic order.
 fn qos1_100k_messages_survive_three_kills(backend: &Backend) {
     const PUBLISHERS: u32 = 4;
-    // The embedded run is the 100,000-message proof; on Kafka + PostgreSQL (tansu, in memory, on
-    // the same 2 cores) a fifth of it keeps the CI budget.
+    // The embedded run is the 100,000-message proof; on Kafka + PostgreSQL (a JVM and a
+    // database on the same 2 cores) a fifth of it keeps the CI budget.
     let per_publisher: u64 = match backend {
         Backend::Embedded => 25_000,
         Backend::KafkaPostgres(_) => 5_000,
@@ -581,7 +581,7 @@ mod embedded {
     }
 }
 
-/// The same scenarios on Kafka (tansu) + PostgreSQL.
+/// The same scenarios on Apache Kafka + PostgreSQL.
 mod kafka_postgres {
     use super::*;
 

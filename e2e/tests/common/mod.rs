@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 /// Where a test's broker keeps its state.
 pub enum Backend {
     Embedded,
-    /// tansu and a private PostgreSQL cluster, started for this test and stopped after it.
+    /// Apache Kafka and a private PostgreSQL cluster, started for this test and stopped after it.
     KafkaPostgres(Services),
 }
 

@@ -613,9 +613,9 @@ impl KafkaAdmin {
 
 /// The changes that make a topic's configuration match `wanted`: a wanted key whose value in
 /// effect differs is set; a key set on the topic itself (`own`) that the spec does not name is
-/// removed, back to the cluster default. Servers that report no configuration sources (tansu
-/// lists every key as a default) get the first half only: an extra key set out of band there
-/// is not seen.
+/// removed, back to the cluster default. Servers that report no configuration sources (some
+/// Kafka-protocol servers list every key as a default) get the first half only: an extra key
+/// set out of band there is not seen.
 pub fn config_diff(
     own: &BTreeMap<String, String>,
     effective: &BTreeMap<String, String>,

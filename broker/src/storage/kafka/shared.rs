@@ -86,9 +86,10 @@ fn partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
 }
 
 /// How long a claim round may take before the claimer counts as stuck and leaves the group
-/// (a member whose log cannot be written; its partitions go to the others). Also the time the
+/// (a member whose log cannot be written; its partitions go to the others), unless the session
+/// timeout is longer (librdkafka refuses a poll interval below it). Also the time the
 /// coordinator waits for members to rejoin during a rebalance.
-const GROUP_MAX_POLL_INTERVAL_MS: &str = "30000";
+const GROUP_MAX_POLL_INTERVAL_MS: u32 = 30_000;
 
 /// Records a claimer moves per round at most (one round = produce all, await all, commit).
 const CLAIM_BATCH: usize = 512;
@@ -365,6 +366,23 @@ fn split_shared(filter: &str) -> Option<(String, String)> {
     }
 }
 
+/// The settings of a claimer's consumer in the group `group`.
+fn claimer_config(config: &crate::config::KafkaConfig, group: &str) -> rdkafka::ClientConfig {
+    let session = config.group_session_timeout_ms;
+    let mut c = Kafka::client_config(config);
+    c.set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "100")
+        .set("session.timeout.ms", session.to_string())
+        .set(
+            "max.poll.interval.ms",
+            GROUP_MAX_POLL_INTERVAL_MS.max(session).to_string(),
+        );
+    c
+}
+
 struct ClaimerTask {
     kafka: Arc<Kafka>,
     apps: Arc<ApplicationLogs>,
@@ -406,23 +424,13 @@ impl ClaimerTask {
 
     /// Consumes until stopped (`Ok`) or the consumer fails.
     async fn consume(&self, stopped: &mut watch::Receiver<()>) -> Result<(), StorageError> {
-        let consumer: StreamConsumer<ClaimContext> = Kafka::client_config(&self.kafka.config)
-            .set("group.id", &self.topic)
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("fetch.wait.max.ms", "100")
-            .set(
-                "session.timeout.ms",
-                self.kafka.config.group_session_timeout_ms.to_string(),
-            )
-            .set("heartbeat.interval.ms", "3000")
-            .set("max.poll.interval.ms", GROUP_MAX_POLL_INTERVAL_MS)
-            .create_with_context(ClaimContext {
-                member: self.member.clone(),
-                next: Default::default(),
-            })
-            .map_err(kafka_error)?;
+        let consumer: StreamConsumer<ClaimContext> =
+            claimer_config(&self.kafka.config, &self.topic)
+                .create_with_context(ClaimContext {
+                    member: self.member.clone(),
+                    next: Default::default(),
+                })
+                .map_err(kafka_error)?;
         consumer.subscribe(&[&self.topic]).map_err(kafka_error)?;
         loop {
             let first = tokio::select! {
@@ -627,6 +635,20 @@ mod tests {
                 .all(|x| x.is_ascii_alphanumeric() || b"._-".contains(&x)));
         }
         assert_eq!(a, group_topic("ferrymq", "g1", "plant/+/temp"));
+    }
+
+    /// librdkafka checks a consumer's settings when it is created (no connection needed): the
+    /// claimer's must pass over the whole range `kafka.group_session_timeout_ms` accepts.
+    #[tokio::test]
+    async fn claimer_settings_are_accepted_by_librdkafka() {
+        for session in [6_000, 10_000, 45_000, 300_000] {
+            let config = crate::config::KafkaConfig {
+                group_session_timeout_ms: session,
+                ..Default::default()
+            };
+            let created: Result<StreamConsumer, _> = claimer_config(&config, "g").create();
+            assert!(created.is_ok(), "session {session}: {:?}", created.err());
+        }
     }
 
     #[test]

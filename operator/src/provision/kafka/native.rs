@@ -2,7 +2,7 @@
 //!
 //! * **IncrementalAlterConfigs** (KIP-339). rdkafka only wraps the legacy `AlterConfigs`, which
 //!   replaces a topic's whole dynamic configuration (a key left out is reset), is deprecated in
-//!   Kafka, and is not implemented by every Kafka-protocol server (tansu has only the
+//!   Kafka, and is not implemented by every Kafka-protocol server (some have only the
 //!   incremental request). Setting and deleting single keys is what a drift revert needs.
 //! * **DescribeTopics** (KIP-966 era admin call): the topic id, which metadata in rdkafka does
 //!   not expose. A topic id that changes means the topic was deleted and created again.
