@@ -80,7 +80,7 @@ use crate::common::{LocalObjectRef, SecretKeyRef};
         .field_path(".replicas")
 )]
 pub struct MqttBrokerSpec {
-    /// Container image of the broker, e.g. `registry.example.com/ferrymq:0.1.0`.
+    /// Container image of the broker, e.g. `ghcr.io/ferrymq/ferrymq:0.1.0`.
     #[schemars(length(min = 1))]
     pub image: String,
     /// Image pull policy (`Always`, `IfNotPresent`, `Never`); the Kubernetes default when absent.

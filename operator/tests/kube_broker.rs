@@ -94,7 +94,14 @@ async fn wait_sts(api: &Api<StatefulSet>, what: &str, check: impl Fn(&StatefulSe
     wait_for(what, WAIT, || {
         let api = api.clone();
         let check = &check;
-        async move { api.get_opt("edge").await.ok().flatten().filter(|s| check(s)).map(|_| ()) }
+        async move {
+            api.get_opt("edge")
+                .await
+                .ok()
+                .flatten()
+                .filter(|s| check(s))
+                .map(|_| ())
+        }
     })
     .await;
 }
@@ -351,4 +358,176 @@ fn embedded_broker_children_field_removal_scale_conditions_rejection_and_gc() {
         .await;
         let _ = stop.send(true);
     });
+}
+
+fn pod_ready_now(p: &Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// A Kafka + PostgreSQL broker with two pods (one active, one standby), Kafka and PostgreSQL
+/// behind the `Provisioner` seam: its StatefulSet (Parallel, OnDelete), its conditions, and an
+/// image change rolled standbys first, then the active pod, with kube-controller-manager
+/// re-creating the pods. No kubelet: the test marks pods Running/Ready itself, as a kubelet
+/// would (the active pod ready, the standby running but never ready, as the broker's standby
+/// reports itself).
+#[test]
+fn kafka_postgres_broker_rolls_standbys_first_on_the_api_server() {
+    runtime().block_on(async {
+        let Some(cp) = control_plane(true).await else {
+            return;
+        };
+        let client = cp.client().await.expect("client");
+        apply_crds(&client).await;
+        for obj in [
+            json!({"apiVersion": "v1", "kind": "Secret",
+                   "metadata": {"name": "pg", "namespace": NS},
+                   "stringData": {"url": "postgres://core:pw@127.0.0.1:5432/db"}}),
+            json!({"apiVersion": "ferrymq.io/v1alpha1", "kind": "MqttBroker",
+                   "metadata": {"name": "core", "namespace": NS},
+                   "spec": {"image": "ferrymq:1", "replicas": 2,
+                            "storage": {"kafkaPostgres": {
+                                "kafka": {"bootstrapServers": "kafka:9092"},
+                                "postgres": {"urlSecretRef": {"name": "pg", "key": "url"}}}}}}),
+        ] {
+            create(&client, &obj, NS).await.expect("fixture");
+        }
+        let ctx = Arc::new(Context::new(
+            client.clone(),
+            Arc::new(k8s::Fake::default()),
+            Arc::new(Metrics::new()),
+            Some("kube-broker-test".into()),
+        ));
+        let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+        let stop = async move {
+            let _ = stop_rx.wait_for(|s| *s).await;
+        }
+        .boxed()
+        .shared();
+        tokio::spawn(ferrymq_operator::controller::run(
+            ctx,
+            Some(NS.into()),
+            stop,
+        ));
+
+        let sts_api: Api<StatefulSet> = Api::namespaced(client.clone(), NS);
+        let sts = wait_for("StatefulSet core", WAIT, || {
+            let sts_api = sts_api.clone();
+            async move { sts_api.get_opt("core").await.ok().flatten() }
+        })
+        .await;
+        let spec = sts.spec.as_ref().expect("spec");
+        assert_eq!(spec.replicas, Some(2));
+        assert_eq!(spec.pod_management_policy.as_deref(), Some("Parallel"));
+        assert_eq!(
+            spec.update_strategy
+                .as_ref()
+                .and_then(|u| u.type_.as_deref()),
+            Some("OnDelete")
+        );
+
+        // kube-controller-manager creates both pods at once (Parallel). core-0 turns active
+        // (ready); core-1 runs as a standby (not ready).
+        let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+        for name in ["core-0", "core-1"] {
+            wait_for(&format!("pod {name}"), WAIT, || {
+                let pods = pods.clone();
+                async move { pods.get_opt(name).await.ok().flatten().map(|_| ()) }
+            })
+            .await;
+        }
+        set_pod_ready(&client, NS, "core-0")
+            .await
+            .expect("core-0 ready");
+        set_running(&client, "core-1").await;
+        let brokers: Api<MqttBroker> = Api::namespaced(client.clone(), NS);
+        let b = wait_for("core Ready with one active pod", WAIT, || {
+            let brokers = brokers.clone();
+            async move {
+                let b = brokers.get("core").await.ok()?;
+                condition(&b, "Ready")
+                    .is_some_and(|c| c.status == "True")
+                    .then_some(b)
+            }
+        })
+        .await;
+        assert_eq!(
+            condition(&b, "Ready").map(|c| c.message.as_str()),
+            Some("1 active pod, 1 standby")
+        );
+        for t in ["KafkaReachable", "PostgresReachable"] {
+            assert!(condition(&b, t).is_some_and(|c| c.status == "True"), "{t}");
+        }
+
+        // A new image: the standby is replaced first, the active pod only once the other pod
+        // runs the new template.
+        let mut old_uids = Vec::new();
+        for n in ["core-0", "core-1"] {
+            old_uids.push(pods.get(n).await.expect("pod").uid().expect("uid"));
+        }
+        brokers
+            .patch(
+                "core",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"image": "ferrymq:2"}})),
+            )
+            .await
+            .expect("new image");
+        // core-1 (the standby) is deleted and re-created with the new template first.
+        wait_for("core-1 replaced", WAIT, || {
+            let pods = pods.clone();
+            let old = old_uids[1].clone();
+            async move {
+                let p = pods.get_opt("core-1").await.ok()??;
+                (p.uid().as_deref() != Some(old.as_str())).then_some(())
+            }
+        })
+        .await;
+        let active = pods.get("core-0").await.expect("core-0");
+        assert_eq!(
+            active.uid().as_deref(),
+            Some(old_uids[0].as_str()),
+            "the active pod went before the standby was replaced"
+        );
+        assert!(pod_ready_now(&active));
+        // The new core-1 runs; then the operator replaces the active pod.
+        set_running(&client, "core-1").await;
+        wait_for("core-0 replaced", WAIT, || {
+            let pods = pods.clone();
+            let old = old_uids[0].clone();
+            async move {
+                let p = pods.get_opt("core-0").await.ok()??;
+                (p.uid().as_deref() != Some(old.as_str())).then_some(())
+            }
+        })
+        .await;
+        let events: Api<Event> = Api::namespaced(client.clone(), NS);
+        let reasons: Vec<String> = events
+            .list(&ListParams::default())
+            .await
+            .expect("events")
+            .items
+            .into_iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("core"))
+            .filter_map(|e| e.reason)
+            .collect();
+        for r in ["ReplacingStandbys", "ReplacingActive"] {
+            assert!(reasons.iter().any(|x| x == r), "{r} not in {reasons:?}");
+        }
+        let _ = stop_tx.send(true);
+    });
+}
+
+/// Marks a pod Running but not Ready: how a broker standby looks (live, never ready).
+async fn set_running(client: &Client, name: &str) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    pods.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"phase": "Running"}})),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("pod {name} Running: {e}"));
 }

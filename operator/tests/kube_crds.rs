@@ -7,16 +7,14 @@
 
 mod k8s;
 
-
+use ferrymq_crds::{ApplicationClient, MqttBroker};
 use kube::api::{Api, Patch, PatchParams};
 use kube::Client;
-use ferrymq_crds::{ApplicationClient, MqttBroker};
 use serde_json::{json, Value};
 
 use k8s::{
     apply_crds, control_plane, create, create_namespace, refusal, render_chart, repo, yaml_docs,
 };
-
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -77,7 +75,10 @@ fn crds_are_established_and_every_documented_manifest_is_accepted() {
         // The API server applied the schema's defaults (not the operator's serde defaults).
         let brokers: Api<MqttBroker> = Api::namespaced(client.clone(), "iot");
         let edge = brokers.get("edge").await.expect("edge");
-        assert_eq!(edge.spec.storage.embedded.as_ref().map(|e| e.fsync), Some(true));
+        assert_eq!(
+            edge.spec.storage.embedded.as_ref().map(|e| e.fsync),
+            Some(true)
+        );
     });
 }
 
@@ -120,10 +121,7 @@ async fn refused_create(client: &Client, obj: Value, message: &str) {
 
 /// Creates `obj`, then merge-patches it with `patch` and expects the refusal `message`.
 async fn refused_update(client: &Client, obj: Value, patch: Value, message: &str) {
-    let name = obj["metadata"]["name"]
-        .as_str()
-        .expect("name")
-        .to_string();
+    let name = obj["metadata"]["name"].as_str().expect("name").to_string();
     create(client, &obj, "default")
         .await
         .unwrap_or_else(|e| panic!("creating {name}: {e}"));

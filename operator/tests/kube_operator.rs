@@ -40,7 +40,6 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
-
 fn objects_of<'a>(rendered: &'a Value, kind: &str) -> Vec<&'a Value> {
     rendered["objects"]
         .as_array()
@@ -108,7 +107,9 @@ impl Operator {
             .as_u64()
             .expect("port") as u16;
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferrymq-operator"));
-        cmd.args(&args).env_remove("RUST_LOG").env("KUBECONFIG", kubeconfig);
+        cmd.args(&args)
+            .env_remove("RUST_LOG")
+            .env("KUBECONFIG", kubeconfig);
         for e in container["env"].as_array().expect("env") {
             let name = e["name"].as_str().expect("env name");
             let value = if let Some(v) = e["value"].as_str() {
@@ -258,11 +259,13 @@ fn two_chart_operators_only_the_lease_holder_reconciles_and_hands_over() {
         };
         let port_a = free_port().expect("port").port();
         let port_b = free_port().expect("port").port();
-        let Some(rendered_a) = render_chart(RELEASE_NS, json!({"replicas": 2, "http": {"port": port_a}})) else {
+        let Some(rendered_a) =
+            render_chart(RELEASE_NS, json!({"replicas": 2, "http": {"port": port_a}}))
+        else {
             return;
         };
-        let rendered_b =
-            render_chart(RELEASE_NS, json!({"replicas": 2, "http": {"port": port_b}})).expect("chart");
+        let rendered_b = render_chart(RELEASE_NS, json!({"replicas": 2, "http": {"port": port_b}}))
+            .expect("chart");
         let client = cp.client().await.expect("client");
         apply_crds(&client).await;
         let kubeconfig = install_chart_identity(&cp, &rendered_a).await;
@@ -318,7 +321,11 @@ fn two_chart_operators_only_the_lease_holder_reconciles_and_hands_over() {
         b.signal("-TERM");
         let status = b.wait_exit(Duration::from_secs(30));
         assert!(status.success(), "{status}; log:\n{}", b.log());
-        assert_eq!(lease_holder(&leases).await, None, "the Lease was not released");
+        assert_eq!(
+            lease_holder(&leases).await,
+            None,
+            "the Lease was not released"
+        );
         assert!(b.log().contains("released the leader Lease"), "{}", b.log());
         b.assert_no_forbidden();
     });
@@ -331,9 +338,10 @@ fn without_leader_election_sigterm_lets_the_reconcile_in_flight_finish() {
             return;
         };
         let port = free_port().expect("port").port();
-        let Some(rendered) =
-            render_chart(RELEASE_NS, json!({"leaderElection": {"enabled": false}, "http": {"port": port}}))
-        else {
+        let Some(rendered) = render_chart(
+            RELEASE_NS,
+            json!({"leaderElection": {"enabled": false}, "http": {"port": port}}),
+        ) else {
             return;
         };
         let client = cp.client().await.expect("client");
@@ -364,7 +372,9 @@ fn without_leader_election_sigterm_lets_the_reconcile_in_flight_finish() {
                 }},
             },
         });
-        create(&client, &slow, "default").await.expect("slow broker");
+        create(&client, &slow, "default")
+            .await
+            .expect("slow broker");
         // The watch delivers it within a second or two; then stop the operator mid-reconcile.
         tokio::time::sleep(Duration::from_secs(3)).await;
         let brokers: Api<MqttBroker> = Api::namespaced(client.clone(), "default");

@@ -3,6 +3,13 @@
 #![allow(dead_code)] // each test binary uses a part
 
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use async_trait::async_trait;
+use ferrymq_operator::seam::{
+    AppCredential, BrokerDatabase, KafkaTarget, ProvisionError, Provisioner, TopicState,
+    TopicWanted,
+};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -198,4 +205,79 @@ pub fn render_chart(namespace: &str, values: serde_json::Value) -> Option<serde_
         String::from_utf8_lossy(&out.stderr)
     );
     Some(serde_json::from_slice(&out.stdout).expect("render.py JSON"))
+}
+
+/// Kafka and PostgreSQL that answer and already hold what is asked for; topics of clients
+/// named in `failing` fail with a permanent Kafka error; deletions are recorded.
+#[derive(Default)]
+pub struct Fake {
+    pub ensure_topic: AtomicUsize,
+    pub failing: Vec<String>,
+    pub deleted: std::sync::Mutex<Vec<String>>,
+}
+
+#[async_trait]
+impl Provisioner for Fake {
+    async fn check_kafka(&self, _: &KafkaTarget) -> Result<(), ProvisionError> {
+        Ok(())
+    }
+    async fn ensure_topic(
+        &self,
+        _: &KafkaTarget,
+        topic: &TopicWanted,
+    ) -> Result<TopicState, ProvisionError> {
+        self.ensure_topic.fetch_add(1, Ordering::Relaxed);
+        if self
+            .failing
+            .iter()
+            .any(|c| topic.name.ends_with(c.as_str()))
+        {
+            return Err(ProvisionError::permanent(format!(
+                "TopicAuthorizationFailed on {}",
+                topic.name
+            )));
+        }
+        Ok(TopicState {
+            topic_id: Some(format!("id-{}", topic.name)),
+            partitions: topic.partitions,
+            ..Default::default()
+        })
+    }
+    async fn delete_topic(&self, _: &KafkaTarget, topic: &str) -> Result<bool, ProvisionError> {
+        if let Ok(mut d) = self.deleted.lock() {
+            d.push(format!("topic {topic}"));
+        }
+        Ok(true)
+    }
+    async fn ensure_broker_database(
+        &self,
+        _: &str,
+        _: &BrokerDatabase,
+        _: &str,
+    ) -> Result<bool, ProvisionError> {
+        Ok(false)
+    }
+    async fn check_postgres(&self, _: &str) -> Result<(), ProvisionError> {
+        Ok(())
+    }
+    async fn upsert_application(
+        &self,
+        _: &str,
+        _: &str,
+        _: &AppCredential,
+    ) -> Result<bool, ProvisionError> {
+        Ok(false)
+    }
+    async fn delete_application(
+        &self,
+        _: &str,
+        _: &str,
+        client_id: &str,
+        _: &str,
+    ) -> Result<bool, ProvisionError> {
+        if let Ok(mut d) = self.deleted.lock() {
+            d.push(format!("credentials {client_id}"));
+        }
+        Ok(true)
+    }
 }
