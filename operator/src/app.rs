@@ -104,13 +104,10 @@ pub fn broker_topic_config(broker: &MqttBroker) -> BTreeMap<String, String> {
     };
     let secs = get("retention_secs", defaults.retention_secs);
     let bytes = get("retention_bytes", defaults.retention_bytes);
-    ferrymq::storage::kafka::app::ApplicationLogs::topic_config(
-        secs.saturating_mul(1000),
-        bytes,
-    )
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect()
+    ferrymq::storage::kafka::app::ApplicationLogs::topic_config(secs.saturating_mul(1000), bytes)
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
 }
 
 /// The config an ApplicationClient's topic should have: the broker's settings, overridden key
@@ -814,7 +811,10 @@ mod tests {
             broker_topic_config(&broker(json!({}))),
             map(&[
                 ("retention.bytes", &defaults.retention_bytes.to_string()),
-                ("retention.ms", &(defaults.retention_secs * 1000).to_string()),
+                (
+                    "retention.ms",
+                    &(defaults.retention_secs * 1000).to_string()
+                ),
             ])
         );
         let overridden = broker(json!({"config": {"application": {"retention_secs": 60}}}));

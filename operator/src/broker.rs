@@ -342,7 +342,11 @@ async fn apply_children(
     secret_hash: &str,
 ) -> Result<(StatefulSet, bool, bool), (String, Error)> {
     let name = broker.name_any();
-    fn at<'a>(kind: &'a str, ns: &'a str, n: &'a str) -> impl FnOnce(Error) -> (String, Error) + 'a {
+    fn at<'a>(
+        kind: &'a str,
+        ns: &'a str,
+        n: &'a str,
+    ) -> impl FnOnce(Error) -> (String, Error) + 'a {
         move |e| (format!("{kind} {ns}/{n}"), e)
     }
     let client = ctx.client.clone();
@@ -404,9 +408,11 @@ async fn apply_children(
                 .map_err(at("PodDisruptionBudget", ns, &name))?;
         }
         None => {
-            delete_if_present(&pdb_api, &name)
-                .await
-                .map_err(at("PodDisruptionBudget", ns, &name))?;
+            delete_if_present(&pdb_api, &name).await.map_err(at(
+                "PodDisruptionBudget",
+                ns,
+                &name,
+            ))?;
         }
     }
     reconcile_service_monitor(broker, ctx, ns)
@@ -421,7 +427,6 @@ async fn apply_children(
     };
     Ok((sts, cm_written, rolling))
 }
-
 
 /// Replaces the pods of a Kafka + PostgreSQL broker that run an old template (its StatefulSet
 /// uses `OnDelete`): all standbys first, then the active pod, once every other pod runs the new

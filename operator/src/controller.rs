@@ -91,17 +91,17 @@ pub async fn run(
     // controller's initial list has filled it.
     let _ = ctx.app_store.set(apps.store());
     let apps = apps
-    .owns(api::<Secret>(&client, &namespace), owned)
-    .graceful_shutdown_on(shutdown)
-    .run(
-        app::reconcile,
-        error_policy::<ApplicationClient>(app::CONTROLLER),
-        ctx,
-    )
-    .for_each(|r| async move {
-        if let Err(e) = r {
-            tracing::debug!(error = %e, "applicationclient controller");
-        }
-    });
+        .owns(api::<Secret>(&client, &namespace), owned)
+        .graceful_shutdown_on(shutdown)
+        .run(
+            app::reconcile,
+            error_policy::<ApplicationClient>(app::CONTROLLER),
+            ctx,
+        )
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "applicationclient controller");
+            }
+        });
     futures_util::future::join(brokers, apps).await;
 }

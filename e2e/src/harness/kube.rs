@@ -189,9 +189,15 @@ impl ControlPlane {
             .arg(format!("--secure-port={}", port.port()))
             .arg("--bind-address=127.0.0.1")
             .arg("--advertise-address=127.0.0.1")
-            .arg(format!("--token-auth-file={}", d.join("tokens.csv").display()))
+            .arg(format!(
+                "--token-auth-file={}",
+                d.join("tokens.csv").display()
+            ))
             .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
-            .arg(format!("--service-account-key-file={}", d.join("sa.pub").display()))
+            .arg(format!(
+                "--service-account-key-file={}",
+                d.join("sa.pub").display()
+            ))
             .arg(format!(
                 "--service-account-signing-key-file={}",
                 d.join("sa.key").display()
@@ -400,7 +406,11 @@ impl Drop for ControlPlane {
 /// Sets Pod `namespace/name` Running and Ready through the status subresource, as a kubelet
 /// would. There is no kubelet in this control plane, so tests that need ready pods call this and
 /// say so.
-pub async fn set_pod_ready(client: &kube::Client, namespace: &str, name: &str) -> anyhow::Result<()> {
+pub async fn set_pod_ready(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+) -> anyhow::Result<()> {
     let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let now = k8s_openapi::jiff::Timestamp::now()
         .strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -417,13 +427,9 @@ pub async fn set_pod_ready(client: &kube::Client, namespace: &str, name: &str) -
             ],
         }
     });
-    api.patch_status(
-        name,
-        &PatchParams::default(),
-        &Patch::Strategic(&patch),
-    )
-    .await
-    .with_context(|| format!("setting Pod {namespace}/{name} ready"))?;
+    api.patch_status(name, &PatchParams::default(), &Patch::Strategic(&patch))
+        .await
+        .with_context(|| format!("setting Pod {namespace}/{name} ready"))?;
     Ok(())
 }
 
