@@ -340,7 +340,9 @@ fn without_leader_election_sigterm_lets_the_reconcile_in_flight_finish() {
         let port = free_port().expect("port").port();
         let Some(rendered) = render_chart(
             RELEASE_NS,
-            json!({"leaderElection": {"enabled": false}, "http": {"port": port}}),
+            // logLevel reaches the operator only if the chart sets the variable it reads.
+            json!({"leaderElection": {"enabled": false}, "http": {"port": port},
+                   "logLevel": "info,ferrymq_operator=debug,kube_runtime=debug"}),
         ) else {
             return;
         };
@@ -397,5 +399,10 @@ fn without_leader_election_sigterm_lets_the_reconcile_in_flight_finish() {
             op.log()
         );
         op.assert_no_forbidden();
+        assert!(
+            op.log().contains("DEBUG"),
+            "the chart's logLevel did not reach the operator:\n{}",
+            op.log()
+        );
     });
 }
