@@ -134,7 +134,9 @@ def test_image_tag_and_env_overrides(chart):
     assert c["image"] == "registry.local/op:dev"
     assert c["imagePullPolicy"] == "Always"
     env = {e["name"]: e for e in c["env"]}
-    assert env["FERRYMQ_LOG"]["value"] == "debug"
+    # The operator's EnvFilter reads RUST_LOG (operator/src/main.rs); FERRYMQ_LOG is the broker's.
+    assert env["RUST_LOG"]["value"] == "debug"
+    assert "FERRYMQ_LOG" not in env
     assert env["EXTRA"]["value"] == "1"
     assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
 
@@ -160,6 +162,8 @@ def test_leader_election_flags_and_lease_rbac(chart):
     assert one(on, "Deployment")["spec"]["replicas"] == 2
     c = container(on)
     args = c["args"]
+    # `--leader-election` is what turns the Lease on; without it every replica reconciles.
+    assert "--leader-election" in args
     assert "--no-leader-election" not in args
     assert args[args.index("--lease-name") + 1] == "fmq-ferrymq-operator-leader"
     env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in c["env"] if "valueFrom" in e}
@@ -170,7 +174,9 @@ def test_leader_election_flags_and_lease_rbac(chart):
     assert lease_roles[0]["metadata"]["namespace"] == NAMESPACE
 
     off = render(chart, {"leaderElection": {"enabled": False}})
-    assert "--no-leader-election" in container(off)["args"]
+    # Off is the operator's default: no flag at all (it has no `--no-leader-election`).
+    assert "--leader-election" not in container(off)["args"]
+    assert "--no-leader-election" not in container(off)["args"]
     assert "--lease-name" not in container(off)["args"]
     assert "Role" not in kinds(off) and "RoleBinding" not in kinds(off)
     # Without the Lease, two replicas would fight: the chart refuses to render.

@@ -54,6 +54,12 @@ use crate::common::LocalObjectRef;
     )
 )]
 #[serde(rename_all = "camelCase")]
+// `self == oldSelf` on an optional field runs only when the old and the new object both have it,
+// so it cannot refuse unset -> set (or set -> unset); this rule on the parent does.
+#[x_kube(
+    validation = Rule::new("has(self.credentialsSecretName) == has(oldSelf.credentialsSecretName)")
+        .message("credentialsSecretName is immutable")
+)]
 pub struct ApplicationClientSpec {
     /// The MqttBroker (same namespace) this client belongs to. Immutable.
     #[x_kube(validation = Rule::new("self == oldSelf").message("brokerRef is immutable"))]

@@ -53,6 +53,9 @@ pub mod reason {
     pub const ROLLING_OUT: &str = "RollingOut";
     pub const PODS_NOT_READY: &str = "PodsNotReady";
     pub const INVALID_SPEC: &str = "InvalidSpec";
+    /// The API server refused a child object the operator wrote (an immutable field, a value
+    /// its validation refuses, a missing permission).
+    pub const API_REJECTED: &str = "ApiRejected";
     pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
     pub const KAFKA_ERROR: &str = "KafkaError";
     pub const POSTGRES_ERROR: &str = "PostgresError";

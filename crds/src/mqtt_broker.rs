@@ -80,7 +80,7 @@ use crate::common::{LocalObjectRef, SecretKeyRef};
         .field_path(".replicas")
 )]
 pub struct MqttBrokerSpec {
-    /// Container image of the broker, e.g. `registry.example.com/ferrymq:0.1.0`.
+    /// Container image of the broker, e.g. `ghcr.io/ferrymq/ferrymq:0.1.0`.
     #[schemars(length(min = 1))]
     pub image: String,
     /// Image pull policy (`Always`, `IfNotPresent`, `Never`); the Kubernetes default when absent.
@@ -125,14 +125,28 @@ pub struct MqttBrokerSpec {
     #[serde(default)]
     pub disruption_budget: DisruptionBudget,
     /// Extra broker configuration, merged into the rendered TOML (same keys as the config file,
-    /// e.g. `{"limits": {"max_inflight": 64}}`). Keys the operator owns are refused.
+    /// e.g. `{"limits": {"max_inflight": 64}}`). Keys the operator owns
+    /// ([`OPERATOR_OWNED_CONFIG_KEYS`]) are refused by the operator, which reports
+    /// `Stalled`/`InvalidSpec`. Not by a CEL rule: the API server type-checks rules against the
+    /// schema, and the fields of this free-form object are undefined there (it refused the CRD
+    /// with `undefined field 'listeners'`; declaring the keys without a type, or making the object
+    /// a map, was refused too).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(
-        validation = Rule::new("!has(self.listeners) && !has(self.data_dir) && !has(self.storage) && !has(self.http) && !has(self.kafka) && !has(self.postgres) && !has(self.application_clients)")
-            .message("config may not set listeners, data_dir, storage, http, kafka, postgres or application_clients: the operator renders them from the spec")
-    )]
     pub config: Option<ConfigOverrides>,
 }
+
+/// Top-level keys of the broker config that the operator renders from the spec and that
+/// `spec.config` may therefore not set: the operator checks them when it renders and reports
+/// `Stalled`/`InvalidSpec`.
+pub const OPERATOR_OWNED_CONFIG_KEYS: [&str; 7] = [
+    "listeners",
+    "data_dir",
+    "storage",
+    "http",
+    "kafka",
+    "postgres",
+    "application_clients",
+];
 
 /// Free-form broker configuration overrides (a TOML document as JSON). Its schema is an object
 /// whose content the API server keeps as given; the operator checks it against the broker's
@@ -364,6 +378,12 @@ pub struct Storage {
 /// The PersistentVolumeClaim of embedded storage.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+// `self == oldSelf` on an optional field runs only when the old and the new object both have it,
+// so it cannot refuse unset -> set (or set -> unset); this rule on the parent does.
+#[x_kube(
+    validation = Rule::new("has(self.storageClassName) == has(oldSelf.storageClassName)")
+        .message("storageClassName is immutable")
+)]
 pub struct EmbeddedStorage {
     /// Requested volume size, e.g. `10Gi`. Immutable here; grow the PVC itself if the storage
     /// class allows it.

@@ -77,6 +77,48 @@ struct Target {
     storage: KafkaPostgresStorage,
     kafka: KafkaTarget,
     broker_url: Option<String>,
+    /// The settings the broker gives an APPLICATION topic it creates itself (its `[application]`
+    /// retention): the base of the topic's wanted config.
+    broker_topic_config: BTreeMap<String, String>,
+}
+
+/// The topic settings the broker itself gives APPLICATION topics it creates: `retention.ms` and
+/// `retention.bytes` from the `[application]` section of the config the operator renders for
+/// `broker` (so `spec.applicationLog` and `spec.config` overrides both count, and the broker's
+/// defaults apply when neither is set). Computed with the broker's own function, so the two
+/// cannot disagree. Without these in the wanted config, adopting a topic the broker created
+/// would delete its retention (it is not in the ApplicationClient's `topic.config`).
+pub fn broker_topic_config(broker: &MqttBroker) -> BTreeMap<String, String> {
+    let defaults = ferrymq::config::ApplicationConfig::default();
+    let application = crate::config::render(&broker.spec)
+        .ok()
+        .and_then(|text| text.parse::<toml::Table>().ok())
+        .and_then(|t| t.get("application").and_then(|a| a.as_table()).cloned());
+    let get = |key: &str, default: u64| {
+        application
+            .as_ref()
+            .and_then(|a| a.get(key))
+            .and_then(|v| v.as_integer())
+            .and_then(|v| u64::try_from(v).ok())
+            .unwrap_or(default)
+    };
+    let secs = get("retention_secs", defaults.retention_secs);
+    let bytes = get("retention_bytes", defaults.retention_bytes);
+    ferrymq::storage::kafka::app::ApplicationLogs::topic_config(secs.saturating_mul(1000), bytes)
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+}
+
+/// The config an ApplicationClient's topic should have: the broker's settings, overridden key
+/// by key by the client's own `topic.config`.
+pub fn wanted_topic_config(
+    broker_config: &BTreeMap<String, String>,
+    app: &ApplicationClient,
+) -> BTreeMap<String, String> {
+    let mut config = broker_config.clone();
+    config.extend(app.spec.topic.config.clone());
+    config
 }
 
 /// Why the client cannot be provisioned now.
@@ -131,6 +173,7 @@ async fn target(
         None => None,
     };
     Ok(Ok(Target {
+        broker_topic_config: broker_topic_config(&broker),
         kafka: KafkaTarget {
             bootstrap_servers: storage.kafka.bootstrap_servers.clone(),
             properties,
@@ -147,16 +190,26 @@ async fn conflicting_owner(
     ctx: &Context,
     ns: &str,
 ) -> Result<Option<String>> {
-    let api: Api<ApplicationClient> = Api::namespaced(ctx.client.clone(), ns);
     let key = |a: &ApplicationClient| {
         (
             a.metadata.creation_timestamp.as_ref().map(|t| t.0),
             a.name_any(),
         )
     };
-    let winner = api
-        .list(&ListParams::default())
-        .await?
+    let claimants: Vec<ApplicationClient> = match ctx.app_store.get() {
+        Some(store) => store
+            .state()
+            .iter()
+            .filter(|a| a.namespace().as_deref() == Some(ns))
+            .filter(|a| a.spec.client_id == app.spec.client_id)
+            .map(|a| (**a).clone())
+            .collect(),
+        None => {
+            let api: Api<ApplicationClient> = Api::namespaced(ctx.client.clone(), ns);
+            api.list(&ListParams::default()).await?.items
+        }
+    };
+    let winner = claimants
         .into_iter()
         .filter(|o| {
             o.spec.broker_ref == app.spec.broker_ref
@@ -241,7 +294,7 @@ async fn apply_app(app: Arc<ApplicationClient>, ctx: Arc<Context>) -> Result<Act
             -1 => target.storage.kafka.replication_factor,
             rf => rf,
         },
-        config: app.spec.topic.config.clone(),
+        config: wanted_topic_config(&target.broker_topic_config, &app),
     };
     status.topic_name = Some(topic_name.clone());
     let mut problems: Vec<Blocked> = Vec::new();
@@ -372,6 +425,10 @@ async fn apply_app(app: Arc<ApplicationClient>, ctx: Arc<Context>) -> Result<Act
     }
 
     let ready = problems.is_empty();
+    ctx.metrics.provisioning_failed(
+        CONTROLLER,
+        &problems.iter().map(|p| p.reason).collect::<Vec<_>>(),
+    );
     match problems.iter().find(|p| p.stalled).or(problems.first()) {
         Some(p) => block(&mut status, p, generation, &now),
         None => {
@@ -666,4 +723,101 @@ async fn write_status(
     );
     replace_status(&api, &app.name_any(), &status).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{broker_topic_config, wanted_topic_config};
+    use crate::provision::kafka::config_diff;
+    use ferrymq_crds::{ApplicationClient, MqttBroker};
+    use serde_json::json;
+    use std::collections::BTreeMap;
+
+    fn broker(extra: serde_json::Value) -> MqttBroker {
+        let mut spec = json!({
+            "image": "ferrymq:test",
+            "storage": {"kafkaPostgres": {
+                "kafka": {"bootstrapServers": "kafka:9092"},
+                "postgres": {"urlSecretRef": {"name": "pg", "key": "url"}},
+            }},
+        });
+        if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
+            s.extend(e.clone());
+        }
+        serde_json::from_value(json!({
+            "apiVersion": "ferrymq.io/v1alpha1", "kind": "MqttBroker",
+            "metadata": {"name": "core", "namespace": "iot"}, "spec": spec,
+        }))
+        .expect("broker")
+    }
+
+    fn app(config: serde_json::Value) -> ApplicationClient {
+        serde_json::from_value(json!({
+            "apiVersion": "ferrymq.io/v1alpha1", "kind": "ApplicationClient",
+            "metadata": {"name": "a", "namespace": "iot"},
+            "spec": {"brokerRef": {"name": "core"}, "clientId": "a", "topic": {"config": config}},
+        }))
+        .expect("app")
+    }
+
+    fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn adopting_a_topic_the_broker_created_keeps_its_retention() {
+        let b = broker(json!({"applicationLog": {"retentionSecs": 3600, "retentionBytes": 1000}}));
+        let from_broker = broker_topic_config(&b);
+        assert_eq!(
+            from_broker,
+            map(&[("retention.bytes", "1000"), ("retention.ms", "3600000")])
+        );
+        // The topic as the broker created it: its own settings are the broker's retention.
+        let created_by_broker = from_broker.clone();
+        let wanted = wanted_topic_config(&from_broker, &app(json!({})));
+        assert_eq!(
+            config_diff(&created_by_broker, &created_by_broker, &wanted),
+            vec![],
+            "adoption must change nothing"
+        );
+        // What the operator did before: the ApplicationClient's config alone, which deleted
+        // both retention settings on adoption.
+        assert_eq!(
+            config_diff(&created_by_broker, &created_by_broker, &BTreeMap::new()).len(),
+            2
+        );
+        // The client's own topic.config wins key by key.
+        let wanted = wanted_topic_config(
+            &from_broker,
+            &app(json!({"retention.bytes": "5000", "cleanup.policy": "delete"})),
+        );
+        assert_eq!(
+            wanted,
+            map(&[
+                ("cleanup.policy", "delete"),
+                ("retention.bytes", "5000"),
+                ("retention.ms", "3600000")
+            ])
+        );
+    }
+
+    #[test]
+    fn broker_retention_comes_from_defaults_or_config_overrides() {
+        let defaults = ferrymq::config::ApplicationConfig::default();
+        assert_eq!(
+            broker_topic_config(&broker(json!({}))),
+            map(&[
+                ("retention.bytes", &defaults.retention_bytes.to_string()),
+                (
+                    "retention.ms",
+                    &(defaults.retention_secs * 1000).to_string()
+                ),
+            ])
+        );
+        let overridden = broker(json!({"config": {"application": {"retention_secs": 60}}}));
+        assert_eq!(broker_topic_config(&overridden)["retention.ms"], "60000");
+    }
 }

@@ -1,6 +1,7 @@
 //! Server-side apply of owned objects, skipping the request when the object already holds
-//! everything the operator wants, so a reconcile that finds the cluster in place writes
-//! nothing.
+//! everything the operator wants *and* was last applied from the same desired object, so a
+//! reconcile that finds the cluster in place writes nothing, while a field removed from the spec
+//! still leaves the child.
 
 use kube::api::{Api, Patch, PatchParams};
 use kube::Resource;
@@ -8,9 +9,18 @@ use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 
 use crate::error::Result;
 use crate::resources::FIELD_MANAGER;
+
+/// On every applied child: a hash of the whole object the operator last applied. "The live
+/// object contains every wanted field" alone cannot see a field that is no longer wanted (an
+/// annotation, a nodeSelector or a resource limit removed from the MqttBroker): the live object
+/// still contains everything wanted, so the apply that would remove the field (server-side apply
+/// drops fields its manager owned and no longer sends) would be skipped for ever. With the hash
+/// in the wanted object, any change of the desired object, removals included, forces the apply.
+pub const APPLIED_HASH_ANNOTATION: &str = "ferrymq.io/applied-hash";
 
 /// Whether every field of `want` is present in `have` with the same value. Objects compare key
 /// by key (extra keys in `have` are the API server's defaults and other managers' fields);
@@ -27,20 +37,49 @@ pub fn contains(have: &Value, want: &Value) -> bool {
     }
 }
 
+/// `obj` as JSON with [`APPLIED_HASH_ANNOTATION`] set to the hash of `obj` itself.
+pub fn with_applied_hash<T: Serialize>(obj: &T) -> Result<Value> {
+    let mut want = serde_json::to_value(obj)?;
+    // serde_json's maps are sorted (no preserve_order), so equal objects hash equally.
+    let hash: String = Sha256::digest(serde_json::to_vec(&want)?)
+        .iter()
+        .take(12)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    if let Some(map) = want.as_object_mut() {
+        let meta = map
+            .entry("metadata")
+            .or_insert_with(|| Value::Object(Default::default()));
+        if let Some(meta) = meta.as_object_mut() {
+            let annotations = meta
+                .entry("annotations")
+                .or_insert_with(|| Value::Object(Default::default()));
+            if !annotations.is_object() {
+                *annotations = Value::Object(Default::default());
+            }
+            if let Some(a) = annotations.as_object_mut() {
+                a.insert(APPLIED_HASH_ANNOTATION.into(), Value::String(hash));
+            }
+        }
+    }
+    Ok(want)
+}
+
 /// Applies `obj` (named `name`) with the operator's field manager unless the live object
-/// already contains it. Returns the live object and whether a write was made.
+/// already contains it, as last applied (see [`APPLIED_HASH_ANNOTATION`]). Returns the live
+/// object and whether a write was made.
 pub async fn apply<K>(api: &Api<K>, name: &str, obj: &K) -> Result<(K, bool)>
 where
     K: Resource + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
 {
-    let want = serde_json::to_value(obj)?;
+    let want = with_applied_hash(obj)?;
     if let Some(live) = api.get_opt(name).await? {
         if contains(&serde_json::to_value(&live)?, &want) {
             return Ok((live, false));
         }
     }
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    let live = api.patch(name, &params, &Patch::Apply(obj)).await?;
+    let live = api.patch(name, &params, &Patch::Apply(&want)).await?;
     Ok((live, true))
 }
 

@@ -25,7 +25,7 @@ use kube::runtime::controller::Action;
 use kube::ResourceExt;
 use sha2::{Digest, Sha256};
 
-use crate::apply::{apply, contains, delete_if_present, replace_status};
+use crate::apply::{apply, contains, delete_if_present, replace_status, with_applied_hash};
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::resources::{self as res, FIELD_MANAGER};
@@ -253,70 +253,36 @@ pub async fn reconcile(broker: Arc<MqttBroker>, ctx: Arc<Context>) -> Result<Act
 
     // Owned objects. The StatefulSet is applied even while a dependency is down: the broker
     // retries on its own, and a config fix must reach the pods.
-    let client = ctx.client.clone();
-    let cm_api: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
-    let (_, cm_written) = apply(
-        &cm_api,
-        &res::config_map_name(&broker),
-        &res::config_map(&broker, &rendered),
-    )
-    .await?;
-    let svc_api: Api<Service> = Api::namespaced(client.clone(), &ns);
-    apply(
-        &svc_api,
-        &res::headless_service_name(&broker),
-        &res::headless_service(&broker),
-    )
-    .await?;
-    let wanted_services = res::client_services(&broker);
-    for svc in &wanted_services {
-        apply(&svc_api, &svc.name_any(), svc).await?;
-    }
-    // Client Services of listeners that were removed or moved to another Service.
-    let selector = format!(
-        "{}={},{}=client",
-        res::INSTANCE_LABEL,
-        broker.name_any(),
-        res::SERVICE_ROLE_LABEL
+    ctx.metrics.provisioning_failed(
+        CONTROLLER,
+        &problems.iter().map(|p| p.reason).collect::<Vec<_>>(),
     );
-    for svc in svc_api
-        .list(&ListParams::default().labels(&selector))
-        .await?
-    {
-        let owned = svc
-            .owner_references()
-            .iter()
-            .any(|o| Some(&o.uid) == broker.metadata.uid.as_ref());
-        if owned
-            && !wanted_services
-                .iter()
-                .any(|w| w.name_any() == svc.name_any())
-        {
-            delete_if_present(&svc_api, &svc.name_any()).await?;
-        }
-    }
-    let sts_api: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
-    let (sts, _) = apply(
-        &sts_api,
-        &broker.name_any(),
-        &res::stateful_set(&broker, &config_hash, &secret_hash),
-    )
-    .await?;
-    let pdb_api: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &ns);
-    match res::pod_disruption_budget(&broker) {
-        Some(pdb) => {
-            apply(&pdb_api, &broker.name_any(), &pdb).await?;
-        }
-        None => {
-            delete_if_present(&pdb_api, &broker.name_any()).await?;
-        }
-    }
-    reconcile_service_monitor(&broker, &ctx, &ns).await?;
-    let rolling = if broker.spec.storage.kafka_postgres.is_some() {
-        roll_pods(&broker, &ctx, &ns, &sts).await?
-    } else {
-        false
-    };
+    let (sts, cm_written, rolling) =
+        match apply_children(&broker, &ctx, &ns, &rendered, &config_hash, &secret_hash).await {
+            Ok(c) => c,
+            Err((what, error)) => {
+                // A refusal (an immutable StatefulSet field, an invalid value, RBAC) does not go
+                // away by retrying: show it as Stalled with an Event naming the object, then
+                // fail the reconcile so the error policy logs and counts it and backs off.
+                if let Some(message) = rejection(&what, &error) {
+                    let fresh = !status.conditions.iter().any(|c| {
+                        c.type_ == ct::STALLED && c.status == "True" && c.message == message
+                    });
+                    problems.push(Problem {
+                        stalled: true,
+                        reason: reason::API_REJECTED,
+                        message: message.clone(),
+                    });
+                    finish_status(&broker, &ctx, &mut status, &problems, None, generation, now)
+                        .await?;
+                    if fresh {
+                        ctx.event(&*broker, true, reason::API_REJECTED, "Apply", message)
+                            .await;
+                    }
+                }
+                return Err(error);
+            }
+        };
 
     if cm_written
         && old_status.config_hash.is_some()
@@ -350,6 +316,116 @@ pub async fn reconcile(broker: Arc<MqttBroker>, ctx: Arc<Context>) -> Result<Act
     } else {
         Action::requeue(SHORT_REQUEUE)
     })
+}
+
+/// The API server's refusal of `what` as a status message, or `None` for an error that time may
+/// fix (a conflict, a timeout, a 5xx).
+fn rejection(what: &str, error: &Error) -> Option<String> {
+    match error {
+        Error::Kube(kube::Error::Api(e)) if matches!(e.code, 400 | 403 | 422) => Some(format!(
+            "the API server refused {what}: {} ({})",
+            e.message, e.reason
+        )),
+        _ => None,
+    }
+}
+
+/// Applies the owned objects; an error comes with the object it concerns (`Kind ns/name`).
+/// Returns the StatefulSet as applied, whether the ConfigMap was written and whether pods are
+/// being replaced.
+async fn apply_children(
+    broker: &MqttBroker,
+    ctx: &Context,
+    ns: &str,
+    rendered: &str,
+    config_hash: &str,
+    secret_hash: &str,
+) -> Result<(StatefulSet, bool, bool), (String, Error)> {
+    let name = broker.name_any();
+    fn at<'a>(
+        kind: &'a str,
+        ns: &'a str,
+        n: &'a str,
+    ) -> impl FnOnce(Error) -> (String, Error) + 'a {
+        move |e| (format!("{kind} {ns}/{n}"), e)
+    }
+    let client = ctx.client.clone();
+    let cm_api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    let cm_name = res::config_map_name(broker);
+    let (_, cm_written) = apply(&cm_api, &cm_name, &res::config_map(broker, rendered))
+        .await
+        .map_err(at("ConfigMap", ns, &cm_name))?;
+    let svc_api: Api<Service> = Api::namespaced(client.clone(), ns);
+    let headless = res::headless_service_name(broker);
+    apply(&svc_api, &headless, &res::headless_service(broker))
+        .await
+        .map_err(at("Service", ns, &headless))?;
+    let wanted_services = res::client_services(broker);
+    for svc in &wanted_services {
+        apply(&svc_api, &svc.name_any(), svc)
+            .await
+            .map_err(at("Service", ns, &svc.name_any()))?;
+    }
+    // Client Services of listeners that were removed or moved to another Service.
+    let selector = format!(
+        "{}={},{}=client",
+        res::INSTANCE_LABEL,
+        name,
+        res::SERVICE_ROLE_LABEL
+    );
+    for svc in svc_api
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .map_err(|e| (format!("Services in {ns}"), e.into()))?
+    {
+        let owned = svc
+            .owner_references()
+            .iter()
+            .any(|o| Some(&o.uid) == broker.metadata.uid.as_ref());
+        if owned
+            && !wanted_services
+                .iter()
+                .any(|w| w.name_any() == svc.name_any())
+        {
+            delete_if_present(&svc_api, &svc.name_any())
+                .await
+                .map_err(at("Service", ns, &svc.name_any()))?;
+        }
+    }
+    let sts_api: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
+    let (sts, _) = apply(
+        &sts_api,
+        &name,
+        &res::stateful_set(broker, config_hash, secret_hash),
+    )
+    .await
+    .map_err(at("StatefulSet", ns, &name))?;
+    let pdb_api: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), ns);
+    match res::pod_disruption_budget(broker) {
+        Some(pdb) => {
+            apply(&pdb_api, &name, &pdb)
+                .await
+                .map_err(at("PodDisruptionBudget", ns, &name))?;
+        }
+        None => {
+            delete_if_present(&pdb_api, &name).await.map_err(at(
+                "PodDisruptionBudget",
+                ns,
+                &name,
+            ))?;
+        }
+    }
+    reconcile_service_monitor(broker, ctx, ns)
+        .await
+        .map_err(at("ServiceMonitor", ns, &name))?;
+    let rolling = if broker.spec.storage.kafka_postgres.is_some() {
+        roll_pods(broker, ctx, ns, &sts)
+            .await
+            .map_err(|e| (format!("Pods of {ns}/{name}"), e))?
+    } else {
+        false
+    };
+    Ok((sts, cm_written, rolling))
 }
 
 /// Replaces the pods of a Kafka + PostgreSQL broker that run an old template (its StatefulSet
@@ -579,7 +655,7 @@ async fn reconcile_service_monitor(broker: &MqttBroker, ctx: &Context, ns: &str)
         Api::namespaced_with(ctx.client.clone(), ns, &res::service_monitor_resource());
     if wanted {
         let sm = res::service_monitor(broker);
-        let want = serde_json::to_value(&sm)?;
+        let want = with_applied_hash(&sm)?;
         let live = api.get_opt(&broker.name_any()).await?;
         if !live
             .map(|l| serde_json::to_value(&l))
@@ -589,7 +665,7 @@ async fn reconcile_service_monitor(broker: &MqttBroker, ctx: &Context, ns: &str)
             api.patch(
                 &broker.name_any(),
                 &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&sm),
+                &Patch::Apply(&want),
             )
             .await?;
         }

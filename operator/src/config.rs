@@ -20,16 +20,9 @@ pub const DATA_DIR: &str = "/var/lib/ferrymq";
 pub const TLS_DIR: &str = "/etc/ferrymq/tls";
 
 /// Top-level keys the operator derives from the spec; `spec.config` may not set them (the CRD
-/// refuses them too, this is the same rule for objects that predate it).
-pub const OWNED_KEYS: &[&str] = &[
-    "listeners",
-    "data_dir",
-    "storage",
-    "http",
-    "kafka",
-    "postgres",
-    "application_clients",
-];
+/// refuses them too, this is the same rule for objects that predate it). One list, in the CRD
+/// crate, so the CRD's schema and rule and this check cannot disagree.
+pub const OWNED_KEYS: &[&str] = &ferrymq_crds::OPERATOR_OWNED_CONFIG_KEYS;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RenderError {

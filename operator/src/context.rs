@@ -1,10 +1,12 @@
 //! What every reconcile gets: the Kubernetes client, the side-effect seam, metrics and the
 //! Event recorder.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use ferrymq_crds::ApplicationClient;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::Store;
 use kube::{Client, Resource};
 
 use crate::metrics::Metrics;
@@ -18,6 +20,11 @@ pub struct Context {
     /// How often a healthy object is reconciled again, which is when out-of-band drift in Kafka
     /// or PostgreSQL is found and reverted.
     pub resync: Duration,
+    /// The ApplicationClient controller's own cache (its reflector), set when the controllers
+    /// start. The conflict check reads every claimant of a client id from it instead of listing
+    /// all ApplicationClients of the namespace on each reconcile (n reconciles x n objects).
+    /// Unset (a reconcile called directly, as the fast tests do): the check lists.
+    pub app_store: OnceLock<Store<ApplicationClient>>,
 }
 
 impl Context {
@@ -37,6 +44,7 @@ impl Context {
             provisioner,
             metrics,
             resync: Duration::from_secs(300),
+            app_store: OnceLock::new(),
         }
     }
 

@@ -22,11 +22,18 @@ use crate::{app, broker};
 const ERROR_REQUEUE: Duration = Duration::from_secs(10);
 
 /// What the controllers do with a failed reconcile: log it, count it by error kind, requeue.
-pub fn error_policy<K>(
+pub fn error_policy<K: kube::Resource>(
     controller: &'static str,
 ) -> impl Fn(Arc<K>, &Error, Arc<Context>) -> Action {
-    move |_obj, error, ctx| {
-        tracing::warn!(controller, %error, "reconcile failed");
+    move |obj, error, ctx| {
+        // Which object: without it the log line cannot be acted on.
+        tracing::warn!(
+            controller,
+            namespace = obj.meta().namespace.as_deref().unwrap_or(""),
+            name = obj.meta().name.as_deref().unwrap_or(""),
+            %error,
+            "reconcile failed"
+        );
         ctx.metrics.failed(controller, error.metric_label());
         Action::requeue(ERROR_REQUEUE)
     }
@@ -79,18 +86,22 @@ pub async fn run(
     let apps = Controller::new(
         api::<ApplicationClient>(&client, &namespace),
         Config::default().any_semantic(),
-    )
-    .owns(api::<Secret>(&client, &namespace), owned)
-    .graceful_shutdown_on(shutdown)
-    .run(
-        app::reconcile,
-        error_policy::<ApplicationClient>(app::CONTROLLER),
-        ctx,
-    )
-    .for_each(|r| async move {
-        if let Err(e) = r {
-            tracing::debug!(error = %e, "applicationclient controller");
-        }
-    });
+    );
+    // The conflict check reads the controller's cache; the first reconcile runs only once the
+    // controller's initial list has filled it.
+    let _ = ctx.app_store.set(apps.store());
+    let apps = apps
+        .owns(api::<Secret>(&client, &namespace), owned)
+        .graceful_shutdown_on(shutdown)
+        .run(
+            app::reconcile,
+            error_policy::<ApplicationClient>(app::CONTROLLER),
+            ctx,
+        )
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "applicationclient controller");
+            }
+        });
     futures_util::future::join(brokers, apps).await;
 }

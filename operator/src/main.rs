@@ -59,6 +59,9 @@ struct Http {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // One TLS provider for the process, chosen here: with both of rustls' providers compiled
+    // in, rustls refuses to guess and the first API connection would panic.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| "info,kube=warn".into());
     if cli.log_format == "json" {
@@ -142,13 +145,25 @@ async fn main() -> anyhow::Result<()> {
         .shared()
     };
 
+    // On SIGTERM the controllers are told to stop and then awaited: kube-runtime's graceful
+    // shutdown lets the reconciles in flight finish (the pod's terminationGracePeriodSeconds
+    // bounds it). Dropping the controllers' future instead would abandon them half-way.
     let outcome = if !cli.leader_election {
         metrics.leader.set(1);
+        let controllers = ferrymq_operator::controller::run(
+            ctx.clone(),
+            cli.namespace.clone(),
+            controllers_stop.clone(),
+        );
+        tokio::pin!(controllers);
         tokio::select! {
-            r = signal => r,
-            _ = ferrymq_operator::controller::run(ctx.clone(), cli.namespace.clone(), controllers_stop.clone()) => {
-                Ok(())
+            r = signal => {
+                tracing::info!("stopping: letting the reconciles in flight finish");
+                let _ = stop_tx.send(true);
+                controllers.await;
+                r
             }
+            _ = &mut controllers => Ok(()),
         }
     } else {
         let lock = LeaseLock::new(
@@ -160,16 +175,34 @@ async fn main() -> anyhow::Result<()> {
                 lease_ttl,
             },
         );
+        let leading = lead(
+            &lock,
+            lease_ttl,
+            ctx.clone(),
+            cli.namespace.clone(),
+            controllers_stop.clone(),
+            &metrics,
+        );
+        tokio::pin!(leading);
         let result = tokio::select! {
-            r = signal => r,
-            r = lead(&lock, lease_ttl, ctx.clone(), cli.namespace.clone(), controllers_stop.clone(), &metrics) => r,
+            r = signal => {
+                tracing::info!("stopping: letting the reconciles in flight finish");
+                let _ = stop_tx.send(true);
+                // `lead` keeps renewing the Lease until the controllers have finished, so no
+                // other replica starts while this one still writes.
+                let led = (&mut leading).await;
+                r.and(led)
+            }
+            r = &mut leading => r,
         };
         let _ = stop_tx.send(true);
         // Give the Lease up at once so a standby takes over without waiting for the TTL.
         if metrics.leader.get() == 1 {
-            if let Err(e) = lock.step_down().await {
-                tracing::warn!(error = %e, "cannot release the leader Lease");
+            match lock.step_down().await {
+                Ok(()) => tracing::info!("released the leader Lease"),
+                Err(e) => tracing::warn!(error = %e, "cannot release the leader Lease"),
             }
+            metrics.leader.set(0);
         }
         result
     };
@@ -198,7 +231,11 @@ async fn lead(
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "leader election"),
         }
-        tokio::time::sleep(renew).await;
+        // A standby told to stop has nothing to finish.
+        tokio::select! {
+            _ = stop.clone() => return Ok(()),
+            _ = tokio::time::sleep(renew) => {}
+        }
     }
     tracing::info!("acquired the leader Lease; starting the controllers");
     metrics.leader.set(1);

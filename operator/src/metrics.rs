@@ -84,6 +84,20 @@ impl Metrics {
         self.failures.with_label_values(&[controller, error]).inc();
     }
 
+    /// Counts a reconcile that ended without an error but with Kafka or PostgreSQL failing
+    /// (those show as conditions and requeue, not as a reconcile error, so the error policy
+    /// never sees them): `error="kafka"` or `error="postgres"`, once per reconcile and kind.
+    pub fn provisioning_failed(&self, controller: &str, reasons: &[&str]) {
+        for (reason, label) in [
+            (ferrymq_crds::reason::KAFKA_ERROR, "kafka"),
+            (ferrymq_crds::reason::POSTGRES_ERROR, "postgres"),
+        ] {
+            if reasons.contains(&reason) {
+                self.failed(controller, label);
+            }
+        }
+    }
+
     /// The text exposition format.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();

@@ -16,6 +16,8 @@
 //! * `FERRYMQ_E2E_FAULT=wipe`: negative control, deletes the data dir before every restart so
 //!   the crash tests must fail (shows they can).
 
+#[cfg(feature = "kube")]
+pub mod kube;
 pub mod mqtt;
 pub mod payload;
 mod process;
