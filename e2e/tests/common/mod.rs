@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 pub enum Backend {
     Embedded,
     /// Apache Kafka and a private PostgreSQL cluster, started for this test and stopped after it.
-    KafkaPostgres(Services),
+    KafkaPostgres(Box<Services>),
 }
 
 impl Backend {
@@ -33,9 +33,9 @@ impl Backend {
         if !require_services() {
             return None;
         }
-        Some(Backend::KafkaPostgres(
+        Some(Backend::KafkaPostgres(Box::new(
             Services::start().expect("starting Kafka and PostgreSQL"),
-        ))
+        )))
     }
 
     pub fn name(&self) -> &'static str {
@@ -81,14 +81,14 @@ impl Backend {
     pub fn services(&self) -> Option<&Services> {
         match self {
             Backend::Embedded => None,
-            Backend::KafkaPostgres(s) => Some(s),
+            Backend::KafkaPostgres(s) => Some(&**s),
         }
     }
 
     pub fn services_mut(&mut self) -> Option<&mut Services> {
         match self {
             Backend::Embedded => None,
-            Backend::KafkaPostgres(s) => Some(s),
+            Backend::KafkaPostgres(s) => Some(&mut **s),
         }
     }
 }
