@@ -394,6 +394,11 @@ fn durability_of(broker: &str) -> &'static str {
              the last snapshot are lost in a crash"
         }
         "rumqttd" => "no disk persistence at all: everything is in memory and lost in a crash",
+        "ferrymq-kafka" => {
+            "appended to Kafka's publish log with acks=all before PUBACK (single-node test \
+             cluster: one replica, the page cache, no fsync per message, as Kafka runs); the \
+             broker itself writes nothing to disk, so its disk-write column is 0"
+        }
         _ => "unknown",
     }
 }
