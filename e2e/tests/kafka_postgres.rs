@@ -855,3 +855,77 @@ fn publish_ack_latency_is_recorded_on_the_kafka_path() {
         .expect("ack latency histogram exported");
     assert_eq!(count, 5, "every PUBACK timed");
 }
+
+/// `Storage::submit` applies batches in submission order, also when the first one holds an
+/// APPLICATION append (Kafka first, then PostgreSQL) and the second one only PostgreSQL writes.
+/// Batch A appends to an APPLICATION log and stores session `x`; batch B, submitted right
+/// after without waiting, deletes `x`. In order, `x` is gone; B overtaking A would leave it.
+#[test]
+fn batches_are_applied_in_submission_order_across_kafka_and_postgres() {
+    use ferrymq::message::{Message, MessageProperties};
+    use ferrymq::protocol::QoS;
+    use ferrymq::storage::codec::encode_delivery;
+    use ferrymq::storage::kafka_postgres::KafkaPostgresStorage;
+    use ferrymq::storage::{ClientKind, SessionRecord, Storage, WriteBatch, WriteOp};
+
+    let _serial = serial();
+    let Some(backend) = Backend::kafka_postgres() else {
+        return;
+    };
+    let services = backend.services().expect("services");
+    let config = ferrymq::config::Config::from_toml_str(&services.config("t_order"))
+        .expect("config");
+    let rt = runtime();
+    rt.block_on(async {
+        let storage = KafkaPostgresStorage::connect(&config, Default::default())
+            .await
+            .expect("connect");
+        let app: Arc<str> = Arc::from("order-app");
+        let x: Arc<str> = Arc::from("order-x");
+        storage
+            .prepare_application(&app)
+            .await
+            .expect("APPLICATION topic");
+        let message = Message {
+            topic: Bytes::from_static(b"order/a"),
+            payload: Bytes::from_static(b"payload"),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            properties: MessageProperties::default(),
+            received_at: Instant::now(),
+            publisher: Arc::from("order-pub"),
+        };
+        let session = SessionRecord {
+            kind: ClientKind::Device,
+            expiry_interval: u32::MAX,
+            disconnected_at_ms: 0,
+        };
+        for round in 0..20 {
+            let first = storage.submit(WriteBatch {
+                ops: vec![
+                    WriteOp::Enqueue {
+                        client: app.clone(),
+                        kind: ClientKind::Application,
+                        record: encode_delivery(QoS::AtLeastOnce, false, 0, &[], &message),
+                        notify: None,
+                        origin: None,
+                    },
+                    WriteOp::PutSession {
+                        client: x.clone(),
+                        record: session.clone(),
+                    },
+                ],
+            });
+            let second = storage.submit(WriteBatch {
+                ops: vec![WriteOp::DeleteSession { client: x.clone() }],
+            });
+            first.await.expect("first").expect("first batch");
+            second.await.expect("second").expect("second batch");
+            let snapshot = storage.load().await.expect("load");
+            assert!(
+                snapshot.sessions.iter().all(|s| s.client != x),
+                "round {round}: the second batch was applied before the first"
+            );
+        }
+    });
+}

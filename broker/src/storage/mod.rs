@@ -196,33 +196,65 @@ impl WriteBatch {
     }
 }
 
-#[derive(Debug, Clone, thiserror::Error)]
+/// Why a storage operation failed. `Display` and `Error` are written out (not derived) so that
+/// `source()` hands out the underlying error itself, which a caller can downcast
+/// (`KafkaError`, `sqlx::Error`, …); a derived one would hand out the `Arc` around it.
+#[derive(Debug, Clone)]
 pub enum StorageError {
-    /// A backend failed. `source` keeps the underlying error (a `KafkaError`, an `sqlx::Error`,
-    /// …) for whoever wants to tell cases apart; shared, because a failed batch completes every
-    /// waiter with the same error.
-    #[error("{context}{}", source.as_ref().map(|s| format!(": {s}")).unwrap_or_default())]
+    /// A backend failed. `source` keeps the underlying error; shared, because a failed batch
+    /// completes every waiter with the same error.
     Engine {
         context: String,
-        #[source]
         source: Option<Arc<dyn std::error::Error + Send + Sync>>,
     },
-    #[error("stored record is corrupt: {0}")]
+    /// A stored record cannot be decoded.
     Corrupt(String),
-    #[error("storage write queue is full")]
+    /// The write queue is full.
     Overloaded,
-    #[error("storage is shut down")]
+    /// Storage is shut down.
     Closed,
     /// Another broker node holds the node lock on this PostgreSQL schema.
-    #[error(
-        "another ferrymq node holds the lock on postgres schema `{0}` (postgres.schema); each \
-         active broker node needs its own schema (set postgres.standby = true to wait as a \
-         standby instead)"
-    )]
     NodeLockHeld(String),
     /// The APPLICATION client's Kafka topic does not exist and may not be created by the broker.
-    #[error("missing Kafka topic {0}")]
     MissingTopic(String),
+}
+
+impl std::fmt::Display for StorageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            // The cause is part of the message: logs and the readiness reason print only this.
+            StorageError::Engine {
+                context,
+                source: Some(source),
+            } => write!(f, "{context}: {source}"),
+            StorageError::Engine {
+                context,
+                source: None,
+            } => f.write_str(context),
+            StorageError::Corrupt(what) => write!(f, "stored record is corrupt: {what}"),
+            StorageError::Overloaded => f.write_str("storage write queue is full"),
+            StorageError::Closed => f.write_str("storage is shut down"),
+            StorageError::NodeLockHeld(schema) => write!(
+                f,
+                "another ferrymq node holds the lock on postgres schema `{schema}` \
+                 (postgres.schema); each active broker node needs its own schema (set \
+                 postgres.standby = true to wait as a standby instead)"
+            ),
+            StorageError::MissingTopic(topic) => write!(f, "missing Kafka topic {topic}"),
+        }
+    }
+}
+
+impl std::error::Error for StorageError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            StorageError::Engine {
+                source: Some(source),
+                ..
+            } => Some(&**source as &(dyn std::error::Error + 'static)),
+            _ => None,
+        }
+    }
 }
 
 impl StorageError {
@@ -369,4 +401,26 @@ pub struct QueueTotals {
 /// The MQTT packet id used for the stored entry `seq` (1..=65535, never 0).
 pub fn pkid_for_seq(seq: u64) -> u16 {
     (seq % 65_535) as u16 + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A backend error keeps what caused it: the message names it, and `source()` returns it
+    /// for whoever needs to tell cases apart.
+    #[test]
+    fn engine_errors_keep_their_source() {
+        let cause = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let e = StorageError::engine("postgres at `db:5432`", cause);
+        assert_eq!(e.to_string(), "postgres at `db:5432`: refused");
+        let source = std::error::Error::source(&e).expect("source kept");
+        let io = source
+            .downcast_ref::<std::io::Error>()
+            .expect("the original error type");
+        assert_eq!(io.kind(), std::io::ErrorKind::ConnectionRefused);
+        // Every waiter of a failed batch gets the same error.
+        assert!(std::error::Error::source(&e.clone()).is_some());
+        assert!(std::error::Error::source(&StorageError::engine_msg("x")).is_none());
+    }
 }
