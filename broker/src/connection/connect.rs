@@ -63,7 +63,10 @@ pub(super) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
                 tracing::debug!(%peer, error = %e, "bad CONNECT");
                 broker.metrics.protocol_errors.inc();
                 if let Some(code) = e.connack_code() {
-                    let version = decoder.version().unwrap_or(ProtocolVersion::V3_1_1);
+                    let version = e
+                        .connack_version()
+                        .or(decoder.version())
+                        .unwrap_or(ProtocolVersion::V3_1_1);
                     refuse(broker, stream, version, code).await;
                 } else {
                     broker.metrics.connect_result(ConnectResult::ProtocolError);
