@@ -178,6 +178,9 @@ async fn run<S: Io>(
     )
     .await;
 
+    // Nobody drains the mailbox from here on: publishers waiting for room in it give up now
+    // rather than after `slow_subscriber_wait_ms`, and new ones do not start waiting.
+    machine.session.mailbox.set_online(false);
     let version = machine.version;
     let (will_allowed, reason, done) = match end {
         End::ClientDisconnect { publish_will } => {
@@ -239,7 +242,6 @@ async fn run<S: Io>(
     // Bounded: a TLS close_notify or WebSocket close frame waits on a peer that may not read.
     let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, stream.shutdown()).await;
     machine.settle_pending_writes(SETTLE_TIMEOUT).await;
-    machine.session.mailbox.set_online(false);
     if !machine.blocked.is_empty() {
         broker
             .metrics
@@ -500,9 +502,10 @@ async fn stored_read(
     }
 }
 
-/// Places deliveries that found a subscriber's queue full, waiting for room until `deadline`;
-/// what is still unplaced then is dropped and its subscriber marked slow. Returns how many were
-/// dropped. Cancel-safe: a delivery leaves `blocked` only when it is placed or dropped.
+/// Places deliveries that found a subscriber's queue full, waiting for room until `deadline`
+/// and only while the subscriber is connected; what is still unplaced then is dropped and its
+/// subscriber marked slow. Returns how many were dropped. Cancel-safe: a delivery leaves
+/// `blocked` only when it is placed or dropped.
 pub(crate) async fn place_blocked(
     blocked: &mut VecDeque<(Arc<crate::router::Mailbox>, crate::message::Delivery)>,
     deadline: tokio::time::Instant,
@@ -512,19 +515,29 @@ pub(crate) async fn place_blocked(
         let mailbox = mailbox.clone();
         let reserved = tokio::time::timeout_at(deadline, mailbox.reserve()).await;
         match reserved {
-            Ok(Some(permit)) => {
+            Ok(Ok(permit)) => {
                 if let Some((_, delivery)) = blocked.pop_front() {
                     permit.send(delivery);
                 }
             }
-            // The session ended meanwhile.
-            Ok(None) => {
-                blocked.pop_front();
+            // The session ended, or its connection went away: nobody drains the queue now,
+            // and a full offline queue drops the newest message (counted).
+            Ok(Err(())) => {
+                if let Some((_, delivery)) = blocked.pop_front() {
+                    if !mailbox.place_now(delivery) {
+                        dropped += 1;
+                    }
+                }
             }
+            // Time is up for every delivery still waiting (they share the deadline): each goes
+            // in if room appeared meanwhile, else it is dropped and its subscriber marked slow.
             Err(_) => {
-                mailbox.mark_slow();
-                dropped += blocked.len() as u64;
-                blocked.clear();
+                for (mailbox, delivery) in blocked.drain(..) {
+                    if !mailbox.place_now(delivery) {
+                        mailbox.mark_slow();
+                        dropped += 1;
+                    }
+                }
             }
         }
     }
