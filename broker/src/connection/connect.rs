@@ -340,7 +340,7 @@ fn negotiate_keep_alive(requested: u16, max: u16) -> (u16, Option<u16>) {
 }
 
 /// Sends CONNACK with a refusal code and closes [MQTT-3.2.2-5]. Counted by its code.
-async fn refuse<S: AsyncWrite + Unpin>(
+async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
     broker: &Broker,
     stream: &mut S,
     version: ProtocolVersion,
@@ -364,6 +364,8 @@ async fn refuse<S: AsyncWrite + Unpin>(
         let _ = stream.flush().await;
     }
     let _ = stream.shutdown().await;
+    // A client that pipelined packets behind its CONNECT must still read the refusal.
+    super::linger(stream).await;
 }
 
 /// The `ferrymq_connects_total` result a CONNACK refusal code stands for.
