@@ -162,10 +162,11 @@ struct Counters {
     withheld: AtomicU64,
 }
 
+/// Which ack a sample measured.
 enum Ack {
-    PubAck,
-    PubRec,
-    SubAck,
+    Puback,
+    Pubrec,
+    Suback,
 }
 
 type Sample = (Ack, Duration);
@@ -241,9 +242,9 @@ pub async fn run(addr: SocketAddr, opts: &Options) -> anyhow::Result<Report> {
                     let us = (took.as_micros() as u64).max(1);
                     let _ = all.record(us);
                     let _ = match kind {
-                        Ack::PubAck => puback.record(us),
-                        Ack::PubRec => pubrec.record(us),
-                        Ack::SubAck => suback.record(us),
+                        Ack::Puback => puback.record(us),
+                        Ack::Pubrec => pubrec.record(us),
+                        Ack::Suback => suback.record(us),
                     };
                 }
             }
@@ -317,37 +318,34 @@ async fn good_publisher(
         conn.queue_publish(&topic, qos, pkid, false, Bytes::from_static(b"good"), None)?;
         let sent = Instant::now();
         conn.flush().await?;
-        loop {
-            match next(&mut conn, "PUBACK/PUBREC").await? {
-                Incoming::PubAck {
-                    pkid: p,
-                    ok,
-                    reason,
-                } if p == pkid && qos == 1 => {
-                    if !ok {
-                        bail!("PUBACK {pkid} refused: {reason}");
-                    }
-                    samples.push((Ack::PubAck, sent.elapsed()));
-                    break;
+        match next(&mut conn, "PUBACK/PUBREC").await? {
+            Incoming::PubAck {
+                pkid: p,
+                ok,
+                reason,
+            } if p == pkid && qos == 1 => {
+                if !ok {
+                    bail!("PUBACK {pkid} refused: {reason}");
                 }
-                Incoming::PubRec {
-                    pkid: p,
-                    ok,
-                    reason,
-                } if p == pkid && qos == 2 => {
-                    if !ok {
-                        bail!("PUBREC {pkid} refused: {reason}");
-                    }
-                    samples.push((Ack::PubRec, sent.elapsed()));
-                    conn.queue_pubrel(pkid)?;
-                    conn.flush().await?;
-                    match next(&mut conn, "PUBCOMP").await? {
-                        Incoming::PubComp { pkid: p, .. } if p == pkid => break,
-                        other => bail!("expected PUBCOMP {pkid}, got {other:?}"),
-                    }
-                }
-                other => bail!("expected the ack of {pkid}, got {other:?}"),
+                samples.push((Ack::Puback, sent.elapsed()));
             }
+            Incoming::PubRec {
+                pkid: p,
+                ok,
+                reason,
+            } if p == pkid && qos == 2 => {
+                if !ok {
+                    bail!("PUBREC {pkid} refused: {reason}");
+                }
+                samples.push((Ack::Pubrec, sent.elapsed()));
+                conn.queue_pubrel(pkid)?;
+                conn.flush().await?;
+                match next(&mut conn, "PUBCOMP").await? {
+                    Incoming::PubComp { pkid: p, .. } if p == pkid => {}
+                    other => bail!("expected PUBCOMP {pkid}, got {other:?}"),
+                }
+            }
+            other => bail!("expected the ack of {pkid}, got {other:?}"),
         }
     }
     let _ = conn.disconnect().await;
@@ -369,7 +367,7 @@ async fn good_subscriber(
     let filter = format!("iso/{run}/good/#");
     let sent = Instant::now();
     conn.subscribe(1, &[(filter.as_str(), 2)], STALL).await?;
-    samples.push((Ack::SubAck, sent.elapsed()));
+    samples.push((Ack::Suback, sent.elapsed()));
     let mut pending: Option<(u16, Instant)> = None;
     let mut next_sub = Instant::now() + Duration::from_millis(200);
     let mut sub_pkid: u16 = 1;
@@ -409,7 +407,7 @@ async fn good_subscriber(
                     if granted.iter().any(Option::is_none) {
                         bail!("subscription refused");
                     }
-                    samples.push((Ack::SubAck, at.elapsed()));
+                    samples.push((Ack::Suback, at.elapsed()));
                     pending = None;
                 }
                 _ => bail!("unexpected SUBACK {pkid}"),
