@@ -195,3 +195,120 @@ async fn publisher_stops_waiting_when_the_full_subscriber_leaves() {
     );
     drop(writing.await.unwrap());
 }
+
+/// The same scenario with rumqttc's high-level v5 client, as a new user would write it: manual
+/// acks stand for "withholds PUBREC", the client library does PUBREL/PUBCOMP and keep-alive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rumqttc_publisher_is_not_held_back_by_a_subscriber_withholding_pubrec() {
+    use rumqttc::v5::mqttbytes::v5::Packet as P;
+    use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+    use tokio::sync::mpsc;
+
+    fn client(addr: SocketAddr, id: &str, receive_max: Option<u16>) -> (AsyncClient, EventLoop) {
+        let mut opts = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+        opts.set_clean_start(true);
+        opts.set_keep_alive(Duration::from_secs(30));
+        if receive_max.is_some() {
+            opts.set_receive_maximum(receive_max);
+            opts.set_manual_acks(true);
+        }
+        AsyncClient::new(opts, 16)
+    }
+    /// Forwards every incoming packet; ends at the first error.
+    fn drive(mut el: EventLoop) -> mpsc::UnboundedReceiver<P> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok(event) = el.poll().await {
+                if let Event::Incoming(p) = event {
+                    if tx.send(p).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        rx
+    }
+    async fn next<T>(
+        rx: &mut mpsc::UnboundedReceiver<P>,
+        what: &str,
+        pick: impl Fn(P) -> Option<T>,
+    ) -> T {
+        let deadline = tokio::time::Instant::now() + ACK_BOUND;
+        loop {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(p)) => {
+                    if let Some(t) = pick(p) {
+                        return t;
+                    }
+                }
+                _ => panic!("no {what} within {ACK_BOUND:?}"),
+            }
+        }
+    }
+    async fn subscriber(
+        addr: SocketAddr,
+        id: &str,
+        topic: &str,
+    ) -> (AsyncClient, mpsc::UnboundedReceiver<P>) {
+        let (c, el) = client(addr, id, Some(1));
+        let mut rx = drive(el);
+        next(&mut rx, "CONNACK", |p| {
+            matches!(p, P::ConnAck(_)).then_some(())
+        })
+        .await;
+        c.subscribe(topic, QoS::ExactlyOnce).await.unwrap();
+        next(&mut rx, "SUBACK", |p| {
+            matches!(p, P::SubAck(_)).then_some(())
+        })
+        .await;
+        (c, rx)
+    }
+    async fn publish_two(addr: SocketAddr, id: &str, topic: &str) {
+        let (c, el) = client(addr, id, None);
+        let mut rx = drive(el);
+        next(&mut rx, "CONNACK", |p| {
+            matches!(p, P::ConnAck(_)).then_some(())
+        })
+        .await;
+        for _ in 0..2 {
+            c.publish(topic, QoS::ExactlyOnce, false, b"x".to_vec())
+                .await
+                .unwrap();
+        }
+        // rumqttc sends each PUBREL as soon as its PUBREC arrives, so PUBCOMP 1 may come
+        // before PUBREC 2.
+        let (mut recs, mut comps) = (0, 0);
+        while recs < 2 || comps < 2 {
+            let what = format!("{id}: PUBREC/PUBCOMP ({recs} and {comps} so far)");
+            match next(&mut rx, &what, |p| {
+                matches!(p, P::PubRec(_) | P::PubComp(_)).then_some(p)
+            })
+            .await
+            {
+                P::PubRec(_) => recs += 1,
+                _ => comps += 1,
+            }
+        }
+    }
+    let publish_of = |p| match p {
+        P::Publish(p) => Some(p),
+        _ => None,
+    };
+
+    let (_server, addr) = start().await;
+    let mut keep = Vec::new();
+    for round in 0..3 {
+        let (s, mut srx) = subscriber(addr, &format!("rc-s{round}"), &format!("rc/a{round}")).await;
+        publish_two(addr, &format!("rc-p{round}"), &format!("rc/a{round}")).await;
+        let first = next(&mut srx, "first PUBLISH", publish_of).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        s.ack(&first).await.unwrap();
+        next(&mut srx, "second PUBLISH", publish_of).await;
+
+        let (s2, mut s2rx) =
+            subscriber(addr, &format!("rc-s2-{round}"), &format!("rc/b{round}")).await;
+        publish_two(addr, &format!("rc-p2-{round}"), &format!("rc/b{round}")).await;
+        next(&mut s2rx, "withheld PUBLISH", publish_of).await;
+        keep.push((s, srx, s2, s2rx));
+    }
+}
