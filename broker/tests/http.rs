@@ -271,6 +271,9 @@ async fn scrape_after_a_scripted_workload_matches_what_was_sent() {
         }
         other => panic!("expected CONNACK, got {other:?}"),
     }
+    // The broker closed its side and lingers (reading) until the client closes too.
+    assert!(refused.closed_within(WAIT).await.is_some());
+    drop(refused);
     // The publisher leaves normally.
     let disconnect = v5::Disconnect::new(v5::DisconnectReasonCode::NormalDisconnection);
     pub_sent += size5(v5::Packet::Disconnect(disconnect.clone()));

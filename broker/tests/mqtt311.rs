@@ -283,16 +283,34 @@ async fn mqtt31_connect_is_accepted() {
     assert!(got_puback && got_publish);
 }
 
+/// CONNECT with protocol name `name` and level `level`, clean session, keep-alive 10, id "x".
+fn connect_with_level(name: &[u8], level: u8) -> Vec<u8> {
+    let mut body = vec![0x00, name.len() as u8];
+    body.extend_from_slice(name);
+    body.extend_from_slice(&[level, 0x02, 0x00, 0x0a, 0x00, 0x01, b'x']);
+    let mut frame = vec![0x10, body.len() as u8];
+    frame.extend_from_slice(&body);
+    frame
+}
+
 #[tokio::test]
-async fn unsupported_protocol_level_gets_connack_1() {
+async fn unknown_protocol_level_gets_v5_connack_0x84_then_close() {
     let (_server, addr) = start().await;
-    let mut c = Raw::connect(addr).await;
-    c.send_bytes(&[
-        0x10, 0x0d, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x07, 0x02, 0x00, 0x0a, 0x00, 0x01, b'x',
-    ])
-    .await;
-    let bytes = c.closed_within(WAIT).await.expect("connection closed");
-    assert_eq!(bytes, vec![0x20, 0x02, 0x00, 0x01]);
+    // A level nobody defined (not 3, 4 or 5) comes from a client newer than 3.1.1: it gets
+    // the v5 CONNACK 0x84 (Unsupported Protocol Version), then the connection closes.
+    for level in [0u8, 2, 6, 7, 255] {
+        let mut c = Raw::connect(addr).await;
+        c.send_bytes(&connect_with_level(b"MQTT", level)).await;
+        let bytes = c.closed_within(WAIT).await.expect("connection closed");
+        assert_eq!(bytes, vec![0x20, 0x03, 0x00, 0x84, 0x00], "level {level}");
+    }
+    // A 3.x level under the other version's name is an old client: v3 CONNACK 0x01.
+    for (name, level) in [(&b"MQTT"[..], 3u8), (&b"MQIsdp"[..], 4)] {
+        let mut c = Raw::connect(addr).await;
+        c.send_bytes(&connect_with_level(name, level)).await;
+        let bytes = c.closed_within(WAIT).await.expect("connection closed");
+        assert_eq!(bytes, vec![0x20, 0x02, 0x00, 0x01], "level {level}");
+    }
 }
 
 #[tokio::test]

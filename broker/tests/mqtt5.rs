@@ -1235,3 +1235,69 @@ async fn response_information_when_requested() {
     let (_c, ack) = Raw::connect5(addr, "quiet", true, 0).await;
     assert_eq!(ack.properties.and_then(|p| p.response_information), None);
 }
+
+/// Lingering close: keeps sending PINGREQ for a while after the broker decided to close (as a
+/// client that has not read the DISCONNECT yet does), then reads to the end. Every write must
+/// succeed, the DISCONNECT with `expected` must arrive, and the connection must end with a FIN,
+/// not a reset.
+async fn keeps_sending_then_gets_disconnect(c: &mut Raw, expected: DisconnectReasonCode) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for i in 0..20 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if let Err(e) = c.stream.write_all(&[0xC0, 0x00]).await {
+            panic!("write {i} after the close failed (reset instead of a lingering close): {e}");
+        }
+    }
+    let mut bytes = Vec::new();
+    let end = tokio::time::timeout(WAIT, c.stream.read_to_end(&mut bytes))
+        .await
+        .expect("the broker closes its side");
+    if let Err(e) = end {
+        panic!(
+            "connection reset instead of closed ({} bytes read): {e}",
+            bytes.len()
+        );
+    }
+    let mut buf = bytes::BytesMut::from(&bytes[..]);
+    let mut codes = Vec::new();
+    while let Ok(packet) = Packet::read(&mut buf, None) {
+        if let Packet::Disconnect(d) = packet {
+            codes.push(d.reason_code);
+        }
+    }
+    assert_eq!(codes, vec![expected]);
+}
+
+#[tokio::test]
+async fn lingering_close_after_protocol_error_disconnect() {
+    let (_server, addr) = start_with(|c| c.limits.max_inflight = 1).await;
+    let (mut publ, _) = Raw::connect5(addr, "linger-93", true, 0).await;
+    publ.publish5(publish5_packet("lg", QoS::ExactlyOnce, 1, false, b"x"))
+        .await;
+    assert!(matches!(publ.recv5().await, Packet::PubRec(r) if r.pkid == 1));
+    // A second unreleased QoS 2 PUBLISH exceeds Receive Maximum 1: DISCONNECT 0x93.
+    publ.publish5(publish5_packet("lg", QoS::ExactlyOnce, 2, false, b"x"))
+        .await;
+    keeps_sending_then_gets_disconnect(&mut publ, DisconnectReasonCode::ReceiveMaximumExceeded)
+        .await;
+}
+
+#[tokio::test]
+async fn lingering_close_after_takeover_disconnect() {
+    let (_server, addr) = start().await;
+    let (mut first, _) = Raw::connect5(addr, "linger-8e", true, 0).await;
+    let (_second, _) = Raw::connect5(addr, "linger-8e", true, 0).await;
+    keeps_sending_then_gets_disconnect(&mut first, DisconnectReasonCode::SessionTakenOver).await;
+}
+
+#[tokio::test]
+async fn lingering_close_after_shutdown_disconnect() {
+    let (server, addr) = start().await;
+    let (mut c, _) = Raw::connect5(addr, "linger-8b", true, 0).await;
+    let stopping = tokio::spawn(server.shutdown());
+    keeps_sending_then_gets_disconnect(&mut c, DisconnectReasonCode::ServerShuttingDown).await;
+    tokio::time::timeout(Duration::from_secs(10), stopping)
+        .await
+        .expect("shutdown finished")
+        .unwrap();
+}

@@ -63,7 +63,10 @@ pub(super) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
                 tracing::debug!(%peer, error = %e, "bad CONNECT");
                 broker.metrics.protocol_errors.inc();
                 if let Some(code) = e.connack_code() {
-                    let version = decoder.version().unwrap_or(ProtocolVersion::V3_1_1);
+                    let version = e
+                        .connack_version()
+                        .or(decoder.version())
+                        .unwrap_or(ProtocolVersion::V3_1_1);
                     refuse(broker, stream, version, code).await;
                 } else {
                     broker.metrics.connect_result(ConnectResult::ProtocolError);
@@ -337,7 +340,7 @@ fn negotiate_keep_alive(requested: u16, max: u16) -> (u16, Option<u16>) {
 }
 
 /// Sends CONNACK with a refusal code and closes [MQTT-3.2.2-5]. Counted by its code.
-async fn refuse<S: AsyncWrite + Unpin>(
+async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
     broker: &Broker,
     stream: &mut S,
     version: ProtocolVersion,
@@ -361,6 +364,8 @@ async fn refuse<S: AsyncWrite + Unpin>(
         let _ = stream.flush().await;
     }
     let _ = stream.shutdown().await;
+    // A client that pipelined packets behind its CONNECT must still read the refusal.
+    super::linger(stream).await;
 }
 
 /// The `ferrymq_connects_total` result a CONNACK refusal code stands for.

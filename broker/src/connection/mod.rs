@@ -46,6 +46,13 @@ const DELIVERY_BATCH: usize = 256;
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time allowed to flush a final DISCONNECT to a peer that is going away.
 const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
+/// Lingering close: after a server-sent DISCONNECT (or refusing CONNACK) and the shutdown of
+/// our write side, what the peer still sends is read and discarded for at most this long
+/// (until it closes its side). Closing a socket with unread input makes the kernel send a
+/// reset, which can destroy the DISCONNECT in the peer's receive buffer before it reads it.
+pub(crate) const LINGER_TIMEOUT: Duration = Duration::from_secs(1);
+/// Most bytes discarded while lingering: a peer that floods past this gets its reset.
+const LINGER_MAX_BYTES: usize = 1 << 20;
 
 /// What the listener learnt about a connection before CONNECT.
 #[derive(Debug, Clone)]
@@ -142,7 +149,7 @@ async fn run<S: Io>(
     }
     let client_id = machine.session.client_id.clone();
     broker.metrics.connect_result(ConnectResult::Accepted);
-    let _connected = listener.connected(machine.session.kind);
+    let connected = listener.connected(machine.session.kind);
     broker.registry.set_online_info(
         &client_id,
         conn_id,
@@ -178,6 +185,9 @@ async fn run<S: Io>(
     )
     .await;
 
+    // Nobody drains the mailbox from here on: publishers waiting for room in it give up now
+    // rather than after `slow_subscriber_wait_ms`, and new ones do not start waiting.
+    machine.session.mailbox.set_online(false);
     let version = machine.version;
     let (will_allowed, reason, done) = match end {
         End::ClientDisconnect { publish_will } => {
@@ -231,15 +241,16 @@ async fn run<S: Io>(
             )
         }
     };
+    let closed_by_us = reason.is_some();
     if let Some((code, why)) = reason {
         if version == ProtocolVersion::V5 {
             send_disconnect(&mut stream, &mut wbuf, code, why).await;
         }
     }
     // Bounded: a TLS close_notify or WebSocket close frame waits on a peer that may not read.
+    // For TCP this is the FIN right behind the DISCONNECT.
     let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, stream.shutdown()).await;
     machine.settle_pending_writes(SETTLE_TIMEOUT).await;
-    machine.session.mailbox.set_online(false);
     if !machine.blocked.is_empty() {
         broker
             .metrics
@@ -252,8 +263,32 @@ async fn run<S: Io>(
     if let Some(done) = done {
         let _ = done.send(());
     }
+    // Only now, with the session handed on: a takeover or shutdown never waits for the linger.
+    drop(connected);
+    if closed_by_us {
+        linger(&mut stream).await;
+    }
     tracing::debug!(%peer, client_id = %client_id, "client disconnected");
     Ok(())
+}
+
+/// The read half of a lingering close (our write side is already shut down): reads and
+/// discards what the peer still sends until it closes, [`LINGER_TIMEOUT`] passes or
+/// [`LINGER_MAX_BYTES`] were discarded, so the socket is closed with nothing unread and the
+/// peer gets our last packet and a FIN rather than a reset.
+pub(crate) async fn linger<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) {
+    use tokio::io::AsyncReadExt;
+    let deadline = tokio::time::Instant::now() + LINGER_TIMEOUT;
+    // Allocated only here: closing connections are few, live ones hold nothing for this.
+    let mut sink = vec![0u8; 4096];
+    let mut discarded = 0usize;
+    while discarded < LINGER_MAX_BYTES {
+        match tokio::time::timeout_at(deadline, stream.read(&mut sink)).await {
+            Ok(Ok(n)) if n > 0 => discarded += n,
+            // End of stream, an error or the deadline: nothing more to wait for.
+            _ => break,
+        }
+    }
 }
 
 /// The connected phase. Returns why it ended.
@@ -500,9 +535,10 @@ async fn stored_read(
     }
 }
 
-/// Places deliveries that found a subscriber's queue full, waiting for room until `deadline`;
-/// what is still unplaced then is dropped and its subscriber marked slow. Returns how many were
-/// dropped. Cancel-safe: a delivery leaves `blocked` only when it is placed or dropped.
+/// Places deliveries that found a subscriber's queue full, waiting for room until `deadline`
+/// and only while the subscriber is connected; what is still unplaced then is dropped and its
+/// subscriber marked slow. Returns how many were dropped. Cancel-safe: a delivery leaves
+/// `blocked` only when it is placed or dropped.
 pub(crate) async fn place_blocked(
     blocked: &mut VecDeque<(Arc<crate::router::Mailbox>, crate::message::Delivery)>,
     deadline: tokio::time::Instant,
@@ -512,19 +548,29 @@ pub(crate) async fn place_blocked(
         let mailbox = mailbox.clone();
         let reserved = tokio::time::timeout_at(deadline, mailbox.reserve()).await;
         match reserved {
-            Ok(Some(permit)) => {
+            Ok(Ok(permit)) => {
                 if let Some((_, delivery)) = blocked.pop_front() {
                     permit.send(delivery);
                 }
             }
-            // The session ended meanwhile.
-            Ok(None) => {
-                blocked.pop_front();
+            // The session ended, or its connection went away: nobody drains the queue now,
+            // and a full offline queue drops the newest message (counted).
+            Ok(Err(())) => {
+                if let Some((_, delivery)) = blocked.pop_front() {
+                    if !mailbox.place_now(delivery) {
+                        dropped += 1;
+                    }
+                }
             }
+            // Time is up for every delivery still waiting (they share the deadline): each goes
+            // in if room appeared meanwhile, else it is dropped and its subscriber marked slow.
             Err(_) => {
-                mailbox.mark_slow();
-                dropped += blocked.len() as u64;
-                blocked.clear();
+                for (mailbox, delivery) in blocked.drain(..) {
+                    if !mailbox.place_now(delivery) {
+                        mailbox.mark_slow();
+                        dropped += 1;
+                    }
+                }
             }
         }
     }

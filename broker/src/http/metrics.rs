@@ -2,6 +2,8 @@
 //! scrape time from state the broker holds anyway (so the data path never tracks them):
 //!
 //! * `ferrymq_subscriptions`: the router's entry count (O(1));
+//! * `ferrymq_queued_messages`, `ferrymq_queued_messages_max`: the in-memory session queues,
+//!   one atomic read per session under the registry lock (O(sessions));
 //! * `ferrymq_device_queue_messages`, `ferrymq_application_log_messages`,
 //!   `ferrymq_application_lag_messages`: from [`crate::storage::Storage::queue_totals`] (the
 //!   embedded backend reads two table lengths and two keys per APPLICATION client), left out when
@@ -45,6 +47,17 @@ async fn scrape(State(state): State<AppState>) -> Response {
         "Subscription entries in the router: one per (filter, client), one per shared group.",
         broker.router.subscription_count() as u64,
     );
+    let (queued, queued_max) = queue_depths(&broker);
+    gauge(
+        "ferrymq_queued_messages",
+        "Deliveries waiting in the in-memory per-session queues, summed over sessions.",
+        queued,
+    );
+    gauge(
+        "ferrymq_queued_messages_max",
+        "Deliveries waiting in the fullest in-memory per-session queue (at most limits.max_queued_messages).",
+        queued_max,
+    );
     gauge(
         "ferrymq_storage_healthy",
         "1 when the storage backend answered its health check at this scrape, else 0.",
@@ -83,4 +96,20 @@ async fn scrape(State(state): State<AppState>) -> Response {
         body,
     )
         .into_response()
+}
+
+/// Total and largest in-memory queue depth over every session, connected or not.
+fn queue_depths(broker: &crate::broker::Broker) -> (u64, u64) {
+    use crate::session::registry::SlotView;
+    let (mut total, mut max) = (0u64, 0u64);
+    broker.registry.for_each_view(|_, view| {
+        let queued = match view {
+            SlotView::Online(Some(info)) => info.mailbox.queued(),
+            SlotView::Online(None) => 0,
+            SlotView::Offline(session, _) => session.mailbox.queued(),
+        } as u64;
+        total += queued;
+        max = max.max(queued);
+    });
+    (total, max)
 }

@@ -78,17 +78,18 @@ impl ProtocolError {
 
     /// The version whose CONNACK encoding to use with [`ProtocolError::connack_code`].
     ///
-    /// For an unknown level we cannot know what the client parses: a level above 5 is a
-    /// newer client, most likely able to read a v5 CONNACK (0x84); anything else is an older
-    /// client that reads the 2-byte v3 CONNACK (0x01), which is what [MQTT-3.1.2-2] of 3.1.1
-    /// asks for.
+    /// A level we do not know at all (not 3, 4 or 5) is answered in the v5 format (0x84,
+    /// v5 §3.1.2.2): such a client is newer than 3.1.1 and reads a v5 CONNACK, and a v5 CONNACK
+    /// is what every client from 5.0 on expects. A known level under the wrong name (`MQTT` 3,
+    /// `MQIsdp` 4) comes from an old client that reads the 2-byte v3 CONNACK (0x01,
+    /// [MQTT-3.1.2-2] of 3.1.1).
     pub fn connack_version(&self) -> Option<ProtocolVersion> {
         match self {
             Self::UnsupportedProtocolVersion { name, level } if is_mqtt_name(name) => {
-                Some(if *level > 5 && name == "MQTT" {
-                    ProtocolVersion::V5
-                } else {
+                Some(if matches!(level, 3..=5) {
                     ProtocolVersion::V3_1_1
+                } else {
+                    ProtocolVersion::V5
                 })
             }
             // Only v3 clients get this error; 3.1 and 3.1.1 refusals are byte-identical

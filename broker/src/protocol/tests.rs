@@ -197,7 +197,7 @@ fn connect_unknown_protocol_name_closes_without_connack() {
 }
 
 #[test]
-fn connect_unknown_level_answers_connack_0x01_v3_or_0x84_v5() {
+fn connect_unknown_level_answers_connack_0x84_v5_and_mismatched_name_0x01_v3() {
     let e = connect_err(&connect_frame(b"MQTT", 3, 0x02, &s(b"a")));
     assert!(matches!(
         e,
@@ -226,6 +226,17 @@ fn connect_unknown_level_answers_connack_0x01_v3_or_0x84_v5() {
         e.connack_code(),
         Some(ConnectReturnCode::UnsupportedProtocolVersion)
     );
+    assert_eq!(e.connack_version(), Some(V3_1_1));
+
+    // Levels nobody defined (not 3, 4 or 5), below as above: v5 format, 0x84.
+    for level in [0, 1, 2, 6, 7, 255] {
+        let e = connect_err(&connect_frame(b"MQTT", level, 0x02, &s(b"a")));
+        assert_eq!(e.connack_version(), Some(V5), "level {level}");
+        assert_eq!(
+            e.connack_code(),
+            Some(ConnectReturnCode::UnsupportedProtocolVersion)
+        );
+    }
 }
 
 #[test]

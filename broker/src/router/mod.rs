@@ -47,6 +47,9 @@ pub struct Mailbox {
     online: AtomicBool,
     /// A publisher recently waited for room in vain (see `mark_slow`).
     slow: AtomicBool,
+    /// Woken when the draining connection goes away: publishers waiting for room give up
+    /// at once instead of waiting out `slow_subscriber_wait_ms` on a queue nobody drains.
+    left: Notify,
     /// Woken by the storage writer after entries for this session were committed.
     pub stored: Arc<Notify>,
 }
@@ -67,6 +70,7 @@ impl Mailbox {
             persistent: AtomicBool::new(persistent),
             online: AtomicBool::new(false),
             slow: AtomicBool::new(false),
+            left: Notify::new(),
             stored: Arc::new(Notify::new()),
         };
         (Arc::new(mailbox), rx)
@@ -101,11 +105,14 @@ impl Mailbox {
         self.online.load(Ordering::Acquire)
     }
 
-    /// Marks whether a connection is draining this mailbox now.
+    /// Marks whether a connection is draining this mailbox now. Either way the slow mark goes:
+    /// it judged the connection that just ended (a publisher that gave up on it after it left
+    /// may set it late), and a new connection starts with a clean slate.
     pub fn set_online(&self, online: bool) {
         self.online.store(online, Ordering::Release);
+        self.slow.store(false, Ordering::Release);
         if !online {
-            self.slow.store(false, Ordering::Release);
+            self.left.notify_waiters();
         }
     }
 
@@ -128,9 +135,27 @@ impl Mailbox {
         }
     }
 
-    /// Waits for room in the queue (cancel-safe: nothing is lost when the wait is abandoned).
-    pub async fn reserve(&self) -> Option<mpsc::Permit<'_, Delivery>> {
-        self.tx.reserve().await.ok()
+    /// Queues a delivery if there is room now; `false` when the queue is full (the caller
+    /// drops and counts it). A closed queue (session gone) takes it silently.
+    pub fn place_now(&self, delivery: Delivery) -> bool {
+        !matches!(self.offer(delivery), Err(Offer::Full(_)))
+    }
+
+    /// Waits for room in the queue while a connection drains it (cancel-safe: nothing is lost
+    /// when the wait is abandoned). `Err(())` when the session ended or its connection went
+    /// away meanwhile: nobody will make room, so waiting on would only stall the publisher.
+    pub async fn reserve(&self) -> Result<mpsc::Permit<'_, Delivery>, ()> {
+        let left = self.left.notified();
+        tokio::pin!(left);
+        // Registered before the check, so a connection leaving right after it still wakes us.
+        left.as_mut().enable();
+        if !self.is_online() {
+            return Err(());
+        }
+        tokio::select! {
+            permit = self.tx.reserve() => permit.map_err(|_| ()),
+            () = left => Err(()),
+        }
     }
 }
 

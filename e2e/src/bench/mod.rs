@@ -5,6 +5,7 @@
 //! * [`scenario`]: what a run does, and the named suite.
 //! * [`run`]: publishers and subscribers for one scenario against one address, measured.
 //! * [`conns`]: the idle-connection scale test.
+//! * [`isolation`]: well-behaved clients next to bad neighbours, ack latency measured.
 //! * [`procstat`]: broker CPU and RSS from /proc.
 //! * [`brokers`]: starting ferrymq, Mosquitto and rumqttd with equivalent settings.
 //! * [`compare`]: the side-by-side comparison and the CI smoke mode.
@@ -15,6 +16,7 @@ pub mod client;
 pub mod codec;
 pub mod compare;
 pub mod conns;
+pub mod isolation;
 pub mod procstat;
 pub mod report;
 pub mod run;

@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use ferrymq_e2e::bench::brokers::{self, BrokerSpec, Kind};
 use ferrymq_e2e::bench::scenario::{self, Layout, Scenario};
-use ferrymq_e2e::bench::{compare, conns, report, run};
+use ferrymq_e2e::bench::{compare, conns, isolation, report, run};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -58,6 +58,12 @@ enum Cmd {
         #[arg(long)]
         strict: bool,
     },
+    /// Client isolation: well-behaved publishers and subscribers, first alone, then next to
+    /// bad neighbours (Receive Maximum 1 subscribers that never ack, subscribers that stop
+    /// reading, clients vanishing mid-handshake, overlapping `#` QoS 2 subscriptions, client id
+    /// takeovers); prints the well-behaved ack latency (PUBACK, PUBREC, SUBACK) of both runs and
+    /// fails when an ack waited longer than `--bound-ms`.
+    Isolation(IsolationArgs),
     /// Start each broker in turn, run every scenario against each (alternating, several rounds),
     /// write medians and ratios to markdown and JSON.
     Compare(CompareArgs),
@@ -101,6 +107,39 @@ struct RunArgs {
     #[arg(long)]
     persistent: bool,
     /// Write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct IsolationArgs {
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    addr: SocketAddr,
+    /// The broker's HTTP endpoint, for the queue gauges on /metrics.
+    #[arg(long)]
+    http: Option<SocketAddr>,
+    /// Seconds of load per run (one run without, one with bad neighbours).
+    #[arg(long, default_value_t = 120.0)]
+    duration: f64,
+    /// Well-behaved publishers.
+    #[arg(long, default_value_t = 4)]
+    pubs: usize,
+    /// Well-behaved subscribers.
+    #[arg(long, default_value_t = 2)]
+    subs: usize,
+    /// Messages/s per well-behaved publisher.
+    #[arg(long, default_value_t = 50.0)]
+    rate: f64,
+    /// Bad neighbours of each kind.
+    #[arg(long, default_value_t = 2)]
+    bad: usize,
+    /// Fail when a well-behaved ack waited longer (the broker's `slow_subscriber_wait_ms` plus
+    /// slack).
+    #[arg(long, default_value_t = 2500)]
+    bound_ms: u64,
+    /// Fail when `ferrymq_queued_messages_max` exceeded this (`limits.max_queued_messages`).
+    #[arg(long)]
+    max_queued: Option<u64>,
     #[arg(long)]
     json: Option<PathBuf>,
 }
@@ -243,6 +282,49 @@ async fn main_async(cli: Cli) -> anyhow::Result<bool> {
             let scenarios = scenario::suite(secs(s)?);
             let ok = compare::smoke(broker_bin, scenarios, conns, strict).await?;
             println!("smoke: {}", if ok { "PASSED" } else { "FAILED" });
+            Ok(ok)
+        }
+        Cmd::Isolation(a) => {
+            let duration = secs(a.duration)?;
+            let run_id = format!("{}", std::process::id());
+            let mut reports = Vec::new();
+            let mut ok = true;
+            for bad in [false, true] {
+                let mut opts = isolation::Options::new(
+                    format!("{run_id}-{}", if bad { "bad" } else { "alone" }),
+                    duration,
+                );
+                opts.publishers = a.pubs;
+                opts.subscribers = a.subs;
+                opts.rate = a.rate;
+                opts.bad_neighbours = bad;
+                opts.bad_per_kind = a.bad;
+                opts.metrics = a.http;
+                let r = isolation::run(a.addr, &opts).await?;
+                println!(
+                    "{} bad neighbours:\n{}\n",
+                    if bad { "with" } else { "without" },
+                    r.lines()
+                );
+                if r.all.max() > Duration::from_millis(a.bound_ms) {
+                    println!(
+                        "FAILED: an ack waited {:?} > {} ms",
+                        r.all.max(),
+                        a.bound_ms
+                    );
+                    ok = false;
+                }
+                if let (Some(limit), Some(seen)) = (a.max_queued, r.queued_max) {
+                    if seen > limit {
+                        println!("FAILED: a session queue held {seen} > {limit}");
+                        ok = false;
+                    }
+                }
+                reports.push(serde_json::json!({ "bad_neighbours": bad, "report": r }));
+            }
+            if let Some(path) = a.json {
+                std::fs::write(&path, serde_json::to_string_pretty(&reports)?)?;
+            }
             Ok(ok)
         }
         Cmd::Compare(a) => {

@@ -37,6 +37,9 @@ pub struct ConnectOptions {
     pub timeout: Duration,
     /// User name and password for CONNECT.
     pub login: Option<(String, String)>,
+    /// v5 Receive Maximum (ignored for v3): QoS 1/2 messages the broker may have in flight to
+    /// this client.
+    pub receive_maximum: Option<u16>,
 }
 
 impl ConnectOptions {
@@ -50,6 +53,7 @@ impl ConnectOptions {
             session_expiry: None,
             timeout: Duration::from_secs(10),
             login: None,
+            receive_maximum: None,
         }
     }
 
@@ -72,6 +76,11 @@ impl ConnectOptions {
 
     pub fn clean(mut self, clean: bool) -> ConnectOptions {
         self.clean = clean;
+        self
+    }
+
+    pub fn receive_maximum(mut self, max: u16) -> ConnectOptions {
+        self.receive_maximum = Some(max);
         self
     }
 
@@ -227,11 +236,13 @@ impl Connection {
                 conn.encode4(v4::Packet::Connect(connect))?;
             }
             Protocol::V5 => {
-                let properties = opts.session_expiry.map(|secs| {
-                    let mut p = v5::ConnectProperties::new();
-                    p.session_expiry_interval = Some(secs);
-                    p
-                });
+                let properties = (opts.session_expiry.is_some() || opts.receive_maximum.is_some())
+                    .then(|| {
+                        let mut p = v5::ConnectProperties::new();
+                        p.session_expiry_interval = opts.session_expiry;
+                        p.receive_maximum = opts.receive_maximum;
+                        p
+                    });
                 let connect = v5::Connect {
                     keep_alive: opts.keep_alive,
                     client_id: opts.client_id.clone(),
