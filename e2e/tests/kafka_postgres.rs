@@ -873,8 +873,8 @@ fn batches_are_applied_in_submission_order_across_kafka_and_postgres() {
         return;
     };
     let services = backend.services().expect("services");
-    let config = ferrymq::config::Config::from_toml_str(&services.config("t_order"))
-        .expect("config");
+    let config =
+        ferrymq::config::Config::from_toml_str(&services.config("t_order")).expect("config");
     let rt = runtime();
     rt.block_on(async {
         let storage = KafkaPostgresStorage::connect(&config, Default::default())
