@@ -829,9 +829,11 @@ fn kafka_killed_and_restarted_under_load_loses_nothing() {
 }
 
 /// On this backend too, `ferrymq_publish_ack_latency_seconds` times every PUBACK/PUBREC (the
-/// Kafka path once skipped it).
+/// Kafka path once skipped it). The publish log's replication is exported, and a topic where
+/// acks=all means the leader alone (the single-node test cluster: min.insync.replicas 1) is
+/// warned about.
 #[test]
-fn publish_ack_latency_is_recorded_on_the_kafka_path() {
+fn ack_latency_and_replication_are_exported_on_the_kafka_path() {
     let _serial = serial();
     let Some(backend) = Backend::kafka_postgres() else {
         return;
@@ -854,6 +856,27 @@ fn publish_ack_latency_is_recorded_on_the_kafka_path() {
         .and_then(|v| v.trim().parse().ok())
         .expect("ack latency histogram exported");
     assert_eq!(count, 5, "every PUBACK timed");
+    let gauge = |name: &str| -> Option<u64> {
+        body.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    wait_until("the replication gauges", Duration::from_secs(10), || {
+        let (_, body) = http_get(broker.http_addr(), "/metrics").unwrap_or_default();
+        body.contains("ferrymq_kafka_publish_log_replication_factor 1")
+    });
+    assert_eq!(
+        gauge("ferrymq_kafka_publish_log_min_insync_replicas"),
+        Some(1)
+    );
+    assert_eq!(
+        gauge("ferrymq_kafka_publish_log_under_min_isr_partitions"),
+        Some(0)
+    );
+    assert!(
+        broker.log_tail(200).contains("min.insync.replicas below 2"),
+        "no warning about min.insync.replicas 1"
+    );
 }
 
 /// `Storage::submit` applies batches in submission order, also when the first one holds an
