@@ -310,3 +310,93 @@ fn unreachable_cluster_is_reported_as_such() {
         assert!(started.elapsed() < Duration::from_secs(30));
     });
 }
+
+/// An ApplicationClient whose topic the broker already created (auto-creation, before the
+/// operator got to it) is adopted without touching the broker's retention: the operator wants
+/// the `[application]` retention of the broker it renders, as the broker itself sets it. Before,
+/// adoption deleted `retention.ms`/`retention.bytes` (back to the cluster default) because only
+/// the ApplicationClient's own `topic.config` was wanted; that is checked here too.
+#[test]
+fn a_topic_the_broker_created_keeps_its_retention_when_adopted() {
+    use ferrymq::storage::kafka::app::ApplicationLogs;
+    use ferrymq_operator::app::{broker_topic_config, wanted_topic_config};
+    use ferrymq_operator::provision::kafka::config_diff;
+
+    let Some(kafka) = kafka() else { return };
+    let broker: ferrymq_crds::MqttBroker = serde_json::from_value(serde_json::json!({
+        "apiVersion": "ferrymq.io/v1alpha1", "kind": "MqttBroker",
+        "metadata": {"name": "core", "namespace": "iot"},
+        "spec": {
+            "image": "ferrymq:test",
+            "applicationLog": {"retentionSecs": 3600, "retentionBytes": 1000000},
+            "storage": {"kafkaPostgres": {
+                "kafka": {"bootstrapServers": kafka.bootstrap(), "topicPrefix": "ret"},
+                "postgres": {"urlSecretRef": {"name": "pg", "key": "url"}},
+            }},
+        },
+    }))
+    .expect("MqttBroker");
+    let app: ferrymq_crds::ApplicationClient = serde_json::from_value(serde_json::json!({
+        "apiVersion": "ferrymq.io/v1alpha1", "kind": "ApplicationClient",
+        "metadata": {"name": "a", "namespace": "iot"},
+        "spec": {"brokerRef": {"name": "core"}, "clientId": "app-1"},
+    }))
+    .expect("ApplicationClient");
+    runtime().block_on(async {
+        // The broker creates the topic the way it does for an unprovisioned client.
+        let config = ferrymq::config::KafkaConfig {
+            bootstrap_servers: kafka.bootstrap(),
+            topic_prefix: "ret".into(),
+            ..Default::default()
+        };
+        let logs = ApplicationLogs::new(
+            ferrymq::storage::kafka::Kafka::connect(&config, Default::default())
+                .await
+                .expect("broker's Kafka clients"),
+        );
+        logs.prepare(
+            "app-1",
+            &ApplicationLogs::topic_config(3_600_000, 1_000_000),
+        )
+        .await
+        .expect("the broker creates the topic");
+        let name = application_topic("ret", "app-1");
+
+        let admin = admin(&kafka);
+        let found = admin.describe(&name).await.unwrap().expect("exists");
+        // What the operator wanted before: the ApplicationClient's own config only.
+        assert_eq!(
+            config_diff(&found.config, &found.effective_config, &BTreeMap::new()).len(),
+            2,
+            "the broker's retention is set on the topic itself: {:?}",
+            found.config
+        );
+        let wanted = wanted_topic_config(&broker_topic_config(&broker), &app);
+        let outcome = admin
+            .ensure_topic(&TopicSpec {
+                name: name.clone(),
+                partitions: 1,
+                replication_factor: -1,
+                config: wanted,
+            })
+            .await
+            .expect("adopt");
+        assert_eq!(outcome.action, TopicAction::Existing);
+        assert!(
+            outcome.config_changes.is_empty(),
+            "adoption changed {:?}",
+            outcome.config_changes
+        );
+        let now = admin.describe(&name).await.unwrap().expect("exists");
+        assert_eq!(
+            now.effective_config.get("retention.ms").map(String::as_str),
+            Some("3600000")
+        );
+        assert_eq!(
+            now.effective_config
+                .get("retention.bytes")
+                .map(String::as_str),
+            Some("1000000")
+        );
+    });
+}
