@@ -183,7 +183,7 @@ fn kafka_outage_refuses_acks_and_recovers() {
 }
 
 /// PostgreSQL goes away (immediate shutdown) while a publisher keeps sending to an offline
-/// persistent DEVICE subscriber for 8 s: the publish log keeps acknowledging (the messages are durable
+/// persistent DEVICE subscriber for 13 s: the publish log keeps acknowledging (the messages are durable
 /// in Kafka), the router waits, and once PostgreSQL is back every acknowledged message is in
 /// the DEVICE queue, exactly once.
 #[test]
@@ -213,8 +213,10 @@ fn postgres_outage_delays_but_loses_nothing() {
     let services = backend.services_mut().expect("services");
     services.postgres.stop().expect("stop postgres");
     let stopped = Instant::now();
-    // Longer than postgres.connect_timeout_secs (5 s): the router's writes fail and are retried.
-    std::thread::sleep(Duration::from_secs(8));
+    // Longer than twice postgres.connect_timeout_secs (5 s): the router's first write may wait
+    // behind an expiry sweep that waits out its own pool timeout, and must still fail and be
+    // retried while PostgreSQL is down (with 8 s it sometimes got through once it was back).
+    std::thread::sleep(Duration::from_secs(13));
     let during = progress.load(std::sync::atomic::Ordering::Relaxed);
     services.postgres.restart().expect("restart postgres");
     println!(

@@ -231,7 +231,7 @@ pub async fn run(broker: Arc<Broker>, log: Arc<PublishLog>, mut shutdown: watch:
                 partition,
                 next_offset,
             });
-            if !store(&broker, batch, &mut shutdown).await {
+            if !store(&broker, &log, batch, &mut shutdown).await {
                 return;
             }
             // For lag tooling only (kafka-consumer-groups): the position that counts is the one
@@ -349,15 +349,97 @@ fn stamp_origin(
     }
 }
 
+/// Reads the end of the APPLICATION logs `batch` appends to, raises `log.skip` to the origins
+/// found there and drops the batch's appends at or below them. `false` when a log's end could
+/// not be read (Kafka unreachable).
+async fn drop_appended(
+    log: &PublishLog,
+    batch: &mut WriteBatch,
+    wake: &mut Vec<Arc<tokio::sync::Notify>>,
+) -> bool {
+    let clients: HashSet<Arc<str>> = batch
+        .ops
+        .iter()
+        .filter_map(|op| match op {
+            WriteOp::Enqueue {
+                client,
+                kind: ClientKind::Application,
+                origin: Some(_),
+                ..
+            } => Some(client.clone()),
+            _ => None,
+        })
+        .collect();
+    for client in clients {
+        let topic = super::application_topic(&log.kafka.config.topic_prefix, &client);
+        if log.kafka.watermarks(&topic, 0).await.is_err() {
+            return false;
+        }
+        let mut found: HashMap<i32, i64> = HashMap::new();
+        let scanned = super::app::scan_tail(&log.kafka, &topic, 0, |headers| {
+            if let Some((p, o)) = record::origin(headers) {
+                let e = found.entry(p).or_insert(o);
+                *e = (*e).max(o);
+            }
+        })
+        .await;
+        if scanned.is_err() {
+            return false;
+        }
+        let mut skip = log.skip.lock();
+        let known = skip.entry(client).or_default();
+        for (p, o) in found {
+            let e = known.entry(p).or_insert(o);
+            *e = (*e).max(o);
+        }
+    }
+    let skip = log.skip.lock();
+    batch.ops.retain_mut(|op| match op {
+        WriteOp::Enqueue {
+            client,
+            kind: ClientKind::Application,
+            origin: Some((p, o)),
+            notify,
+            ..
+        } => {
+            let appended = skip
+                .get(client)
+                .and_then(|origins| origins.get(p))
+                .is_some_and(|appended| *o <= *appended);
+            if appended {
+                wake.extend(notify.take());
+            }
+            !appended
+        }
+        _ => true,
+    });
+    true
+}
+
 /// Stores the batch, retrying until it succeeds or the broker shuts down (false).
 async fn store(
     broker: &Arc<Broker>,
-    batch: WriteBatch,
+    log: &PublishLog,
+    mut batch: WriteBatch,
     shutdown: &mut watch::Receiver<bool>,
 ) -> bool {
     let mut backoff = RETRY_MIN;
     let mut failing = false;
+    // Online readers of appends dropped below: woken once the rest is stored.
+    let mut wake = Vec::new();
     loop {
+        // A failed attempt may have appended part of the batch to APPLICATION logs all the
+        // same: a produce request that timed out has an unknown outcome. Before a retry, learn
+        // from the logs' ends what made it, so the retry does not append it twice. While Kafka
+        // cannot say, wait: a retry then would fail anyway, or duplicate.
+        if failing && !drop_appended(log, &mut batch, &mut wake).await {
+            tokio::select! {
+                _ = shutdown.changed() => return false,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(RETRY_MAX);
+            continue;
+        }
         let outcome = match broker.storage.submit(batch.clone()).await {
             Ok(result) => result,
             Err(_) => Err(StorageError::Closed),
@@ -366,6 +448,9 @@ async fn store(
             Ok(()) => {
                 if failing {
                     tracing::info!("router stores again; resuming");
+                }
+                for n in wake {
+                    n.notify_one();
                 }
                 return true;
             }
