@@ -137,8 +137,34 @@ fn kafka_outage_refuses_acks_and_recovers() {
             }
         }
         assert!(resumed, "publishing did not resume after Kafka came back");
-        let (ok, refused, _) = publish_each(&mut v5, "ko/a", 300, 20).await;
-        assert_eq!((ok, refused), (20, 0), "after the outage");
+        // Then 20 more, each sent again until acknowledged. Kafka itself may take a while to
+        // serve every partition again after the freeze (in 1 of 5 runs under CI load, produces
+        // to one partition kept timing out for over 30 s after the first success), so the test
+        // asks for recovery, not for its speed: every one acknowledged within 2 minutes, and
+        // (below) every acknowledged one delivered.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut refused_after = 0;
+        for pkid in 300..320 {
+            loop {
+                let (ok, refused, closed) = publish_each(&mut v5, "ko/a", pkid, 1).await;
+                if ok == 1 {
+                    break;
+                }
+                refused_after += refused;
+                assert!(
+                    Instant::now() < deadline,
+                    "publishing did not recover within 2 minutes after Kafka came back"
+                );
+                if closed {
+                    v5 = Connection::connect(addr, &ConnectOptions::v5("ko-pub5"))
+                        .await
+                        .expect("reconnect v5")
+                        .0;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+        println!("kafka outage: {refused_after} refusals after the first success");
     });
     // 20 before + 1 that resumed + 20 after, and nothing that was refused.
     let payloads = rt.block_on(async {
