@@ -43,7 +43,7 @@ pub enum Tag<'a> {
 /// What the end of an APPLICATION topic says was appended (see [`ApplicationLogs::tail`]).
 #[derive(Debug, Default)]
 pub struct Tail {
-    pub origins: HashMap<i32, i64>,
+    pub origins: super::Origins,
     pub claims: HashMap<(String, i32), i64>,
 }
 
@@ -197,8 +197,7 @@ impl ApplicationLogs {
         let mut tail = Tail::default();
         scan_tail(&self.kafka, &self.topic(client), 0, |headers| {
             if let Some((p, o)) = record::origin(headers) {
-                let e = tail.origins.entry(p).or_insert(o);
-                *e = (*e).max(o);
+                super::note_origin(&mut tail.origins, p, o);
             }
             if let Some((topic, p, o)) = record::claim(headers) {
                 let e = tail.claims.entry((topic, p)).or_insert(o);

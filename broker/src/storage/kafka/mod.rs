@@ -76,6 +76,24 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Per publish-log partition, the highest offset whose appends were found in a log (its
+/// records' `ferrymq.origin` headers): what a replaying or retrying router must not append
+/// again to that log.
+pub type Origins = std::collections::HashMap<i32, i64>;
+
+/// Notes that the append routed from `offset` of publish-log `partition` is in the log.
+pub(crate) fn note_origin(origins: &mut Origins, partition: i32, offset: i64) {
+    let known = origins.entry(partition).or_insert(offset);
+    *known = (*known).max(offset);
+}
+
+/// Whether the append routed from (`partition`, `offset`) is already in the log.
+pub(crate) fn already_appended(origins: Option<&Origins>, partition: i32, offset: i64) -> bool {
+    origins
+        .and_then(|o| o.get(&partition))
+        .is_some_and(|appended| offset <= *appended)
+}
+
 /// The consumer group whose committed offsets say how far the router has stored `msg.all`.
 pub fn router_group(prefix: &str) -> String {
     format!("{prefix}.router")

@@ -335,11 +335,7 @@ fn stamp_origin(
             ..
         } = &mut batch.ops[i]
         {
-            if skip
-                .get(client)
-                .and_then(|origins| origins.get(&partition))
-                .is_some_and(|o| offset <= *o)
-            {
+            if super::already_appended(skip.get(client), partition, offset) {
                 batch.ops.remove(i);
                 continue;
             }
@@ -375,11 +371,10 @@ async fn drop_appended(
         if log.kafka.watermarks(&topic, 0).await.is_err() {
             return false;
         }
-        let mut found: HashMap<i32, i64> = HashMap::new();
+        let mut found = super::Origins::new();
         let scanned = super::app::scan_tail(&log.kafka, &topic, 0, |headers| {
             if let Some((p, o)) = record::origin(headers) {
-                let e = found.entry(p).or_insert(o);
-                *e = (*e).max(o);
+                super::note_origin(&mut found, p, o);
             }
         })
         .await;
@@ -389,8 +384,7 @@ async fn drop_appended(
         let mut skip = log.skip.lock();
         let known = skip.entry(client).or_default();
         for (p, o) in found {
-            let e = known.entry(p).or_insert(o);
-            *e = (*e).max(o);
+            super::note_origin(known, p, o);
         }
     }
     let skip = log.skip.lock();
@@ -402,10 +396,7 @@ async fn drop_appended(
             notify,
             ..
         } => {
-            let appended = skip
-                .get(client)
-                .and_then(|origins| origins.get(p))
-                .is_some_and(|appended| *o <= *appended);
+            let appended = super::already_appended(skip.get(client), *p, *o);
             if appended {
                 wake.extend(notify.take());
             }

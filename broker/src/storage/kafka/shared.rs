@@ -151,7 +151,7 @@ pub struct SharedGroups {
     known: parking_lot::Mutex<HashMap<String, i32>>,
     /// Router replays: per group topic partition and publish-log partition, the highest origin
     /// found at the end of the topic at start.
-    skip: parking_lot::Mutex<HashMap<PartitionKey, HashMap<i32, i64>>>,
+    skip: parking_lot::Mutex<HashMap<PartitionKey, super::Origins>>,
     claims: Arc<parking_lot::Mutex<Claims>>,
     /// Member → group topic → claimer.
     claimers: parking_lot::Mutex<HashMap<Arc<str>, HashMap<String, Claimer>>>,
@@ -225,12 +225,7 @@ impl SharedGroups {
         let publisher = delivery.message.publisher.clone();
         let partition = partition_for(&publisher, partitions);
         if let Some((p, o)) = origin {
-            let skip = self.skip.lock();
-            if skip
-                .get(&(topic.clone(), partition))
-                .and_then(|origins| origins.get(&p))
-                .is_some_and(|appended| o <= *appended)
-            {
+            if super::already_appended(self.skip.lock().get(&(topic.clone(), partition)), p, o) {
                 return done(Ok(()));
             }
         }
@@ -278,11 +273,10 @@ impl SharedGroups {
             };
             self.known.lock().insert(topic.clone(), partitions);
             for partition in 0..partitions {
-                let mut origins: HashMap<i32, i64> = HashMap::new();
+                let mut origins = super::Origins::new();
                 let scanned = scan_tail(&self.kafka, &topic, partition, |headers| {
                     if let Some((p, o)) = record::origin(headers) {
-                        let e = origins.entry(p).or_insert(o);
-                        *e = (*e).max(o);
+                        super::note_origin(&mut origins, p, o);
                     }
                 })
                 .await;
