@@ -8,6 +8,7 @@ use tokio::sync::oneshot;
 
 use crate::auth::{AllowAll, Authenticator};
 use crate::config::Config;
+use crate::ingest::{Ingest, Parts};
 use crate::message::{Message, MessageProperties};
 use crate::metrics::Metrics;
 use crate::protocol::Will;
@@ -16,10 +17,10 @@ use crate::router::Router;
 use crate::session::registry::{Claim, Due, Kick, KickReason, PendingWill, Registry};
 use crate::session::{Session, NEVER_EXPIRES};
 use crate::storage::codec::now_ms;
-use crate::storage::embedded::{EmbeddedOptions, EmbeddedStorage};
-use crate::storage::kafka::{record::Control, PublishLog};
-use crate::storage::kafka_postgres::KafkaPostgresStorage;
-use crate::storage::{ClientKind, SessionRecord, Storage, StorageError, WriteBatch, WriteOp};
+use crate::storage::log::LogReader;
+use crate::storage::{
+    ClientKind, LogParts, SessionRecord, Storage, StorageError, WriteBatch, WriteOp,
+};
 
 /// How long a new connection waits for the previous owner of its client id to let go.
 const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -27,16 +28,17 @@ const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Shared broker state. One per process, behind an `Arc`.
 pub struct Broker {
     pub config: Config,
-    pub router: Router,
+    /// Shared with the dispatcher of a log-first backend.
+    pub router: Arc<Router>,
     pub registry: Registry,
     pub auth: Arc<dyn Authenticator>,
     pub metrics: Arc<Metrics>,
     pub topic_limits: TopicLimits,
     pub storage: Arc<dyn Storage>,
-    /// The Kafka publish log, with `storage.backend = "kafka+postgres"`: PUBLISHes are appended
-    /// to it and acknowledged once Kafka has them; the router consumes it. `None` on embedded
-    /// storage, where the publishing connection routes and stores in one step.
-    pub publish_log: Option<Arc<PublishLog>>,
+    /// The durable publish step (route-then-store, or append to the storage's publish log).
+    pub ingest: Ingest,
+    /// A log-first backend's publish log reader, until the server starts its dispatcher.
+    log_reader: parking_lot::Mutex<Option<Box<dyn LogReader>>>,
 }
 
 /// Why a session could not be opened.
@@ -59,21 +61,8 @@ impl Broker {
         auth: Arc<dyn Authenticator>,
     ) -> Result<Arc<Broker>, StorageError> {
         let metrics = Arc::new(Metrics::default());
-        let (storage, publish_log): (Arc<dyn Storage>, _) = if config.storage.is_kafka_postgres() {
-            let backend = KafkaPostgresStorage::connect(&config, metrics.clone()).await?;
-            let log = backend.publish_log();
-            (Arc::new(backend), Some(log))
-        } else {
-            let options = EmbeddedOptions {
-                device_queue_limit: config.device.queue_limit,
-                application_retention_ms: config.application.retention_secs.saturating_mul(1000),
-                application_retention_bytes: config.application.retention_bytes,
-                fsync: config.storage.fsync,
-            };
-            let storage = EmbeddedStorage::open(&config.data_dir, options, metrics.clone())?;
-            (Arc::new(storage), None)
-        };
-        let broker = Self::with_parts(config, auth, storage, metrics, publish_log);
+        let opened = crate::storage::open(&config, metrics.clone()).await?;
+        let broker = Self::with_parts(config, auth, opened.storage, metrics, opened.log);
         broker.restore().await?;
         Ok(broker)
     }
@@ -83,14 +72,18 @@ impl Broker {
         auth: Arc<dyn Authenticator>,
         storage: Arc<dyn Storage>,
         metrics: Arc<Metrics>,
-        publish_log: Option<Arc<PublishLog>>,
+        log: Option<LogParts>,
     ) -> Arc<Broker> {
         let topic_limits = TopicLimits {
             max_topic_len: config.limits.max_topic_len,
             max_levels: config.limits.max_topic_levels,
         };
-        let router = Router::new(metrics.clone(), config.device.message_ttl_secs);
+        let router = Arc::new(Router::new(metrics.clone(), config.device.message_ttl_secs));
         router.set_shared_groups_in_log(storage.shared_groups_in_log());
+        let (ingest, log_reader) = match log {
+            Some(LogParts { append, reader }) => (Ingest::AppendToLog(append), Some(reader)),
+            None => (Ingest::RouteThenStore, None),
+        };
         Arc::new(Broker {
             router,
             registry: Registry::default(),
@@ -98,7 +91,8 @@ impl Broker {
             metrics,
             topic_limits,
             storage,
-            publish_log,
+            ingest,
+            log_reader: parking_lot::Mutex::new(log_reader),
             config,
         })
     }
@@ -277,14 +271,13 @@ impl Broker {
                 client: client_id.clone(),
                 record,
             });
-            // On Kafka, a new session frees every QoS 2 packet id the log router still holds
-            // for this client (see `router::Qos2Flows`); the reset is in the log before any
-            // PUBLISH of the new session.
-            let reset = match (&self.publish_log, present) {
-                (Some(log), false) => Some(log.append_control(&Control::Reset {
-                    publisher: client_id.clone(),
-                })),
-                _ => None,
+            // With a publish log, a new session frees every QoS 2 packet id the dispatcher
+            // still holds for this client (`router::dispatcher::Qos2Flows`); the reset is in
+            // the log before any PUBLISH of the new session.
+            let reset = if present {
+                None
+            } else {
+                self.ingest.reset_session(&client_id)
             };
             let written = self.storage.submit(batch).await;
             let written = match (written, reset) {
@@ -450,6 +443,20 @@ impl Broker {
         n
     }
 
+    /// What the ingest step works with.
+    pub fn parts(&self) -> Parts<'_> {
+        Parts {
+            router: &self.router,
+            storage: self.storage.as_ref(),
+            metrics: &self.metrics,
+        }
+    }
+
+    /// The log-first backend's publish log reader, for the dispatcher; there is one.
+    pub fn take_log_reader(&self) -> Option<Box<dyn LogReader>> {
+        self.log_reader.lock().take()
+    }
+
     /// Publishes a will message as if the client had sent it.
     pub fn publish_will(&self, client_id: &Arc<str>, will: Will) {
         let message = Arc::new(Message {
@@ -461,31 +468,6 @@ impl Broker {
             received_at: Instant::now(),
             publisher: client_id.clone(),
         });
-        if let Some(log) = &self.publish_log {
-            // Through the publish log like any PUBLISH, so the router stores it for persistent
-            // subscribers; nobody waits for it, but a failure is worth a log line.
-            let appended = log.append(&message, None);
-            let client_id = client_id.clone();
-            tokio::spawn(async move {
-                if let Ok(Err(e)) = appended.await {
-                    tracing::warn!(client_id = %client_id, error = %e, "will message could not be appended to the publish log");
-                }
-            });
-            return;
-        }
-        let mut batch = WriteBatch::default();
-        if message.retain {
-            self.router.retain(&message, &mut batch);
-        }
-        let routed = self.router.publish(&message, &mut batch);
-        // Nobody reads on behalf of a will, so there is no publisher to hold back.
-        self.metrics
-            .messages_dropped_queue_full
-            .add(routed.full.len() as u64);
-        // Nobody waits for a will's acknowledgement; it is stored for persistent subscribers
-        // all the same.
-        if !batch.is_empty() {
-            self.storage.submit_detached(batch);
-        }
+        self.ingest.will(self.parts(), &message);
     }
 }

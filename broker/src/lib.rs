@@ -10,6 +10,7 @@ pub mod broker;
 pub mod config;
 pub mod connection;
 pub mod http;
+pub mod ingest;
 pub mod listener;
 pub mod message;
 pub mod metrics;

@@ -182,12 +182,14 @@ impl Server {
                 }
             }
         });
-        if let Some(log) = broker.publish_log.clone() {
-            tasks.spawn(crate::storage::kafka::router::run(
-                broker.clone(),
-                log,
-                shutdown_rx.clone(),
-            ));
+        if let Some(reader) = broker.take_log_reader() {
+            let dispatcher = crate::router::dispatcher::Dispatcher {
+                router: broker.router.clone(),
+                storage: broker.storage.clone(),
+                metrics: broker.metrics.clone(),
+                slow_wait: Duration::from_millis(broker.config.limits.slow_subscriber_wait_ms),
+            };
+            tasks.spawn(dispatcher.run(reader, shutdown_rx.clone()));
         }
         Ok(Server {
             broker,

@@ -28,6 +28,7 @@ use crate::protocol::{
     ProtocolVersion,
 };
 use crate::rate_limit::TokenBucket;
+use crate::router::place_blocked;
 use crate::session::machine::{Flow, Machine, PendingReply, MAX_PENDING_REPLIES};
 use crate::session::registry::{Kick, KickReason, OnlineInfo};
 use crate::storage::StorageError;
@@ -533,48 +534,6 @@ async fn stored_read(
             .unwrap_or(Err(crate::storage::StorageError::Closed)),
         None => std::future::pending().await,
     }
-}
-
-/// Places deliveries that found a subscriber's queue full, waiting for room until `deadline`
-/// and only while the subscriber is connected; what is still unplaced then is dropped and its
-/// subscriber marked slow. Returns how many were dropped. Cancel-safe: a delivery leaves
-/// `blocked` only when it is placed or dropped.
-pub(crate) async fn place_blocked(
-    blocked: &mut VecDeque<(Arc<crate::router::Mailbox>, crate::message::Delivery)>,
-    deadline: tokio::time::Instant,
-) -> u64 {
-    let mut dropped = 0;
-    while let Some((mailbox, _)) = blocked.front() {
-        let mailbox = mailbox.clone();
-        let reserved = tokio::time::timeout_at(deadline, mailbox.reserve()).await;
-        match reserved {
-            Ok(Ok(permit)) => {
-                if let Some((_, delivery)) = blocked.pop_front() {
-                    permit.send(delivery);
-                }
-            }
-            // The session ended, or its connection went away: nobody drains the queue now,
-            // and a full offline queue drops the newest message (counted).
-            Ok(Err(())) => {
-                if let Some((_, delivery)) = blocked.pop_front() {
-                    if !mailbox.place_now(delivery) {
-                        dropped += 1;
-                    }
-                }
-            }
-            // Time is up for every delivery still waiting (they share the deadline): each goes
-            // in if room appeared meanwhile, else it is dropped and its subscriber marked slow.
-            Err(_) => {
-                for (mailbox, delivery) in blocked.drain(..) {
-                    if !mailbox.place_now(delivery) {
-                        mailbox.mark_slow();
-                        dropped += 1;
-                    }
-                }
-            }
-        }
-    }
-    dropped
 }
 
 /// Waits for the storage write the oldest queued reply depends on.

@@ -7,6 +7,7 @@
 //! hop, and because one publisher's messages are pushed in the order it sent them, each
 //! subscriber's FIFO queue keeps that order (MQTT 4.6 ordered topics).
 
+pub mod dispatcher;
 mod inspect;
 pub mod retained;
 #[cfg(test)]
@@ -604,4 +605,46 @@ pub struct RouteResult {
     /// Deliveries for connected subscribers whose queue was full: the publisher's connection
     /// waits for room (bounded by `limits.slow_subscriber_wait_ms`) before reading on.
     pub full: Vec<(Arc<Mailbox>, Delivery)>,
+}
+
+/// Places deliveries that found a subscriber's queue full, waiting for room until `deadline`
+/// and only while the subscriber is connected; what is still unplaced then is dropped and its
+/// subscriber marked slow. Returns how many were dropped. Cancel-safe: a delivery leaves
+/// `blocked` only when it is placed or dropped.
+pub async fn place_blocked(
+    blocked: &mut std::collections::VecDeque<(Arc<Mailbox>, crate::message::Delivery)>,
+    deadline: tokio::time::Instant,
+) -> u64 {
+    let mut dropped = 0;
+    while let Some((mailbox, _)) = blocked.front() {
+        let mailbox = mailbox.clone();
+        let reserved = tokio::time::timeout_at(deadline, mailbox.reserve()).await;
+        match reserved {
+            Ok(Ok(permit)) => {
+                if let Some((_, delivery)) = blocked.pop_front() {
+                    permit.send(delivery);
+                }
+            }
+            // The session ended, or its connection went away: nobody drains the queue now,
+            // and a full offline queue drops the newest message (counted).
+            Ok(Err(())) => {
+                if let Some((_, delivery)) = blocked.pop_front() {
+                    if !mailbox.place_now(delivery) {
+                        dropped += 1;
+                    }
+                }
+            }
+            // Time is up for every delivery still waiting (they share the deadline): each goes
+            // in if room appeared meanwhile, else it is dropped and its subscriber marked slow.
+            Err(_) => {
+                for (mailbox, delivery) in blocked.drain(..) {
+                    if !mailbox.place_now(delivery) {
+                        mailbox.mark_slow();
+                        dropped += 1;
+                    }
+                }
+            }
+        }
+    }
+    dropped
 }

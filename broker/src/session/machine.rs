@@ -23,9 +23,9 @@ use crate::protocol::{
 };
 use crate::router::topic::{parse_filter, validate_topic_name, ParsedFilter};
 use crate::router::SubscriptionOptions;
-use crate::storage::kafka::record::Control;
 use crate::storage::{
-    pkid_for_seq, Completion, QueueRead, QueuedEntry, StorageError, WriteBatch, WriteOp,
+    join_completions, pkid_for_seq, Completion, QueueRead, QueuedEntry, StorageError, WriteBatch,
+    WriteOp,
 };
 
 /// What the connection should do after a packet.
@@ -493,30 +493,30 @@ impl Machine {
             received_at: Instant::now(),
             publisher: self.session.client_id.clone(),
         });
-        if let Some(log) = self.broker.publish_log.clone() {
-            return self.publish_to_log(&log, &message, pkid, publish.dup, out);
-        }
-        let mut batch = WriteBatch::default();
-        if message.retain {
-            self.broker.router.retain(&message, &mut batch);
-        }
-        let mut routed = self.broker.router.publish(&message, &mut batch);
-        if routed.matched == 0 {
-            self.broker.metrics.messages_dropped_no_subscribers.inc();
-        }
-        self.blocked.extend(routed.full.drain(..));
+        let mut own = WriteBatch::default();
         if message.qos == QoS::ExactlyOnce {
             self.session.inbound_qos2.insert(pkid);
             if self.session.stored {
-                batch.push(WriteOp::PutInboundQos2 {
+                own.push(WriteOp::PutInboundQos2 {
                     client: self.session.client_id.clone(),
                     pkid,
                 });
             }
         }
-        // Durable before ack: the PUBACK/PUBREC waits for this batch (invariant 1).
-        let wait = self.submit(batch);
-        let no_match = routed.matched == 0 && self.v5();
+        // Through a publish log, a persistent session's QoS 2 PUBLISH carries its packet id:
+        // after a crash between the append and the stored packet id, the publisher's resend is
+        // appended again, and the dispatcher recognises and drops it (clean sessions have
+        // nothing to resume).
+        let qos2 =
+            (message.qos == QoS::ExactlyOnce && self.session.stored).then_some((pkid, publish.dup));
+        // Durable before ack: the PUBACK/PUBREC waits for this (invariant 1).
+        let accepted = self
+            .broker
+            .ingest
+            .publish(self.broker.parts(), &message, own, qos2);
+        self.blocked.extend(accepted.blocked);
+        let wait = accepted.wait;
+        let no_match = accepted.matched == Some(0) && self.v5();
         match message.qos {
             // Nothing to acknowledge; retained changes were submitted without waiting.
             QoS::AtMostOnce => {}
@@ -551,66 +551,6 @@ impl Machine {
                         properties: None,
                     }),
                     wait,
-                    OnError::PubRec(pkid),
-                    Some(message.received_at),
-                    out,
-                );
-            }
-        }
-        Flow::Continue
-    }
-
-    /// The Kafka backend's publish step: append to the publish log and acknowledge once Kafka
-    /// has the record (acks=all); the router consumes the log and delivers. Whether anyone is
-    /// subscribed is not known yet at that point, so v5 acks say Success, never 0x10.
-    fn publish_to_log(
-        &mut self,
-        log: &crate::storage::kafka::PublishLog,
-        message: &Arc<Message>,
-        pkid: u16,
-        dup: bool,
-        out: &mut BytesMut,
-    ) -> Flow {
-        // A persistent session's QoS 2 PUBLISH carries its packet id: after a crash between the
-        // append and the stored packet id, the publisher's resend is appended again, and the
-        // router recognises and drops it (clean sessions have nothing to resume).
-        let flow = (message.qos == QoS::ExactlyOnce && self.session.stored).then_some((pkid, dup));
-        let appended = log.append(message, flow);
-        match message.qos {
-            QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => self.reply_ack(
-                Packet::PubAck(PubAck {
-                    pkid,
-                    reason: PubAckReason::Success,
-                    properties: None,
-                }),
-                Some(appended),
-                OnError::PubAck(pkid),
-                Some(message.received_at),
-                out,
-            ),
-            QoS::ExactlyOnce => {
-                self.session.inbound_qos2.insert(pkid);
-                let wait = if self.session.stored {
-                    // PUBREC promises both: the message is in the log and a resend of this
-                    // packet id will not be routed twice.
-                    let marked = self.broker.storage.submit(WriteBatch {
-                        ops: vec![WriteOp::PutInboundQos2 {
-                            client: self.session.client_id.clone(),
-                            pkid,
-                        }],
-                    });
-                    both(appended, marked)
-                } else {
-                    appended
-                };
-                self.reply_ack(
-                    Packet::PubRec(PubRec {
-                        pkid,
-                        reason: PubRecReason::Success,
-                        properties: None,
-                    }),
-                    Some(wait),
                     OnError::PubRec(pkid),
                     Some(message.received_at),
                     out,
@@ -776,18 +716,17 @@ impl Machine {
         } else {
             None
         };
-        // On Kafka the log router keeps the packet ids of routed QoS 2 messages too; the
-        // release goes through the log (after the message, same partition) before PUBCOMP lets
-        // the publisher reuse the id. Also for an unknown id: a crash may have kept the router's
-        // copy while the stored one was deleted.
+        // Through a publish log the dispatcher keeps the packet ids of routed QoS 2 messages
+        // too (`Ingest::release_qos2`). Also for an unknown id: a crash may have kept the
+        // dispatcher's copy while the stored one was deleted.
         if self.session.stored {
-            if let Some(log) = &self.broker.publish_log {
-                let released = log.append_control(&Control::Release {
-                    publisher: self.session.client_id.clone(),
-                    pkid: rel.pkid,
-                });
+            if let Some(released) = self
+                .broker
+                .ingest
+                .release_qos2(&self.session.client_id, rel.pkid)
+            {
                 wait = Some(match wait {
-                    Some(deleted) => both(deleted, released),
+                    Some(deleted) => join_completions(deleted, released),
                     None => released,
                 });
             }
@@ -1265,16 +1204,6 @@ impl Machine {
 }
 
 /// A completion that resolves when both resolve, with the first error.
-fn both(a: Completion, b: Completion) -> Completion {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let a = a.await.unwrap_or(Err(StorageError::Closed));
-        let b = b.await.unwrap_or(Err(StorageError::Closed));
-        let _ = tx.send(a.and(b));
-    });
-    rx
-}
-
 fn rec_code(reason: PubRecReason) -> u8 {
     match reason {
         PubRecReason::Success => 0x00,

@@ -1,7 +1,9 @@
 //! The production backend: Kafka for logs, PostgreSQL for everything else.
 //!
-//! * PUBLISH → `<prefix>.msg.all` ([`PublishLog`], used by the connection directly).
-//! * Router → DEVICE queues in PostgreSQL, APPLICATION logs in `<prefix>.app.<client>`.
+//! * PUBLISH → `<prefix>.msg.all` ([`KafkaPublishLog`], the broker's ingest appends to it), read
+//!   back by the dispatcher through [`KafkaLogReader`].
+//! * Dispatcher batches → DEVICE queues in PostgreSQL, APPLICATION logs in
+//!   `<prefix>.app.<client>`.
 //! * Sessions, subscriptions, retained messages, in-flight marks, APPLICATION offsets →
 //!   PostgreSQL.
 //!
@@ -11,8 +13,16 @@
 //! batches are applied in submission order whoever submits them (the `Storage` contract). The
 //! price: while Kafka does not answer, PostgreSQL writes queue behind such a batch for up to
 //! `kafka.produce_timeout_ms`.
+//!
+//! **APPLICATION appends made before.** Each dispatcher append carries its origin (publish-log
+//! partition and offset). A batch replayed after a crash, or retried after a failed attempt
+//! (a produce that timed out has an unknown outcome), may hold appends that are already in
+//! the logs: at start the broker reads the end of every APPLICATION log, and before the first
+//! batch after a failure it reads the ends of the logs that batch appends to, and drops the
+//! appends at or below the origins it found there.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,8 +31,10 @@ use sqlx::PgConnection;
 use tokio::sync::{oneshot, Mutex, Notify};
 
 use super::kafka::app::{ApplicationLogs, Tag};
+use super::kafka::reader::KafkaLogReader;
 use super::kafka::shared::SharedGroups;
-use super::kafka::{Kafka, PublishLog};
+use super::kafka::{already_appended, note_origin, Kafka, KafkaPublishLog, Origins};
+use super::log::{LogReader, PublishLog};
 use super::postgres::{take_node_lock, PgStore, ReleasedHook};
 use super::{
     ClientKind, Completion, QueueRead, QueueTotals, Snapshot, Storage, StorageError, SweepStats,
@@ -39,7 +51,15 @@ const TAIL_SCAN_CONCURRENCY: usize = 16;
 
 pub struct KafkaPostgresStorage {
     kafka: Arc<Kafka>,
-    log: Arc<PublishLog>,
+    log: Arc<KafkaPublishLog>,
+    /// Created at start (so a broken setup fails before listeners open), taken by the broker
+    /// for its dispatcher.
+    reader: parking_lot::Mutex<Option<KafkaLogReader>>,
+    /// Per APPLICATION client, the highest origins found at the end of its log: appends at or
+    /// below them were made already (module docs).
+    appended: Arc<parking_lot::Mutex<HashMap<Arc<str>, Origins>>>,
+    /// A batch with APPLICATION appends failed: the next one reads the logs' ends first.
+    recheck: Arc<AtomicBool>,
     apps: Arc<ApplicationLogs>,
     shared: Arc<SharedGroups>,
     pg: Arc<PgStore>,
@@ -64,7 +84,8 @@ impl KafkaPostgresStorage {
         )
         .await?;
         let pg = Arc::new(pg);
-        let log = Arc::new(PublishLog::open(kafka.clone(), &pg).await?);
+        let log = Arc::new(KafkaPublishLog::new(kafka.clone()));
+        let reader = KafkaLogReader::open(&kafka, &pg).await?;
         tokio::spawn(watch_health(
             kafka.clone(),
             pg.clone(),
@@ -84,6 +105,9 @@ impl KafkaPostgresStorage {
         Ok(KafkaPostgresStorage {
             kafka,
             log,
+            reader: parking_lot::Mutex::new(Some(reader)),
+            appended: Default::default(),
+            recheck: Default::default(),
             apps,
             shared,
             pg,
@@ -91,8 +115,152 @@ impl KafkaPostgresStorage {
         })
     }
 
-    pub fn publish_log(&self) -> Arc<PublishLog> {
+    /// The publish log's ingest side.
+    pub fn publish_log(&self) -> Arc<dyn PublishLog> {
         self.log.clone()
+    }
+
+    /// The publish log's dispatch side; there is one, taken once.
+    pub fn take_log_reader(&self) -> Option<Box<dyn LogReader>> {
+        self.reader
+            .lock()
+            .take()
+            .map(|r| Box::new(r) as Box<dyn LogReader>)
+    }
+}
+
+/// What producing a batch's APPLICATION and group appends needs, cloned into the task that
+/// waits for them.
+#[derive(Clone)]
+struct Appender {
+    kafka: Arc<Kafka>,
+    apps: Arc<ApplicationLogs>,
+    shared: Arc<SharedGroups>,
+    appended: Arc<parking_lot::Mutex<HashMap<Arc<str>, Origins>>>,
+    recheck: Arc<AtomicBool>,
+}
+
+/// Appends handed to Kafka, and what to do once they are acknowledged.
+struct Produced {
+    waits: Vec<Completion>,
+    /// Group appends: appended in order once their topics exist.
+    shared: Vec<WriteOp>,
+    /// Online readers of the appended logs.
+    wake: Vec<Arc<Notify>>,
+}
+
+impl KafkaPostgresStorage {
+    fn appender(&self) -> Appender {
+        Appender {
+            kafka: self.kafka.clone(),
+            apps: self.apps.clone(),
+            shared: self.shared.clone(),
+            appended: self.appended.clone(),
+            recheck: self.recheck.clone(),
+        }
+    }
+}
+
+impl Appender {
+    /// Hands the APPLICATION appends to the producer, in order, except those the logs have
+    /// already (their readers are woken all the same).
+    fn produce(&self, appends: Vec<WriteOp>) -> Produced {
+        let mut produced = Produced {
+            waits: Vec::new(),
+            shared: Vec::new(),
+            wake: Vec::new(),
+        };
+        let appended = self.appended.lock();
+        for op in appends {
+            match op {
+                WriteOp::Enqueue {
+                    client,
+                    record,
+                    notify,
+                    origin,
+                    ..
+                } => {
+                    produced.wake.extend(notify);
+                    if let Some((p, o)) = origin {
+                        if already_appended(appended.get(&client), p, o) {
+                            continue;
+                        }
+                    }
+                    let tag = match origin {
+                        Some((p, o)) => Tag::Origin(p, o),
+                        None => Tag::None,
+                    };
+                    produced
+                        .waits
+                        .push(self.apps.append(&client, bytes::Bytes::from(record), tag));
+                    self.kafka.metrics.application_messages_stored.inc();
+                }
+                shared @ WriteOp::AppendShared { .. } => produced.shared.push(shared),
+                _ => {}
+            }
+        }
+        produced
+    }
+
+    /// Waits until Kafka acknowledged every append (group topics are checked for appends made
+    /// before where their partition is known, `shared::append`), then wakes the readers. A
+    /// failure makes the next batch recheck the logs' ends.
+    async fn finish(&self, mut produced: Produced) -> Result<(), StorageError> {
+        for op in produced.shared {
+            if let WriteOp::AppendShared {
+                group,
+                filter,
+                record,
+                origin,
+            } = op
+            {
+                produced.waits.push(
+                    self.shared
+                        .append(&group, &filter, bytes::Bytes::from(record), origin)
+                        .await,
+                );
+            }
+        }
+        let mut result = Ok(());
+        for wait in produced.waits {
+            if let Err(e) = wait.await.unwrap_or(Err(StorageError::Closed)) {
+                result = Err(e);
+            }
+        }
+        match result {
+            Ok(()) => {
+                for n in produced.wake {
+                    n.notify_one();
+                }
+            }
+            Err(_) => self.recheck.store(true, Ordering::Release),
+        }
+        result
+    }
+
+    /// Reads the ends of the APPLICATION logs `appends` go to and raises the known origins
+    /// to what is found there. `Err` when a log's end could not be read (Kafka unreachable).
+    async fn drop_appended(&self, appends: &[WriteOp]) -> Result<(), StorageError> {
+        let clients: HashSet<Arc<str>> = appends
+            .iter()
+            .filter_map(|op| match op {
+                WriteOp::Enqueue {
+                    client,
+                    origin: Some(_),
+                    ..
+                } => Some(client.clone()),
+                _ => None,
+            })
+            .collect();
+        for client in clients {
+            let found = self.apps.tail(&client).await?.origins;
+            let mut appended = self.appended.lock();
+            let known = appended.entry(client).or_default();
+            for (p, o) in found {
+                note_origin(known, p, o);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -162,72 +330,44 @@ impl Storage for KafkaPostgresStorage {
         if !has_app {
             return self.pg.submit(batch);
         }
-        // Produce the APPLICATION appends now, in order; the rest goes to PostgreSQL once Kafka
-        // has them all.
-        let mut produced = Vec::new();
-        let mut wake = Vec::new();
-        let mut shared = Vec::new();
-        batch.ops.retain_mut(|op| match op {
-            WriteOp::AppendShared {
-                group,
-                filter,
-                record,
-                origin,
-            } => {
-                shared.push((
-                    group.clone(),
-                    filter.clone(),
-                    std::mem::take(record),
-                    *origin,
-                ));
-                false
-            }
-            WriteOp::Enqueue {
-                client,
-                kind: ClientKind::Application,
-                record,
-                notify,
-                origin,
-            } => {
-                let tag = match origin {
-                    Some((p, o)) => Tag::Origin(*p, *o),
-                    None => Tag::None,
-                };
-                // The op is dropped here: its record moves on without a copy.
-                let record = bytes::Bytes::from(std::mem::take(record));
-                produced.push(self.apps.append(client, record, tag));
-                self.kafka.metrics.application_messages_stored.inc();
-                if let Some(n) = notify.take() {
-                    wake.push(n);
-                }
-                false
-            }
-            _ => true,
-        });
-        let groups = self.shared.clone();
+        // The APPLICATION and group appends leave the batch; the rest goes to PostgreSQL once
+        // Kafka has them all.
+        let (appends, rest): (Vec<WriteOp>, Vec<WriteOp>) =
+            std::mem::take(&mut batch.ops).into_iter().partition(|op| {
+                matches!(
+                    op,
+                    WriteOp::AppendShared { .. }
+                        | WriteOp::Enqueue {
+                            kind: ClientKind::Application,
+                            ..
+                        }
+                )
+            });
+        batch.ops = rest;
         let (appended, after) = oneshot::channel();
-        tokio::spawn(async move {
-            let mut result = Ok(());
-            // Group topics may need creating first; appended in the router's order.
-            for (group, filter, record, origin) in shared {
-                produced.push(
-                    groups
-                        .append(&group, &filter, bytes::Bytes::from(record), origin)
-                        .await,
-                );
-            }
-            for p in produced {
-                if let Err(e) = p.await.unwrap_or(Err(StorageError::Closed)) {
-                    result = Err(e);
-                }
-            }
-            if result.is_ok() {
-                for n in wake {
-                    n.notify_one();
-                }
-            }
-            let _ = appended.send(result);
-        });
+        if self.recheck.load(Ordering::Acquire) {
+            // After a failure: learn from the logs' ends what made it before producing again.
+            // Nothing else appends to APPLICATION logs while the dispatcher waits for this.
+            let this = self.appender();
+            tokio::spawn(async move {
+                let result = match this.drop_appended(&appends).await {
+                    Ok(()) => {
+                        this.recheck.store(false, Ordering::Release);
+                        let produced = this.produce(appends);
+                        this.finish(produced).await
+                    }
+                    Err(e) => Err(e),
+                };
+                let _ = appended.send(result);
+            });
+        } else {
+            // Produced now, in submission order.
+            let produced = self.appender().produce(appends);
+            let this = self.appender();
+            tokio::spawn(async move {
+                let _ = appended.send(this.finish(produced).await);
+            });
+        }
         self.pg.submit_after(batch, Some(after))
     }
 
@@ -277,8 +417,7 @@ impl Storage for KafkaPostgresStorage {
             match tail {
                 Ok(tail) => {
                     tracing::info!(client_id = %session.client, origins = ?tail.origins, claims = ?tail.claims, "APPLICATION log tail read; a replay skips appends up to these offsets");
-                    self.log
-                        .skip
+                    self.appended
                         .lock()
                         .insert(session.client.clone(), tail.origins);
                     self.shared.claimed_at_start(tail.claims);

@@ -23,6 +23,7 @@ pub mod codec;
 pub mod embedded;
 pub mod kafka;
 pub mod kafka_postgres;
+pub mod log;
 pub mod postgres;
 
 use std::sync::Arc;
@@ -127,7 +128,7 @@ pub enum WriteOp {
         next_offset: i64,
     },
     /// The log router's record of a publisher's open QoS 2 flows changed (Kafka backend only;
-    /// see `kafka::router::Qos2Flows`). Written in the batch's transaction.
+    /// see `router::dispatcher::Qos2Flows`). Written in the batch's transaction.
     RouterQos2 {
         client: Arc<str>,
         change: Qos2FlowChange,
@@ -280,6 +281,61 @@ impl StorageError {
 
 /// Resolves when a submitted batch is durable (or failed).
 pub type Completion = oneshot::Receiver<Result<(), StorageError>>;
+
+/// Resolves when both are done: `Ok` if both succeeded, else the first error.
+pub fn join_completions(a: Completion, b: Completion) -> Completion {
+    let (tx, rx) = oneshot::channel();
+    tokio::spawn(async move {
+        let a = a.await.unwrap_or(Err(StorageError::Closed));
+        let b = b.await.unwrap_or(Err(StorageError::Closed));
+        let _ = tx.send(a.and(b));
+    });
+    rx
+}
+
+/// The configured backend, opened: its storage and, for a log-first backend, both sides of its
+/// publish log. The one place that names the backends.
+pub struct Opened {
+    pub storage: Arc<dyn Storage>,
+    pub log: Option<LogParts>,
+}
+
+/// A log-first backend's publish log: what connections append to, and what the dispatcher
+/// reads back.
+pub struct LogParts {
+    pub append: Arc<dyn log::PublishLog>,
+    pub reader: Box<dyn log::LogReader>,
+}
+
+/// Opens the backend `config.storage` names (creating what it needs, failing with a message
+/// that names the unreachable service or the bad file).
+pub async fn open(
+    config: &crate::config::Config,
+    metrics: Arc<crate::metrics::Metrics>,
+) -> Result<Opened, StorageError> {
+    if config.storage.is_kafka_postgres() {
+        let backend = kafka_postgres::KafkaPostgresStorage::connect(config, metrics).await?;
+        let append = backend.publish_log();
+        let reader = backend
+            .take_log_reader()
+            .ok_or_else(|| StorageError::engine_msg("the publish log reader was taken already"))?;
+        return Ok(Opened {
+            storage: Arc::new(backend),
+            log: Some(LogParts { append, reader }),
+        });
+    }
+    let options = embedded::EmbeddedOptions {
+        device_queue_limit: config.device.queue_limit,
+        application_retention_ms: config.application.retention_secs.saturating_mul(1000),
+        application_retention_bytes: config.application.retention_bytes,
+        fsync: config.storage.fsync,
+    };
+    let storage = embedded::EmbeddedStorage::open(&config.data_dir, options, metrics)?;
+    Ok(Opened {
+        storage: Arc::new(storage),
+        log: None,
+    })
+}
 
 /// The answer to [`Storage::read_queue`]: at once (a local read) or later (a network read).
 pub enum QueueRead {

@@ -14,8 +14,8 @@
 
 pub mod app;
 pub mod position;
+pub mod reader;
 pub mod record;
-pub mod router;
 pub mod shared;
 
 use std::collections::HashSet;
@@ -36,6 +36,7 @@ use tokio::sync::oneshot;
 use crate::config::KafkaConfig;
 use crate::message::Message;
 use crate::metrics::Metrics;
+use crate::storage::log::{LogControl, Qos2Mark};
 use crate::storage::{Completion, StorageError};
 
 /// How long a metadata or admin request may take before the broker calls Kafka unreachable.
@@ -509,63 +510,25 @@ impl Kafka {
     }
 }
 
-/// The ingest side of the publish log: what a connection appends a PUBLISH to.
-pub struct PublishLog {
-    pub kafka: Arc<Kafka>,
+/// The publish log `<prefix>.msg.all`, the ingest side: what a connection appends a PUBLISH to.
+/// The dispatch side is [`reader::KafkaLogReader`].
+pub struct KafkaPublishLog {
+    kafka: Arc<Kafka>,
     topic: String,
-    /// Created at start (so a broken setup fails before listeners open), taken by the router.
-    router_consumer: parking_lot::Mutex<Option<rdkafka::consumer::StreamConsumer>>,
-    start_positions: std::collections::HashMap<i32, position::NextOffset>,
-    /// The router's open QoS 2 flows as stored, taken by the router.
-    qos2_flows: parking_lot::Mutex<Option<router::Qos2Flows>>,
-    /// Per APPLICATION client and publish-log partition, the highest origin offset found at the
-    /// end of its topic when the broker started: a replayed batch must not append those again.
-    pub skip: parking_lot::Mutex<
-        std::collections::HashMap<Arc<str>, std::collections::HashMap<i32, i64>>,
-    >,
 }
 
-impl PublishLog {
-    /// Prepares the publish log and the router's consumer.
-    pub async fn open(
-        kafka: Arc<Kafka>,
-        pg: &crate::storage::postgres::PgStore,
-    ) -> Result<PublishLog, StorageError> {
+impl KafkaPublishLog {
+    pub fn new(kafka: Arc<Kafka>) -> KafkaPublishLog {
         let topic = msg_all_topic(&kafka.config.topic_prefix);
-        let (consumer, positions) = router::consumer(&kafka, &topic, pg).await?;
-        let qos2_flows = router::Qos2Flows::new(pg.router_qos2_flows().await?);
-        Ok(PublishLog {
-            kafka,
-            topic,
-            router_consumer: parking_lot::Mutex::new(Some(consumer)),
-            start_positions: positions,
-            qos2_flows: parking_lot::Mutex::new(Some(qos2_flows)),
-            skip: Default::default(),
-        })
+        KafkaPublishLog { kafka, topic }
     }
+}
 
-    /// Where the router starts in each partition (the stored positions).
-    pub fn start_positions(&self) -> std::collections::HashMap<i32, position::NextOffset> {
-        self.start_positions.clone()
-    }
-
-    pub fn take_router_consumer(&self) -> Option<rdkafka::consumer::StreamConsumer> {
-        self.router_consumer.lock().take()
-    }
-
-    pub fn take_qos2_flows(&self) -> Option<router::Qos2Flows> {
-        self.qos2_flows.lock().take()
-    }
-
-    pub fn topic(&self) -> &str {
-        &self.topic
-    }
-
-    /// Appends `message`; the completion resolves once Kafka has it with acks=all. Fails at
-    /// once with `Overloaded` when the producer's queue (`kafka.max_pending_records`) is full.
-    /// `qos2`: the packet id and DUP flag of a QoS 2 PUBLISH from a persistent session, which
-    /// lets the router drop a resend of a message it already routed (see `router::Qos2Flows`).
-    pub fn append(&self, message: &Message, qos2: Option<(u16, bool)>) -> Completion {
+impl crate::storage::log::PublishLog for KafkaPublishLog {
+    /// Resolves once Kafka has the record with acks=all. Fails at once with `Overloaded` when
+    /// the producer's queue (`kafka.max_pending_records`) is full. `qos2`: see
+    /// [`record::with_qos2_flow`].
+    fn append(&self, message: &Message, qos2: Option<Qos2Mark>) -> Completion {
         let mut headers = record::headers(message, None);
         if let Some((pkid, dup)) = qos2 {
             headers = record::with_qos2_flow(headers, pkid, dup);
@@ -579,17 +542,12 @@ impl PublishLog {
         )
     }
 
-    /// Appends a control record for the router. Keyed by the publisher like its messages, so
-    /// it lands in the same partition, after everything the publisher appended before.
-    pub fn append_control(&self, control: &record::Control) -> Completion {
-        let publisher = match control {
-            record::Control::Release { publisher, .. } | record::Control::Reset { publisher } => {
-                publisher
-            }
-        };
+    /// Keyed by the publisher like its messages, so it lands in the same partition, after
+    /// everything the publisher appended before.
+    fn append_control(&self, control: &LogControl) -> Completion {
         self.kafka.send(
             &self.topic,
-            Some(publisher.as_bytes()),
+            Some(control.publisher().as_bytes()),
             None,
             &[],
             record::control_headers(control),

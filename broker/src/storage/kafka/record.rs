@@ -49,13 +49,7 @@ const PUBLISHER_HEADER: &str = "ferrymq.publisher";
 const V1: &[u8] = b"1";
 
 /// A control record of the publish log: state of a publisher's QoS 2 flows.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Control {
-    /// PUBREL: the packet id may carry a new message from now on.
-    Release { publisher: Arc<str>, pkid: u16 },
-    /// A new session: every packet id of the publisher is free.
-    Reset { publisher: Arc<str> },
-}
+pub use crate::storage::log::LogControl as Control;
 
 /// The headers of a control record.
 pub fn control_headers(control: &Control) -> OwnedHeaders {

@@ -1,0 +1,330 @@
+//! The dispatcher of a log-first backend: reads the publish log back ([`LogReader`]) and does
+//! what the publishing connection does on embedded storage — match subscriptions, hand
+//! deliveries to connected clean-session subscribers, and store them for persistent ones —
+//! then stores each batch together with its position in the log.
+//!
+//! It depends on the router and the storage seam only. What a backend does with a batch (a
+//! PostgreSQL transaction, appends to APPLICATION logs) and how it recognises appends it made
+//! before a crash or a failed attempt is the backend's business: the dispatcher marks every
+//! APPLICATION and shared-group append with the log position it came from (`origin`), which is
+//! all a backend needs for that.
+//!
+//! **Failures.** When a write fails (a backend down) the same batch is retried, with backoff,
+//! until it succeeds: the dispatcher stops moving, the log keeps the messages, nothing
+//! acknowledged is lost.
+//!
+//! **QoS 2.** The PUBLISH append and the publisher's stored packet id are writes to two systems;
+//! a crash between them makes the publisher resend (DUP set) a message that is already in the
+//! log. QoS 2 records of persistent sessions carry their packet id, and the dispatcher remembers
+//! the packet ids it routed ([`Qos2Flows`], stored with its batches) until the publisher's
+//! PUBREL (a `Release` control record) or a new session (`Reset`) frees them: a DUP record for a
+//! packet id still open is such a copy and is dropped. A record without DUP is always new (a
+//! publisher only sets DUP on a resend).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::{place_blocked, Router};
+use crate::metrics::Metrics;
+use crate::storage::log::{LogControl, LogEntry, LogReader, PartitionRecords};
+use crate::storage::{ClientKind, Qos2FlowChange, Storage, StorageError, WriteBatch, WriteOp};
+
+/// Backoff between attempts to store a batch while a backend is down.
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// What the dispatcher routes with and stores into.
+pub struct Dispatcher {
+    pub router: Arc<Router>,
+    pub storage: Arc<dyn Storage>,
+    pub metrics: Arc<Metrics>,
+    /// How long a connected subscriber with a full queue may hold a batch back
+    /// (`limits.slow_subscriber_wait_ms`), as on embedded storage.
+    pub slow_wait: Duration,
+}
+
+impl Dispatcher {
+    /// Routes the log until shutdown (or until the log cannot be read any more).
+    pub async fn run(self, mut reader: Box<dyn LogReader>, mut shutdown: watch::Receiver<bool>) {
+        let mut flows = Qos2Flows::new(reader.open_qos2_flows());
+        loop {
+            let partitions = tokio::select! {
+                _ = shutdown.changed() => return,
+                next = reader.next() => match next {
+                    Some(p) => p,
+                    None => return,
+                },
+            };
+            // One batch per partition: a replay after a crash then redoes at most one
+            // partition's batch.
+            for records in partitions {
+                let partition = records.partition;
+                let Some((batch, next_offset)) = self.route(records, &mut flows).await else {
+                    continue;
+                };
+                if !self.store(batch, &mut shutdown).await {
+                    return;
+                }
+                reader.routed(partition, next_offset);
+            }
+        }
+    }
+
+    /// Routes one partition's records into a batch ending with the partition's new position.
+    /// `None` when there were no records.
+    async fn route(
+        &self,
+        records: PartitionRecords,
+        flows: &mut Qos2Flows,
+    ) -> Option<(WriteBatch, i64)> {
+        let partition = records.partition;
+        let next_offset = records.records.last()?.offset + 1;
+        let mut batch = WriteBatch::default();
+        let mut blocked = VecDeque::new();
+        for record in records.records {
+            let (delivery, qos2) = match record.entry {
+                LogEntry::Publish { delivery, qos2 } => (delivery, qos2),
+                LogEntry::Control(control) => {
+                    flows.apply(&control, &mut batch);
+                    continue;
+                }
+                LogEntry::Unreadable => continue,
+            };
+            if let Some((pkid, dup)) = qos2 {
+                if !flows.route(&delivery.message.publisher, pkid, dup, &mut batch) {
+                    tracing::debug!(partition, offset = record.offset, publisher = %delivery.message.publisher, pkid, "dropping a resent QoS 2 message the router already routed");
+                    continue;
+                }
+            }
+            let message = Arc::new(delivery.message);
+            let first_op = batch.ops.len();
+            if message.retain {
+                self.router.retain(&message, &mut batch);
+            }
+            let routed = self.router.publish(&message, &mut batch);
+            if routed.matched == 0 {
+                self.metrics.messages_dropped_no_subscribers.inc();
+            }
+            blocked.extend(routed.full);
+            stamp_origin(&mut batch, first_op, partition, record.offset);
+        }
+        if !blocked.is_empty() {
+            // Connected subscribers with a full queue get the same grace as on embedded
+            // storage; what still does not fit is dropped and counted.
+            let deadline = tokio::time::Instant::now() + self.slow_wait;
+            let dropped = place_blocked(&mut blocked, deadline).await;
+            if dropped > 0 {
+                self.metrics.messages_dropped_queue_full.add(dropped);
+            }
+        }
+        batch.push(WriteOp::RouterPosition {
+            partition,
+            next_offset,
+        });
+        Some((batch, next_offset))
+    }
+
+    /// Stores the batch, retrying until it succeeds or the broker shuts down (false).
+    async fn store(&self, batch: WriteBatch, shutdown: &mut watch::Receiver<bool>) -> bool {
+        let mut backoff = RETRY_MIN;
+        let mut failing = false;
+        loop {
+            // The same batch again: a backend that may have applied part of a failed attempt
+            // (an append whose outcome is unknown) recognises those parts by their origin.
+            let outcome = match self.storage.submit(batch.clone()).await {
+                Ok(result) => result,
+                Err(_) => Err(StorageError::Closed),
+            };
+            match outcome {
+                Ok(()) => {
+                    if failing {
+                        tracing::info!("router stores again; resuming");
+                    }
+                    return true;
+                }
+                Err(e) => {
+                    self.metrics.storage_errors.inc();
+                    if !failing {
+                        tracing::error!(error = %e, "router cannot store a batch; retrying until storage is back (the publish log keeps the messages)");
+                        failing = true;
+                    }
+                    tokio::select! {
+                        _ = shutdown.changed() => return false,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(RETRY_MAX);
+                }
+            }
+        }
+    }
+}
+
+/// Marks the APPLICATION and shared-group appends made for the record at (`partition`,
+/// `offset`) with that origin.
+fn stamp_origin(batch: &mut WriteBatch, from: usize, partition: i32, offset: i64) {
+    for op in &mut batch.ops[from..] {
+        match op {
+            WriteOp::AppendShared { origin, .. }
+            | WriteOp::Enqueue {
+                kind: ClientKind::Application,
+                origin,
+                ..
+            } => *origin = Some((partition, offset)),
+            _ => {}
+        }
+    }
+}
+
+/// The QoS 2 packet ids the dispatcher routed a message for and has not seen released, per
+/// publisher (see the module docs). Bounded by 65,535 per publisher client id; a new session
+/// of the publisher clears its entries.
+pub struct Qos2Flows {
+    open: HashMap<Arc<str>, HashSet<u16>>,
+}
+
+impl Qos2Flows {
+    pub fn new(open: HashMap<Arc<str>, HashSet<u16>>) -> Qos2Flows {
+        Qos2Flows { open }
+    }
+
+    /// Whether to route a QoS 2 message with this packet id and DUP flag; records the flow as
+    /// open (in `batch`) when it is routed.
+    fn route(
+        &mut self,
+        publisher: &Arc<str>,
+        pkid: u16,
+        dup: bool,
+        batch: &mut WriteBatch,
+    ) -> bool {
+        let ids = self.open.entry(publisher.clone()).or_default();
+        if ids.contains(&pkid) {
+            // Open already: a DUP is the copy of what was routed; without DUP the publisher
+            // says it is new (the release must have been lost with a crash), and it stays open.
+            return !dup;
+        }
+        ids.insert(pkid);
+        batch.push(WriteOp::RouterQos2 {
+            client: publisher.clone(),
+            change: Qos2FlowChange::Open(pkid),
+        });
+        true
+    }
+
+    fn apply(&mut self, control: &LogControl, batch: &mut WriteBatch) {
+        match control {
+            LogControl::Release { publisher, pkid } => {
+                let Some(ids) = self.open.get_mut(publisher) else {
+                    return;
+                };
+                if ids.remove(pkid) {
+                    if ids.is_empty() {
+                        self.open.remove(publisher);
+                    }
+                    batch.push(WriteOp::RouterQos2 {
+                        client: publisher.clone(),
+                        change: Qos2FlowChange::Release(*pkid),
+                    });
+                }
+            }
+            LogControl::Reset { publisher } => {
+                if self.open.remove(publisher).is_some() {
+                    batch.push(WriteOp::RouterQos2 {
+                        client: publisher.clone(),
+                        change: Qos2FlowChange::Reset,
+                    });
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn changes(batch: &WriteBatch) -> Vec<Qos2FlowChange> {
+        batch
+            .ops
+            .iter()
+            .filter_map(|op| match op {
+                WriteOp::RouterQos2 { change, .. } => Some(*change),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A DUP resend of an open packet id is dropped; the first send, a resend without DUP and
+    /// a send after PUBREL or a new session are routed.
+    #[test]
+    fn qos2_resends_are_dropped_until_released() {
+        let p: Arc<str> = "meter".into();
+        let mut flows = Qos2Flows::new(HashMap::new());
+        let mut batch = WriteBatch::default();
+        assert!(flows.route(&p, 7, false, &mut batch));
+        assert!(!flows.route(&p, 7, true, &mut batch), "a DUP copy");
+        assert!(
+            flows.route(&p, 7, false, &mut batch),
+            "new, says the publisher"
+        );
+        flows.apply(
+            &LogControl::Release {
+                publisher: p.clone(),
+                pkid: 7,
+            },
+            &mut batch,
+        );
+        assert!(flows.route(&p, 7, true, &mut batch), "released: a new flow");
+        flows.apply(
+            &LogControl::Reset {
+                publisher: p.clone(),
+            },
+            &mut batch,
+        );
+        assert!(flows.route(&p, 7, true, &mut batch), "new session");
+        assert_eq!(
+            changes(&batch),
+            vec![
+                Qos2FlowChange::Open(7),
+                Qos2FlowChange::Release(7),
+                Qos2FlowChange::Open(7),
+                Qos2FlowChange::Reset,
+                Qos2FlowChange::Open(7),
+            ]
+        );
+    }
+
+    /// Only APPLICATION and group appends carry their origin; DEVICE appends do not need it
+    /// (they are stored in the transaction that moves the position).
+    #[test]
+    fn origins_mark_application_and_group_appends_only() {
+        let mut batch = WriteBatch::default();
+        for kind in [ClientKind::Device, ClientKind::Application] {
+            batch.push(WriteOp::Enqueue {
+                client: "c".into(),
+                kind,
+                record: Vec::new(),
+                notify: None,
+                origin: None,
+            });
+        }
+        batch.push(WriteOp::AppendShared {
+            group: "g".into(),
+            filter: "f".into(),
+            record: Vec::new(),
+            origin: None,
+        });
+        stamp_origin(&mut batch, 1, 3, 42);
+        let origins: Vec<_> = batch
+            .ops
+            .iter()
+            .map(|op| match op {
+                WriteOp::Enqueue { origin, .. } | WriteOp::AppendShared { origin, .. } => *origin,
+                _ => None,
+            })
+            .collect();
+        assert_eq!(origins, vec![None, Some((3, 42)), Some((3, 42))]);
+    }
+}
