@@ -915,9 +915,8 @@ fn ack_latency_and_replication_are_exported_on_the_kafka_path() {
 fn batches_are_applied_in_submission_order_across_kafka_and_postgres() {
     use ferrymq::message::{Message, MessageProperties};
     use ferrymq::protocol::QoS;
-    use ferrymq::storage::codec::encode_delivery;
     use ferrymq::storage::kafka_postgres::KafkaPostgresStorage;
-    use ferrymq::storage::{ClientKind, SessionRecord, Storage, WriteBatch, WriteOp};
+    use ferrymq::storage::{ClientKind, Enqueued, SessionRecord, Storage, WriteBatch, WriteOp};
 
     let _serial = serial();
     let Some(backend) = Backend::kafka_postgres() else {
@@ -937,7 +936,7 @@ fn batches_are_applied_in_submission_order_across_kafka_and_postgres() {
             .prepare_application(&app)
             .await
             .expect("APPLICATION topic");
-        let message = Message {
+        let message = Arc::new(Message {
             topic: Bytes::from_static(b"order/a"),
             payload: Bytes::from_static(b"payload"),
             qos: QoS::AtLeastOnce,
@@ -945,7 +944,7 @@ fn batches_are_applied_in_submission_order_across_kafka_and_postgres() {
             properties: MessageProperties::default(),
             received_at: Instant::now(),
             publisher: Arc::from("order-pub"),
-        };
+        });
         let session = SessionRecord {
             kind: ClientKind::Device,
             expiry_interval: u32::MAX,
@@ -957,7 +956,13 @@ fn batches_are_applied_in_submission_order_across_kafka_and_postgres() {
                     WriteOp::Enqueue {
                         client: app.clone(),
                         kind: ClientKind::Application,
-                        record: encode_delivery(QoS::AtLeastOnce, false, 0, &[], &message),
+                        delivery: Enqueued {
+                            message: message.clone(),
+                            qos: QoS::AtLeastOnce,
+                            retain: false,
+                            expires_at_ms: 0,
+                            subscription_ids: Vec::new(),
+                        },
                         notify: None,
                         origin: None,
                     },

@@ -244,6 +244,7 @@ impl Qos2Flows {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::Enqueued;
 
     fn changes(batch: &WriteBatch) -> Vec<Qos2FlowChange> {
         batch
@@ -300,12 +301,27 @@ mod tests {
     /// (they are stored in the transaction that moves the position).
     #[test]
     fn origins_mark_application_and_group_appends_only() {
+        let delivery = Enqueued {
+            message: Arc::new(crate::message::Message {
+                topic: "t".into(),
+                payload: Default::default(),
+                qos: crate::protocol::QoS::AtLeastOnce,
+                retain: false,
+                properties: Default::default(),
+                received_at: std::time::Instant::now(),
+                publisher: "p".into(),
+            }),
+            qos: crate::protocol::QoS::AtLeastOnce,
+            retain: false,
+            expires_at_ms: 0,
+            subscription_ids: Vec::new(),
+        };
         let mut batch = WriteBatch::default();
         for kind in [ClientKind::Device, ClientKind::Application] {
             batch.push(WriteOp::Enqueue {
                 client: "c".into(),
                 kind,
-                record: Vec::new(),
+                delivery: delivery.clone(),
                 notify: None,
                 origin: None,
             });
@@ -313,7 +329,7 @@ mod tests {
         batch.push(WriteOp::AppendShared {
             group: "g".into(),
             filter: "f".into(),
-            record: Vec::new(),
+            delivery,
             origin: None,
         });
         stamp_origin(&mut batch, 1, 3, 42);

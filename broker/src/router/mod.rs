@@ -26,8 +26,8 @@ use tokio::sync::{mpsc, Notify};
 use crate::message::{max_qos, min_qos, Delivery, Message};
 use crate::metrics::Metrics;
 use crate::protocol::{QoS, RetainForwardRule};
-use crate::storage::codec::{encode_delivery, instant_to_ms};
-use crate::storage::{ClientKind, WriteBatch, WriteOp};
+use crate::storage::codec::instant_to_ms;
+use crate::storage::{ClientKind, Enqueued, WriteBatch, WriteOp};
 use retained::RetainedStore;
 use topic::ParsedFilter;
 use trie::SubscriptionTrie;
@@ -409,7 +409,13 @@ impl Router {
             batch.push(WriteOp::AppendShared {
                 group,
                 filter,
-                record: encode_delivery(message.qos, message.retain, expires_at_ms, &[], message),
+                delivery: Enqueued {
+                    message: message.clone(),
+                    qos: message.qos,
+                    retain: message.retain,
+                    expires_at_ms,
+                    subscription_ids: Vec::new(),
+                },
                 origin: None,
             });
         }
@@ -430,17 +436,16 @@ impl Router {
             return;
         }
         let expires_at_ms = self.expiry_deadline(mailbox.kind, &delivery.message);
-        let record = encode_delivery(
-            delivery.qos,
-            delivery.retain,
-            expires_at_ms,
-            &delivery.subscription_ids,
-            &delivery.message,
-        );
         batch.push(WriteOp::Enqueue {
             client: mailbox.client_id.clone(),
             kind: mailbox.kind,
-            record,
+            delivery: Enqueued {
+                message: delivery.message,
+                qos: delivery.qos,
+                retain: delivery.retain,
+                expires_at_ms,
+                subscription_ids: delivery.subscription_ids,
+            },
             notify: Some(mailbox.stored.clone()),
             origin: None,
         });

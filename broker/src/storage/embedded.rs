@@ -696,14 +696,14 @@ impl Writer {
             WriteOp::Enqueue {
                 client,
                 kind,
-                record,
+                delivery,
                 notify: wake,
                 ..
             } => {
                 if !self.live.contains(&*client) {
                     return Ok(());
                 }
-                self.enqueue(txn, &client, kind, &record)?;
+                self.enqueue(txn, &client, kind, &delivery.encode())?;
                 if let Some(n) = wake {
                     notify.push(n);
                 }
@@ -757,11 +757,13 @@ impl Writer {
                 let mut t = txn.open_table(RETAINED).map_err(engine)?;
                 t.remove(topic.as_str()).map_err(engine)?;
             }
-            // Only the Kafka backend's log router writes positions.
-            WriteOp::RouterPosition { .. } | WriteOp::RouterQos2 { .. } => {}
-            // Never produced here: the embedded router picks a member (`shared_groups_in_log`).
-            WriteOp::AppendShared { .. } => {
-                tracing::error!("AppendShared reached the embedded backend; dropped");
+            // Never produced here: only a dispatcher of a publish log writes positions and QoS 2
+            // flows, and the embedded router picks a shared group member itself
+            // (`shared_groups_in_log`). Not silent: reaching here is a bug.
+            WriteOp::RouterPosition { .. }
+            | WriteOp::RouterQos2 { .. }
+            | WriteOp::AppendShared { .. } => {
+                tracing::error!("a publish-log op (a router position, QoS 2 flow or group append) reached the embedded backend; dropped");
             }
             WriteOp::Expire { client, kind, seq } => {
                 if self.remove_entry(txn, &client, kind, seq)? {
@@ -926,13 +928,13 @@ mod tests {
         WriteOp::Enqueue {
             client: Arc::from(client),
             kind,
-            record: codec::encode_delivery(
-                QoS::AtLeastOnce,
-                false,
-                expires,
-                &[],
-                &message(payload),
-            ),
+            delivery: crate::storage::Enqueued {
+                message: Arc::new(message(payload)),
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                expires_at_ms: expires,
+                subscription_ids: Vec::new(),
+            },
             notify: None,
             origin: None,
         }

@@ -175,7 +175,7 @@ impl Appender {
             match op {
                 WriteOp::Enqueue {
                     client,
-                    record,
+                    delivery,
                     notify,
                     origin,
                     ..
@@ -192,7 +192,7 @@ impl Appender {
                     };
                     produced
                         .waits
-                        .push(self.apps.append(&client, bytes::Bytes::from(record), tag));
+                        .push(self.apps.append(&client, &delivery, tag));
                     self.kafka.metrics.application_messages_stored.inc();
                 }
                 shared @ WriteOp::AppendShared { .. } => produced.shared.push(shared),
@@ -210,15 +210,13 @@ impl Appender {
             if let WriteOp::AppendShared {
                 group,
                 filter,
-                record,
+                delivery,
                 origin,
             } = op
             {
-                produced.waits.push(
-                    self.shared
-                        .append(&group, &filter, bytes::Bytes::from(record), origin)
-                        .await,
-                );
+                produced
+                    .waits
+                    .push(self.shared.append(&group, &filter, &delivery, origin).await);
             }
         }
         let mut result = Ok(());

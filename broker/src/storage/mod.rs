@@ -94,8 +94,10 @@ pub enum WriteOp {
         client: Arc<str>,
         filter: String,
     },
-    /// Appends an encoded delivery ([`codec::encode_delivery`]) at the client's next sequence
-    /// number; `notify` is woken after the commit so an online subscriber reads it.
+    /// Appends a delivery at the client's next sequence number; `notify` is woken after the
+    /// commit so an online subscriber reads it. Each backend encodes the delivery in its own
+    /// format ([`Enqueued::encode`] for the embedded and PostgreSQL stores, Kafka headers for
+    /// APPLICATION logs), once.
     ///
     /// The backend assigns the sequence number when it applies the write, not the caller: then
     /// sequence order is commit order, and a reader that has seen entry N has seen every entry
@@ -104,19 +106,19 @@ pub enum WriteOp {
     Enqueue {
         client: Arc<str>,
         kind: ClientKind,
-        record: Vec<u8>,
+        delivery: Enqueued,
         notify: Option<Arc<Notify>>,
         /// Where the message came from in the Kafka publish log (partition, offset), set by the
         /// log router so that a replay after a crash can recognise appends it already made.
         origin: Option<(i32, i64)>,
     },
     /// A message for the APPLICATION members of a shared group, appended once to the group's own
-    /// log (Kafka backend only; see `kafka::shared`). `record` is an encoded delivery with the
-    /// message's own QoS and retain flag; each member's share is decided when it is claimed.
+    /// log (Kafka backend only; see `kafka::shared`). `delivery` has the message's own QoS and
+    /// retain flag; each member's share is decided when it is claimed.
     AppendShared {
         group: Arc<str>,
         filter: Arc<str>,
-        record: Vec<u8>,
+        delivery: Enqueued,
         /// As for `Enqueue`: the publish-log record it was routed from.
         origin: Option<(i32, i64)>,
     },
@@ -276,6 +278,31 @@ impl StorageError {
             context: context.into(),
             source: None,
         }
+    }
+}
+
+/// A delivery to store for one subscriber: the message, shared by every subscriber it goes to,
+/// and what this subscriber gets of it.
+#[derive(Debug, Clone)]
+pub struct Enqueued {
+    pub message: Arc<Message>,
+    pub qos: crate::protocol::QoS,
+    pub retain: bool,
+    /// When it expires (ms since the epoch; 0: never).
+    pub expires_at_ms: u64,
+    pub subscription_ids: Vec<usize>,
+}
+
+impl Enqueued {
+    /// The stored form of the embedded and PostgreSQL queues ([`codec::encode_delivery`]).
+    pub fn encode(&self) -> Vec<u8> {
+        codec::encode_delivery(
+            self.qos,
+            self.retain,
+            self.expires_at_ms,
+            &self.subscription_ids,
+            &self.message,
+        )
     }
 }
 

@@ -837,7 +837,7 @@ impl Writer {
             WriteOp::Enqueue {
                 client,
                 kind: ClientKind::Device,
-                record,
+                delivery,
                 notify: wake,
                 ..
             } => {
@@ -850,10 +850,8 @@ impl Writer {
                 stats.count += 1;
                 pending.insert_client.push(client.to_string());
                 pending.insert_seq.push(seq as i64);
-                pending
-                    .insert_expires
-                    .push(codec::delivery_expires_at(&record) as i64);
-                pending.insert_record.push(record);
+                pending.insert_expires.push(delivery.expires_at_ms as i64);
+                pending.insert_record.push(delivery.encode());
                 pending.touched.insert(client.to_string());
                 self.metrics.device_messages_stored.inc();
                 if let Some(n) = wake {

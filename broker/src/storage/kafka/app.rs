@@ -20,7 +20,8 @@ use tokio::sync::oneshot;
 use super::position::{NextOffset, Step};
 use super::record::{self, SubscriberPart};
 use super::{application_topic, kafka_error, Kafka};
-use crate::storage::codec::{decode_delivery, now_ms};
+use crate::storage::codec::now_ms;
+use crate::storage::Enqueued;
 use crate::storage::{Completion, QueueRead, QueuedEntry, StorageError};
 
 /// Records read from the end of an APPLICATION topic at start to learn what was appended
@@ -151,17 +152,9 @@ impl ApplicationLogs {
         Ok(self.kafka.watermarks(&self.topic(client), 0).await?.1)
     }
 
-    /// Appends an encoded delivery (the router's `WriteOp::Enqueue` record) to the client's log.
-    /// `tag`: where it came from, for recognising it after a crash.
-    pub fn append(&self, client: &str, encoded: bytes::Bytes, tag: Tag<'_>) -> Completion {
-        let delivery = match decode_delivery(encoded) {
-            Ok(d) => d,
-            Err(e) => {
-                let (tx, rx) = oneshot::channel();
-                let _ = tx.send(Err(StorageError::Corrupt(e.to_string())));
-                return rx;
-            }
-        };
+    /// Appends a delivery (the dispatcher's `WriteOp::Enqueue`) to the client's log. `tag`:
+    /// where it came from, for recognising it after a crash.
+    pub fn append(&self, client: &str, delivery: &Enqueued, tag: Tag<'_>) -> Completion {
         let mut headers = record::headers(
             &delivery.message,
             Some(SubscriberPart {

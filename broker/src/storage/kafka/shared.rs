@@ -42,7 +42,7 @@ use super::{hex, is_plain_name, kafka_error, Kafka};
 use crate::message::min_qos;
 use crate::router::topic::{parse_filter, ParsedFilter, TopicLimits};
 use crate::router::SubscriptionOptions;
-use crate::storage::codec::{decode_delivery, encode_delivery};
+use crate::storage::Enqueued;
 use crate::storage::{Completion, StorageError};
 
 /// The claimer's consumer context: logs which member got or lost which partitions. Where a
@@ -205,7 +205,7 @@ impl SharedGroups {
         &self,
         group: &str,
         filter: &str,
-        encoded: bytes::Bytes,
+        delivery: &Enqueued,
         origin: Option<(i32, i64)>,
     ) -> Completion {
         let topic = self.topic(group, filter);
@@ -217,10 +217,6 @@ impl SharedGroups {
         let partitions = match self.partitions_of(&topic).await {
             Ok(n) => n,
             Err(e) => return done(Err(e)),
-        };
-        let delivery = match decode_delivery(encoded) {
-            Ok(d) => d,
-            Err(e) => return done(Err(StorageError::Corrupt(e.to_string()))),
         };
         let publisher = delivery.message.publisher.clone();
         let partition = partition_for(&publisher, partitions);
@@ -546,14 +542,14 @@ impl ClaimerTask {
                     let qos = min_qos(delivery.qos, self.options.qos);
                     let retain = self.options.retain_as_published && delivery.retain;
                     let ids: Vec<usize> = self.options.identifier.into_iter().collect();
-                    let encoded = encode_delivery(
+                    let share = Enqueued {
+                        message: Arc::new(delivery.message),
                         qos,
                         retain,
-                        delivery.expires_at_ms,
-                        &ids,
-                        &delivery.message,
-                    );
-                    records.push((m.partition(), m.offset(), bytes::Bytes::from(encoded)));
+                        expires_at_ms: delivery.expires_at_ms,
+                        subscription_ids: ids,
+                    };
+                    records.push((m.partition(), m.offset(), share));
                 }
                 Err(e) => {
                     tracing::error!(topic = self.topic, partition = m.partition(), offset = m.offset(), error = %e, "skipping unreadable shared group record");
@@ -565,12 +561,9 @@ impl ClaimerTask {
         while !records.is_empty() {
             let pending: Vec<Completion> = records
                 .iter()
-                .map(|(p, o, encoded)| {
-                    self.apps.append(
-                        &self.member,
-                        encoded.clone(),
-                        Tag::Claim(&self.topic, *p, *o),
-                    )
+                .map(|(p, o, share)| {
+                    self.apps
+                        .append(&self.member, share, Tag::Claim(&self.topic, *p, *o))
                 })
                 .collect();
             let mut failed = None;
