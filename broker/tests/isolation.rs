@@ -196,6 +196,127 @@ async fn publisher_stops_waiting_when_the_full_subscriber_leaves() {
     drop(writing.await.unwrap());
 }
 
+/// Subscribers that withhold their acknowledgements until their queues are full hold a publisher
+/// back for one `slow_subscriber_wait_ms`, not one per subscriber. Default limits (a queue of
+/// 10,000, a wait of 1 s), as the binary ships. Twelve subscribers (Receive Maximum 1, QoS 2,
+/// overlapping wildcards) take one message each and never send PUBREC; 10,000 more fill their
+/// queues. A new publisher then sends large QoS 0 messages to them, and a QoS 1 message to a
+/// topic nobody subscribed to.
+///
+/// Before 68fdf3f, each wait that ran out marked only the first full subscriber slow and
+/// dropped the rest without a mark, so the next read of a PUBLISH waited again for the next
+/// one: the QoS 1 message's PUBACK came after about 1 s per subscriber (on 06532d6: 12.0 s in
+/// 10 of 10 runs of this test; 11.1 s in 5 of 5 runs of an outside client against the release
+/// binary). Now every subscriber that is still full at the deadline is marked, and the
+/// publisher waits once (1.0 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_subscribers_hold_a_publisher_back_once_not_once_each() {
+    const SUBSCRIBERS: usize = 12;
+    let (_server, addr) = start().await;
+    let defaults = ferrymq::config::Config::default().limits;
+    let slow_wait = Duration::from_millis(defaults.slow_subscriber_wait_ms);
+    let queue = defaults.max_queued_messages;
+    let topic = "iso-full/a/x";
+    let filters = [
+        "iso-full/a/x",
+        "iso-full/a/#",
+        "iso-full/+/x",
+        "iso-full/#",
+        "+/a/x",
+        "+/+/x",
+        "iso-full/+/+",
+        "+/a/#",
+    ];
+    let mut subscribers = Vec::new();
+    for i in 0..SUBSCRIBERS {
+        let id = format!("iso-full-s{i}");
+        subscribers.push(receive_max_one_subscriber(addr, &id, filters[i % filters.len()]).await);
+    }
+    // One message each fills every window (Receive Maximum 1, PUBREC withheld) ...
+    let (mut filler, _) = Raw::connect5(addr, "iso-full-filler", true, 0).await;
+    filler
+        .publish5(publish5_packet(topic, QoS::ExactlyOnce, 1, false, b"first"))
+        .await;
+    for s in &mut subscribers {
+        assert_eq!(&s.recv_publish5().await.payload[..], b"first");
+    }
+    // ... and `queue` more fill every queue exactly.
+    let mut fill = bytes::BytesMut::new();
+    for _ in 0..queue {
+        Packet::Publish(publish5_packet(topic, QoS::AtMostOnce, 0, false, b"f"))
+            .write(&mut fill, None)
+            .unwrap();
+    }
+    filler.send_bytes(&fill).await;
+    // Its PUBACK says the whole fill was routed (nobody subscribed to "iso-full-probe").
+    filler
+        .publish5(publish5_packet(
+            "iso-full-probe",
+            QoS::AtLeastOnce,
+            2,
+            false,
+            b"p",
+        ))
+        .await;
+    loop {
+        match filler.recv5_within(Duration::from_secs(30)).await {
+            Some(Packet::PubAck(ack)) if ack.pkid == 2 => break,
+            Some(Packet::PubRec(_)) => {}
+            other => panic!("filler: expected PUBACK 2, got {other:?}"),
+        }
+    }
+
+    let (publ, _) = Raw::connect5(addr, "iso-full-pub", true, 0).await;
+    let (mut reader, mut writer) = tokio::io::split(publ.stream);
+    let mut bytes = bytes::BytesMut::new();
+    // Larger than one read (64 KiB): every PUBLISH finishes in a read of its own.
+    let payload = vec![b'y'; 100 * 1024];
+    for _ in 0..SUBSCRIBERS + 4 {
+        Packet::Publish(publish5_packet(topic, QoS::AtMostOnce, 0, false, &payload))
+            .write(&mut bytes, None)
+            .unwrap();
+    }
+    Packet::Publish(publish5_packet(
+        "iso-full-probe",
+        QoS::AtLeastOnce,
+        1,
+        false,
+        b"x",
+    ))
+    .write(&mut bytes, None)
+    .unwrap();
+    let started = Instant::now();
+    // Written from a task: the broker stops reading this publisher while it is held back.
+    let writing = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        writer.write_all(&bytes).await.unwrap();
+        writer
+    });
+    let mut acks = bytes::BytesMut::new();
+    let got = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::io::AsyncReadExt::read_buf(&mut reader, &mut acks),
+    )
+    .await;
+    let waited = started.elapsed();
+    assert!(matches!(got, Ok(Ok(n)) if n > 0), "no PUBACK: {got:?}");
+    match Packet::read(&mut acks, None) {
+        Ok(Packet::PubAck(ack)) => assert_eq!(ack.pkid, 1),
+        other => panic!("expected PUBACK, got {other:?}"),
+    }
+    assert!(
+        waited >= slow_wait / 2,
+        "PUBACK after {waited:?}: the publisher was never held back, so this test shows nothing"
+    );
+    assert!(
+        waited < slow_wait + ACK_BOUND,
+        "PUBACK after {waited:?}: held back once per full subscriber \
+         ({SUBSCRIBERS} subscribers, slow_subscriber_wait_ms {slow_wait:?})"
+    );
+    drop(writing.await.unwrap());
+    drop(subscribers);
+}
+
 /// The same scenario with rumqttc's high-level v5 client, as a new user would write it: manual
 /// acks stand for "withholds PUBREC", the client library does PUBREL/PUBCOMP and keep-alive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
