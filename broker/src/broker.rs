@@ -341,7 +341,7 @@ impl Broker {
     pub fn discard(&self, session: Session) {
         for filter in session.subscriptions.keys() {
             if let Ok(parsed) = parse_filter(filter, &self.topic_limits) {
-                self.router.unsubscribe(&session.client_id, parsed);
+                self.router.unsubscribe_mailbox(&session.mailbox, parsed);
             }
         }
         if session.stored {
@@ -372,8 +372,10 @@ impl Broker {
             .and_then(|p| p.delay_interval)
             .unwrap_or(0);
         if !session.is_persistent() {
-            self.registry.release(&client_id, conn_id);
+            // Its subscriptions go before its client id is free: a new session of the same
+            // client id must not subscribe in between and then lose that subscription.
             self.discard(session);
+            self.registry.release(&client_id, conn_id);
             if let Some(will) = will {
                 self.publish_will(&client_id, will);
             }

@@ -316,6 +316,37 @@ impl Router {
         }
     }
 
+    /// Removes the subscription `filter` of the session that owns `mailbox`, and only of that
+    /// session: a newer session of the same client id may hold the same filter by now (after a
+    /// takeover or a quick reconnect), and its subscription must stay. Used when a session
+    /// ends; a client's own UNSUBSCRIBE goes through [`Router::unsubscribe`].
+    pub fn unsubscribe_mailbox(&self, mailbox: &Arc<Mailbox>, filter: ParsedFilter<'_>) -> bool {
+        let mut trie = self.subscriptions.write();
+        match filter {
+            ParsedFilter::Plain(filter) => {
+                let key = SubKey::Client(mailbox.client_id.clone());
+                let owned = matches!(
+                    trie.get_mut(filter, &key),
+                    Some(Subscription::Direct { mailbox: m, .. }) if Arc::ptr_eq(m, mailbox)
+                );
+                owned && trie.remove(filter, &key).is_some()
+            }
+            ParsedFilter::Shared { group, filter } => {
+                let key = SubKey::Group(Arc::from(group));
+                let Some(Subscription::Shared(g)) = trie.get_mut(filter, &key) else {
+                    return false;
+                };
+                let before = g.members.len();
+                g.members.retain(|(m, _)| !Arc::ptr_eq(m, mailbox));
+                let removed = g.members.len() != before;
+                if g.members.is_empty() {
+                    trie.remove(filter, &key);
+                }
+                removed
+            }
+        }
+    }
+
     /// Routes a message to every matching subscriber. Returns how many deliveries were queued
     /// (v5 PUBACK says "no matching subscribers" when this is 0 and nothing matched at all).
     ///

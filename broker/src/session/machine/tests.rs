@@ -342,3 +342,31 @@ async fn deliveries_respect_the_clients_receive_maximum() {
     }));
     assert!(r.machine.window_open(), "the PUBACK opens it again");
 }
+
+/// A session that ends after a newer session of its client id subscribed to the same filter
+/// (a takeover, or a clean client reconnecting quickly) takes only its own subscription away.
+/// Before, subscriptions were removed by client id, and the newer session silently stopped
+/// getting messages.
+#[tokio::test]
+async fn an_ended_session_leaves_the_newer_sessions_subscription_alone() {
+    let subscribe =
+        || Incoming::Subscribe(Subscribe::new(Filter::new("t/same", QoS::AtMostOnce), None));
+    let mut old = rig(ProtocolVersion::V5, "same-id").await;
+    let broker = old.machine.broker.clone();
+    let mut new = rig(ProtocolVersion::V5, "same-id").await;
+    new.machine.broker = broker.clone();
+    let mut publisher = rig(ProtocolVersion::V5, "pub").await;
+    publisher.machine.broker = broker.clone();
+    old.handle(subscribe());
+    new.handle(subscribe());
+    let (old_session, _) = old.machine.into_parts();
+    broker.discard(old_session);
+    publisher.handle(Incoming::Publish(publish(
+        "t/same",
+        QoS::AtMostOnce,
+        0,
+        b"still",
+    )));
+    let got = new.machine.session.queue.try_recv();
+    assert!(got.is_ok(), "the newer session lost its subscription");
+}
