@@ -79,6 +79,7 @@ pub async fn compare(opts: CompareOpts) -> anyhow::Result<()> {
                         opts.conn_concurrency,
                         Some(b.pid()),
                         Duration::from_secs(2),
+                        false,
                     )
                     .await;
                     if !b.alive() {
@@ -281,6 +282,7 @@ pub async fn smoke(
             64,
             Some(broker.pid()),
             Duration::from_millis(200),
+            false,
         )
         .await;
         println!("{}", report::conn_line(&c));

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use super::codec::QoS;
 use super::{client, procstat};
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -45,6 +46,7 @@ pub async fn connection_scale(
     concurrency: usize,
     broker_pid: Option<u32>,
     hold: Duration,
+    subscribe: bool,
 ) -> ConnResult {
     let nofile = procstat::raise_nofile_limit();
     // Leave room for the broker's and our own other descriptors.
@@ -64,8 +66,21 @@ pub async fn connection_scale(
                     break;
                 }
                 let id = format!("fmqb-c{}-{i}", std::process::id());
-                match client::connect(addr, local_addr(addr, i), &id, true).await {
-                    Ok((stream, _)) => held.push(stream),
+                let connected = match client::connect(addr, local_addr(addr, i), &id, true).await
+                {
+                    // A device's command subscription: what every node of a cluster would
+                    // hold for each connected device (docs/scale-out.md).
+                    Ok((mut stream, mut buf)) if subscribe => {
+                        let filter = format!("devices/{i}/cmd");
+                        client::subscribe(&mut stream, &mut buf, &filter, QoS::AtLeastOnce)
+                            .await
+                            .map(|()| stream)
+                    }
+                    Ok((stream, _)) => Ok(stream),
+                    Err(e) => Err(e),
+                };
+                match connected {
+                    Ok(stream) => held.push(stream),
                     Err(e) => {
                         failed += 1;
                         first_error.get_or_insert_with(|| format!("{e:#}"));

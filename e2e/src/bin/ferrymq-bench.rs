@@ -42,6 +42,10 @@ enum Cmd {
         /// Broker pid, for RSS per connection.
         #[arg(long)]
         broker_pid: Option<u32>,
+        /// Each connection also subscribes to its own `devices/<n>/cmd` (QoS 1), so the RSS
+        /// per connection includes one subscription.
+        #[arg(long)]
+        subscribe: bool,
     },
     /// CI smoke test: start ferrymq, run every scenario for a few seconds, fail on errors or on
     /// loss where loss is not allowed.
@@ -259,6 +263,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<bool> {
             count,
             concurrency,
             broker_pid,
+            subscribe,
         } => {
             let c = conns::connection_scale(
                 addr,
@@ -267,6 +272,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<bool> {
                 concurrency,
                 broker_pid,
                 Duration::from_secs(2),
+                subscribe,
             )
             .await;
             println!("{}", report::conn_line(&c));
