@@ -10,6 +10,7 @@
 pub mod dispatcher;
 mod inspect;
 pub mod retained;
+mod small_map;
 #[cfg(test)]
 mod testing;
 pub mod topic;

@@ -1,9 +1,10 @@
 //! The subscription trie: every PUBLISH topic is matched against it.
 //!
-//! One node per filter level. Literal levels live in a `HashMap` keyed by the level text; `+` has its
-//! own child so that a match never has to scan siblings; `#` is always the last level of a valid
-//! filter, so its subscriptions are stored directly on the node of the level before it (`hash_subs`)
-//! instead of in a child node. A match walks the topic level by level and follows at most two
+//! One node per filter level. Literal levels live in a map keyed by the level text
+//! ([`SmallMap`]: a short exact-size list, a `HashMap` once it grows); `+` has its own child so that
+//! a match never has to scan siblings; `#` is always the last level of a valid filter, so its
+//! subscriptions are stored directly on the node of the level before it (`hash`) instead of in a
+//! child node. Subscribers sit in a box that only nodes where a filter ends have. A match walks the topic level by level and follows at most two
 //! children per level (the literal one and `+`), never allocating.
 //!
 //! Filters must be plain (not `$share/...`, the router strips that) and valid per
@@ -11,8 +12,7 @@
 //! stored as a literal level, which no valid topic name can match. Insert, remove and match recurse or
 //! loop once per level, so their depth is bounded by the validated `max_levels`.
 
-use std::collections::HashMap;
-
+use super::small_map::SmallMap;
 use super::topic::split_level;
 
 /// Subscriptions keyed by (filter, `K`); `V` is the subscription's data. One value per (filter, key).
@@ -25,38 +25,79 @@ pub struct SubscriptionTrie<K, V> {
 }
 
 struct Node<K, V> {
-    /// Literal next levels. Empty maps do not allocate, so leaves cost nothing here.
-    children: HashMap<Box<str>, Node<K, V>>,
+    /// Literal next levels. An empty map does not allocate, so leaves cost nothing here.
+    children: SmallMap<Box<str>, Node<K, V>>,
     /// The `+` next level.
     plus: Option<Box<Node<K, V>>>,
-    /// Subscriptions whose filter ends exactly at this node.
-    subs: HashMap<K, V>,
-    /// Subscriptions whose filter is this node's path followed by `/#` (or `#` alone at the root).
-    hash_subs: HashMap<K, V>,
+    /// Subscriptions of filters that end here; `None` on the many nodes that are only a path.
+    subs: Option<Box<Subs<K, V>>>,
 }
 
-impl<K, V> Node<K, V> {
+struct Subs<K, V> {
+    /// Subscriptions whose filter ends exactly at this node.
+    exact: SmallMap<K, V>,
+    /// Subscriptions whose filter is this node's path followed by `/#` (or `#` alone at the root).
+    hash: SmallMap<K, V>,
+}
+
+impl<K: Eq + std::hash::Hash, V> Node<K, V> {
     fn new() -> Self {
         Self {
-            children: HashMap::new(),
+            children: SmallMap::new(),
             plus: None,
-            subs: HashMap::new(),
-            hash_subs: HashMap::new(),
+            subs: None,
         }
     }
 
-    /// A node with nothing in or below it can be pruned.
     fn is_empty(&self) -> bool {
-        self.children.is_empty()
-            && self.plus.is_none()
-            && self.subs.is_empty()
-            && self.hash_subs.is_empty()
+        self.children.is_empty() && self.plus.is_none() && self.subs.is_none()
+    }
+
+    /// The subscriptions ending here exactly (`hash` false) or with `/#` (`hash` true).
+    fn subs(&self, hash: bool) -> Option<&SmallMap<K, V>> {
+        let subs = self.subs.as_deref()?;
+        Some(if hash { &subs.hash } else { &subs.exact })
+    }
+
+    fn subs_mut(&mut self, hash: bool) -> Option<&mut SmallMap<K, V>> {
+        let subs = self.subs.as_deref_mut()?;
+        Some(if hash {
+            &mut subs.hash
+        } else {
+            &mut subs.exact
+        })
+    }
+
+    fn subs_or_insert(&mut self, hash: bool) -> &mut SmallMap<K, V> {
+        let subs = self.subs.get_or_insert_with(|| {
+            Box::new(Subs {
+                exact: SmallMap::new(),
+                hash: SmallMap::new(),
+            })
+        });
+        if hash {
+            &mut subs.hash
+        } else {
+            &mut subs.exact
+        }
+    }
+
+    /// Drops the subscriber box once both of its maps are empty, so a path node that lost its
+    /// last subscriber is empty again and can be pruned.
+    fn prune_subs(&mut self) {
+        if self
+            .subs
+            .as_deref()
+            .is_some_and(|s| s.exact.is_empty() && s.hash.is_empty())
+        {
+            self.subs = None;
+        }
     }
 }
 
 /// Splits a filter into its path (the levels that become nodes) and whether it ends in `#`.
 ///
-/// `"#"` is `(None, true)`: no levels, the subscription sits on the root's `hash_subs`.
+/// `"#"` is `(None, true)`: no levels, the subscription sits in the root's `hash` map.
 fn filter_path(filter: &str) -> (Option<&str>, bool) {
     if filter == "#" {
         (None, true)
@@ -64,15 +105,6 @@ fn filter_path(filter: &str) -> (Option<&str>, bool) {
         (Some(prefix), true)
     } else {
         (Some(filter), false)
-    }
-}
-
-/// Shrinks a map that has lost most of its entries, so that a burst of subscriptions followed by
-/// their removal does not leave large empty tables behind. The 1/4 threshold keeps the rehash cost
-/// amortised O(1) per removal.
-fn shrink_if_sparse<Q: Eq + std::hash::Hash, T>(map: &mut HashMap<Q, T>) {
-    if map.capacity() > 16 && map.len() * 4 < map.capacity() {
-        map.shrink_to_fit();
     }
 }
 
@@ -105,24 +137,18 @@ impl<K: Eq + std::hash::Hash + Clone, V> SubscriptionTrie<K, V> {
                 }
                 node.plus.get_or_insert_with(|| Box::new(Node::new()))
             } else {
-                // The entry API needs an owned key, so this allocates a Box<str> even when the level
-                // exists. Subscribing is rare next to matching, and this keeps the code panic-free.
-                match node.children.entry(Box::from(level)) {
-                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                    std::collections::hash_map::Entry::Vacant(e) => {
-                        self.nodes += 1;
-                        e.insert(Node::new())
-                    }
-                }
+                // An owned key is needed only to insert, but the lookup takes one too: this
+                // allocates a Box<str> even when the level exists. Subscribing is rare next to
+                // matching, and this keeps the code plain.
+                let nodes = &mut self.nodes;
+                node.children.get_or_insert_with(Box::from(level), || {
+                    *nodes += 1;
+                    Node::new()
+                })
             };
             rest = next;
         }
-        let subs = if hash {
-            &mut node.hash_subs
-        } else {
-            &mut node.subs
-        };
-        let previous = subs.insert(key, value);
+        let previous = node.subs_or_insert(hash).insert(key, value);
         if previous.is_none() {
             self.len += 1;
         }
@@ -151,11 +177,7 @@ impl<K: Eq + std::hash::Hash + Clone, V> SubscriptionTrie<K, V> {
             };
             rest = next;
         }
-        if hash {
-            node.hash_subs.get(key)
-        } else {
-            node.subs.get(key)
-        }
+        node.subs(hash)?.get(key)
     }
 
     /// The value for (`filter`, `key`), mutably.
@@ -172,11 +194,7 @@ impl<K: Eq + std::hash::Hash + Clone, V> SubscriptionTrie<K, V> {
             };
             rest = next;
         }
-        if hash {
-            node.hash_subs.get_mut(key)
-        } else {
-            node.subs.get_mut(key)
-        }
+        node.subs_mut(hash)?.get_mut(key)
     }
 
     /// Calls `f(key, value)` for every (filter, key) whose filter matches `topic`, applying the `$`
@@ -231,15 +249,19 @@ fn walk<K, V, F: FnMut(&K, &V)>(
 ) {
     loop {
         // `#` here matches whatever remains of the topic, including nothing ("sport/#" ~ "sport").
-        if !dollar_root && !node.hash_subs.is_empty() {
-            for (k, v) in &node.hash_subs {
-                f(k, v);
+        if let Some(subs) = node.subs.as_deref() {
+            if !dollar_root {
+                for (k, v) in subs.hash.iter() {
+                    f(k, v);
+                }
+            }
+            if rest.is_none() {
+                for (k, v) in subs.exact.iter() {
+                    f(k, v);
+                }
             }
         }
         let Some(r) = rest else {
-            for (k, v) in &node.subs {
-                f(k, v);
-            }
             return;
         };
         let (level, next) = split_level(r);
@@ -267,13 +289,8 @@ fn remove_at<K: Eq + std::hash::Hash, V>(
     nodes: &mut usize,
 ) -> Option<V> {
     let Some(r) = rest else {
-        let subs = if hash {
-            &mut node.hash_subs
-        } else {
-            &mut node.subs
-        };
-        let removed = subs.remove(key);
-        shrink_if_sparse(subs);
+        let removed = node.subs_mut(hash)?.remove(key);
+        node.prune_subs();
         return removed;
     };
     let (level, next) = split_level(r);
@@ -290,7 +307,6 @@ fn remove_at<K: Eq + std::hash::Hash, V>(
         let removed = remove_at(child, next, hash, key, nodes)?;
         if child.is_empty() {
             node.children.remove(level);
-            shrink_if_sparse(&mut node.children);
             *nodes -= 1;
         }
         Some(removed)
@@ -298,13 +314,15 @@ fn remove_at<K: Eq + std::hash::Hash, V>(
 }
 
 fn visit_all<K, V, F: FnMut(&K, &V)>(node: &Node<K, V>, f: &mut F) {
-    for (k, v) in node.subs.iter().chain(node.hash_subs.iter()) {
-        f(k, v);
+    if let Some(subs) = node.subs.as_deref() {
+        for (k, v) in subs.exact.iter().chain(subs.hash.iter()) {
+            f(k, v);
+        }
     }
     if let Some(plus) = &node.plus {
         visit_all(plus, f);
     }
-    for child in node.children.values() {
+    for (_, child) in node.children.iter() {
         visit_all(child, f);
     }
 }
@@ -314,20 +332,22 @@ fn visit_with_filter<'a, K, V, F: FnMut(&str, &K, &V)>(
     levels: &mut Vec<&'a str>,
     f: &mut F,
 ) {
-    if !node.subs.is_empty() {
-        let filter = levels.join("/");
-        for (k, v) in &node.subs {
-            f(&filter, k, v);
+    if let Some(subs) = node.subs.as_deref() {
+        if !subs.exact.is_empty() {
+            let filter = levels.join("/");
+            for (k, v) in subs.exact.iter() {
+                f(&filter, k, v);
+            }
         }
-    }
-    if !node.hash_subs.is_empty() {
-        let filter = if levels.is_empty() {
-            "#".to_string()
-        } else {
-            format!("{}/#", levels.join("/"))
-        };
-        for (k, v) in &node.hash_subs {
-            f(&filter, k, v);
+        if !subs.hash.is_empty() {
+            let filter = if levels.is_empty() {
+                "#".to_string()
+            } else {
+                format!("{}/#", levels.join("/"))
+            };
+            for (k, v) in subs.hash.iter() {
+                f(&filter, k, v);
+            }
         }
     }
     if let Some(plus) = &node.plus {
@@ -335,7 +355,7 @@ fn visit_with_filter<'a, K, V, F: FnMut(&str, &K, &V)>(
         visit_with_filter(plus, levels, f);
         levels.pop();
     }
-    for (level, child) in &node.children {
+    for (level, child) in node.children.iter() {
         levels.push(level);
         visit_with_filter(child, levels, f);
         levels.pop();
@@ -350,8 +370,8 @@ mod tests {
     /// Counts nodes by walking the tree, to check the maintained counter.
     fn count_nodes<K, V>(node: &Node<K, V>) -> usize {
         node.children
-            .values()
-            .map(|c| 1 + count_nodes(c))
+            .iter()
+            .map(|(_, c)| 1 + count_nodes(c))
             .sum::<usize>()
             + node.plus.as_deref().map_or(0, |p| 1 + count_nodes(p))
     }
@@ -498,8 +518,9 @@ mod tests {
         for i in 0..9_999u32 {
             t.remove("x", &i);
         }
-        let node = t.root.children.get("x").map(|n| n.subs.capacity());
-        assert!(node.is_some_and(|c| c <= 16), "{node:?}");
+        let node = t.root.children.get("x").and_then(|n| n.subs(false));
+        let capacity = node.map(|s| s.capacity());
+        assert!(capacity.is_some_and(|c| c <= 16), "{capacity:?}");
     }
 
     #[test]

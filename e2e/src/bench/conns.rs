@@ -66,8 +66,7 @@ pub async fn connection_scale(
                     break;
                 }
                 let id = format!("fmqb-c{}-{i}", std::process::id());
-                let connected = match client::connect(addr, local_addr(addr, i), &id, true).await
-                {
+                let connected = match client::connect(addr, local_addr(addr, i), &id, true).await {
                     // A device's command subscription: what every node of a cluster would
                     // hold for each connected device (docs/scale-out.md).
                     Ok((mut stream, mut buf)) if subscribe => {
