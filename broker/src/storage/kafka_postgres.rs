@@ -35,7 +35,7 @@ use super::kafka::reader::KafkaLogReader;
 use super::kafka::shared::SharedGroups;
 use super::kafka::{already_appended, note_origin, Kafka, KafkaPublishLog, Origins};
 use super::log::{LogReader, PublishLog};
-use super::postgres::{take_node_lock, PgStore, ReleasedHook};
+use super::postgres::{take_node_lock, OnCommit, PgStore};
 use super::{
     ClientKind, Completion, QueueRead, QueueTotals, Snapshot, Storage, StorageError, SweepStats,
     WriteBatch, WriteOp,
@@ -75,14 +75,8 @@ impl KafkaPostgresStorage {
     ) -> Result<KafkaPostgresStorage, StorageError> {
         let kafka = Kafka::connect(&config.kafka, metrics.clone()).await?;
         let apps = Arc::new(ApplicationLogs::new(kafka.clone()));
-        let released: ReleasedHook = apps.released.clone();
-        let (pg, lock) = PgStore::connect(
-            &config.postgres,
-            config.device.queue_limit,
-            metrics,
-            released,
-        )
-        .await?;
+        let (pg, lock) =
+            PgStore::connect(&config.postgres, config.device.queue_limit, metrics).await?;
         let pg = Arc::new(pg);
         let log = Arc::new(KafkaPublishLog::new(kafka.clone()));
         let reader = KafkaLogReader::open(&kafka, &pg).await?;
@@ -129,6 +123,15 @@ impl KafkaPostgresStorage {
     }
 }
 
+/// A change to an APPLICATION client's "PUBREC received" marks.
+enum ReleasedChange {
+    Add(u64),
+    /// Everything below this sequence was acknowledged.
+    Below(u64),
+    /// The session is gone.
+    All,
+}
+
 /// What producing a batch's APPLICATION and group appends needs, cloned into the task that
 /// waits for them.
 #[derive(Clone)]
@@ -150,6 +153,53 @@ struct Produced {
 }
 
 impl KafkaPostgresStorage {
+    /// What `batch` changes in the APPLICATION logs' "PUBREC received" marks that reads consult
+    /// (`ApplicationLogs::released`, loaded from `application_released` at start): applied once
+    /// PostgreSQL committed the batch, so the marks never run ahead of what a restart would
+    /// load.
+    fn released_changes(&self, batch: &WriteBatch) -> Option<OnCommit> {
+        let mut changes: Vec<(Arc<str>, ReleasedChange)> = Vec::new();
+        for op in &batch.ops {
+            match op {
+                WriteOp::MarkReleased {
+                    client,
+                    kind: ClientKind::Application,
+                    seq,
+                } => changes.push((client.clone(), ReleasedChange::Add(*seq))),
+                WriteOp::CommitApplication {
+                    client,
+                    next_offset,
+                } => changes.push((client.clone(), ReleasedChange::Below(*next_offset))),
+                WriteOp::DeleteSession { client } => {
+                    changes.push((client.clone(), ReleasedChange::All))
+                }
+                _ => {}
+            }
+        }
+        if changes.is_empty() {
+            return None;
+        }
+        let released = self.apps.released.clone();
+        Some(Box::new(move || {
+            let mut map = released.lock();
+            for (client, change) in changes {
+                match change {
+                    ReleasedChange::Add(seq) => {
+                        map.entry(client).or_default().insert(seq);
+                    }
+                    ReleasedChange::Below(seq) => {
+                        if let Some(set) = map.get_mut(&client) {
+                            *set = set.split_off(&seq);
+                        }
+                    }
+                    ReleasedChange::All => {
+                        map.remove(&client);
+                    }
+                }
+            }
+        }))
+    }
+
     fn appender(&self) -> Appender {
         Appender {
             kafka: self.kafka.clone(),
@@ -316,6 +366,7 @@ async fn watch_health(kafka: Arc<Kafka>, pg: Arc<PgStore>, lock: PgConnection, u
 #[async_trait::async_trait]
 impl Storage for KafkaPostgresStorage {
     fn submit(&self, mut batch: WriteBatch) -> Completion {
+        let on_commit = self.released_changes(&batch);
         let has_app = batch.ops.iter().any(|op| {
             matches!(
                 op,
@@ -326,7 +377,7 @@ impl Storage for KafkaPostgresStorage {
             )
         });
         if !has_app {
-            return self.pg.submit(batch);
+            return self.pg.submit_after(batch, None, on_commit);
         }
         // The APPLICATION and group appends leave the batch; the rest goes to PostgreSQL once
         // Kafka has them all.
@@ -366,7 +417,7 @@ impl Storage for KafkaPostgresStorage {
                 let _ = appended.send(this.finish(produced).await);
             });
         }
-        self.pg.submit_after(batch, Some(after))
+        self.pg.submit_after(batch, Some(after), on_commit)
     }
 
     fn flush(&self) -> Completion {

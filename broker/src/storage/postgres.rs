@@ -61,6 +61,9 @@ enum Request {
         /// error. This is what keeps batches in submission order when part of one goes to
         /// Kafka first.
         after: Option<Completion>,
+        /// Runs once the batch is committed, before its completion resolves: how a caller
+        /// keeps an in-memory view of what the batch changed (see [`OnCommit`]).
+        on_commit: Option<OnCommit>,
         done: oneshot::Sender<Result<(), StorageError>>,
     },
     Sweep {
@@ -85,7 +88,6 @@ impl PgStore {
         config: &PostgresConfig,
         device_queue_limit: u64,
         metrics: Arc<Metrics>,
-        released: ReleasedHook,
     ) -> Result<(PgStore, PgConnection), StorageError> {
         let options = schema_options(config).await?;
         // The node lock: one broker per schema. It lives as long as this connection.
@@ -109,7 +111,6 @@ impl PgStore {
             device: HashMap::new(),
             metrics,
             healthy: healthy.clone(),
-            released_hook: Some(released),
         };
         writer.reload().await?;
         let store = PgStore {
@@ -154,13 +155,25 @@ impl PgStore {
 
     /// Queues a batch for the writer; never blocks.
     pub fn submit(&self, batch: WriteBatch) -> Completion {
-        self.submit_after(batch, None)
+        self.submit_after(batch, None, None)
     }
 
-    /// Queues a batch that is applied only once `after` succeeded (see `Request::Batch`).
-    pub fn submit_after(&self, batch: WriteBatch, after: Option<Completion>) -> Completion {
+    /// Queues a batch that is applied only once `after` succeeded, and runs `on_commit` once
+    /// it is committed (see `Request::Batch`).
+    pub fn submit_after(
+        &self,
+        batch: WriteBatch,
+        after: Option<Completion>,
+        on_commit: Option<OnCommit>,
+    ) -> Completion {
         let (done, completion) = oneshot::channel();
-        if let Err(e) = self.tx.try_send(Request::Batch { batch, after, done }) {
+        let request = Request::Batch {
+            batch,
+            after,
+            on_commit,
+            done,
+        };
+        if let Err(e) = self.tx.try_send(request) {
             let (request, error) = match e {
                 mpsc::error::TrySendError::Full(r) => (r, StorageError::Overloaded),
                 mpsc::error::TrySendError::Closed(r) => (r, StorageError::Closed),
@@ -450,7 +463,9 @@ pub async fn migrate(pool: &PgPool, schema: &str) -> Result<(), StorageError> {
 }
 
 /// Shared map of APPLICATION entries whose PUBREC was received.
-pub type ReleasedHook = Arc<parking_lot::Mutex<HashMap<Arc<str>, std::collections::BTreeSet<u64>>>>;
+/// Work to do right after a batch commits, on the writer task (keep it short: the next group
+/// waits). The writer knows nothing about what it does.
+pub type OnCommit = Box<dyn FnOnce() + Send>;
 
 /// Takes the schema's node lock (a session-level advisory lock) on `conn`.
 pub async fn take_node_lock(conn: &mut PgConnection, schema: &str) -> Result<(), StorageError> {
@@ -543,7 +558,6 @@ struct Writer {
     device: HashMap<String, DeviceStats>,
     metrics: Arc<Metrics>,
     healthy: Arc<AtomicBool>,
-    released_hook: Option<ReleasedHook>,
 }
 
 /// Writes collected from a group, applied as a few set-based statements.
@@ -624,10 +638,16 @@ impl Writer {
             }
             let mut batches = Vec::new();
             let mut dones = Vec::new();
+            let mut on_commit = Vec::new();
             let mut sweeps = Vec::new();
             for request in group.drain(..) {
                 match request {
-                    Request::Batch { batch, after, done } => {
+                    Request::Batch {
+                        batch,
+                        after,
+                        on_commit: then,
+                        done,
+                    } => {
                         if let Some(after) = after {
                             if let Err(e) = after.await.unwrap_or(Err(StorageError::Closed)) {
                                 let _ = done.send(Err(e));
@@ -636,6 +656,7 @@ impl Writer {
                         }
                         batches.push(batch);
                         dones.push(done);
+                        on_commit.extend(then);
                     }
                     Request::Sweep {
                         now_ms,
@@ -650,6 +671,9 @@ impl Writer {
                 match &result {
                     Ok(()) => {
                         self.healthy.store(true, Ordering::Release);
+                        for then in on_commit {
+                            then();
+                        }
                         for n in notify {
                             n.notify_one();
                         }
@@ -678,33 +702,13 @@ impl Writer {
     ) -> Result<(), StorageError> {
         let mut txn = self.pool.begin().await.map_err(db)?;
         let mut pending = Pending::default();
-        let mut released_changes: Vec<(Arc<str>, ReleasedChange)> = Vec::new();
         for batch in batches {
             for op in batch.ops {
-                self.apply_op(&mut txn, op, &mut pending, notify, &mut released_changes)
-                    .await?;
+                self.apply_op(&mut txn, op, &mut pending, notify).await?;
             }
         }
         self.flush(&mut txn, &mut pending).await?;
         txn.commit().await.map_err(db)?;
-        if let Some(hook) = &self.released_hook {
-            let mut map = hook.lock();
-            for (client, change) in released_changes {
-                match change {
-                    ReleasedChange::Add(seq) => {
-                        map.entry(client).or_default().insert(seq);
-                    }
-                    ReleasedChange::Below(seq) => {
-                        if let Some(set) = map.get_mut(&client) {
-                            *set = set.split_off(&seq);
-                        }
-                    }
-                    ReleasedChange::All => {
-                        map.remove(&client);
-                    }
-                }
-            }
-        }
         Ok(())
     }
 
@@ -830,7 +834,6 @@ impl Writer {
         op: WriteOp,
         pending: &mut Pending,
         notify: &mut Vec<Arc<Notify>>,
-        released: &mut Vec<(Arc<str>, ReleasedChange)>,
     ) -> Result<(), StorageError> {
         match op {
             // Buffered: the hot path of the router and of acknowledging clients.
@@ -870,7 +873,6 @@ impl Writer {
             } => {
                 let e = pending.app_commit.entry(client.to_string()).or_insert(0);
                 *e = (*e).max(next_offset as i64);
-                released.push((client, ReleasedChange::Below(next_offset)));
                 return Ok(());
             }
             WriteOp::MarkSent { client, upto } => {
@@ -961,7 +963,6 @@ impl Writer {
                 }
                 self.live.remove(&*client);
                 self.device.remove(&*client);
-                released.push((client, ReleasedChange::All));
             }
             WriteOp::PutSubscription {
                 client,
@@ -1008,7 +1009,6 @@ impl Writer {
                     .execute(t)
                     .await
                     .map_err(db)?;
-                    released.push((client, ReleasedChange::Add(seq)));
                 }
             },
             WriteOp::PutInboundQos2 { client, pkid } => {
@@ -1109,12 +1109,6 @@ impl Writer {
             application_expired: 0,
         })
     }
-}
-
-enum ReleasedChange {
-    Add(u64),
-    Below(u64),
-    All,
 }
 
 #[cfg(test)]
