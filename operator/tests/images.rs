@@ -44,6 +44,15 @@ fn instructions(text: &str) -> Vec<String> {
     out
 }
 
+/// The instructions of the last stage (the image that ships), from its `FROM` on.
+fn runtime_stage(steps: &[String]) -> &[String] {
+    let at = steps
+        .iter()
+        .rposition(|s| s.starts_with("FROM "))
+        .expect("a FROM");
+    &steps[at..]
+}
+
 /// The `cargo build` of CI's release build (.ci/run's bench phase), as words.
 fn ci_release_build() -> Vec<String> {
     let ci = read(".ci/run");
@@ -202,11 +211,7 @@ fn dockerfiles_build_like_ci_and_run_the_binary_as_non_root() {
         }
 
         // The runtime stage: the binary from the build stage, CA certificates, non-root.
-        let runtime_at = steps
-            .iter()
-            .rposition(|s| s.starts_with("FROM "))
-            .expect("runtime FROM");
-        let runtime = &steps[runtime_at..];
+        let runtime = runtime_stage(&steps);
         let copies: Vec<&String> = runtime.iter().filter(|s| s.starts_with("COPY ")).collect();
         assert_eq!(
             copies,
@@ -369,11 +374,7 @@ const PACKAGE_OF: &[(&str, &str)] = &[
 /// The runtime stage's `apt-get install` packages.
 fn runtime_packages(dockerfile: &str) -> BTreeSet<String> {
     let steps = instructions(&read(dockerfile));
-    let runtime_at = steps
-        .iter()
-        .rposition(|s| s.starts_with("FROM "))
-        .expect("runtime FROM");
-    steps[runtime_at..]
+    runtime_stage(&steps)
         .iter()
         .filter(|s| s.contains("apt-get install"))
         .flat_map(|s| {

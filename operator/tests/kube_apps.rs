@@ -23,7 +23,7 @@ use kube::api::{Api, ListParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 
-use k8s::{cluster, create, runtime, start_controllers, wait_all_gone, wait_for, Fake};
+use k8s::{app_ready, cluster, create, runtime, start_controllers, wait_all_gone, wait_for, Fake};
 
 const NS: &str = "default";
 const APPS: usize = 200;
@@ -39,15 +39,6 @@ async fn apiserver_app_lists(client: &Client) -> f64 {
         .filter(|l| l.contains("resource=\"applicationclients\"") && l.contains("verb=\"LIST\""))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
-}
-
-fn ready(a: &ApplicationClient) -> bool {
-    a.status.as_ref().is_some_and(|s| {
-        s.observed_generation == a.metadata.generation
-            && s.conditions
-                .iter()
-                .any(|c| c.type_ == "Ready" && c.status == "True")
-    })
 }
 
 #[test]
@@ -83,7 +74,7 @@ fn two_hundred_application_clients_converge_and_a_resync_writes_nothing() {
                 let apps = apps.clone();
                 async move {
                     let list = apps.list(&ListParams::default()).await.ok()?;
-                    (list.items.len() == APPS && list.items.iter().all(ready)).then_some(())
+                    (list.items.len() == APPS && list.items.iter().all(app_ready)).then_some(())
                 }
             },
         )
@@ -210,7 +201,7 @@ fn deletion_policies_secret_ownership_and_kafka_failures_on_the_api_server() {
             for name in ["keep", "drop"] {
                 wait_for(&format!("{name} Ready"), Duration::from_secs(60), || {
                     let apps = apps.clone();
-                    async move { apps.get(name).await.ok().filter(ready).map(|_| ()) }
+                    async move { apps.get(name).await.ok().filter(app_ready).map(|_| ()) }
                 })
                 .await;
             }
@@ -244,7 +235,7 @@ fn deletion_policies_secret_ownership_and_kafka_failures_on_the_api_server() {
                 }
             })
             .await;
-            assert!(!ready(&refused));
+            assert!(!app_ready(&refused));
             let text = metrics.render();
             assert!(
                 text.contains(

@@ -36,7 +36,8 @@ use rumqttc::{
 use serde_json::json;
 
 use k8s::{
-    cluster, container_env, create, runtime, start_controllers, wait_all_gone, wait_event, wait_for,
+    app_ready, cluster, container_env, create, runtime, start_controllers, wait_all_gone,
+    wait_event, wait_for,
 };
 
 const NS: &str = "default";
@@ -44,15 +45,6 @@ const WAIT: Duration = Duration::from_secs(90);
 /// The retention the MqttBroker declares for APPLICATION logs (`spec.applicationLog`).
 const RETENTION_SECS: u64 = 3600;
 const RETENTION_BYTES: u64 = 50_000_000;
-
-fn ready(a: &ApplicationClient) -> bool {
-    a.status.as_ref().is_some_and(|s| {
-        s.observed_generation == a.metadata.generation
-            && s.conditions
-                .iter()
-                .any(|c| c.type_ == "Ready" && c.status == "True")
-    })
-}
 
 /// One MQTT 3.1.1 connection through rumqttc's event loop, driven by the test.
 struct Mqtt {
@@ -252,7 +244,7 @@ fn kafka_postgres_broker_serves_application_clients_the_operator_provisioned() {
         for name in ["analytics", "ingest"] {
             wait_for(&format!("{name} Ready"), WAIT, || {
                 let apps = apps.clone();
-                async move { apps.get(name).await.ok().filter(ready).map(|_| ()) }
+                async move { apps.get(name).await.ok().filter(app_ready).map(|_| ()) }
             })
             .await;
         }

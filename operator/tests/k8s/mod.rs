@@ -88,6 +88,16 @@ impl Controllers {
     }
 }
 
+/// Whether the ApplicationClient is Ready for its current generation.
+pub fn app_ready(a: &ferrymq_crds::ApplicationClient) -> bool {
+    a.status.as_ref().is_some_and(|s| {
+        s.observed_generation == a.metadata.generation
+            && s.conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+    })
+}
+
 /// Waits (60 s at most) until `api` lists nothing: every object deleted, finalizers done.
 pub async fn wait_all_gone<K>(api: &Api<K>)
 where
