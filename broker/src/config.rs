@@ -236,8 +236,8 @@ pub struct ApplicationConfig {
 impl Default for ApplicationConfig {
     fn default() -> Self {
         ApplicationConfig {
-            retention_secs: 7 * 24 * 3600,
-            retention_bytes: 1 << 30,
+            retention_secs: ferrymq_common::application::DEFAULT_RETENTION_SECS,
+            retention_bytes: ferrymq_common::application::DEFAULT_RETENTION_BYTES,
         }
     }
 }

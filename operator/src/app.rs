@@ -85,11 +85,10 @@ struct Target {
 /// The topic settings the broker itself gives APPLICATION topics it creates: `retention.ms` and
 /// `retention.bytes` from the `[application]` section of the config the operator renders for
 /// `broker` (so `spec.applicationLog` and `spec.config` overrides both count, and the broker's
-/// defaults apply when neither is set). Computed with the broker's own function, so the two
+/// defaults apply when neither is set). Computed with the broker's rule (`ferrymq_common`), so the two
 /// cannot disagree. Without these in the wanted config, adopting a topic the broker created
 /// would delete its retention (it is not in the ApplicationClient's `topic.config`).
 pub fn broker_topic_config(broker: &MqttBroker) -> BTreeMap<String, String> {
-    let defaults = ferrymq::config::ApplicationConfig::default();
     let application = crate::config::render(&broker.spec)
         .ok()
         .and_then(|text| text.parse::<toml::Table>().ok())
@@ -102,9 +101,15 @@ pub fn broker_topic_config(broker: &MqttBroker) -> BTreeMap<String, String> {
             .and_then(|v| u64::try_from(v).ok())
             .unwrap_or(default)
     };
-    let secs = get("retention_secs", defaults.retention_secs);
-    let bytes = get("retention_bytes", defaults.retention_bytes);
-    ferrymq::storage::kafka::app::ApplicationLogs::topic_config(secs.saturating_mul(1000), bytes)
+    let secs = get(
+        "retention_secs",
+        ferrymq_common::application::DEFAULT_RETENTION_SECS,
+    );
+    let bytes = get(
+        "retention_bytes",
+        ferrymq_common::application::DEFAULT_RETENTION_BYTES,
+    );
+    ferrymq_common::application::topic_config(secs.saturating_mul(1000), bytes)
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect()

@@ -59,19 +59,34 @@ impl Real {
         Ok(admin)
     }
 
-    async fn pool(&self, url: &str) -> Result<PgPool, ProvisionError> {
+    /// A pool on `url`, with `search_path` set to `schema` when given.
+    ///
+    /// The credential statements name `mqtt_credentials` unqualified, as the broker's do: they
+    /// resolve in the broker's schema through `search_path`, which the broker sets from
+    /// `postgres.schema` on each connection. The URL alone does not: the one the operator
+    /// writes for a provisioned database carries only the role and password, and the role's
+    /// default search_path (`"$user", public`) misses the schema (the role is
+    /// `<schema>_broker`); a `urlSecretRef` URL need not name the schema either.
+    async fn pool(&self, url: &str, schema: Option<&str>) -> Result<PgPool, ProvisionError> {
+        let key = format!("{url}\n{}", schema.unwrap_or_default());
         let mut cache = self.pools.lock().await;
-        if let Some(pool) = cache.get(url) {
+        if let Some(pool) = cache.get(&key) {
             return Ok(pool.clone());
         }
-        let options = postgres::parse_url(url).map_err(pg_error)?;
+        let mut options = postgres::parse_url(url).map_err(pg_error)?;
+        if let Some(schema) = schema {
+            // A startup option: only a plain identifier may go there unquoted (the CRD and the
+            // broker enforce the same rule).
+            postgres::validate_identifier("schema", schema).map_err(pg_error)?;
+            options = options.options([("search_path", schema)]);
+        }
         let pool = postgres::broker_pool(&options).await.map_err(pg_error)?;
         if cache.len() >= MAX_CACHED {
             for (_, old) in cache.drain() {
                 old.close().await;
             }
         }
-        cache.insert(url.to_string(), pool.clone());
+        cache.insert(key, pool.clone());
         Ok(pool)
     }
 }
@@ -145,7 +160,7 @@ impl Provisioner for Real {
     }
 
     async fn check_postgres(&self, url: &str) -> Result<(), ProvisionError> {
-        let pool = self.pool(url).await?;
+        let pool = self.pool(url, None).await?;
         sqlx::query("SELECT 1")
             .execute(&pool)
             .await
@@ -159,7 +174,7 @@ impl Provisioner for Real {
         schema: &str,
         c: &AppCredential,
     ) -> Result<bool, ProvisionError> {
-        let pool = self.pool(broker_url).await?;
+        let pool = self.pool(broker_url, Some(schema)).await?;
         let credential = postgres::ApplicationCredential {
             client_id: c.client_id.clone(),
             username: c.username.clone(),
@@ -180,7 +195,7 @@ impl Provisioner for Real {
         client_id: &str,
         username: &str,
     ) -> Result<bool, ProvisionError> {
-        let pool = self.pool(broker_url).await?;
+        let pool = self.pool(broker_url, Some(schema)).await?;
         postgres::delete_application(&pool, schema, client_id, username)
             .await
             .map_err(pg_error)

@@ -18,15 +18,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferrymq_crds::ApplicationClient;
-use ferrymq_operator::context::Context;
-use ferrymq_operator::metrics::Metrics;
-use futures_util::FutureExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ListParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 
-use k8s::{apply_crds, control_plane, create, wait_for, Fake};
+use k8s::{app_ready, cluster, create, runtime, start_controllers, wait_all_gone, wait_for, Fake};
 
 const NS: &str = "default";
 const APPS: usize = 200;
@@ -44,151 +41,117 @@ async fn apiserver_app_lists(client: &Client) -> f64 {
         .sum()
 }
 
-fn ready(a: &ApplicationClient) -> bool {
-    a.status.as_ref().is_some_and(|s| {
-        s.observed_generation == a.metadata.generation
-            && s.conditions
-                .iter()
-                .any(|c| c.type_ == "Ready" && c.status == "True")
-    })
-}
-
 #[test]
 fn two_hundred_application_clients_converge_and_a_resync_writes_nothing() {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-        .block_on(async {
-            let Some(cp) = control_plane(false).await else {
-                return;
-            };
-            let client = cp.client().await.expect("client");
-            apply_crds(&client).await;
-            fixtures(&client).await;
+    runtime().block_on(async {
+        let Some((_cp, client)) = cluster(false).await else {
+            return;
+        };
+        fixtures(&client).await;
 
-            let fake = Arc::new(Fake::default());
-            let mut ctx = Context::new(
-                client.clone(),
-                fake.clone(),
-                Arc::new(Metrics::new()),
-                Some("kube-apps-test".into()),
-            );
-            // Resync every few seconds instead of every 5 minutes, so the test sees resyncs.
-            let resync = Duration::from_secs(4);
-            ctx.resync = resync;
-            let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-            let stop = async move {
-                let _ = stop_rx.wait_for(|s| *s).await;
-            }
-            .boxed()
-            .shared();
-            let controllers = tokio::spawn(ferrymq_operator::controller::run(
-                Arc::new(ctx),
-                Some(NS.into()),
-                stop,
-            ));
+        let fake = Arc::new(Fake::default());
+        // Resync every few seconds instead of every 5 minutes, so the test sees resyncs.
+        let resync = Duration::from_secs(4);
+        let controllers = start_controllers(&client, fake.clone(), NS, Some(resync));
 
-            let apps: Api<ApplicationClient> = Api::namespaced(client.clone(), NS);
-            for i in 0..APPS {
-                let app: ApplicationClient = serde_json::from_value(json!({
-                    "apiVersion": "ferrymq.io/v1alpha1", "kind": "ApplicationClient",
-                    "metadata": {"name": format!("app-{i}"), "namespace": NS},
-                    "spec": {"brokerRef": {"name": "core"}, "clientId": format!("client-{i}")},
-                }))
-                .expect("app");
-                apps.create(&PostParams::default(), &app)
-                    .await
-                    .expect("creating an ApplicationClient");
-            }
-            let started = std::time::Instant::now();
-            wait_for(
-                "200 ApplicationClients Ready",
-                Duration::from_secs(240),
-                || {
-                    let apps = apps.clone();
-                    async move {
-                        let list = apps.list(&ListParams::default()).await.ok()?;
-                        (list.items.len() == APPS && list.items.iter().all(ready)).then_some(())
-                    }
-                },
-            )
-            .await;
-            eprintln!(
-                "{APPS} ApplicationClients Ready after {:?}",
-                started.elapsed()
-            );
+        let apps: Api<ApplicationClient> = Api::namespaced(client.clone(), NS);
+        for i in 0..APPS {
+            let app: ApplicationClient = serde_json::from_value(json!({
+                "apiVersion": "ferrymq.io/v1alpha1", "kind": "ApplicationClient",
+                "metadata": {"name": format!("app-{i}"), "namespace": NS},
+                "spec": {"brokerRef": {"name": "core"}, "clientId": format!("client-{i}")},
+            }))
+            .expect("app");
+            apps.create(&PostParams::default(), &app)
+                .await
+                .expect("creating an ApplicationClient");
+        }
+        let started = std::time::Instant::now();
+        wait_for(
+            "200 ApplicationClients Ready",
+            Duration::from_secs(240),
+            || {
+                let apps = apps.clone();
+                async move {
+                    let list = apps.list(&ListParams::default()).await.ok()?;
+                    (list.items.len() == APPS && list.items.iter().all(app_ready)).then_some(())
+                }
+            },
+        )
+        .await;
+        eprintln!(
+            "{APPS} ApplicationClients Ready after {:?}",
+            started.elapsed()
+        );
 
-            // Let the last writes' own watch events settle, then take a snapshot.
-            tokio::time::sleep(resync).await;
-            let versions = |list: Vec<ApplicationClient>| -> BTreeMap<String, String> {
-                list.into_iter()
-                    .map(|a| (a.name_any(), a.resource_version().unwrap_or_default()))
-                    .collect()
-            };
-            let before = versions(apps.list(&ListParams::default()).await.expect("list").items);
-            let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
-            let secret_versions = |list: Vec<Secret>| -> BTreeMap<String, String> {
-                list.into_iter()
-                    .map(|s| (s.name_any(), s.resource_version().unwrap_or_default()))
-                    .collect()
-            };
-            let secrets_before = secret_versions(
-                secrets
-                    .list(&ListParams::default())
-                    .await
-                    .expect("list")
-                    .items,
-            );
-            assert_eq!(
-                secrets_before.len(),
-                APPS + 1,
-                "one credentials Secret per client"
-            );
-            let lists_before = apiserver_app_lists(&client).await;
-            let topics_before = fake.ensure_topic.load(Ordering::Relaxed);
+        // Let the last writes' own watch events settle, then take a snapshot.
+        tokio::time::sleep(resync).await;
+        let versions = |list: Vec<ApplicationClient>| -> BTreeMap<String, String> {
+            list.into_iter()
+                .map(|a| (a.name_any(), a.resource_version().unwrap_or_default()))
+                .collect()
+        };
+        let before = versions(apps.list(&ListParams::default()).await.expect("list").items);
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
+        let secret_versions = |list: Vec<Secret>| -> BTreeMap<String, String> {
+            list.into_iter()
+                .map(|s| (s.name_any(), s.resource_version().unwrap_or_default()))
+                .collect()
+        };
+        let secrets_before = secret_versions(
+            secrets
+                .list(&ListParams::default())
+                .await
+                .expect("list")
+                .items,
+        );
+        assert_eq!(
+            secrets_before.len(),
+            APPS + 1,
+            "one credentials Secret per client"
+        );
+        let lists_before = apiserver_app_lists(&client).await;
+        let topics_before = fake.ensure_topic.load(Ordering::Relaxed);
 
-            // Two resync periods: every ApplicationClient is reconciled again at least once.
-            tokio::time::sleep(resync * 2 + Duration::from_secs(2)).await;
-            let resynced = fake.ensure_topic.load(Ordering::Relaxed) - topics_before;
-            assert!(
-                resynced >= APPS,
-                "only {resynced} reconciles reached Kafka during the resync window"
-            );
-            let after = versions(apps.list(&ListParams::default()).await.expect("list").items);
-            let changed: Vec<&String> = before
-                .iter()
-                .filter(|(k, v)| after.get(*k) != Some(*v))
-                .map(|(k, _)| k)
-                .collect();
-            assert!(
-                changed.is_empty(),
-                "a resync with nothing to change wrote {} ApplicationClients: {changed:?}",
-                changed.len()
-            );
-            let secrets_after = secret_versions(
-                secrets
-                    .list(&ListParams::default())
-                    .await
-                    .expect("list")
-                    .items,
-            );
-            assert_eq!(
-                secrets_before, secrets_after,
-                "a resync rewrote credentials Secrets"
-            );
-            // The test's own two lists above are the only LISTs expected: the conflict check
-            // reads the reflector, it does not list per reconcile.
-            let lists = apiserver_app_lists(&client).await - lists_before;
-            assert!(
-                lists <= 3.0,
-                "{lists} LISTs of ApplicationClients during {resynced} reconciles"
-            );
+        // Two resync periods: every ApplicationClient is reconciled again at least once.
+        tokio::time::sleep(resync * 2 + Duration::from_secs(2)).await;
+        let resynced = fake.ensure_topic.load(Ordering::Relaxed) - topics_before;
+        assert!(
+            resynced >= APPS,
+            "only {resynced} reconciles reached Kafka during the resync window"
+        );
+        let after = versions(apps.list(&ListParams::default()).await.expect("list").items);
+        let changed: Vec<&String> = before
+            .iter()
+            .filter(|(k, v)| after.get(*k) != Some(*v))
+            .map(|(k, _)| k)
+            .collect();
+        assert!(
+            changed.is_empty(),
+            "a resync with nothing to change wrote {} ApplicationClients: {changed:?}",
+            changed.len()
+        );
+        let secrets_after = secret_versions(
+            secrets
+                .list(&ListParams::default())
+                .await
+                .expect("list")
+                .items,
+        );
+        assert_eq!(
+            secrets_before, secrets_after,
+            "a resync rewrote credentials Secrets"
+        );
+        // The test's own two lists above are the only LISTs expected: the conflict check
+        // reads the reflector, it does not list per reconcile.
+        let lists = apiserver_app_lists(&client).await - lists_before;
+        assert!(
+            lists <= 3.0,
+            "{lists} LISTs of ApplicationClients during {resynced} reconciles"
+        );
 
-            let _ = stop_tx.send(true);
-            let _ = tokio::time::timeout(Duration::from_secs(30), controllers).await;
-        });
+        controllers.shutdown().await;
+    });
 }
 
 async fn fixtures(client: &Client) {
@@ -212,40 +175,17 @@ async fn fixtures(client: &Client) {
 /// Kafka failure counted in the failures metric.
 #[test]
 fn deletion_policies_secret_ownership_and_kafka_failures_on_the_api_server() {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-        .block_on(async {
-            let Some(cp) = control_plane(false).await else {
+    runtime().block_on(async {
+            let Some((_cp, client)) = cluster(false).await else {
                 return;
             };
-            let client = cp.client().await.expect("client");
-            apply_crds(&client).await;
             fixtures(&client).await;
             let fake = Arc::new(Fake {
                 failing: vec!["refused".into()],
                 ..Default::default()
             });
-            let metrics = Arc::new(Metrics::new());
-            let ctx = Context::new(
-                client.clone(),
-                fake.clone(),
-                metrics.clone(),
-                Some("kube-apps-test".into()),
-            );
-            let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-            let stop = async move {
-                let _ = stop_rx.wait_for(|s| *s).await;
-            }
-            .boxed()
-            .shared();
-            tokio::spawn(ferrymq_operator::controller::run(
-                Arc::new(ctx),
-                Some(NS.into()),
-                stop,
-            ));
+            let controllers = start_controllers(&client, fake.clone(), NS, None);
+            let metrics = controllers.metrics.clone();
 
             let apps: Api<ApplicationClient> = Api::namespaced(client.clone(), NS);
             for (name, policy) in [("keep", "Retain"), ("drop", "Delete"), ("refused", "Retain")] {
@@ -261,7 +201,7 @@ fn deletion_policies_secret_ownership_and_kafka_failures_on_the_api_server() {
             for name in ["keep", "drop"] {
                 wait_for(&format!("{name} Ready"), Duration::from_secs(60), || {
                     let apps = apps.clone();
-                    async move { apps.get(name).await.ok().filter(ready).map(|_| ()) }
+                    async move { apps.get(name).await.ok().filter(app_ready).map(|_| ()) }
                 })
                 .await;
             }
@@ -295,7 +235,7 @@ fn deletion_policies_secret_ownership_and_kafka_failures_on_the_api_server() {
                 }
             })
             .await;
-            assert!(!ready(&refused));
+            assert!(!app_ready(&refused));
             let text = metrics.render();
             assert!(
                 text.contains(
@@ -309,17 +249,7 @@ fn deletion_policies_secret_ownership_and_kafka_failures_on_the_api_server() {
             for name in ["keep", "drop", "refused"] {
                 apps.delete(name, &Default::default()).await.expect("delete");
             }
-            wait_for("ApplicationClients gone", Duration::from_secs(60), || {
-                let apps = apps.clone();
-                async move {
-                    apps.list(&ListParams::default())
-                        .await
-                        .ok()
-                        .filter(|l| l.items.is_empty())
-                        .map(|_| ())
-                }
-            })
-            .await;
+            wait_all_gone(&apps).await;
             let mut deleted = fake.deleted.lock().map(|d| d.clone()).unwrap_or_default();
             deleted.sort();
             assert_eq!(
@@ -330,6 +260,6 @@ fn deletion_policies_secret_ownership_and_kafka_failures_on_the_api_server() {
                 ],
                 "Retain must keep the topic and the rows"
             );
-            let _ = stop_tx.send(true);
+            controllers.shutdown().await;
         });
 }

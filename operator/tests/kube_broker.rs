@@ -17,10 +17,7 @@ use std::time::Duration;
 
 use ferrymq_crds::MqttBroker;
 use ferrymq_e2e::harness::kube::set_pod_ready;
-use ferrymq_operator::context::Context;
-use ferrymq_operator::metrics::Metrics;
 use ferrymq_operator::provisioner::Real;
-use futures_util::FutureExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use k8s_openapi::api::events::v1::Event;
@@ -29,41 +26,10 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 
-use k8s::{apply_crds, control_plane, create, wait_for};
+use k8s::{cluster, create, runtime, start_controllers, wait_event, wait_for};
 
 const NS: &str = "default";
 const WAIT: Duration = Duration::from_secs(60);
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
-/// Runs both controllers in this process until the returned sender is dropped or sent `true`.
-fn start_controllers(client: &Client) -> (tokio::sync::watch::Sender<bool>, Arc<Metrics>) {
-    let metrics = Arc::new(Metrics::new());
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        Arc::new(Real::new()),
-        metrics.clone(),
-        Some("kube-broker-test".into()),
-    ));
-    let (tx, mut rx) = tokio::sync::watch::channel(false);
-    let stop = async move {
-        let _ = rx.wait_for(|s| *s).await;
-    }
-    .boxed()
-    .shared();
-    tokio::spawn(ferrymq_operator::controller::run(
-        ctx,
-        Some(NS.into()),
-        stop,
-    ));
-    (tx, metrics)
-}
 
 fn condition<'a>(
     b: &'a MqttBroker,
@@ -113,12 +79,11 @@ fn pod_template(sts: &StatefulSet) -> serde_json::Value {
 #[test]
 fn embedded_broker_children_field_removal_scale_conditions_rejection_and_gc() {
     runtime().block_on(async {
-        let Some(cp) = control_plane(true).await else {
+        let Some((_cp, client)) = cluster(true).await else {
             return;
         };
-        let client = cp.client().await.expect("client");
-        apply_crds(&client).await;
-        let (stop, metrics) = start_controllers(&client);
+        let controllers = start_controllers(&client, Arc::new(Real::new()), NS, None);
+        let metrics = controllers.metrics.clone();
 
         let broker = json!({
             "apiVersion": "ferrymq.io/v1alpha1",
@@ -266,23 +231,7 @@ fn embedded_broker_children_field_removal_scale_conditions_rejection_and_gc() {
         assert!(stalled.message.contains("StatefulSet default/edge"), "{}", stalled.message);
         assert_eq!(stalled.observed_generation, b.metadata.generation);
         assert!(condition(&b, "Ready").is_some_and(|c| c.status == "False"));
-        let events: Api<Event> = Api::namespaced(client.clone(), NS);
-        let event = wait_for("ApiRejected Event", WAIT, || {
-            let events = events.clone();
-            async move {
-                events
-                    .list(&ListParams::default())
-                    .await
-                    .ok()?
-                    .items
-                    .into_iter()
-                    .find(|e| {
-                        e.reason.as_deref() == Some("ApiRejected")
-                            && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("edge")
-                    })
-            }
-        })
-        .await;
+        let event = wait_event(&client, NS, "edge", "ApiRejected").await;
         assert_eq!(event.type_.as_deref(), Some("Warning"));
         assert!(
             event.note.as_deref().unwrap_or("").contains("StatefulSet default/edge"),
@@ -356,7 +305,7 @@ fn embedded_broker_children_field_removal_scale_conditions_rejection_and_gc() {
             }
         })
         .await;
-        let _ = stop.send(true);
+        controllers.shutdown().await;
     });
 }
 
@@ -376,11 +325,9 @@ fn pod_ready_now(p: &Pod) -> bool {
 #[test]
 fn kafka_postgres_broker_rolls_standbys_first_on_the_api_server() {
     runtime().block_on(async {
-        let Some(cp) = control_plane(true).await else {
+        let Some((_cp, client)) = cluster(true).await else {
             return;
         };
-        let client = cp.client().await.expect("client");
-        apply_crds(&client).await;
         for obj in [
             json!({"apiVersion": "v1", "kind": "Secret",
                    "metadata": {"name": "pg", "namespace": NS},
@@ -394,23 +341,7 @@ fn kafka_postgres_broker_rolls_standbys_first_on_the_api_server() {
         ] {
             create(&client, &obj, NS).await.expect("fixture");
         }
-        let ctx = Arc::new(Context::new(
-            client.clone(),
-            Arc::new(k8s::Fake::default()),
-            Arc::new(Metrics::new()),
-            Some("kube-broker-test".into()),
-        ));
-        let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-        let stop = async move {
-            let _ = stop_rx.wait_for(|s| *s).await;
-        }
-        .boxed()
-        .shared();
-        tokio::spawn(ferrymq_operator::controller::run(
-            ctx,
-            Some(NS.into()),
-            stop,
-        ));
+        let controllers = start_controllers(&client, Arc::new(k8s::Fake::default()), NS, None);
 
         let sts_api: Api<StatefulSet> = Api::namespaced(client.clone(), NS);
         let sts = wait_for("StatefulSet core", WAIT, || {
@@ -516,7 +447,7 @@ fn kafka_postgres_broker_rolls_standbys_first_on_the_api_server() {
         for r in ["ReplacingStandbys", "ReplacingActive"] {
             assert!(reasons.iter().any(|x| x == r), "{r} not in {reasons:?}");
         }
-        let _ = stop_tx.send(true);
+        controllers.shutdown().await;
     });
 }
 

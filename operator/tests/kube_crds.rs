@@ -12,17 +12,7 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::Client;
 use serde_json::{json, Value};
 
-use k8s::{
-    apply_crds, control_plane, create, create_namespace, refusal, render_chart, repo, yaml_docs,
-};
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
+use k8s::{cluster, create, create_namespace, refusal, render_chart, repo, runtime, yaml_docs};
 
 /// The MqttBroker sample in the chart's NOTES.txt (the lines between `<<'YAML'` and `YAML`).
 fn notes_sample(notes: &str) -> Value {
@@ -38,11 +28,9 @@ fn notes_sample(notes: &str) -> Value {
 #[test]
 fn crds_are_established_and_every_documented_manifest_is_accepted() {
     runtime().block_on(async {
-        let Some(cp) = control_plane(false).await else {
+        let Some((_cp, client)) = cluster(false).await else {
             return;
         };
-        let client = cp.client().await.expect("client");
-        apply_crds(&client).await;
         create_namespace(&client, "iot").await;
 
         let mut accepted = Vec::new();
@@ -150,11 +138,9 @@ async fn refused_update(client: &Client, obj: Value, patch: Value, message: &str
 #[test]
 fn every_cel_rule_refuses_a_bad_object_with_its_message() {
     runtime().block_on(async {
-        let Some(cp) = control_plane(false).await else {
+        let Some((_cp, c)) = cluster(false).await else {
             return;
         };
-        let c = cp.client().await.expect("client");
-        apply_crds(&c).await;
         let embedded = json!({"image": "ferrymq:test", "storage": {"embedded": {}}});
 
         // Create-time rules.

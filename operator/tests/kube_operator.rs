@@ -27,18 +27,10 @@ use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::Api;
 use serde_json::{json, Value};
 
-use k8s::{apply_crds, control_plane, create, create_namespace, render_chart, wait_for};
+use k8s::{apply_crds, control_plane, create, create_namespace, render_chart, runtime, wait_for};
 
 const RELEASE_NS: &str = "ferrymq-system";
 const LEASE: &str = "fmq-ferrymq-operator-leader";
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
 
 fn objects_of<'a>(rendered: &'a Value, kind: &str) -> Vec<&'a Value> {
     rendered["objects"]

@@ -7,14 +7,12 @@
 //! `FERRYMQ_REQUIRE_SERVICES=1` (CI), where that fails.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::process::Command;
 use std::str::FromStr;
 use std::time::Duration;
 
 use ferrymq_e2e::harness::services::{require_services, Services};
 use ferrymq_e2e::harness::{
-    target_dir, workspace_root, BrokerOptions, BrokerProcess, ConnectOptions, Connection, BIN_ENV,
+    release_binary, BrokerOptions, BrokerProcess, ConnectOptions, Connection,
 };
 use ferrymq_operator::provision::kafka::{
     application_topic, publish_log_topic, KafkaAdmin, KafkaConnection, TopicSpec,
@@ -24,26 +22,6 @@ use ferrymq_operator::provision::postgres::{
     ApplicationCredential, BrokerDatabase, Change,
 };
 use sqlx::postgres::PgConnectOptions;
-
-/// `FERRYMQ_BIN`, else the release build the e2e tests use (the same `cargo build` command, so
-/// one build serves both; a debug build of the broker alone would resolve features differently
-/// from the workspace test build and compile the broker once more).
-fn broker_bin() -> PathBuf {
-    if let Some(bin) = std::env::var_os(BIN_ENV) {
-        return PathBuf::from(bin);
-    }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "-p", "ferrymq-broker", "--release"])
-        .current_dir(workspace_root())
-        .status()
-        .expect("running cargo build -p ferrymq-broker --release");
-    assert!(
-        status.success(),
-        "cargo build -p ferrymq-broker --release failed"
-    );
-    target_dir().join("release").join("ferrymq")
-}
 
 #[test]
 fn broker_runs_on_what_the_operator_provisioned() {
@@ -124,7 +102,7 @@ fn broker_runs_on_what_the_operator_provisioned() {
     );
     let mut broker = BrokerProcess::start(
         BrokerOptions::new("operator-provisioned")
-            .binary(broker_bin())
+            .binary(release_binary())
             .config(config)
             // The harness turns anonymous access on for its own tests; not here.
             .env("FERRYMQ_AUTH__ALLOW_ANONYMOUS", "false"),

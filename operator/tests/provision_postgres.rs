@@ -422,3 +422,66 @@ fn application_credentials_round_trip_through_the_brokers_store() {
         );
     });
 }
+
+/// What the controllers do, through the production provisioner (`provisioner::Real`): the
+/// broker's URL is the one the MqttBroker controller writes into `<broker>-postgres`
+/// (`secrets::login_url`: the admin URL with the broker role's name and password, nothing
+/// else), and the role is named `<schema>_broker`, so the role's default search_path
+/// (`"$user", public`) does not reach the schema. The credential rows must still land in the
+/// broker's schema, and be deleted from it.
+#[test]
+fn the_production_provisioner_writes_credentials_into_the_brokers_schema() {
+    use ferrymq_operator::provisioner::Real;
+    use ferrymq_operator::seam::{AppCredential, Provisioner};
+
+    let Some(pg) = postgres() else { return };
+    runtime().block_on(async {
+        let one = db("ferrymq");
+        let password = generate_password().unwrap();
+        let real = Real::new();
+        let seam_db = ferrymq_operator::seam::BrokerDatabase {
+            schema: one.schema.clone(),
+            role: one.role.clone(),
+        };
+        real.ensure_broker_database(&pg.url(), &seam_db, &password)
+            .await
+            .expect("provision");
+        let url = ferrymq_operator::secrets::login_url(&pg.url(), &one.role, &password)
+            .expect("the broker's URL");
+        let cred = AppCredential {
+            client_id: "analytics".into(),
+            username: "analytics".into(),
+            password: generate_password().unwrap(),
+            publish: vec![],
+            subscribe: vec!["plant/#".into()],
+        };
+        assert!(
+            real.upsert_application(&url, &one.schema, &cred)
+                .await
+                .expect("credentials written through the broker's URL"),
+            "a new registration is a change"
+        );
+        let rows = pg
+            .psql("SELECT key_kind || ':' || client_type FROM ferrymq.mqtt_credentials ORDER BY 1")
+            .expect("psql");
+        assert_eq!(
+            rows.lines().collect::<Vec<_>>(),
+            ["client_id:application", "username:application"]
+        );
+        assert!(
+            !real
+                .upsert_application(&url, &one.schema, &cred)
+                .await
+                .expect("second write"),
+            "a second write with nothing new changes nothing"
+        );
+        assert!(real
+            .delete_application(&url, &one.schema, "analytics", "analytics")
+            .await
+            .expect("delete"));
+        let rows = pg
+            .psql("SELECT count(*) FROM ferrymq.mqtt_credentials")
+            .expect("psql");
+        assert_eq!(rows.trim(), "0");
+    });
+}

@@ -5,8 +5,8 @@
 //! plain SQL write it too, so a row is checked like a written record every time it is read
 //! ([`CredentialRecord::validate`]); a row that fails is [`StoreError::Corrupt`] naming its key,
 //! which refuses that CONNECT with "server unavailable" rather than guessing. The CHECK
-//! constraints of `migrations/postgres/0002_credentials.sql` refuse what SQL can see at insert
-//! time.
+//! constraints of `common/migrations/postgres/0002_credentials.sql` refuse what SQL can see at
+//! insert time.
 //!
 //! The key columns use the "C" collation, so `ORDER BY key_kind, key_name` is the byte order of
 //! the embedded store's `c:<client id>` / `u:<username>` keys ('client_id' < 'username').

@@ -7,7 +7,7 @@
 //! sessions are kept in memory by the writer (it is their only writer; the node lock makes it
 //! the only one in the cluster) and rebuilt from the tables when a transaction fails.
 //!
-//! Schema layout: `broker/migrations/postgres/` (embedded with `sqlx::migrate!`), applied at
+//! Schema layout: `common/migrations/postgres/` (embedded with `sqlx::migrate!`), applied at
 //! start inside `postgres.schema`.
 
 use std::collections::{HashMap, HashSet};
@@ -453,10 +453,11 @@ pub async fn schema_options(config: &PostgresConfig) -> Result<PgConnectOptions,
     Ok(base.options([("search_path", config.schema.as_str())]))
 }
 
-/// Applies the embedded migrations (`broker/migrations/postgres/`) inside the pool's schema.
+/// Applies the embedded migrations (`common/migrations/postgres/`, shared with the operator)
+/// inside the pool's schema.
 /// Safe to run from several processes at once: sqlx serialises them with an advisory lock.
 pub async fn migrate(pool: &PgPool, schema: &str) -> Result<(), StorageError> {
-    sqlx::migrate!("./migrations/postgres")
+    ferrymq_common::migrations::MIGRATOR
         .run(pool)
         .await
         .map_err(|e| StorageError::engine(format!("postgres: migrating schema {schema}"), e))

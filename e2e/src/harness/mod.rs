@@ -2,11 +2,11 @@
 //! restart on the same port and data dir, SIGTERM), a raw MQTT client with full control over
 //! packet ids and DUP flags, retrying publishers, recording subscribers and a delivery checker.
 //!
-//! The harness builds nothing. [`BrokerProcess::start`] runs `FERRYMQ_BIN` or
+//! [`BrokerProcess::start`] builds nothing: it runs `FERRYMQ_BIN` or
 //! `<workspace>/target/<profile>/ferrymq`, so run `cargo build -p ferrymq-broker` (with
-//! `--release` for release) first. The tests in `e2e/tests/` do it themselves: they run
-//! `cargo build -p ferrymq-broker --release` once per test binary and use `target/release/ferrymq`
-//! unless `FERRYMQ_BIN` is set.
+//! `--release` for release) first. The tests in `e2e/tests/` and the operator's broker tests
+//! call [`release_binary`], which runs `cargo build -p ferrymq-broker --release` once per test
+//! binary and returns `target/release/ferrymq` unless `FERRYMQ_BIN` is set.
 //!
 //! Environment:
 //! * `FERRYMQ_BIN`: broker binary to run;
@@ -28,8 +28,8 @@ pub mod workload;
 pub use mqtt::{ConnAckInfo, ConnectOptions, Connection, Incoming, Message, Protocol};
 pub use payload::MsgId;
 pub use process::{
-    default_binary, free_port, target_dir, workspace_root, BrokerOptions, BrokerProcess, BIN_ENV,
-    FAULT_ENV, KEEP_ENV,
+    default_binary, free_port, release_binary, target_dir, workspace_root, BrokerOptions,
+    BrokerProcess, BIN_ENV, FAULT_ENV, KEEP_ENV,
 };
 pub use rng::{random_kill_points, Rng, SEED_ENV};
 pub use workload::{

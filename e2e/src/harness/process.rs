@@ -121,6 +121,33 @@ pub fn default_binary() -> PathBuf {
     target_dir().join(profile).join("ferrymq")
 }
 
+/// `FERRYMQ_BIN` when set, else the release build of the broker, made once per test process
+/// with `cargo build -p ferrymq-broker --release` (the command of the e2e tests and the
+/// operator's broker tests, so one build serves them all; a debug build of the broker alone
+/// would resolve features differently from a workspace test build and compile it once more).
+pub fn release_binary() -> PathBuf {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os(BIN_ENV) {
+            return PathBuf::from(bin);
+        }
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let started = Instant::now();
+        let status = Command::new(cargo)
+            .args(["build", "-p", "ferrymq-broker", "--release"])
+            .current_dir(workspace_root())
+            .status();
+        match status {
+            Ok(s) if s.success() => {}
+            Ok(s) => panic!("cargo build -p ferrymq-broker --release failed: {s}"),
+            Err(e) => panic!("running cargo build -p ferrymq-broker --release: {e}"),
+        }
+        println!("broker release build took {:?}", started.elapsed());
+        target_dir().join("release").join("ferrymq")
+    })
+    .clone()
+}
+
 /// A free loopback port: bind 127.0.0.1:0, read the port, release it.
 pub fn free_port() -> anyhow::Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;

@@ -101,8 +101,31 @@ pub struct Kafka {
     dir: tempfile::TempDir,
 }
 
+/// Times [`Kafka::start`] tries afresh when Kafka finds a port taken.
+const KAFKA_START_ATTEMPTS: u32 = 3;
+
 impl Kafka {
+    /// Starts a fresh single-node Kafka on free loopback ports. The ports are picked before the
+    /// JVM binds them, seconds later; on a busy machine another process (any outgoing
+    /// connection takes an ephemeral port) can take one in between. Kafka then exits with
+    /// "Address already in use", and this starts over with new ports and a new directory.
     pub fn start() -> anyhow::Result<Kafka> {
+        let mut attempt = 1;
+        loop {
+            match Kafka::start_once() {
+                Err(e)
+                    if attempt < KAFKA_START_ATTEMPTS
+                        && format!("{e:#}").contains("Address already in use") =>
+                {
+                    eprintln!("kafka: a port was taken during start-up, starting again");
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    fn start_once() -> anyhow::Result<Kafka> {
         let libs =
             kafka_libs().context("Kafka jars not found (bash e2e/services/kafka/install.sh)")?;
         let java = java_binary().context("java not found")?;

@@ -5,16 +5,14 @@
 
 use std::collections::HashSet;
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use ferrymq_e2e::harness::services::{require_services, Services};
 use ferrymq_e2e::harness::{
-    check_delivery, target_dir, workspace_root, BrokerOptions, BrokerProcess, ConnectOptions,
-    DeliveryCheck, Expectation, MsgId, Publisher, PublisherConfig, PublisherReport, Subscriber,
-    BIN_ENV,
+    check_delivery, BrokerOptions, BrokerProcess, ConnectOptions, DeliveryCheck, Expectation,
+    MsgId, Publisher, PublisherConfig, PublisherReport, Subscriber,
 };
 use tokio::runtime::Runtime;
 use tokio::task::JoinHandle;
@@ -95,26 +93,7 @@ impl Backend {
 
 /// The broker binary: `FERRYMQ_BIN`, or a release build made once per test binary.
 pub fn broker_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(bin) = std::env::var_os(BIN_ENV) {
-            return PathBuf::from(bin);
-        }
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let started = Instant::now();
-        let status = Command::new(cargo)
-            .args(["build", "-p", "ferrymq-broker", "--release"])
-            .current_dir(workspace_root())
-            .status()
-            .expect("running cargo build -p ferrymq-broker --release");
-        assert!(
-            status.success(),
-            "cargo build -p ferrymq-broker --release failed"
-        );
-        println!("broker release build took {:?}", started.elapsed());
-        target_dir().join("release").join("ferrymq")
-    })
-    .clone()
+    ferrymq_e2e::harness::release_binary()
 }
 
 /// One crash test at a time.

@@ -5,7 +5,7 @@
 //! already exists is adopted, its partitions grow when the spec asks for more (Kafka cannot
 //! remove partitions, so fewer is refused), and configuration that differs from the spec is
 //! set back; [`TopicOutcome`] says what changed so the controller can emit an Event. Topic
-//! names come from the broker's own functions ([`ferrymq::storage::kafka`]), so the operator
+//! names come from the rule the broker reads with ([`ferrymq_common::topics`]), so the operator
 //! provisions exactly the topic the broker will read.
 
 mod native;
@@ -25,15 +25,15 @@ use rdkafka::error::{KafkaError as RdError, RDKafkaErrorCode};
 
 pub use native::ConfigOp;
 
-/// The publish log `<prefix>.msg.all` (the broker's own naming).
+/// The publish log `<prefix>.msg.all` (the broker's naming rule).
 pub fn publish_log_topic(prefix: &str) -> String {
-    ferrymq::storage::kafka::msg_all_topic(prefix)
+    ferrymq_common::topics::msg_all_topic(prefix)
 }
 
 /// The topic of one APPLICATION client: `<prefix>.app.<clientId>`, or `<prefix>.app.h.<sha-256>`
-/// when the client id is not a legal topic name part (the broker's own function).
+/// when the client id is not a legal topic name part (the broker's naming rule).
 pub fn application_topic(prefix: &str, client_id: &str) -> String {
-    ferrymq::storage::kafka::application_topic(prefix, client_id)
+    ferrymq_common::topics::application_topic(prefix, client_id)
 }
 
 /// How the operator reaches a Kafka cluster.

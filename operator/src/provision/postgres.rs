@@ -8,7 +8,7 @@
 //!   SCRAM-SHA-256 verifier computed here, so it never appears in a statement the server could
 //!   log.
 //! * **The broker's tables.** The operator applies the broker's own migrations
-//!   (`broker/migrations/postgres/`, embedded) as the broker role, up to and including the one
+//!   (`common/migrations/postgres/`, embedded) as the broker role, up to and including the one
 //!   that creates `mqtt_credentials`, so credentials can be written before the first broker pod
 //!   starts. Later migrations are left to the broker, which applies them at start: an operator
 //!   older or newer than the broker image never moves the schema past what the broker knows.
@@ -29,8 +29,9 @@ use sqlx::migrate::{Migrate, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool, Row};
 
-/// The broker's migrations, embedded at build time.
-static BROKER_MIGRATIONS: Migrator = sqlx::migrate!("../broker/migrations/postgres");
+/// The broker's migrations, embedded at build time (shared with the broker through
+/// `ferrymq-common`).
+static BROKER_MIGRATIONS: &Migrator = &ferrymq_common::migrations::MIGRATOR;
 
 /// The credential table the operator writes (docs/security.md).
 pub const CREDENTIALS_TABLE: &str = "mqtt_credentials";
@@ -785,10 +786,10 @@ pub async fn delete_application(
 /// argon2id with the broker's parameters, on the blocking pool (tens of milliseconds).
 async fn hash(password: &str) -> Result<String, PostgresError> {
     let password = password.as_bytes().to_vec();
-    tokio::task::spawn_blocking(move || ferrymq::auth::password::hash(&password))
+    tokio::task::spawn_blocking(move || ferrymq_common::password::hash(&password))
         .await
         .map_err(|e| e.to_string())
-        .and_then(|r| r)
+        .and_then(|r| r.map_err(|e| e.to_string()))
         .map_err(|detail| PostgresError::InvalidRequest {
             action: "hash the password".into(),
             detail,
@@ -798,7 +799,7 @@ async fn hash(password: &str) -> Result<String, PostgresError> {
 async fn verify(password: &str, hash: &str) -> bool {
     let password = password.as_bytes().to_vec();
     let hash = hash.to_string();
-    tokio::task::spawn_blocking(move || ferrymq::auth::password::verify_blocking(&password, &hash))
+    tokio::task::spawn_blocking(move || ferrymq_common::password::verify_blocking(&password, &hash))
         .await
         .unwrap_or(false)
 }

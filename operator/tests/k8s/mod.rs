@@ -1,25 +1,208 @@
 //! Shared by the tests that run against a real Kubernetes API server (e2e/src/harness/kube.rs):
-//! starting the control plane, applying the CRDs and manifests, waiting for conditions.
+//! starting the control plane and the controllers, applying the CRDs and manifests, waiting for
+//! conditions and Events, and standing in for a kubelet (a container's environment).
 #![allow(dead_code)] // each test binary uses a part
 
+use std::collections::BTreeMap;
 use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use ferrymq_e2e::harness::kube::{require_control_plane, ControlPlane, ControlPlaneOptions};
+use ferrymq_operator::context::Context;
+use ferrymq_operator::metrics::Metrics;
 use ferrymq_operator::seam::{
     AppCredential, BrokerDatabase, KafkaTarget, ProvisionError, Provisioner, TopicState,
     TopicWanted,
 };
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::{Duration, Instant};
-
-use ferrymq_e2e::harness::kube::{require_control_plane, ControlPlane, ControlPlaneOptions};
-use k8s_openapi::api::core::v1::Namespace;
+use futures_util::FutureExt;
+use k8s_openapi::api::core::v1::{Container, Namespace, Secret};
+use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
+use kube::api::{Api, ApiResource, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::Client;
 use serde::Deserialize;
+
+/// The runtime every kube test runs in: two workers, as many as the machine's cores.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// Both controllers (`controller::run`, with their watches) in this process, on `provisioner`,
+/// reconciling `namespace`, until the returned sender is sent `true` or dropped. `resync`
+/// replaces the 5-minute resync when set, so a test sees resyncs (drift checks) in seconds.
+pub fn start_controllers(
+    client: &Client,
+    provisioner: Arc<dyn Provisioner>,
+    namespace: &str,
+    resync: Option<Duration>,
+) -> Controllers {
+    let metrics = Arc::new(Metrics::new());
+    let mut ctx = Context::new(
+        client.clone(),
+        provisioner,
+        metrics.clone(),
+        Some("operator-test".into()),
+    );
+    if let Some(resync) = resync {
+        ctx.resync = resync;
+    }
+    let (stop, mut rx) = tokio::sync::watch::channel(false);
+    let stopped = async move {
+        let _ = rx.wait_for(|s| *s).await;
+    }
+    .boxed()
+    .shared();
+    let task = tokio::spawn(ferrymq_operator::controller::run(
+        Arc::new(ctx),
+        Some(namespace.into()),
+        stopped,
+    ));
+    Controllers {
+        stop,
+        metrics,
+        task,
+    }
+}
+
+/// Controllers started by [`start_controllers`].
+pub struct Controllers {
+    pub stop: tokio::sync::watch::Sender<bool>,
+    pub metrics: Arc<Metrics>,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+impl Controllers {
+    /// Stops them and waits (at most 30 s) for the reconciles in flight to finish.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(30), self.task).await;
+    }
+}
+
+/// Whether the ApplicationClient is Ready for its current generation.
+pub fn app_ready(a: &ferrymq_crds::ApplicationClient) -> bool {
+    a.status.as_ref().is_some_and(|s| {
+        s.observed_generation == a.metadata.generation
+            && s.conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+    })
+}
+
+/// Waits (60 s at most) until `api` lists nothing: every object deleted, finalizers done.
+pub async fn wait_all_gone<K>(api: &Api<K>)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    wait_for(
+        &format!("every {} gone", std::any::type_name::<K>()),
+        Duration::from_secs(60),
+        || {
+            let api = api.clone();
+            async move {
+                api.list(&ListParams::default())
+                    .await
+                    .ok()
+                    .filter(|l| l.items.is_empty())
+                    .map(|_| ())
+            }
+        },
+    )
+    .await
+}
+
+/// The first Event about the object `name` with `reason`, waited for up to `timeout`.
+pub async fn wait_event(client: &Client, ns: &str, name: &str, reason: &str) -> Event {
+    let events: Api<Event> = Api::namespaced(client.clone(), ns);
+    wait_for(
+        &format!("a {reason} Event about {name}"),
+        Duration::from_secs(60),
+        || {
+            let events = events.clone();
+            async move {
+                events
+                    .list(&ListParams::default())
+                    .await
+                    .ok()?
+                    .items
+                    .into_iter()
+                    .find(|e| {
+                        e.reason.as_deref() == Some(reason)
+                            && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+                    })
+            }
+        },
+    )
+    .await
+}
+
+/// What a kubelet gives `container` as environment: `env` values, `valueFrom.secretKeyRef` and
+/// `envFrom.secretRef` (with its prefix) resolved against the Secrets in the API server, as the
+/// pod would see them. Anything else (ConfigMap refs, field refs) panics: the operator sets none
+/// today, and a test must not silently drop what a pod would get.
+pub async fn container_env(
+    client: &Client,
+    ns: &str,
+    container: &Container,
+) -> Vec<(String, String)> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let read = |name: String| {
+        let secrets = secrets.clone();
+        async move {
+            let secret = secrets
+                .get(&name)
+                .await
+                .unwrap_or_else(|e| panic!("Secret {name} the pod refers to: {e}"));
+            let mut data: BTreeMap<String, String> = BTreeMap::new();
+            for (k, v) in secret.data.unwrap_or_default() {
+                let text = String::from_utf8(v.0).expect("UTF-8 Secret value");
+                data.insert(k, text);
+            }
+            for (k, v) in secret.string_data.unwrap_or_default() {
+                data.insert(k, v);
+            }
+            data
+        }
+    };
+    let mut env = Vec::new();
+    for from in container.env_from.iter().flatten() {
+        let secret = from
+            .secret_ref
+            .as_ref()
+            .unwrap_or_else(|| panic!("envFrom other than secretRef: {from:?}"));
+        let prefix = from.prefix.clone().unwrap_or_default();
+        for (k, v) in read(secret.name.clone()).await {
+            env.push((format!("{prefix}{k}"), v));
+        }
+    }
+    for var in container.env.iter().flatten() {
+        let value = match (&var.value, &var.value_from) {
+            (Some(v), None) => v.clone(),
+            (None, Some(from)) => {
+                let r = from
+                    .secret_key_ref
+                    .as_ref()
+                    .unwrap_or_else(|| panic!("valueFrom other than secretKeyRef: {var:?}"));
+                read(r.name.clone())
+                    .await
+                    .remove(&r.key)
+                    .unwrap_or_else(|| panic!("Secret {} has no key {}", r.name, r.key))
+            }
+            other => panic!("env {} with {other:?}", var.name),
+        };
+        env.push((var.name.clone(), value));
+    }
+    env
+}
 
 pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -38,6 +221,16 @@ pub async fn control_plane(controller_manager: bool) -> Option<ControlPlane> {
             .await
             .expect("starting the control plane"),
     )
+}
+
+/// A control plane with this project's CRDs Established and an admin client of it, or `None`
+/// when the test should be skipped (a message was printed). Keep the [`ControlPlane`]: dropping
+/// it stops the API server.
+pub async fn cluster(controller_manager: bool) -> Option<(ControlPlane, Client)> {
+    let cp = control_plane(controller_manager).await?;
+    let client = cp.client().await.expect("client");
+    apply_crds(&client).await;
+    Some((cp, client))
 }
 
 /// Polls `check` every 200 ms until it returns `Some`, or panics after `timeout` with `what`.

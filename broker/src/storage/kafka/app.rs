@@ -119,12 +119,10 @@ impl ApplicationLogs {
         application_topic(&self.kafka.config.topic_prefix, client)
     }
 
-    /// Topic settings for topics the broker creates: retention from `[application]`.
+    /// Topic settings for topics the broker creates: retention from `[application]` (the rule
+    /// the operator provisions with, in `ferrymq_common::application`).
     pub fn topic_config(retention_ms: u64, retention_bytes: u64) -> Vec<(&'static str, String)> {
-        vec![
-            ("retention.ms", retention_ms.to_string()),
-            ("retention.bytes", retention_bytes.to_string()),
-        ]
+        ferrymq_common::application::topic_config(retention_ms, retention_bytes)
     }
 
     /// Makes sure the client's topic exists (created when allowed) and returns the sequence
