@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::auth::ClientCertificate;
 use crate::broker::Broker;
@@ -119,38 +119,57 @@ impl Listener {
             let shutdown = shutdown.clone();
             let context = self.context.clone();
             let metrics = listener_metrics.clone();
-            tokio::spawn(async move {
-                // Open from accept on: the gauge includes connections still in a handshake.
-                let _open = metrics.network_connection();
-                let deadline = Duration::from_secs(broker.config.limits.connect_timeout_secs);
-                let established = tokio::time::timeout(
-                    deadline,
-                    establish(&context, &broker, &metrics, stream, peer),
-                )
-                .await;
-                match established {
-                    Ok(Some((transport, peer, client_cert))) => {
-                        let info = ConnInfo {
-                            peer,
-                            listener: context.name.clone(),
-                            client_cert,
-                            over_rate,
-                        };
-                        connection::serve(broker, transport, info, shutdown, metrics.clone()).await;
-                    }
-                    Ok(None) => {}
-                    Err(_) => {
-                        metrics.handshake_failed(HandshakeStage::Timeout);
-                        broker
-                            .metrics
-                            .connect_result(ConnectResult::HandshakeFailed);
-                        tracing::debug!(listener = %context.name, %peer, "handshake timed out");
-                    }
-                }
-                drop(permit);
-            });
+            tokio::spawn(connection_task(
+                broker, context, metrics, stream, peer, over_rate, shutdown, permit,
+            ));
         }
     }
+}
+
+/// One accepted connection's task: the handshakes the listener asks for, then the MQTT
+/// connection until it ends. Holds `permit` (one of `limits.max_connections`) throughout.
+#[allow(clippy::too_many_arguments)]
+async fn connection_task(
+    broker: Arc<Broker>,
+    context: Arc<Context>,
+    metrics: Arc<ListenerMetrics>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    over_rate: bool,
+    shutdown: watch::Receiver<bool>,
+    permit: OwnedSemaphorePermit,
+) {
+    // Open from accept on: the gauge includes connections still in a handshake.
+    let _open = metrics.network_connection();
+    let deadline = Duration::from_secs(broker.config.limits.connect_timeout_secs);
+    // Boxed: the TLS and WebSocket handshake futures are several KiB, and kept inline they
+    // would size this task for the connection's whole life (a future is as large as its
+    // largest state). Boxed, they are freed once the handshakes are done.
+    let established = tokio::time::timeout(
+        deadline,
+        Box::pin(establish(&context, &broker, &metrics, stream, peer)),
+    )
+    .await;
+    match established {
+        Ok(Some((transport, peer, client_cert))) => {
+            let info = ConnInfo {
+                peer,
+                listener: context.name.clone(),
+                client_cert,
+                over_rate,
+            };
+            connection::serve(broker, transport, info, shutdown, metrics.clone()).await;
+        }
+        Ok(None) => {}
+        Err(_) => {
+            metrics.handshake_failed(HandshakeStage::Timeout);
+            broker
+                .metrics
+                .connect_result(ConnectResult::HandshakeFailed);
+            tracing::debug!(listener = %context.name, %peer, "handshake timed out");
+        }
+    }
+    drop(permit);
 }
 
 /// Reads the PROXY header and runs the TLS and WebSocket handshakes the listener asks for.
@@ -216,5 +235,32 @@ async fn establish(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of the future an async fn returns, without calling it.
+    fn future_size<F, A, B, C, D, E, G, H, I, Fut>(_: &F) -> usize
+    where
+        F: FnOnce(A, B, C, D, E, G, H, I) -> Fut,
+    {
+        std::mem::size_of::<Fut>()
+    }
+
+    /// Every connection's task is allocated at this size for the connection's whole life, so it
+    /// is most of what an idle connection costs (docs/benchmarks.md). It was about 4 KiB (debug
+    /// and release alike) after the TLS/WebSocket loops and handshakes were boxed; holding them
+    /// inline had made it 11.5 KiB. The bound leaves room for ordinary growth and catches that.
+    #[test]
+    fn connection_task_future_stays_small() {
+        let size = future_size(&connection_task);
+        assert!(
+            size <= 6 * 1024,
+            "the connection task's future is {size} bytes: is a large stream, buffer or \
+             handshake held inline across an .await? (see docs/benchmarks.md)"
+        );
     }
 }

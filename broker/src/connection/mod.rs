@@ -77,11 +77,15 @@ pub async fn serve(
     listener: Arc<ListenerMetrics>,
 ) {
     let b = broker.clone();
+    // A future is as large as its largest state, and this one lives as long as the connection.
+    // The TLS and WebSocket loops hold their stream (rustls session state, WebSocket buffers)
+    // by value, which made every connection's task several KiB larger, idle plain TCP ones
+    // included (docs/benchmarks.md). So they run boxed, and only plain TCP runs inline.
     let result = match transport {
         Transport::Tcp(stream) => run(b, stream, &info, shutdown, &listener).await,
-        Transport::Tls(stream) => run(b, *stream, &info, shutdown, &listener).await,
-        Transport::Ws(stream) => run(b, *stream, &info, shutdown, &listener).await,
-        Transport::Wss(stream) => run(b, *stream, &info, shutdown, &listener).await,
+        Transport::Tls(stream) => Box::pin(run(b, *stream, &info, shutdown, &listener)).await,
+        Transport::Ws(stream) => Box::pin(run(b, *stream, &info, shutdown, &listener)).await,
+        Transport::Wss(stream) => Box::pin(run(b, *stream, &info, shutdown, &listener)).await,
     };
     if let Err(e) = result {
         tracing::debug!(peer = %info.peer, error = %e, "connection ended with an error");
