@@ -394,7 +394,7 @@ fn runtime_packages(dockerfile: &str) -> BTreeSet<String> {
 }
 
 /// The operator binary's direct shared libraries (its ELF NEEDED entries, through `readelf`)
-/// are exactly what the runtime stage installs, plus CA certificates: a new system library
+/// are installed by the runtime stage, which installs nothing else but CA certificates: a new system library
 /// fails here instead of in a pod (`error while loading shared libraries`). The debug build
 /// cargo made for this test links the same libraries as the release build in the image (the
 /// same rdkafka features). The broker links the same librdkafka build and its Dockerfile
@@ -429,9 +429,24 @@ fn runtime_stages_install_the_shared_libraries_the_binaries_link() {
         }
     }
     let operator = runtime_packages("docker/Dockerfile.operator");
-    assert_eq!(
-        operator, wanted,
-        "docker/Dockerfile.operator runtime packages"
+    // At least what this build links. Not exactly: whether librdkafka's cmake build links
+    // libcurl depends on what the build machine had when rdkafka-sys was first built (CI's
+    // cached target linked only libssl; a fresh one links libcurl too), so the image installs
+    // the union, and nothing outside the known list.
+    assert!(
+        wanted.is_subset(&operator),
+        "docker/Dockerfile.operator installs {operator:?}, the binary needs {wanted:?}"
+    );
+    let known: BTreeSet<String> = PACKAGE_OF
+        .iter()
+        .map(|(_, package)| package.to_string())
+        .filter(|p| !p.is_empty())
+        .chain(["ca-certificates".to_string()])
+        .collect();
+    assert!(
+        operator.is_subset(&known),
+        "docker/Dockerfile.operator installs packages no linked library needs: {:?}",
+        operator.difference(&known).collect::<Vec<_>>()
     );
     assert_eq!(
         runtime_packages("docker/Dockerfile.broker"),
