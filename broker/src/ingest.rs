@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use crate::message::{Delivery, Message};
 use crate::metrics::Metrics;
-use crate::router::{Mailbox, Router};
+use crate::router::{Mailbox, RouteResult, Router};
 use crate::storage::log::{LogControl, PublishLog, Qos2Mark};
 use crate::storage::{join_completions, Completion, Storage, WriteBatch};
 
@@ -64,24 +64,20 @@ impl Ingest {
     ) -> Accepted {
         match self {
             Ingest::RouteThenStore => {
-                let mut batch = WriteBatch::default();
-                if message.retain {
-                    parts.router.retain(message, &mut batch);
-                }
-                let routed = parts.router.publish(message, &mut batch);
+                let (mut batch, routed) = parts.route(message);
                 if routed.matched == 0 {
                     parts.metrics.messages_dropped_no_subscribers.inc();
                 }
                 batch.ops.extend(own.ops);
                 Accepted {
-                    wait: submit(parts.storage, batch),
+                    wait: parts.storage.submit_nonempty(batch),
                     matched: Some(routed.matched),
                     blocked: routed.full,
                 }
             }
             Ingest::AppendToLog(log) => {
                 let appended = log.append(message, qos2);
-                let wait = match submit(parts.storage, own) {
+                let wait = match parts.storage.submit_nonempty(own) {
                     Some(marked) => join_completions(appended, marked),
                     None => appended,
                 };
@@ -124,11 +120,7 @@ impl Ingest {
     pub fn will(&self, parts: Parts<'_>, message: &Arc<Message>) {
         match self {
             Ingest::RouteThenStore => {
-                let mut batch = WriteBatch::default();
-                if message.retain {
-                    parts.router.retain(message, &mut batch);
-                }
-                let routed = parts.router.publish(message, &mut batch);
+                let (batch, routed) = parts.route(message);
                 parts
                     .metrics
                     .messages_dropped_queue_full
@@ -150,6 +142,15 @@ impl Ingest {
     }
 }
 
-fn submit(storage: &dyn Storage, batch: WriteBatch) -> Option<Completion> {
-    (!batch.is_empty()).then(|| storage.submit(batch))
+impl Parts<'_> {
+    /// Matches `message` (and keeps it if it is retained): deliveries for clean sessions are in
+    /// their mailboxes, the writes for persistent ones in the returned batch.
+    fn route(&self, message: &Arc<Message>) -> (WriteBatch, RouteResult) {
+        let mut batch = WriteBatch::default();
+        if message.retain {
+            self.router.retain(message, &mut batch);
+        }
+        let routed = self.router.publish(message, &mut batch);
+        (batch, routed)
+    }
 }

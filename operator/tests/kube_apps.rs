@@ -93,18 +93,7 @@ fn two_hundred_application_clients_converge_and_a_resync_writes_nothing() {
         };
         let before = versions(apps.list(&ListParams::default()).await.expect("list").items);
         let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
-        let secret_versions = |list: Vec<Secret>| -> BTreeMap<String, String> {
-            list.into_iter()
-                .map(|s| (s.name_any(), s.resource_version().unwrap_or_default()))
-                .collect()
-        };
-        let secrets_before = secret_versions(
-            secrets
-                .list(&ListParams::default())
-                .await
-                .expect("list")
-                .items,
-        );
+        let secrets_before = secret_versions(&secrets).await;
         assert_eq!(
             secrets_before.len(),
             APPS + 1,
@@ -131,13 +120,7 @@ fn two_hundred_application_clients_converge_and_a_resync_writes_nothing() {
             "a resync with nothing to change wrote {} ApplicationClients: {changed:?}",
             changed.len()
         );
-        let secrets_after = secret_versions(
-            secrets
-                .list(&ListParams::default())
-                .await
-                .expect("list")
-                .items,
-        );
+        let secrets_after = secret_versions(&secrets).await;
         assert_eq!(
             secrets_before, secrets_after,
             "a resync rewrote credentials Secrets"
@@ -262,4 +245,16 @@ fn deletion_policies_secret_ownership_and_kafka_failures_on_the_api_server() {
             );
             controllers.shutdown().await;
         });
+}
+
+/// Each Secret's resource version, by name: unchanged versions mean nothing was rewritten.
+async fn secret_versions(secrets: &Api<Secret>) -> BTreeMap<String, String> {
+    secrets
+        .list(&ListParams::default())
+        .await
+        .expect("list")
+        .items
+        .into_iter()
+        .map(|s| (s.name_any(), s.resource_version().unwrap_or_default()))
+        .collect()
 }

@@ -394,10 +394,10 @@ impl Storage for KafkaPostgresStorage {
             });
         batch.ops = rest;
         let (appended, after) = oneshot::channel();
+        let this = self.appender();
         if self.recheck.load(Ordering::Acquire) {
             // After a failure: learn from the logs' ends what made it before producing again.
             // Nothing else appends to APPLICATION logs while the dispatcher waits for this.
-            let this = self.appender();
             tokio::spawn(async move {
                 let result = match this.drop_appended(&appends).await {
                     Ok(()) => {
@@ -411,8 +411,7 @@ impl Storage for KafkaPostgresStorage {
             });
         } else {
             // Produced now, in submission order.
-            let produced = self.appender().produce(appends);
-            let this = self.appender();
+            let produced = this.produce(appends);
             tokio::spawn(async move {
                 let _ = appended.send(this.finish(produced).await);
             });

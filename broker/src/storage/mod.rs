@@ -414,6 +414,10 @@ pub struct SweepStats {
 pub trait Storage: Send + Sync + 'static {
     /// Queues a batch; never blocks. A full write queue fails the completion with `Overloaded`.
     fn submit(&self, batch: WriteBatch) -> Completion;
+    /// Submits the batch unless it is empty (nothing to wait for then).
+    fn submit_nonempty(&self, batch: WriteBatch) -> Option<Completion> {
+        (!batch.is_empty()).then(|| self.submit(batch))
+    }
     /// Submits a batch nobody waits for (writes whose loss in a crash only causes a redelivery
     /// or a late cleanup). It is still applied in order with every other batch.
     fn submit_detached(&self, batch: WriteBatch) {

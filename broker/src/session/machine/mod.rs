@@ -263,11 +263,6 @@ impl Machine {
         }
     }
 
-    /// Submits a batch unless it is empty.
-    fn submit(&self, batch: WriteBatch) -> Option<Completion> {
-        (!batch.is_empty()).then(|| self.broker.storage.submit(batch))
-    }
-
     fn on_disconnect(&mut self, disconnect: Disconnect) -> Flow {
         if let Some(expiry) = disconnect
             .properties

@@ -35,7 +35,7 @@ impl Machine {
                         kind: self.session.kind,
                         seq,
                     });
-                    self.submit(batch)
+                    self.broker.storage.submit_nonempty(batch)
                 });
                 (PubRelReason::Success, wait)
             }
@@ -73,7 +73,7 @@ impl Machine {
                 client: self.session.client_id.clone(),
                 pkid: rel.pkid,
             });
-            self.submit(batch)
+            self.broker.storage.submit_nonempty(batch)
         } else {
             None
         };

@@ -103,7 +103,7 @@ impl Machine {
             self.shared_subscriptions_changed();
         }
         // A persistent session's SUBACK waits until the subscription is durable.
-        let wait = self.submit(batch);
+        let wait = self.broker.storage.submit_nonempty(batch);
         self.reply(
             Packet::SubAck(SubAck {
                 pkid: subscribe.pkid,
@@ -147,7 +147,7 @@ impl Machine {
         if unsubscribe.filters.iter().any(|f| f.starts_with("$share/")) {
             self.shared_subscriptions_changed();
         }
-        let wait = self.submit(batch);
+        let wait = self.broker.storage.submit_nonempty(batch);
         self.reply(
             Packet::UnsubAck(UnsubAck {
                 pkid: unsubscribe.pkid,
