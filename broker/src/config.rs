@@ -55,6 +55,9 @@ pub struct Config {
     pub auth: AuthConfig,
     /// The HTTP endpoint: metrics, health probes, admin API.
     pub http: HttpConfig,
+    /// Several active nodes on one Kafka cluster and PostgreSQL schema
+    /// (`storage.backend = "kafka+postgres"`): see docs/scale-out.md.
+    pub cluster: ClusterConfig,
 }
 
 impl Default for Config {
@@ -72,6 +75,7 @@ impl Default for Config {
             application_clients: Vec::new(),
             auth: AuthConfig::default(),
             http: HttpConfig::default(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -201,6 +205,40 @@ impl Default for PostgresConfig {
             connect_timeout_secs: 5,
             standby: false,
         }
+    }
+}
+
+/// Cluster membership of this node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// `true`: this node is one of several active nodes sharing the Kafka cluster and the
+    /// PostgreSQL schema (no node lock, no standby). `false`: one node per schema.
+    pub enabled: bool,
+    /// This node's name, unique in the cluster and stable across restarts (the pod name under
+    /// the operator). Empty: the `HOSTNAME` environment variable, else `ferrymq`.
+    pub node_id: String,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            enabled: false,
+            node_id: String::new(),
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// The node id in force: the configured one, else `HOSTNAME`, else `ferrymq`.
+    pub fn node_id(&self) -> String {
+        if !self.node_id.is_empty() {
+            return self.node_id.clone();
+        }
+        std::env::var("HOSTNAME")
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "ferrymq".to_string())
     }
 }
 
@@ -871,6 +909,11 @@ impl Config {
         }
         if self.storage.is_kafka_postgres() {
             self.validate_kafka_postgres()?;
+        } else if self.cluster.enabled {
+            return key(
+                "cluster.enabled",
+                "needs storage.backend = \"kafka+postgres\": nodes share state through Kafka and PostgreSQL",
+            );
         }
         if self.device.queue_limit == 0 {
             return key("device.queue_limit", "must be at least 1");
@@ -989,6 +1032,23 @@ impl Config {
         }
         if k.max_pending_records == 0 {
             return key("kafka.max_pending_records", "must be at least 1");
+        }
+        if self.cluster.enabled && self.postgres.standby {
+            return key(
+                "postgres.standby",
+                "has no meaning with cluster.enabled = true: every node is active",
+            );
+        }
+        let node = self.cluster.node_id();
+        if node.len() > 200
+            || !node
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        {
+            return key(
+                "cluster.node_id",
+                "must be 1 to 200 characters of a-z, A-Z, 0-9, `.`, `_`, `-` (it names Kafka topics)",
+            );
         }
         for reserved in ["bootstrap.servers", "acks", "enable.idempotence"] {
             if k.properties.contains_key(reserved) {
