@@ -69,6 +69,11 @@ pub enum Record {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SessionState {
     pub node: String,
+    /// `None`: this record is a claim (its offset is the new epoch). Otherwise the epoch of the
+    /// claim this record continues: a record whose claim was superseded meanwhile (it was in
+    /// flight when another node claimed the client) is stale and ignored.
+    #[serde(default)]
+    pub claim: Option<i64>,
     pub connected: bool,
     pub persistent: bool,
     /// 0 = DEVICE, 1 = APPLICATION.
@@ -142,7 +147,10 @@ pub enum Change {
 /// The latest `State` of a client, as this node has applied it.
 #[derive(Debug, Clone)]
 pub struct Known {
+    /// The offset of the record.
     pub epoch: i64,
+    /// The epoch of the claim in force: the latest claim's offset.
+    pub claim_epoch: i64,
     pub state: SessionState,
 }
 
@@ -255,7 +263,12 @@ impl Directory {
 
     /// Reads the directory until the consumer fails for good, handing each change to `apply`
     /// after the view was updated.
-    pub async fn follow(self: Arc<Self>, consumer: StreamConsumer, mut apply: impl FnMut(Change)) {
+    /// `apply` also gets what the view held for the client before the change.
+    pub async fn follow(
+        self: Arc<Self>,
+        consumer: StreamConsumer,
+        mut apply: impl FnMut(Change, Option<Known>),
+    ) {
         loop {
             let message = match consumer.recv().await {
                 Ok(m) => m,
@@ -268,35 +281,49 @@ impl Directory {
             let offset = message.offset();
             let change = decode(message.key(), message.payload(), offset);
             if let Some(change) = change {
-                self.note(&change);
-                apply(change);
+                if let Some(previous) = self.note(&change) {
+                    apply(change, previous);
+                }
             }
             self.applied.send_replace(offset + 1);
         }
     }
 
-    fn note(&self, change: &Change) {
+    /// Updates the view and returns what it held for the client before; `None` for a stale
+    /// record (ignored).
+    fn note(&self, change: &Change) -> Option<Option<Known>> {
         match change {
             Change::State {
                 client,
                 epoch,
                 state,
             } => {
-                self.view.lock().insert(
+                let mut view = self.view.lock();
+                let claim_epoch = match state.claim {
+                    None => *epoch,
+                    Some(claim) => {
+                        if view.get(client).is_some_and(|k| k.claim_epoch != claim) {
+                            tracing::debug!(client_id = %client, claim, "directory: a record of a superseded claim; ignored");
+                            return None;
+                        }
+                        claim
+                    }
+                };
+                Some(view.insert(
                     client.clone(),
                     Known {
                         epoch: *epoch,
+                        claim_epoch,
                         state: state.clone(),
                     },
-                );
+                ))
             }
-            Change::Ended { client } => {
-                self.view.lock().remove(client);
-            }
+            Change::Ended { client } => Some(self.view.lock().remove(client)),
             Change::Released { client, epoch } => {
                 let mut releases = self.releases.lock();
                 let e = releases.entry(client.clone()).or_insert(*epoch);
                 *e = (*e).max(*epoch);
+                Some(None)
             }
         }
     }
@@ -452,6 +479,7 @@ mod tests {
     fn state() -> SessionState {
         SessionState {
             node: "a".into(),
+            claim: Some(3),
             connected: true,
             persistent: true,
             kind: 0,

@@ -18,7 +18,7 @@ use crate::session::registry::{Due, Kick, KickReason};
 use crate::session::{Session, NEVER_EXPIRES};
 use crate::storage::codec::now_ms;
 use crate::storage::{ClientKind, Completion, RestoredSession, StorageError};
-use directory::{Change, Directory, SessionState};
+use directory::{Change, Directory, Known, SessionState};
 
 /// How long a node taking a session waits for the node that held it to let go (a dead node
 /// never answers).
@@ -43,9 +43,9 @@ impl Cluster {
         });
         broker.set_cluster(cluster.clone());
         let weak = Arc::downgrade(broker);
-        tokio::spawn(directory.clone().follow(consumer, move |change| {
+        tokio::spawn(directory.clone().follow(consumer, move |change, previous| {
             if let Some(broker) = weak.upgrade() {
-                apply(&broker, change);
+                apply(&broker, change, previous);
             }
         }));
         directory.catch_up().await?;
@@ -96,6 +96,7 @@ impl Cluster {
         };
         let state = SessionState {
             node: self.directory.node().to_string(),
+            claim: None,
             connected: true,
             persistent,
             kind: SessionState::kind_code(kind),
@@ -135,6 +136,7 @@ impl Cluster {
     fn state_of(&self, session: &Session, connected: bool) -> SessionState {
         SessionState {
             node: self.directory.node().to_string(),
+            claim: session.cluster_epoch,
             connected,
             persistent: true,
             kind: SessionState::kind_code(session.kind),
@@ -173,32 +175,56 @@ impl Cluster {
     }
 }
 
-/// Applies one directory change to this node.
-fn apply(broker: &Arc<Broker>, change: Change) {
+/// Applies one directory change to this node; `previous` is what the directory said of the
+/// client before it.
+fn apply(broker: &Arc<Broker>, change: Change, previous: Option<Known>) {
     let Some(cluster) = broker.cluster() else {
         return;
     };
+    let me = cluster.directory.node();
     match change {
         Change::Released { .. } => {}
-        Change::Ended { client } => {
-            if cluster.local_epoch(&client).is_none() {
-                broker.forget_mirror(&client);
+        Change::Ended { client } => match cluster.local_epoch(&client) {
+            None => broker.forget_mirror(&client),
+            Some(local) => {
+                // The end of a connection that was superseded by this node's claim, appended
+                // while the claim was in flight: the session is here, say so again.
+                if let Some(mut known) = previous.filter(|k| k.state.node == me) {
+                    known.state.claim = Some(local);
+                    let directory = cluster.directory.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = directory.announce(&client, known.state).await {
+                            tracing::warn!(client_id = %client, error = %e, "announcing a session again failed");
+                        }
+                    });
+                }
             }
-        }
+        },
         Change::State {
             client,
             epoch,
             state,
         } => {
-            if state.node == cluster.directory.node() {
+            if state.node == me {
                 return;
             }
+            let is_claim = state.claim.is_none();
             match cluster.local_epoch(&client) {
-                Some(local) if local < epoch => {
+                Some(local) if is_claim && local < epoch => {
                     tokio::spawn(release_to(broker.clone(), client, epoch));
                 }
                 Some(_) => {}
-                None => mirror(broker, &client, &state),
+                None => {
+                    // Held here before, by a connection that is gone (this node restarted, or
+                    // the connection closed as the claim came): nothing to wait for.
+                    let was_here = previous
+                        .as_ref()
+                        .is_some_and(|p| p.state.node == me && p.state.connected);
+                    if is_claim && was_here {
+                        tokio::spawn(release_to(broker.clone(), client.clone(), epoch));
+                    }
+                    mirror(broker, &client, &state);
+                }
             }
         }
     }
