@@ -245,9 +245,12 @@ fn a_subscription_on_one_node_is_in_force_on_the_others() {
         let (mut on_c, present) = connect(c.addr(), &device).await;
         assert!(present, "node C did not find the session");
         let offline = receive(&mut on_c, 5, WAIT, |_| true).await;
-        let want: Vec<String> = (6..=10).map(|i| format!("r-{i}")).collect();
+        let want: std::collections::BTreeSet<String> = (6..=10).map(|i| format!("r-{i}")).collect();
         assert_eq!(
-            offline.keys().cloned().collect::<Vec<_>>(),
+            offline
+                .keys()
+                .cloned()
+                .collect::<std::collections::BTreeSet<_>>(),
             want,
             "queued while offline: {offline:?}"
         );

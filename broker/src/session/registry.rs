@@ -183,10 +183,10 @@ impl Registry {
     /// Puts this node's copy of a session another node holds in place of the one parked here
     /// (which is returned, with its deadlines dropped). `Err` gives the session back when the
     /// client id is online on this node.
-    pub fn mirror(&self, session: Session) -> Result<(u64, Option<Box<Session>>), Session> {
+    pub fn mirror(&self, session: Session) -> Result<(u64, Option<Box<Session>>), Box<Session>> {
         let mut slots = self.slots.lock();
         if matches!(slots.get(&session.client_id), Some(Slot::Online { .. })) {
-            return Err(session);
+            return Err(Box::new(session));
         }
         let epoch = self.next_id();
         let old = slots.insert(
