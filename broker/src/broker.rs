@@ -17,7 +17,7 @@ use crate::router::Router;
 use crate::session::registry::{Claim, Due, Kick, KickReason, PendingWill, Registry};
 use crate::session::{Session, NEVER_EXPIRES};
 use crate::storage::codec::now_ms;
-use crate::storage::log::LogReader;
+use crate::storage::log::{LocalLogReader, LogReader};
 use crate::storage::{
     ClientKind, LogParts, SessionRecord, Storage, StorageError, WriteBatch, WriteOp,
 };
@@ -39,6 +39,9 @@ pub struct Broker {
     pub ingest: Ingest,
     /// A log-first backend's publish log reader, until the server starts its dispatcher.
     log_reader: parking_lot::Mutex<Option<Box<dyn LogReader>>>,
+    /// In a cluster, this node's local reader of the publish log, until the server starts its
+    /// local delivery.
+    local_reader: parking_lot::Mutex<Option<Box<dyn LocalLogReader>>>,
 }
 
 /// Why a session could not be opened.
@@ -80,9 +83,13 @@ impl Broker {
         };
         let router = Arc::new(Router::new(metrics.clone(), config.device.message_ttl_secs));
         router.set_shared_groups_in_log(storage.shared_groups_in_log());
-        let (ingest, log_reader) = match log {
-            Some(LogParts { append, reader }) => (Ingest::AppendToLog(append), Some(reader)),
-            None => (Ingest::RouteThenStore, None),
+        let (ingest, log_reader, local_reader) = match log {
+            Some(LogParts {
+                append,
+                reader,
+                local,
+            }) => (Ingest::AppendToLog(append), Some(reader), local),
+            None => (Ingest::RouteThenStore, None, None),
         };
         Arc::new(Broker {
             router,
@@ -93,6 +100,7 @@ impl Broker {
             storage,
             ingest,
             log_reader: parking_lot::Mutex::new(log_reader),
+            local_reader: parking_lot::Mutex::new(local_reader),
             config,
         })
     }
@@ -457,6 +465,11 @@ impl Broker {
     /// The log-first backend's publish log reader, for the dispatcher; there is one.
     pub fn take_log_reader(&self) -> Option<Box<dyn LogReader>> {
         self.log_reader.lock().take()
+    }
+
+    /// In a cluster, the local reader of the publish log, for local delivery; there is one.
+    pub fn take_local_reader(&self) -> Option<Box<dyn LocalLogReader>> {
+        self.local_reader.lock().take()
     }
 
     /// Publishes a will message as if the client had sent it.

@@ -332,6 +332,9 @@ pub struct Opened {
 pub struct LogParts {
     pub append: Arc<dyn log::PublishLog>,
     pub reader: Box<dyn log::LogReader>,
+    /// In a cluster (`cluster.enabled`): this node's reader of the whole log for its own
+    /// connections (`router::local`).
+    pub local: Option<Box<dyn log::LocalLogReader>>,
 }
 
 /// Opens the backend `config.storage` names (creating what it needs, failing with a message
@@ -346,9 +349,14 @@ pub async fn open(
         let reader = backend
             .take_log_reader()
             .ok_or_else(|| StorageError::engine_msg("the publish log reader was taken already"))?;
+        let local = backend.take_local_reader();
         return Ok(Opened {
             storage: Arc::new(backend),
-            log: Some(LogParts { append, reader }),
+            log: Some(LogParts {
+                append,
+                reader,
+                local,
+            }),
         });
     }
     let options = embedded::EmbeddedOptions {

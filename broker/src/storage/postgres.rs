@@ -82,19 +82,26 @@ pub struct PgStore {
 }
 
 impl PgStore {
-    /// Connects, takes the node lock, applies migrations and starts the writer. Fails with a
-    /// message naming the URL's host when PostgreSQL cannot be reached.
+    /// Connects, takes the node lock (`node_lock`: false in a cluster, where several nodes
+    /// share the schema), applies migrations and starts the writer. Fails with a message naming
+    /// the URL's host when PostgreSQL cannot be reached.
     pub async fn connect(
         config: &PostgresConfig,
         device_queue_limit: u64,
         metrics: Arc<Metrics>,
-    ) -> Result<(PgStore, PgConnection), StorageError> {
+        node_lock: bool,
+    ) -> Result<(PgStore, Option<PgConnection>), StorageError> {
         let options = schema_options(config).await?;
         // The node lock: one broker per schema. It lives as long as this connection.
-        let mut lock = PgConnection::connect_with(&options)
-            .await
-            .map_err(|e| unreachable(config, e))?;
-        take_node_lock(&mut lock, &config.schema).await?;
+        let lock = if node_lock {
+            let mut lock = PgConnection::connect_with(&options)
+                .await
+                .map_err(|e| unreachable(config, e))?;
+            take_node_lock(&mut lock, &config.schema).await?;
+            Some(lock)
+        } else {
+            None
+        };
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections)
             .acquire_timeout(Duration::from_secs(config.connect_timeout_secs))
