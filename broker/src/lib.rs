@@ -23,4 +23,5 @@ pub mod session;
 pub mod standby;
 pub mod storage;
 pub mod tls;
+pub mod wake;
 pub mod websocket;

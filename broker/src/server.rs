@@ -183,6 +183,9 @@ impl Server {
             }
         });
         let slow_wait = Duration::from_millis(broker.config.limits.slow_subscriber_wait_ms);
+        if let Some(wakes) = broker.storage.take_wakes() {
+            tasks.spawn(crate::wake::run(broker.clone(), wakes, shutdown_rx.clone()));
+        }
         // In a cluster the dispatcher does the persistent part of routing and the local reader
         // delivers to this node's connections (`router::local`); alone, the dispatcher does both.
         let local = broker.take_local_reader();

@@ -58,6 +58,8 @@ pub struct KafkaPostgresStorage {
     reader: parking_lot::Mutex<Option<KafkaLogReader>>,
     /// In a cluster: this node's local reader, taken by the broker likewise.
     local: parking_lot::Mutex<Option<KafkaLocalReader>>,
+    /// In a cluster: the wakes for this node's sessions (`storage::wake`).
+    wakes: parking_lot::Mutex<Option<tokio::sync::mpsc::Receiver<super::wake::Wake>>>,
     /// Per APPLICATION client, the highest origins found at the end of its log: appends at or
     /// below them were made already (module docs).
     appended: Arc<parking_lot::Mutex<HashMap<Arc<str>, Origins>>>,
@@ -95,6 +97,15 @@ impl KafkaPostgresStorage {
         } else {
             None
         };
+        let wakes = if cluster {
+            let (tx, rx) = tokio::sync::mpsc::channel(super::wake::WAKE_QUEUE);
+            let options = super::postgres::schema_options(&config.postgres).await?;
+            let channel = super::wake::channel(&config.postgres.schema);
+            tokio::spawn(super::wake::listen(options, channel, tx));
+            Some(rx)
+        } else {
+            None
+        };
         tokio::spawn(watch_health(
             kafka.clone(),
             pg.clone(),
@@ -116,6 +127,7 @@ impl KafkaPostgresStorage {
             log,
             reader: parking_lot::Mutex::new(Some(reader)),
             local: parking_lot::Mutex::new(local),
+            wakes: parking_lot::Mutex::new(wakes),
             appended: Default::default(),
             recheck: Default::default(),
             apps,
@@ -407,7 +419,7 @@ impl Storage for KafkaPostgresStorage {
             )
         });
         if !has_app {
-            return self.pg.submit_after(batch, None, on_commit);
+            return self.pg.submit_after(batch, None, on_commit, Vec::new());
         }
         // The APPLICATION and group appends leave the batch; the rest goes to PostgreSQL once
         // Kafka has them all.
@@ -423,6 +435,15 @@ impl Storage for KafkaPostgresStorage {
                 )
             });
         batch.ops = rest;
+        // In a cluster the client may be connected to another node: the writer notifies it
+        // at commit, when these appends are in Kafka (`storage::wake`).
+        let woken: Vec<Arc<str>> = appends
+            .iter()
+            .filter_map(|op| match op {
+                WriteOp::Enqueue { client, .. } => Some(client.clone()),
+                _ => None,
+            })
+            .collect();
         let (appended, after) = oneshot::channel();
         let this = self.appender();
         if self.recheck.load(Ordering::Acquire) {
@@ -446,7 +467,11 @@ impl Storage for KafkaPostgresStorage {
                 let _ = appended.send(this.finish(produced).await);
             });
         }
-        self.pg.submit_after(batch, Some(after), on_commit)
+        self.pg.submit_after(batch, Some(after), on_commit, woken)
+    }
+
+    fn take_wakes(&self) -> Option<tokio::sync::mpsc::Receiver<super::wake::Wake>> {
+        self.wakes.lock().take()
     }
 
     fn flush(&self) -> Completion {

@@ -25,6 +25,7 @@ pub mod kafka;
 pub mod kafka_postgres;
 pub mod log;
 pub mod postgres;
+pub mod wake;
 
 use std::sync::Arc;
 
@@ -469,6 +470,11 @@ pub trait Storage: Send + Sync + 'static {
         _subscriptions: Vec<(String, SubscriptionOptions)>,
         _wake: Arc<Notify>,
     ) {
+    }
+    /// In a cluster, the wakes other nodes' writers send this node's sessions
+    /// ([`wake::listen`]); taken once by the broker, which wakes the online sessions they name.
+    fn take_wakes(&self) -> Option<tokio::sync::mpsc::Receiver<wake::Wake>> {
+        None
     }
     /// Whether the router hands APPLICATION shared group members their messages through the
     /// group's own log ([`WriteOp::AppendShared`]) instead of picking a member.
