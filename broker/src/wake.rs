@@ -34,13 +34,15 @@ pub async fn run(
 /// clean session stores nothing).
 fn online(registry: &Registry, wake: &Wake) -> Vec<Arc<Mailbox>> {
     let mailbox = |view: SlotView<'_>| match view {
-        SlotView::Online(Some(info)) if info.mailbox.is_persistent() => {
-            Some(info.mailbox.clone())
-        }
+        SlotView::Online(Some(info)) if info.mailbox.is_persistent() => Some(info.mailbox.clone()),
         _ => None,
     };
     match wake {
-        Wake::Client(client) => registry.with_view(client, mailbox).flatten().into_iter().collect(),
+        Wake::Client(client) => registry
+            .with_view(client, mailbox)
+            .flatten()
+            .into_iter()
+            .collect(),
         Wake::Everyone => {
             let mut all = Vec::new();
             registry.for_each_view(|_, view| all.extend(mailbox(view)));

@@ -170,10 +170,15 @@ fn clean_subscribers_on_every_node_get_each_message_once_in_order() {
                 .expect("publish");
         }
     });
-    let acked = 1 + (0..MESSAGES).filter(|i| qos_of(*i) != QoS::AtMostOnce).count();
-    wait_until("every publish acknowledged", Duration::from_secs(60), || {
-        *publisher.acks.lock().unwrap() >= acked
-    });
+    let acked = 1
+        + (0..MESSAGES)
+            .filter(|i| qos_of(*i) != QoS::AtMostOnce)
+            .count();
+    wait_until(
+        "every publish acknowledged",
+        Duration::from_secs(60),
+        || *publisher.acks.lock().unwrap() >= acked,
+    );
     for (name, sub) in [("B", &on_b), ("A", &on_a)] {
         wait_until(
             &format!("the subscriber on node {name} to get {MESSAGES} messages"),
@@ -294,9 +299,11 @@ fn notify_wakes_an_online_device_session() {
             "no NOTIFY for {client}: {heard}"
         );
     }
-    wait_until("dev to get the message live", Duration::from_secs(10), || {
-        dev.received().len() == 1
-    });
+    wait_until(
+        "dev to get the message live",
+        Duration::from_secs(10),
+        || dev.received().len() == 1,
+    );
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(dev.received().len(), 1);
 

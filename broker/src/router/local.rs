@@ -199,7 +199,10 @@ mod tests {
             router.publish_scoped(&msg, &mut persistent, Scope::Persistent);
             let picked = drain(&mut m1_rx).len() + drain(&mut m2_rx).len();
             assert_eq!(picked, 1, "the dispatcher picks one group member");
-            assert!(drain(&mut clean_rx).is_empty(), "no offers to clean sessions");
+            assert!(
+                drain(&mut clean_rx).is_empty(),
+                "no offers to clean sessions"
+            );
             assert!(drain(&mut stored_rx).is_empty());
 
             let mut local = WriteBatch::default();
@@ -267,8 +270,16 @@ mod tests {
         let records = vec![
             publish(10, message("t/state", QoS::AtLeastOnce, true, "old"), None),
             publish(11, message("t/x", QoS::AtLeastOnce, false, "before"), None),
-            publish(12, message("t/x", QoS::ExactlyOnce, false, "a"), Some((5, false))),
-            publish(13, message("t/x", QoS::ExactlyOnce, false, "a"), Some((5, true))),
+            publish(
+                12,
+                message("t/x", QoS::ExactlyOnce, false, "a"),
+                Some((5, false)),
+            ),
+            publish(
+                13,
+                message("t/x", QoS::ExactlyOnce, false, "a"),
+                Some((5, true)),
+            ),
             LogRecord {
                 offset: 14,
                 entry: LogEntry::Control(LogControl::Release {
@@ -276,7 +287,11 @@ mod tests {
                     pkid: 5,
                 }),
             },
-            publish(15, message("t/x", QoS::ExactlyOnce, false, "b"), Some((5, true))),
+            publish(
+                15,
+                message("t/x", QoS::ExactlyOnce, false, "b"),
+                Some((5, true)),
+            ),
             publish(16, message("t/state", QoS::AtMostOnce, true, "new"), None),
         ];
         let log = FakeLog {

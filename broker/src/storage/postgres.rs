@@ -606,14 +606,17 @@ impl Pending {
 /// The sessions a cluster node's transaction notifies: the DEVICE clients its batches append
 /// to and `extra`, once each.
 fn woken_clients(batches: &[WriteBatch], extra: Vec<Arc<str>>) -> Vec<String> {
-    let device = batches.iter().flat_map(|b| &b.ops).filter_map(|op| match op {
-        WriteOp::Enqueue {
-            client,
-            kind: ClientKind::Device,
-            ..
-        } => Some(client.to_string()),
-        _ => None,
-    });
+    let device = batches
+        .iter()
+        .flat_map(|b| &b.ops)
+        .filter_map(|op| match op {
+            WriteOp::Enqueue {
+                client,
+                kind: ClientKind::Device,
+                ..
+            } => Some(client.to_string()),
+            _ => None,
+        });
     let all: HashSet<String> = device.chain(extra.iter().map(|c| c.to_string())).collect();
     all.into_iter().collect()
 }

@@ -62,7 +62,13 @@ pub async fn notify(
     }
     let payloads: Vec<&str> = clients
         .iter()
-        .map(|c| if c.len() > MAX_PAYLOAD { "" } else { c.as_str() })
+        .map(|c| {
+            if c.len() > MAX_PAYLOAD {
+                ""
+            } else {
+                c.as_str()
+            }
+        })
         .collect();
     sqlx::query("SELECT pg_notify($1, c) FROM UNNEST($2::text[]) AS c")
         .bind(channel)

@@ -107,7 +107,9 @@ impl LocalLogReader for KafkaLocalReader {
         while out.is_empty() {
             match self.consumer.recv().await {
                 Ok(message) => self.positions.take(&message, &mut out),
-                Err(e) => tracing::warn!(error = %e, "local reader: reading the publish log failed"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "local reader: reading the publish log failed")
+                }
             }
             taken += 1;
         }
