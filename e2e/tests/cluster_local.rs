@@ -39,12 +39,14 @@ fn http_status(addr: std::net::SocketAddr, path: &str) -> Option<u16> {
 fn node(backend: &Backend, node_id: &str) -> BrokerProcess {
     let extra = format!("[cluster]\nenabled = true\nnode_id = \"{node_id}\"\n");
     let config = backend.config("cluster", &extra).expect("config");
-    let broker = BrokerProcess::start(
+    let broker = match BrokerProcess::start(
         BrokerOptions::new(format!("cluster-{node_id}"))
             .binary(broker_bin())
             .config(config),
-    )
-    .expect("starting a cluster node");
+    ) {
+        Ok(b) => b,
+        Err(e) => panic!("starting cluster node {node_id}: {e:#}"),
+    };
     wait_until(
         &format!("node {node_id} to be ready"),
         Duration::from_secs(60),
@@ -279,10 +281,21 @@ fn notify_wakes_an_online_device_session() {
     dev.subscribe(&rt, "w/#", QoS::AtLeastOnce);
     let publisher = Client::connect(&rt, "pub", broker.addr());
 
-    // The writer notifies the DEVICE clients it stores for, at commit.
-    let listen = format!("LISTEN \"{channel}\"; SELECT pg_sleep(8);");
+    // The writer notifies the DEVICE clients it stores for, at commit. Two commands, so the
+    // LISTEN is committed before the sleep; psql prints what arrived after each command.
+    let listen = || {
+        let bin = ferrymq_e2e::harness::services::pg_bin_dir().expect("PostgreSQL binaries");
+        let out = std::process::Command::new(bin.join("psql"))
+            .args(["-X", "-d", &pg.url()])
+            .args(["-c", &format!("LISTEN \"{channel}\"")])
+            .args(["-c", "SELECT pg_sleep(8)"])
+            .output()
+            .expect("running psql");
+        assert!(out.status.success(), "psql: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
     let heard = std::thread::scope(|s| {
-        let listener = s.spawn(|| pg.psql(&listen));
+        let listener = s.spawn(listen);
         std::thread::sleep(Duration::from_secs(2));
         rt.block_on(
             publisher
@@ -291,8 +304,7 @@ fn notify_wakes_an_online_device_session() {
         )
         .expect("publish");
         listener.join().expect("psql thread")
-    })
-    .expect("psql LISTEN");
+    });
     for client in ["dev", "other"] {
         assert!(
             heard.contains(&format!("payload \"{client}\"")),

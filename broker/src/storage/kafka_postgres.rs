@@ -85,7 +85,7 @@ impl KafkaPostgresStorage {
             &config.postgres,
             config.device.queue_limit,
             metrics,
-            !cluster,
+            cluster,
         )
         .await?;
         let pg = Arc::new(pg);
