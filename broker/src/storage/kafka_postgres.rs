@@ -581,6 +581,19 @@ impl Storage for KafkaPostgresStorage {
         self.apps.drop_reader(client);
     }
 
+    async fn load_session(
+        &self,
+        client: &Arc<str>,
+    ) -> Result<Option<super::RestoredSession>, StorageError> {
+        let Some(mut session) = self.pg.load_session(client).await? else {
+            return Ok(None);
+        };
+        if session.record.kind == ClientKind::Application {
+            session.next_seq = self.apps.next_seq(client).await?.max(session.read_from);
+        }
+        Ok(Some(session))
+    }
+
     fn application_shared(
         &self,
         client: &Arc<str>,

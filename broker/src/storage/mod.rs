@@ -460,6 +460,15 @@ pub trait Storage: Send + Sync + 'static {
     /// The session `client` ended for good or went offline: release per-client resources
     /// (readers, caches). Nothing durable changes.
     fn client_offline(&self, _client: &str) {}
+    /// Reads one session's durable state, for a node that takes over a session another node
+    /// served (several active nodes: the copy in this node's memory may be stale). `None`: no
+    /// stored session, or a backend whose state only this process writes.
+    async fn load_session(
+        &self,
+        _client: &Arc<str>,
+    ) -> Result<Option<RestoredSession>, StorageError> {
+        Ok(None)
+    }
     /// The shared subscriptions (`$share/…` filters) of an online APPLICATION client, given at
     /// connect and after each change: a backend that serves APPLICATION shared groups from
     /// their own log (Kafka) starts or stops the member's share of it. `wake` is notified

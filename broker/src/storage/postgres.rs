@@ -414,6 +414,85 @@ impl PgStore {
     }
 }
 
+impl PgStore {
+    /// One session's durable state, as [`PgStore::load`] reads it for all: `None` when there is
+    /// no stored session. APPLICATION sessions get `next_seq` from their log (the caller).
+    pub async fn load_session(
+        &self,
+        client: &str,
+    ) -> Result<Option<RestoredSession>, StorageError> {
+        let pool = &self.pool;
+        let Some(row) = sqlx::query(
+            "SELECT kind, expiry_interval, disconnected_at_ms, next_seq, sent_upto FROM sessions \
+             WHERE client_id = $1",
+        )
+        .bind(client)
+        .fetch_optional(pool)
+        .await
+        .map_err(db)?
+        else {
+            return Ok(None);
+        };
+        let kind = kind_from(row.get(0))?;
+        let expiry: i64 = row.get(1);
+        let next_seq: i64 = row.get(3);
+        let mut subscriptions = Vec::new();
+        for sub in sqlx::query("SELECT filter, options FROM subscriptions WHERE client_id = $1")
+            .bind(client)
+            .fetch_all(pool)
+            .await
+            .map_err(db)?
+        {
+            let options = codec::decode_options(Bytes::from(sub.get::<Vec<u8>, _>(1)))
+                .map_err(|e| StorageError::Corrupt(e.to_string()))?;
+            subscriptions.push((sub.get(0), options));
+        }
+        let inbound_qos2 = sqlx::query("SELECT pkid FROM inbound_qos2 WHERE client_id = $1")
+            .bind(client)
+            .fetch_all(pool)
+            .await
+            .map_err(db)?
+            .iter()
+            .map(|r| r.get::<i32, _>(0) as u16)
+            .collect();
+        let (next_seq, read_from) = match kind {
+            ClientKind::Device => {
+                let first: Option<i64> =
+                    sqlx::query_scalar("SELECT min(seq) FROM device_queue WHERE client_id = $1")
+                        .bind(client)
+                        .fetch_one(pool)
+                        .await
+                        .map_err(db)?;
+                let first = first.unwrap_or(next_seq);
+                (next_seq.max(1) as u64, first.max(1) as u64)
+            }
+            ClientKind::Application => {
+                let committed: Option<i64> = sqlx::query_scalar(
+                    "SELECT committed_seq FROM application_offsets WHERE client_id = $1",
+                )
+                .bind(client)
+                .fetch_optional(pool)
+                .await
+                .map_err(db)?;
+                (0, committed.unwrap_or(1).max(1) as u64)
+            }
+        };
+        Ok(Some(RestoredSession {
+            client: Arc::from(client),
+            record: SessionRecord {
+                kind,
+                expiry_interval: expiry.clamp(0, i64::from(u32::MAX)) as u32,
+                disconnected_at_ms: row.get::<i64, _>(2).max(0) as u64,
+            },
+            subscriptions,
+            inbound_qos2,
+            next_seq,
+            read_from,
+            sent_upto: row.get::<i64, _>(4).max(0) as u64,
+        }))
+    }
+}
+
 /// "postgres at `<url without password>` (postgres.url): <error>"
 pub fn unreachable(
     config: &PostgresConfig,
