@@ -18,7 +18,7 @@ use crate::router::Router;
 use crate::session::registry::{Claim, Due, Kick, KickReason, PendingWill, Registry};
 use crate::session::{Session, NEVER_EXPIRES};
 use crate::storage::codec::now_ms;
-use crate::storage::log::LogReader;
+use crate::storage::log::{LocalLogReader, LogReader};
 use crate::storage::{
     ClientKind, LogParts, RestoredSession, SessionRecord, Storage, StorageError, WriteBatch,
     WriteOp,
@@ -41,6 +41,9 @@ pub struct Broker {
     pub ingest: Ingest,
     /// A log-first backend's publish log reader, until the server starts its dispatcher.
     log_reader: parking_lot::Mutex<Option<Box<dyn LogReader>>>,
+    /// In a cluster, this node's local reader of the publish log, until the server starts its
+    /// local delivery.
+    local_reader: parking_lot::Mutex<Option<Box<dyn LocalLogReader>>>,
     /// Several active nodes (`cluster.enabled`): this node's part in the cluster.
     cluster: OnceLock<Arc<Cluster>>,
 }
@@ -96,9 +99,13 @@ impl Broker {
         };
         let router = Arc::new(Router::new(metrics.clone(), config.device.message_ttl_secs));
         router.set_shared_groups_in_log(storage.shared_groups_in_log());
-        let (ingest, log_reader) = match log {
-            Some(LogParts { append, reader }) => (Ingest::AppendToLog(append), Some(reader)),
-            None => (Ingest::RouteThenStore, None),
+        let (ingest, log_reader, local_reader) = match log {
+            Some(LogParts {
+                append,
+                reader,
+                local,
+            }) => (Ingest::AppendToLog(append), Some(reader), local),
+            None => (Ingest::RouteThenStore, None, None),
         };
         Arc::new(Broker {
             router,
@@ -109,6 +116,7 @@ impl Broker {
             storage,
             ingest,
             log_reader: parking_lot::Mutex::new(log_reader),
+            local_reader: parking_lot::Mutex::new(local_reader),
             cluster: OnceLock::new(),
             config,
         })
@@ -634,6 +642,11 @@ impl Broker {
     /// The log-first backend's publish log reader, for the dispatcher; there is one.
     pub fn take_log_reader(&self) -> Option<Box<dyn LogReader>> {
         self.log_reader.lock().take()
+    }
+
+    /// In a cluster, the local reader of the publish log, for local delivery; there is one.
+    pub fn take_local_reader(&self) -> Option<Box<dyn LocalLogReader>> {
+        self.local_reader.lock().take()
     }
 
     /// Publishes a will message as if the client had sent it.

@@ -24,4 +24,5 @@ pub mod session;
 pub mod standby;
 pub mod storage;
 pub mod tls;
+pub mod wake;
 pub mod websocket;

@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::{place_blocked, Router};
+use super::{place_blocked, Router, Scope};
 use crate::metrics::Metrics;
 use crate::storage::log::{LogControl, LogEntry, LogReader, PartitionRecords};
 use crate::storage::{ClientKind, Qos2FlowChange, Storage, StorageError, WriteBatch, WriteOp};
@@ -44,6 +44,9 @@ pub struct Dispatcher {
     /// How long a connected subscriber with a full queue may hold a batch back
     /// (`limits.slow_subscriber_wait_ms`), as on embedded storage.
     pub slow_wait: Duration,
+    /// `All` on a single node; `Persistent` in a cluster, where every node's local reader
+    /// (`router::local`) delivers to its own connections and keeps its retained store.
+    pub scope: Scope,
 }
 
 impl Dispatcher {
@@ -102,9 +105,12 @@ impl Dispatcher {
             let message = Arc::new(delivery.message);
             let first_op = batch.ops.len();
             if message.retain {
-                self.router.retain(&message, &mut batch);
+                match self.scope {
+                    Scope::All => self.router.retain(&message, &mut batch),
+                    _ => self.router.retain_stored(&message, &mut batch),
+                }
             }
-            let routed = self.router.publish(&message, &mut batch);
+            let routed = self.router.publish_scoped(&message, &mut batch, self.scope);
             if routed.matched == 0 {
                 self.metrics.messages_dropped_no_subscribers.inc();
             }
@@ -192,7 +198,7 @@ impl Qos2Flows {
 
     /// Whether to route a QoS 2 message with this packet id and DUP flag; records the flow as
     /// open (in `batch`) when it is routed.
-    fn route(
+    pub(super) fn route(
         &mut self,
         publisher: &Arc<str>,
         pkid: u16,
@@ -213,7 +219,7 @@ impl Qos2Flows {
         true
     }
 
-    fn apply(&mut self, control: &LogControl, batch: &mut WriteBatch) {
+    pub(super) fn apply(&mut self, control: &LogControl, batch: &mut WriteBatch) {
         match control {
             LogControl::Release { publisher, pkid } => {
                 let Some(ids) = self.open.get_mut(publisher) else {

@@ -64,6 +64,9 @@ enum Request {
         /// Runs once the batch is committed, before its completion resolves: how a caller
         /// keeps an in-memory view of what the batch changed (see [`OnCommit`]).
         on_commit: Option<OnCommit>,
+        /// Sessions to notify in a cluster besides the DEVICE ones the batch appends to (the
+        /// APPLICATION clients whose logs the batch's Kafka part appended to).
+        wake: Vec<Arc<str>>,
         done: oneshot::Sender<Result<(), StorageError>>,
     },
     Sweep {
@@ -83,18 +86,26 @@ pub struct PgStore {
 
 impl PgStore {
     /// Connects, takes the node lock, applies migrations and starts the writer. Fails with a
-    /// message naming the URL's host when PostgreSQL cannot be reached.
+    /// message naming the URL's host when PostgreSQL cannot be reached. In a cluster
+    /// (`cluster`: several nodes share the schema) there is no node lock, and the writer
+    /// notifies the sessions it stores entries for (`storage::wake`).
     pub async fn connect(
         config: &PostgresConfig,
         device_queue_limit: u64,
         metrics: Arc<Metrics>,
-    ) -> Result<(PgStore, PgConnection), StorageError> {
+        cluster: bool,
+    ) -> Result<(PgStore, Option<PgConnection>), StorageError> {
         let options = schema_options(config).await?;
         // The node lock: one broker per schema. It lives as long as this connection.
-        let mut lock = PgConnection::connect_with(&options)
-            .await
-            .map_err(|e| unreachable(config, e))?;
-        take_node_lock(&mut lock, &config.schema).await?;
+        let lock = if !cluster {
+            let mut lock = PgConnection::connect_with(&options)
+                .await
+                .map_err(|e| unreachable(config, e))?;
+            take_node_lock(&mut lock, &config.schema).await?;
+            Some(lock)
+        } else {
+            None
+        };
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections)
             .acquire_timeout(Duration::from_secs(config.connect_timeout_secs))
@@ -111,6 +122,7 @@ impl PgStore {
             device: HashMap::new(),
             metrics,
             healthy: healthy.clone(),
+            wake_channel: cluster.then(|| super::wake::channel(&config.schema)),
         };
         writer.reload().await?;
         let store = PgStore {
@@ -155,7 +167,7 @@ impl PgStore {
 
     /// Queues a batch for the writer; never blocks.
     pub fn submit(&self, batch: WriteBatch) -> Completion {
-        self.submit_after(batch, None, None)
+        self.submit_after(batch, None, None, Vec::new())
     }
 
     /// Queues a batch that is applied only once `after` succeeded, and runs `on_commit` once
@@ -165,12 +177,14 @@ impl PgStore {
         batch: WriteBatch,
         after: Option<Completion>,
         on_commit: Option<OnCommit>,
+        wake: Vec<Arc<str>>,
     ) -> Completion {
         let (done, completion) = oneshot::channel();
         let request = Request::Batch {
             batch,
             after,
             on_commit,
+            wake,
             done,
         };
         if let Err(e) = self.tx.try_send(request) {
@@ -638,6 +652,9 @@ struct Writer {
     device: HashMap<String, DeviceStats>,
     metrics: Arc<Metrics>,
     healthy: Arc<AtomicBool>,
+    /// In a cluster, the channel its transactions notify the sessions they stored entries for
+    /// on (`storage::wake`).
+    wake_channel: Option<String>,
 }
 
 /// Writes collected from a group, applied as a few set-based statements.
@@ -663,6 +680,24 @@ impl Pending {
             && self.sent.is_empty()
             && self.app_commit.is_empty()
     }
+}
+
+/// The sessions a cluster node's transaction notifies: the DEVICE clients its batches append
+/// to and `extra`, once each.
+fn woken_clients(batches: &[WriteBatch], extra: Vec<Arc<str>>) -> Vec<String> {
+    let device = batches
+        .iter()
+        .flat_map(|b| &b.ops)
+        .filter_map(|op| match op {
+            WriteOp::Enqueue {
+                client,
+                kind: ClientKind::Device,
+                ..
+            } => Some(client.to_string()),
+            _ => None,
+        });
+    let all: HashSet<String> = device.chain(extra.iter().map(|c| c.to_string())).collect();
+    all.into_iter().collect()
 }
 
 impl Writer {
@@ -719,6 +754,7 @@ impl Writer {
             let mut batches = Vec::new();
             let mut dones = Vec::new();
             let mut on_commit = Vec::new();
+            let mut wake: Vec<Arc<str>> = Vec::new();
             let mut sweeps = Vec::new();
             for request in group.drain(..) {
                 match request {
@@ -726,6 +762,7 @@ impl Writer {
                         batch,
                         after,
                         on_commit: then,
+                        wake: woken,
                         done,
                     } => {
                         if let Some(after) = after {
@@ -737,6 +774,7 @@ impl Writer {
                         batches.push(batch);
                         dones.push(done);
                         on_commit.extend(then);
+                        wake.extend(woken);
                     }
                     Request::Sweep {
                         now_ms,
@@ -747,7 +785,7 @@ impl Writer {
             }
             if !batches.is_empty() {
                 let mut notify = Vec::new();
-                let result = self.apply(batches, &mut notify).await;
+                let result = self.apply(batches, &mut notify, wake).await;
                 match &result {
                     Ok(()) => {
                         self.healthy.store(true, Ordering::Release);
@@ -779,7 +817,12 @@ impl Writer {
         &mut self,
         batches: Vec<WriteBatch>,
         notify: &mut Vec<Arc<Notify>>,
+        wake: Vec<Arc<str>>,
     ) -> Result<(), StorageError> {
+        let woken = match &self.wake_channel {
+            Some(_) => woken_clients(&batches, wake),
+            None => Vec::new(),
+        };
         let mut txn = self.pool.begin().await.map_err(db)?;
         let mut pending = Pending::default();
         for batch in batches {
@@ -788,6 +831,9 @@ impl Writer {
             }
         }
         self.flush(&mut txn, &mut pending).await?;
+        if let Some(channel) = &self.wake_channel {
+            super::wake::notify(&mut txn, channel, &woken).await?;
+        }
         txn.commit().await.map_err(db)?;
         Ok(())
     }

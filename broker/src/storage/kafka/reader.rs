@@ -39,12 +39,13 @@ pub struct KafkaLogReader {
     open_qos2: HashMap<Arc<str>, HashSet<u16>>,
 }
 
-/// Where each partition is, and what a fetched record becomes.
-struct Positions {
-    topic: String,
+/// Where each partition is, and what a fetched record becomes. Shared with the cluster's local
+/// reader (`local.rs`).
+pub(super) struct Positions {
+    pub(super) topic: String,
     /// The next offset each partition must deliver.
-    expected: HashMap<i32, NextOffset>,
-    metrics: Arc<Metrics>,
+    pub(super) expected: HashMap<i32, NextOffset>,
+    pub(super) metrics: Arc<Metrics>,
 }
 
 impl KafkaLogReader {
@@ -67,7 +68,7 @@ impl KafkaLogReader {
 
 impl Positions {
     /// Adds one fetched record to `out`, unless it was stored already.
-    fn take(&mut self, message: &BorrowedMessage<'_>, out: &mut Vec<PartitionRecords>) {
+    pub(super) fn take(&mut self, message: &BorrowedMessage<'_>, out: &mut Vec<PartitionRecords>) {
         let (partition, offset) = (message.partition(), message.offset());
         let state = self
             .expected
