@@ -9,6 +9,7 @@ pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod connection;
+pub mod drain;
 pub mod http;
 pub mod ingest;
 pub mod listener;
