@@ -1202,6 +1202,8 @@ fn apply_env(table: &mut toml::Table, var: &str, value: &str) -> Result<(), Conf
         "application",
         "auth",
         "http",
+        "cluster",
+        "shutdown",
     ];
     if !TOP_LEVEL.contains(&keys[0].as_str()) {
         return Ok(());
@@ -1571,6 +1573,18 @@ mod tests {
             Some("mqtt.example.svc:1883")
         );
         assert_eq!(Config::default().shutdown.drain_secs, 0);
+        // The operator sets the node id per pod from the environment.
+        let c = Config::load(
+            None,
+            env(&[
+                ("FERRYMQ_SHUTDOWN__DRAIN_SECS", "15"),
+                ("FERRYMQ_CLUSTER__NODE_ID", "edge-2"),
+            ]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.shutdown.drain_secs, 15);
+        assert_eq!(c.cluster.node_id, "edge-2");
         for bad in [
             "[shutdown]\ndrain_secs = 3601\n",
             "[shutdown]\nserver_reference = \" \"\n",
