@@ -203,8 +203,6 @@ EXPECTED_RULES = {
     ("", "configmaps"): APPLIED | WATCHED,
     ("", "secrets"): APPLIED | WATCHED,
     ("", "services"): APPLIED | WATCHED | {"delete"},
-    # Kafka + PostgreSQL brokers: the operator replaces pods itself (standbys first).
-    ("", "pods"): {"list", "delete"},
     ("policy", "poddisruptionbudgets"): APPLIED | WATCHED | {"delete"},
     ("monitoring.coreos.com", "servicemonitors"): APPLIED | {"delete"},
     ("events.k8s.io", "events"): {"create", "patch"},

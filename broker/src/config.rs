@@ -58,6 +58,8 @@ pub struct Config {
     /// Several active nodes on one Kafka cluster and PostgreSQL schema
     /// (`storage.backend = "kafka+postgres"`): see docs/scale-out.md.
     pub cluster: ClusterConfig,
+    /// What the broker does on SIGTERM before it stops: drain clients over a period.
+    pub shutdown: ShutdownConfig,
 }
 
 impl Default for Config {
@@ -76,6 +78,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             http: HttpConfig::default(),
             cluster: ClusterConfig::default(),
+            shutdown: ShutdownConfig::default(),
         }
     }
 }
@@ -230,6 +233,54 @@ impl ClusterConfig {
             .ok()
             .filter(|h| !h.is_empty())
             .unwrap_or_else(|| "ferrymq".to_string())
+    }
+}
+
+/// Longest drain period accepted: an hour is already far beyond any orchestrator's patience.
+pub const MAX_DRAIN_SECS: u64 = 3600;
+
+/// Draining on SIGTERM: instead of closing every connection at once, the node stops accepting,
+/// turns unready and closes its clients one by one, spread evenly over `drain_secs`, so that a
+/// rolling restart moves them to the other nodes gradually rather than in one reconnect storm.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// Seconds over which connections are closed on SIGTERM; 0 (the default) closes them all at
+    /// once, as a single node has nowhere to send its clients.
+    pub drain_secs: u64,
+    /// The v5 Server Reference sent with DISCONNECT 0x8B (Server shutting down) while draining:
+    /// where the client should reconnect, e.g. the client-facing Service's host. Unset: none.
+    pub server_reference: Option<String>,
+}
+
+impl ShutdownConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let key = |key: &str, message: &str| {
+            Err(ConfigError::Key {
+                key: key.to_string(),
+                message: message.to_string(),
+            })
+        };
+        if self.drain_secs > MAX_DRAIN_SECS {
+            return key(
+                "shutdown.drain_secs",
+                &format!("must be at most {MAX_DRAIN_SECS}"),
+            );
+        }
+        if let Some(r) = &self.server_reference {
+            // An MQTT UTF-8 string: at most 65535 bytes, no U+0000 or other control
+            // characters [MQTT-1.5.4-2]; a reference with spaces lists several servers.
+            if r.trim().is_empty() {
+                return key("shutdown.server_reference", "must not be empty when set");
+            }
+            if r.len() > 65_535 || r.chars().any(char::is_control) {
+                return key(
+                    "shutdown.server_reference",
+                    "must be at most 65535 bytes without control characters",
+                );
+            }
+        }
+        Ok(())
     }
 }
 
@@ -953,6 +1004,7 @@ impl Config {
         if h.max_body_bytes == 0 {
             return key("http.max_body_bytes", "must be at least 1");
         }
+        self.shutdown.validate()?;
         let mut ids = std::collections::HashSet::new();
         for (i, app) in self.application_clients.iter().enumerate() {
             if app.client_id.is_empty() {
@@ -1141,6 +1193,8 @@ fn apply_env(table: &mut toml::Table, var: &str, value: &str) -> Result<(), Conf
         "application",
         "auth",
         "http",
+        "cluster",
+        "shutdown",
     ];
     if !TOP_LEVEL.contains(&keys[0].as_str()) {
         return Ok(());
@@ -1496,5 +1550,39 @@ mod tests {
         );
         assert_eq!(c.kafka.msg_all_partitions, 3);
         assert_eq!(c.postgres.schema, "edge_1");
+    }
+
+    #[test]
+    fn shutdown_drain_is_validated() {
+        let c = Config::from_toml_str(
+            "[shutdown]\ndrain_secs = 30\nserver_reference = \"mqtt.example.svc:1883\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.shutdown.drain_secs, 30);
+        assert_eq!(
+            c.shutdown.server_reference.as_deref(),
+            Some("mqtt.example.svc:1883")
+        );
+        assert_eq!(Config::default().shutdown.drain_secs, 0);
+        // The operator sets the node id per pod from the environment.
+        let c = Config::load(
+            None,
+            env(&[
+                ("FERRYMQ_SHUTDOWN__DRAIN_SECS", "15"),
+                ("FERRYMQ_CLUSTER__NODE_ID", "edge-2"),
+            ]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.shutdown.drain_secs, 15);
+        assert_eq!(c.cluster.node_id, "edge-2");
+        for bad in [
+            "[shutdown]\ndrain_secs = 3601\n",
+            "[shutdown]\nserver_reference = \" \"\n",
+            "[shutdown]\nserver_reference = \"a\\u0000b\"\n",
+        ] {
+            let err = Config::from_toml_str(bad).unwrap_err();
+            assert!(err.to_string().contains("shutdown."), "{bad}: {err}");
+        }
     }
 }

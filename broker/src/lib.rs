@@ -10,6 +10,7 @@ pub mod broker;
 pub mod cluster;
 pub mod config;
 pub mod connection;
+pub mod drain;
 pub mod http;
 pub mod ingest;
 pub mod listener;

@@ -10,13 +10,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::auth::ClientCertificate;
 use crate::broker::Broker;
 use crate::config::{ListenerConfig, ListenerProtocol};
 use crate::connection::transport::Transport;
-use crate::connection::{self, ConnInfo};
+use crate::connection::{self, CloseSignals, ConnInfo};
 use crate::metrics::{ConnectResult, HandshakeStage, ListenerMetrics};
 use crate::rate_limit::ConnectionRate;
 use crate::tls::{TlsError, TlsReloader};
@@ -83,8 +83,12 @@ impl Listener {
         broker: Arc<Broker>,
         connections: Arc<Semaphore>,
         rate: Arc<ConnectionRate>,
-        mut shutdown: watch::Receiver<bool>,
+        signals: CloseSignals,
     ) {
+        let mut shutdown = signals.shutdown.clone();
+        // A drain stops the accepting too; the connections keep their own copy to wait for
+        // their turn.
+        let mut draining = signals.drain.clone();
         let listener_metrics = broker.metrics.listener(&self.config.name);
         if let Some(tls) = &self.context.tls {
             tokio::spawn(
@@ -95,6 +99,7 @@ impl Listener {
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.changed() => return,
+                _ = draining.changed() => return,
                 accepted = self.listener.accept() => accepted,
             };
             let (stream, peer) = match accepted {
@@ -116,11 +121,11 @@ impl Listener {
             }
             let _ = stream.set_nodelay(true);
             let broker = broker.clone();
-            let shutdown = shutdown.clone();
+            let signals = signals.clone();
             let context = self.context.clone();
             let metrics = listener_metrics.clone();
             tokio::spawn(connection_task(
-                broker, context, metrics, stream, peer, over_rate, shutdown, permit,
+                broker, context, metrics, stream, peer, over_rate, signals, permit,
             ));
         }
     }
@@ -136,7 +141,7 @@ async fn connection_task(
     stream: TcpStream,
     peer: SocketAddr,
     over_rate: bool,
-    shutdown: watch::Receiver<bool>,
+    signals: CloseSignals,
     permit: OwnedSemaphorePermit,
 ) {
     // Open from accept on: the gauge includes connections still in a handshake.
@@ -158,7 +163,7 @@ async fn connection_task(
                 client_cert,
                 over_rate,
             };
-            connection::serve(broker, transport, info, shutdown, metrics.clone()).await;
+            connection::serve(broker, transport, info, signals, metrics.clone()).await;
         }
         Ok(None) => {}
         Err(_) => {

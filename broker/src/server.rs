@@ -15,6 +15,9 @@ use crate::listener::Listener;
 
 /// How long shutdown waits for connections to say goodbye.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How long a drain waits past its period for the last connections, which may still be
+/// flushing their DISCONNECT and lingering (`connection::LINGER_TIMEOUT`).
+const DRAIN_TAIL: Duration = Duration::from_secs(2);
 /// How often expired queue and log entries are swept, and how many at most per sweep (bounded
 /// work per tick; a backlog drains over several ticks).
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
@@ -33,6 +36,8 @@ pub struct Server {
     /// Readiness: listeners bound and not shutting down.
     ready: Arc<AtomicBool>,
     shutdown: watch::Sender<bool>,
+    /// Tells the listeners to stop accepting and every connection when to leave.
+    drain: watch::Sender<Option<Arc<crate::drain::DrainPlan>>>,
     tasks: JoinSet<()>,
     connections: Arc<Semaphore>,
 }
@@ -70,6 +75,7 @@ impl Server {
 
     pub async fn start_with(broker: Arc<Broker>) -> Result<Server, StartError> {
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let (drain, drain_rx) = crate::drain::channel();
         let connections = Arc::new(Semaphore::new(broker.config.limits.max_connections));
         let mut tasks = JoinSet::new();
         let mut addrs = Vec::new();
@@ -130,7 +136,10 @@ impl Server {
                 broker.clone(),
                 connections.clone(),
                 rate.clone(),
-                shutdown_rx.clone(),
+                crate::connection::CloseSignals {
+                    shutdown: shutdown_rx.clone(),
+                    drain: drain_rx.clone(),
+                },
             ));
         }
         ready.store(true, Ordering::Release);
@@ -217,9 +226,39 @@ impl Server {
             http_addr,
             ready,
             shutdown,
+            drain,
             tasks,
             connections,
         })
+    }
+
+    /// Drains the node: it turns unready (`/health/ready` 503, so it leaves the Service),
+    /// stops accepting, and closes its connections one by one spread evenly over `period`
+    /// (v5 clients get DISCONNECT 0x8B with the configured Server Reference, v3 clients a
+    /// plain close), while everything else (acks, routing, storage) keeps running for the
+    /// clients still here. Returns when the last client has left, or shortly after the period.
+    async fn drain(&mut self, period: Duration) {
+        self.ready.store(false, Ordering::Release);
+        let max = self.broker.config.limits.max_connections;
+        let open = max.saturating_sub(self.connections.available_permits());
+        let reference = self.broker.config.shutdown.server_reference.as_deref();
+        tracing::info!(
+            connections = open,
+            secs = period.as_secs(),
+            server_reference = reference.unwrap_or(""),
+            "draining: closing connections gradually"
+        );
+        let plan = crate::drain::DrainPlan::new(period, open, reference.map(Arc::from));
+        let _ = self.drain.send(Some(Arc::new(plan)));
+        let all = u32::try_from(max).unwrap_or(u32::MAX);
+        let left = tokio::time::timeout(period + DRAIN_TAIL, self.connections.acquire_many(all));
+        match left.await {
+            Ok(_) => tracing::info!("drained: every client has left"),
+            Err(_) => tracing::warn!(
+                still_open = max.saturating_sub(self.connections.available_permits()),
+                "drain period over with clients still connected; closing the rest now"
+            ),
+        }
     }
 
     /// The addresses actually bound (useful with port 0).
@@ -233,8 +272,13 @@ impl Server {
     }
 
     /// Stops accepting, asks every connection to close (v5 clients get DISCONNECT 0x8B) and
-    /// waits up to a grace period for them.
+    /// waits up to a grace period for them. With `shutdown.drain_secs` set, the connections are
+    /// first closed one by one over that period (see [`Server::drain`]).
     pub async fn shutdown(mut self) {
+        let period = Duration::from_secs(self.broker.config.shutdown.drain_secs);
+        if !period.is_zero() {
+            self.drain(period).await;
+        }
         self.ready.store(false, Ordering::Release);
         let _ = self.shutdown.send(true);
         while self.tasks.join_next().await.is_some() {}

@@ -89,7 +89,8 @@ pub struct MqttBrokerSpec {
     /// Secrets for pulling the image.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub image_pull_secrets: Vec<LocalObjectReference>,
-    /// Broker pods. More than 1 only with Kafka + PostgreSQL storage.
+    /// Broker pods. With Kafka + PostgreSQL storage every pod is an active node of one cluster
+    /// (the scale subresource and an HPA set this); embedded storage allows at most 1.
     #[serde(default = "default_replicas")]
     #[schemars(range(min = 0))]
     pub replicas: i32,
@@ -138,7 +139,7 @@ pub struct MqttBrokerSpec {
 /// Top-level keys of the broker config that the operator renders from the spec and that
 /// `spec.config` may therefore not set: the operator checks them when it renders and reports
 /// `Stalled`/`InvalidSpec`.
-pub const OPERATOR_OWNED_CONFIG_KEYS: [&str; 7] = [
+pub const OPERATOR_OWNED_CONFIG_KEYS: [&str; 8] = [
     "listeners",
     "data_dir",
     "storage",
@@ -146,6 +147,9 @@ pub const OPERATOR_OWNED_CONFIG_KEYS: [&str; 7] = [
     "kafka",
     "postgres",
     "application_clients",
+    // Kafka + PostgreSQL pods are the nodes of one cluster; a pod outside it would fight the
+    // others for the schema.
+    "cluster",
 ];
 
 /// Free-form broker configuration overrides (a TOML document as JSON). Its schema is an object
@@ -351,7 +355,8 @@ pub struct PodSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container_security_context: Option<SecurityContext>,
     /// Seconds a pod has to shut down (the broker needs about 10 s: 5 s for connections, 5 s for
-    /// pending writes). Default 30.
+    /// pending writes, after its drain). Default 30; with Kafka + PostgreSQL, the preStop
+    /// pause + `shutdown.drain_secs` + 15 (40 by default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub termination_grace_period_seconds: Option<i64>,

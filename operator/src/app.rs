@@ -89,7 +89,7 @@ struct Target {
 /// cannot disagree. Without these in the wanted config, adopting a topic the broker created
 /// would delete its retention (it is not in the ApplicationClient's `topic.config`).
 pub fn broker_topic_config(broker: &MqttBroker) -> BTreeMap<String, String> {
-    let application = crate::config::render(&broker.spec)
+    let application = crate::config::render_for(broker)
         .ok()
         .and_then(|text| text.parse::<toml::Table>().ok())
         .and_then(|t| t.get("application").and_then(|a| a.as_table()).cloned());

@@ -14,13 +14,13 @@ use ferrymq_crds::{
     MqttBrokerStatus,
 };
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use k8s_openapi::ByteString;
-use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, Preconditions};
+use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::ResourceExt;
 use sha2::{Digest, Sha256};
@@ -62,7 +62,7 @@ pub async fn reconcile(broker: Arc<MqttBroker>, ctx: Arc<Context>) -> Result<Act
     status.endpoints = res::endpoints(&broker);
     let mut problems: Vec<Problem> = Vec::new();
 
-    let rendered = match config::render(&broker.spec) {
+    let rendered = match config::render_for(&broker) {
         Ok(r) => r,
         Err(e) => {
             problems.push(Problem {
@@ -257,7 +257,7 @@ pub async fn reconcile(broker: Arc<MqttBroker>, ctx: Arc<Context>) -> Result<Act
         CONTROLLER,
         &problems.iter().map(|p| p.reason).collect::<Vec<_>>(),
     );
-    let (sts, cm_written, rolling) =
+    let (sts, cm_written) =
         match apply_children(&broker, &ctx, &ns, &rendered, &config_hash, &secret_hash).await {
             Ok(c) => c,
             Err((what, error)) => {
@@ -309,9 +309,7 @@ pub async fn reconcile(broker: Arc<MqttBroker>, ctx: Arc<Context>) -> Result<Act
         now,
     )
     .await?;
-    Ok(if rolling {
-        Action::requeue(ROLL_REQUEUE)
-    } else if ready {
+    Ok(if ready {
         Action::requeue(ctx.resync)
     } else {
         Action::requeue(SHORT_REQUEUE)
@@ -331,8 +329,7 @@ fn rejection(what: &str, error: &Error) -> Option<String> {
 }
 
 /// Applies the owned objects; an error comes with the object it concerns (`Kind ns/name`).
-/// Returns the StatefulSet as applied, whether the ConfigMap was written and whether pods are
-/// being replaced.
+/// Returns the StatefulSet as applied and whether the ConfigMap was written.
 async fn apply_children(
     broker: &MqttBroker,
     ctx: &Context,
@@ -340,7 +337,7 @@ async fn apply_children(
     rendered: &str,
     config_hash: &str,
     secret_hash: &str,
-) -> Result<(StatefulSet, bool, bool), (String, Error)> {
+) -> Result<(StatefulSet, bool), (String, Error)> {
     let name = broker.name_any();
     fn at<'a>(
         kind: &'a str,
@@ -418,123 +415,7 @@ async fn apply_children(
     reconcile_service_monitor(broker, ctx, ns)
         .await
         .map_err(at("ServiceMonitor", ns, &name))?;
-    let rolling = if broker.spec.storage.kafka_postgres.is_some() {
-        roll_pods(broker, ctx, ns, &sts)
-            .await
-            .map_err(|e| (format!("Pods of {ns}/{name}"), e))?
-    } else {
-        false
-    };
-    Ok((sts, cm_written, rolling))
-}
-
-/// Replaces the pods of a Kafka + PostgreSQL broker that run an old template (its StatefulSet
-/// uses `OnDelete`): all standbys first, then the active pod, once every other pod runs the new
-/// template, so that an updated standby takes over from it. One pod is active (ready) and the
-/// others wait as standbys (`postgres.standby`, never ready), so the StatefulSet controller's
-/// own rolling update, which waits for each pod to turn ready, would stop at the first standby.
-/// Returns whether a rollout is under way.
-async fn roll_pods(
-    broker: &MqttBroker,
-    ctx: &Context,
-    ns: &str,
-    sts: &StatefulSet,
-) -> Result<bool> {
-    let Some(revision) = sts.status.as_ref().and_then(|s| s.update_revision.clone()) else {
-        return Ok(false);
-    };
-    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
-    let selector = res::selector_labels(broker)
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    let pods = api.list(&ListParams::default().labels(&selector)).await?;
-    if pods
-        .items
-        .iter()
-        .any(|p| p.metadata.deletion_timestamp.is_some())
-    {
-        return Ok(true); // a replacement is in progress: wait for it
-    }
-    let outdated: Vec<&Pod> = pods
-        .items
-        .iter()
-        .filter(|p| p.labels().get(REVISION_LABEL) != Some(&revision))
-        .collect();
-    if outdated.is_empty() {
-        return Ok(false);
-    }
-    let (active, standbys): (Vec<&Pod>, Vec<&Pod>) =
-        outdated.iter().copied().partition(|p| pod_ready(p));
-    if !standbys.is_empty() {
-        for pod in &standbys {
-            delete_pod(&api, pod).await?;
-        }
-        let names: Vec<String> = standbys.iter().map(|p| p.name_any()).collect();
-        ctx.event(
-            broker,
-            false,
-            "ReplacingStandbys",
-            "Rollout",
-            format!("replacing standby pods {names:?} with the new template"),
-        )
-        .await;
-        return Ok(true);
-    }
-    // Only the active pod is left on the old template: replace it once the others run the
-    // new one (and are up to take over), or at once when it is alone.
-    let others_ready_to_take_over = pods.items.len() == 1
-        || pods.items.iter().all(|p| {
-            p.labels().get(REVISION_LABEL) == Some(&revision)
-                || active.iter().any(|a| a.name_any() == p.name_any())
-        }) && pods.items.iter().any(|p| {
-            p.labels().get(REVISION_LABEL) == Some(&revision)
-                && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
-        });
-    if let (Some(pod), true) = (active.first(), others_ready_to_take_over) {
-        delete_pod(&api, pod).await?;
-        ctx.event(
-            broker,
-            false,
-            "ReplacingActive",
-            "Rollout",
-            format!(
-                "replacing the active pod {} with the new template; a standby takes over",
-                pod.name_any()
-            ),
-        )
-        .await;
-    }
-    Ok(true)
-}
-
-/// The label the StatefulSet controller puts on each pod: the revision of its template.
-const REVISION_LABEL: &str = "controller-revision-hash";
-/// How soon to look again while pods are being replaced.
-const ROLL_REQUEUE: Duration = Duration::from_secs(5);
-
-/// Deletes exactly this pod (not a successor with the same name); gone already is fine.
-async fn delete_pod(api: &Api<Pod>, pod: &Pod) -> Result<()> {
-    let params = DeleteParams {
-        preconditions: Some(Preconditions {
-            uid: pod.uid(),
-            resource_version: None,
-        }),
-        ..DeleteParams::default()
-    };
-    match api.delete(&pod.name_any(), &params).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
-        Err(e) => Err(e.into()),
-    }
-}
-
-fn pod_ready(pod: &Pod) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+    Ok((sts, cm_written))
 }
 
 fn missing_secret(name: &str) -> Problem {
@@ -699,32 +580,17 @@ async fn finish_status(
             && s.and_then(|s| s.update_revision.as_ref())
                 == s.and_then(|s| s.current_revision.as_ref())
     });
-    // Kafka + PostgreSQL: one pod serves and the others are standbys, which never turn ready;
-    // the StatefulSet (OnDelete) does not advance its current revision either.
-    let standbys = broker.spec.storage.kafka_postgres.is_some();
-    let rolled_out = if standbys {
-        sts.is_some_and(|sts| {
-            let s = sts.status.as_ref();
-            s.and_then(|s| s.observed_generation) == sts.metadata.generation
-        }) && status.replicas == desired
-            && status.ready_replicas == 1
-            && status.updated_replicas == desired
-    } else {
-        sts_current
-            && status.replicas == desired
-            && status.ready_replicas == desired
-            && status.updated_replicas == desired
-    };
+    // Every pod is active (Kafka + PostgreSQL: one node of the cluster each), so every pod
+    // turns ready, on both backends.
+    let rolled_out = sts_current
+        && status.replicas == desired
+        && status.ready_replicas == desired
+        && status.updated_replicas == desired;
 
     let stalled = problems.iter().find(|p| p.stalled);
     let waiting = problems.iter().find(|p| !p.stalled);
     let (ready, ready_reason, ready_message) = match (stalled, waiting) {
         (Some(p), _) | (None, Some(p)) => (false, p.reason, p.message.clone()),
-        (None, None) if rolled_out && standbys => (
-            true,
-            reason::RECONCILED,
-            format!("1 active pod, {} standby", desired - 1),
-        ),
         (None, None) if rolled_out => (
             true,
             reason::RECONCILED,

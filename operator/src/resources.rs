@@ -8,10 +8,11 @@ use ferrymq_crds::{Endpoint, Listener, ListenerService, MqttBroker, ServiceType}
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
-    EnvFromSource, EnvVar, EnvVarSource, HTTPGetAction, PersistentVolumeClaim,
-    PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    SecretEnvSource, SecretKeySelector, SecretVolumeSource, SecurityContext, Service, ServicePort,
-    ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
+    EnvFromSource, EnvVar, EnvVarSource, HTTPGetAction, Lifecycle, LifecycleHandler,
+    ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext,
+    PodSpec, PodTemplateSpec, Probe, SecretEnvSource, SecretKeySelector, SecretVolumeSource,
+    SecurityContext, Service, ServicePort, ServiceSpec, SleepAction, Volume, VolumeMount,
+    VolumeResourceRequirements,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -34,6 +35,8 @@ pub const INSTANCE_LABEL: &str = "app.kubernetes.io/instance";
 pub const FIELD_MANAGER: &str = "ferrymq-operator";
 /// Label telling the client Service(s) from the headless one.
 pub const SERVICE_ROLE_LABEL: &str = "ferrymq.io/service";
+/// The environment variable that gives a Kafka + PostgreSQL pod its cluster node id (its name).
+pub const NODE_ID_ENV: &str = "FERRYMQ_CLUSTER__NODE_ID";
 /// Key of the PostgreSQL URL in the Secret the operator writes for a provisioned role.
 pub const POSTGRES_URL_KEY: &str = "url";
 
@@ -257,6 +260,21 @@ pub fn stateful_set(broker: &MqttBroker, config_hash: &str, secret_hash: &str) -
 
     let mut env = Vec::new();
     let mut env_from = Vec::new();
+    if spec.storage.kafka_postgres.is_some() {
+        // Each pod is a cluster node named after itself: the StatefulSet keeps the name
+        // across restarts, and it is unique within the broker (docs/scale-out.md).
+        env.push(EnvVar {
+            name: NODE_ID_ENV.into(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "metadata.name".into(),
+                    ..ObjectFieldSelector::default()
+                }),
+                ..EnvVarSource::default()
+            }),
+            ..EnvVar::default()
+        });
+    }
     if let Some((name, key)) = postgres_url_ref(broker) {
         env.push(EnvVar {
             name: "FERRYMQ_POSTGRES__URL".into(),
@@ -375,6 +393,25 @@ pub fn stateful_set(broker: &MqttBroker, config_hash: &str, secret_hash: &str) -
         ..Probe::default()
     };
 
+    // What `config::render` refused is never applied; the fallback only keeps this total.
+    let stopping = crate::config::stopping(spec).unwrap_or(crate::config::Stopping {
+        pre_stop_secs: 0,
+        drain_secs: 0,
+        grace_secs: crate::config::DEFAULT_GRACE_SECS,
+    });
+    // A pause before SIGTERM while the pod leaves the Service's endpoints, so that the
+    // clients the broker then drains do not reconnect to it (the sleep action needs no
+    // shell or binary in the image).
+    let lifecycle = (stopping.pre_stop_secs > 0).then(|| Lifecycle {
+        pre_stop: Some(LifecycleHandler {
+            sleep: Some(SleepAction {
+                seconds: stopping.pre_stop_secs,
+            }),
+            ..LifecycleHandler::default()
+        }),
+        ..Lifecycle::default()
+    });
+
     let container = Container {
         name: "ferrymq".into(),
         image: Some(spec.image.clone()),
@@ -393,6 +430,7 @@ pub fn stateful_set(broker: &MqttBroker, config_hash: &str, secret_hash: &str) -
         startup_probe: Some(probe("/health/live", 5, 60)),
         liveness_probe: Some(probe("/health/live", 10, 3)),
         readiness_probe: Some(probe("/health/ready", 5, 2)),
+        lifecycle,
         security_context: Some(spec.pod.container_security_context.clone().unwrap_or(
             SecurityContext {
                 allow_privilege_escalation: Some(false),
@@ -426,18 +464,12 @@ pub fn stateful_set(broker: &MqttBroker, config_hash: &str, secret_hash: &str) -
                 match_labels: Some(selector_labels(broker)),
                 ..LabelSelector::default()
             },
+            // Every pod is an active node that turns ready, so the StatefulSet controller's own
+            // rolling update (one pod at a time, highest ordinal first, each waiting for its
+            // successor to be ready) is the rollout; the PodDisruptionBudget bounds voluntary
+            // evictions the same way.
             update_strategy: Some(StatefulSetUpdateStrategy {
-                // On Kafka + PostgreSQL one pod is active and the others are standbys that
-                // never turn ready; a RollingUpdate would wait for them forever. The operator
-                // replaces those pods itself: standbys first, the active one last.
-                type_: Some(
-                    if spec.storage.kafka_postgres.is_some() {
-                        "OnDelete"
-                    } else {
-                        "RollingUpdate"
-                    }
-                    .into(),
-                ),
+                type_: Some("RollingUpdate".into()),
                 ..StatefulSetUpdateStrategy::default()
             }),
             template: PodTemplateSpec {
@@ -459,9 +491,7 @@ pub fn stateful_set(broker: &MqttBroker, config_hash: &str, secret_hash: &str) -
                     service_account_name: spec.pod.service_account_name.clone(),
                     image_pull_secrets: (!spec.image_pull_secrets.is_empty())
                         .then(|| spec.image_pull_secrets.clone()),
-                    termination_grace_period_seconds: Some(
-                        spec.pod.termination_grace_period_seconds.unwrap_or(30),
-                    ),
+                    termination_grace_period_seconds: Some(stopping.grace_secs),
                     security_context: Some(spec.pod.security_context.clone().unwrap_or(
                         PodSecurityContext {
                             run_as_non_root: Some(true),
@@ -504,8 +534,9 @@ pub fn pod_disruption_budget(broker: &MqttBroker) -> Option<PodDisruptionBudget>
             }),
             min_available,
             max_unavailable,
-            // Standbys are never ready: without this an unready pod could only be evicted
-            // while the budget holds, which it never does with standbys.
+            // An unready node serves no clients (it is out of the Service), so evicting it
+            // must not wait for the budget: a node stuck unready would otherwise block every
+            // node drain of the cluster.
             unhealthy_pod_eviction_policy: broker
                 .spec
                 .storage

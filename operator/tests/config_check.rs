@@ -56,13 +56,18 @@ fn check(spec: serde_json::Value) -> toml::Table {
 
 fn render(spec: serde_json::Value) -> String {
     let spec: MqttBrokerSpec = serde_json::from_value(spec).expect("valid spec");
-    ferrymq_operator::config::render(&spec).expect("renders")
+    ferrymq_operator::config::render(&spec, "edge.default.svc").expect("renders")
 }
 
 /// Runs `ferrymq --config <dir>/ferrymq.toml --check-config` with a clean environment (a
 /// `FERRYMQ_*` variable of the developer's shell must not change the outcome) and returns the
 /// effective configuration it prints.
 fn check_rendered(rendered: &str, dir: &Path) -> toml::Table {
+    check_rendered_with_env(rendered, dir, &[])
+}
+
+/// [`check_rendered`] with the environment variables the pod would also have.
+fn check_rendered_with_env(rendered: &str, dir: &Path, env: &[(&str, &str)]) -> toml::Table {
     let file = dir.join("ferrymq.toml");
     std::fs::write(&file, rendered).expect("write config");
     let out = Command::new(broker_bin())
@@ -71,6 +76,7 @@ fn check_rendered(rendered: &str, dir: &Path) -> toml::Table {
         .arg("--check-config")
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .envs(env.iter().copied())
         .output()
         .expect("running ferrymq --check-config");
     assert!(
@@ -130,7 +136,7 @@ fn embedded_broker_config_is_accepted() {
 
 #[test]
 fn kafka_postgres_broker_config_is_accepted() {
-    let effective = check(json!({
+    let spec = json!({
         "image": "ferrymq:test",
         "replicas": 3,
         "storage": {"kafkaPostgres": {
@@ -141,7 +147,28 @@ fn kafka_postgres_broker_config_is_accepted() {
             "postgres": {"urlSecretRef": {"name": "pg", "key": "url"}, "schema": "ferrymq_prod",
                          "maxConnections": 16}
         }}
-    }));
+    });
+    // Each pod gets its name as the node id from the downward API (checked on the rendered
+    // StatefulSet in operator/tests/reconcile.rs); here the broker's own parser takes it.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let effective = check_rendered_with_env(
+        &render(spec),
+        dir.path(),
+        &[(ferrymq_operator::resources::NODE_ID_ENV, "edge-2")],
+    );
+    // Every pod is an active node of one cluster: no standby, no node lock.
+    assert_eq!(effective["cluster"]["enabled"].as_bool(), Some(true));
+    assert_eq!(effective["cluster"]["node_id"].as_str(), Some("edge-2"));
+    assert_eq!(effective["postgres"]["standby"].as_bool(), Some(false));
+    // A stopping pod drains its clients to the other nodes through the client Service.
+    assert_eq!(
+        effective["shutdown"]["drain_secs"].as_integer(),
+        Some(ferrymq_operator::config::DEFAULT_DRAIN_SECS)
+    );
+    assert_eq!(
+        effective["shutdown"]["server_reference"].as_str(),
+        Some("edge.default.svc")
+    );
     assert_eq!(
         effective["storage"]["backend"].as_str(),
         Some("kafka+postgres")

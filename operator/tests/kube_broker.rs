@@ -20,10 +20,10 @@ use ferrymq_e2e::harness::kube::set_pod_ready;
 use ferrymq_operator::provisioner::Real;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
-use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
-use kube::{Client, ResourceExt};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::ResourceExt;
 use serde_json::json;
 
 use k8s::{cluster, create, runtime, start_controllers, wait_event, wait_for};
@@ -57,11 +57,20 @@ async fn wait_broker(
 }
 
 async fn wait_sts(api: &Api<StatefulSet>, what: &str, check: impl Fn(&StatefulSet) -> bool) {
+    wait_sts_named(api, "edge", what, check).await
+}
+
+async fn wait_sts_named(
+    api: &Api<StatefulSet>,
+    name: &str,
+    what: &str,
+    check: impl Fn(&StatefulSet) -> bool,
+) {
     wait_for(what, WAIT, || {
         let api = api.clone();
         let check = &check;
         async move {
-            api.get_opt("edge")
+            api.get_opt(name)
                 .await
                 .ok()
                 .flatten()
@@ -309,21 +318,38 @@ fn embedded_broker_children_field_removal_scale_conditions_rejection_and_gc() {
     });
 }
 
-fn pod_ready_now(p: &Pod) -> bool {
-    p.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+/// The pod's uid, once the StatefulSet controller has created it.
+async fn pod_uid(pods: &Api<Pod>, name: &str) -> String {
+    wait_for(&format!("pod {name}"), WAIT, || {
+        let pods = pods.clone();
+        async move { pods.get_opt(name).await.ok().flatten()?.uid() }
+    })
+    .await
 }
 
-/// A Kafka + PostgreSQL broker with two pods (one active, one standby), Kafka and PostgreSQL
-/// behind the `Provisioner` seam: its StatefulSet (Parallel, OnDelete), its conditions, and an
-/// image change rolled standbys first, then the active pod, with kube-controller-manager
-/// re-creating the pods. No kubelet: the test marks pods Running/Ready itself, as a kubelet
-/// would (the active pod ready, the standby running but never ready, as the broker's standby
-/// reports itself).
+/// Waits until pod `name` exists with a uid other than `old` (the StatefulSet controller
+/// replaced it) and returns the new uid.
+async fn replaced(pods: &Api<Pod>, name: &str, old: &str) -> String {
+    wait_for(&format!("{name} replaced"), WAIT, || {
+        let pods = pods.clone();
+        async move {
+            let uid = pods.get_opt(name).await.ok()??.uid()?;
+            (uid != old).then_some(uid)
+        }
+    })
+    .await
+}
+
+/// A Kafka + PostgreSQL broker (Kafka and PostgreSQL behind the `Provisioner` seam) whose pods
+/// are all active cluster nodes: its config (`[cluster] enabled`, the node id from the pod
+/// name, a drain), its StatefulSet (RollingUpdate, a preStop pause inside the grace period)
+/// and PodDisruptionBudget (maxUnavailable 1) as the API server stores them; `kubectl scale`
+/// (a patch of the scale subresource) changing the StatefulSet's replicas; and an image change
+/// rolled by kube-controller-manager's StatefulSet controller one pod at a time, highest
+/// ordinal first, each replaced pod turning ready before the next goes. No kubelet: the test
+/// marks pods Running/Ready itself, as a kubelet would.
 #[test]
-fn kafka_postgres_broker_rolls_standbys_first_on_the_api_server() {
+fn kafka_postgres_pods_are_active_nodes_scaled_and_rolled_on_the_api_server() {
     runtime().block_on(async {
         let Some((_cp, client)) = cluster(true).await else {
             return;
@@ -356,48 +382,123 @@ fn kafka_postgres_broker_rolls_standbys_first_on_the_api_server() {
             spec.update_strategy
                 .as_ref()
                 .and_then(|u| u.type_.as_deref()),
-            Some("OnDelete")
+            Some("RollingUpdate")
+        );
+        // The pod template as the API server validated and stored it (the preStop sleep
+        // action included).
+        let template = pod_template(&sts);
+        let container = &template["spec"]["containers"][0];
+        let node_id = container["env"]
+            .as_array()
+            .and_then(|env| env.iter().find(|e| e["name"] == "FERRYMQ_CLUSTER__NODE_ID"))
+            .expect("node id variable");
+        assert_eq!(
+            node_id["valueFrom"]["fieldRef"]["fieldPath"],
+            "metadata.name"
+        );
+        let pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+            .as_i64()
+            .expect("preStop sleep");
+        let grace = template["spec"]["terminationGracePeriodSeconds"]
+            .as_i64()
+            .expect("grace period");
+        let cms: Api<ConfigMap> = Api::namespaced(client.clone(), NS);
+        let config: toml::Table = cms
+            .get("core-config")
+            .await
+            .expect("config")
+            .data
+            .expect("data")["ferrymq.toml"]
+            .parse()
+            .expect("toml");
+        assert_eq!(config["cluster"]["enabled"].as_bool(), Some(true));
+        assert!(config["postgres"].get("standby").is_none(), "no standbys");
+        let drain = config["shutdown"]["drain_secs"]
+            .as_integer()
+            .expect("drain");
+        assert!(
+            drain > 0 && grace > pre_stop + drain,
+            "grace {grace}, preStop {pre_stop}, drain {drain}"
+        );
+        assert_eq!(
+            config["shutdown"]["server_reference"].as_str(),
+            Some(format!("core.{NS}.svc").as_str())
+        );
+        let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), NS);
+        let pdb = pdbs
+            .get("core")
+            .await
+            .expect("PodDisruptionBudget")
+            .spec
+            .expect("spec");
+        assert_eq!(pdb.max_unavailable, Some(IntOrString::Int(1)));
+        assert_eq!(pdb.min_available, None);
+        // The client Service selects every broker pod (the endpoints controller then keeps
+        // the ready ones), not one active pod.
+        let svc: Api<Service> = Api::namespaced(client.clone(), NS);
+        let client_svc = svc.get("core").await.expect("client Service");
+        assert_eq!(
+            client_svc.spec.and_then(|s| s.selector),
+            spec.selector.match_labels.clone()
         );
 
-        // kube-controller-manager creates both pods at once (Parallel). core-0 turns active
-        // (ready); core-1 runs as a standby (not ready).
+        // kube-controller-manager creates both pods at once (Parallel); both turn ready.
         let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
         for name in ["core-0", "core-1"] {
-            wait_for(&format!("pod {name}"), WAIT, || {
-                let pods = pods.clone();
-                async move { pods.get_opt(name).await.ok().flatten().map(|_| ()) }
-            })
-            .await;
+            pod_uid(&pods, name).await;
+            set_pod_ready(&client, NS, name).await.expect("pod ready");
         }
-        set_pod_ready(&client, NS, "core-0")
-            .await
-            .expect("core-0 ready");
-        set_running(&client, "core-1").await;
         let brokers: Api<MqttBroker> = Api::namespaced(client.clone(), NS);
-        let b = wait_for("core Ready with one active pod", WAIT, || {
+        let ready_with = |n: usize| {
             let brokers = brokers.clone();
             async move {
-                let b = brokers.get("core").await.ok()?;
-                condition(&b, "Ready")
-                    .is_some_and(|c| c.status == "True")
-                    .then_some(b)
+                wait_for(&format!("core Ready with {n} pods"), WAIT, || {
+                    let brokers = brokers.clone();
+                    async move {
+                        let b = brokers.get("core").await.ok()?;
+                        condition(&b, "Ready")
+                            .is_some_and(|c| {
+                                c.status == "True" && c.message == format!("{n} of {n} pods ready")
+                            })
+                            .then_some(b)
+                    }
+                })
+                .await
             }
-        })
-        .await;
-        assert_eq!(
-            condition(&b, "Ready").map(|c| c.message.as_str()),
-            Some("1 active pod, 1 standby")
-        );
+        };
+        let b = ready_with(2).await;
         for t in ["KafkaReachable", "PostgresReachable"] {
             assert!(condition(&b, t).is_some_and(|c| c.status == "True"), "{t}");
         }
 
-        // A new image: the standby is replaced first, the active pod only once the other pod
-        // runs the new template.
-        let mut old_uids = Vec::new();
-        for n in ["core-0", "core-1"] {
-            old_uids.push(pods.get(n).await.expect("pod").uid().expect("uid"));
+        // `kubectl scale mqttbroker/core --replicas=3`: the scale subresource changes the
+        // number of active nodes.
+        brokers
+            .patch_scale(
+                "core",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"replicas": 3}})),
+            )
+            .await
+            .expect("scaling to 3");
+        wait_sts_named(&sts_api, "core", "StatefulSet scaled to 3", |s| {
+            s.spec.as_ref().and_then(|s| s.replicas) == Some(3)
+        })
+        .await;
+        let mut uids = Vec::new();
+        for name in ["core-0", "core-1"] {
+            uids.push(pod_uid(&pods, name).await);
         }
+        uids.push(pod_uid(&pods, "core-2").await);
+        set_pod_ready(&client, NS, "core-2")
+            .await
+            .expect("core-2 ready");
+        ready_with(3).await;
+        let scale = brokers.get_scale("core").await.expect("scale");
+        assert_eq!(scale.status.map(|s| s.replicas), Some(3));
+
+        // A new image: the StatefulSet controller replaces one pod at a time, highest ordinal
+        // first, and the next only once the replacement is ready. The operator deletes nothing.
         brokers
             .patch(
                 "core",
@@ -406,59 +507,43 @@ fn kafka_postgres_broker_rolls_standbys_first_on_the_api_server() {
             )
             .await
             .expect("new image");
-        // core-1 (the standby) is deleted and re-created with the new template first.
-        wait_for("core-1 replaced", WAIT, || {
-            let pods = pods.clone();
-            let old = old_uids[1].clone();
-            async move {
-                let p = pods.get_opt("core-1").await.ok()??;
-                (p.uid().as_deref() != Some(old.as_str())).then_some(())
-            }
-        })
-        .await;
-        let active = pods.get("core-0").await.expect("core-0");
-        assert_eq!(
-            active.uid().as_deref(),
-            Some(old_uids[0].as_str()),
-            "the active pod went before the standby was replaced"
-        );
-        assert!(pod_ready_now(&active));
-        // The new core-1 runs; then the operator replaces the active pod.
-        set_running(&client, "core-1").await;
-        wait_for("core-0 replaced", WAIT, || {
-            let pods = pods.clone();
-            let old = old_uids[0].clone();
-            async move {
-                let p = pods.get_opt("core-0").await.ok()??;
-                (p.uid().as_deref() != Some(old.as_str())).then_some(())
-            }
-        })
-        .await;
-        let events: Api<Event> = Api::namespaced(client.clone(), NS);
-        let reasons: Vec<String> = events
-            .list(&ListParams::default())
+        let new2 = replaced(&pods, "core-2", &uids[2]).await;
+        // The replacement is not ready yet: nobody else goes.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        for (i, name) in ["core-0", "core-1"].iter().enumerate() {
+            assert_eq!(
+                pods.get(name).await.expect("pod").uid().as_deref(),
+                Some(uids[i].as_str()),
+                "{name} went while core-2's replacement was not ready"
+            );
+        }
+        set_pod_ready(&client, NS, "core-2")
             .await
-            .expect("events")
-            .items
-            .into_iter()
-            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("core"))
-            .filter_map(|e| e.reason)
-            .collect();
-        for r in ["ReplacingStandbys", "ReplacingActive"] {
-            assert!(reasons.iter().any(|x| x == r), "{r} not in {reasons:?}");
+            .expect("new core-2 ready");
+        replaced(&pods, "core-1", &uids[1]).await;
+        assert_eq!(
+            pods.get("core-0").await.expect("core-0").uid().as_deref(),
+            Some(uids[0].as_str()),
+            "core-0 went before core-1"
+        );
+        assert_eq!(
+            pods.get("core-2").await.expect("core-2").uid().as_deref(),
+            Some(new2.as_str())
+        );
+        set_pod_ready(&client, NS, "core-1")
+            .await
+            .expect("new core-1 ready");
+        replaced(&pods, "core-0", &uids[0]).await;
+        set_pod_ready(&client, NS, "core-0")
+            .await
+            .expect("new core-0 ready");
+        let b = ready_with(3).await;
+        assert_eq!(b.status.as_ref().map(|s| s.updated_replicas), Some(3));
+        for name in ["core-0", "core-1", "core-2"] {
+            let pod = pods.get(name).await.expect("pod");
+            let image = pod.spec.and_then(|s| s.containers[0].image.clone());
+            assert_eq!(image.as_deref(), Some("ferrymq:2"), "{name}");
         }
         controllers.shutdown().await;
     });
-}
-
-/// Marks a pod Running but not Ready: how a broker standby looks (live, never ready).
-async fn set_running(client: &Client, name: &str) {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
-    pods.patch_status(
-        name,
-        &PatchParams::default(),
-        &Patch::Merge(json!({"status": {"phase": "Running"}})),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("pod {name} Running: {e}"));
 }

@@ -50,7 +50,7 @@ fn crds_are_established_and_every_documented_manifest_is_accepted() {
                 accepted.push(what);
             }
         }
-        assert_eq!(accepted.len(), 5, "{accepted:?}");
+        assert_eq!(accepted.len(), 6, "{accepted:?}");
 
         // The sample NOTES.txt prints after `helm install`.
         if let Some(rendered) = render_chart("ferrymq-system", json!({})) {

@@ -344,11 +344,17 @@ fn kafka_postgres_broker_serves_application_clients_the_operator_provisioned() {
             .data
             .and_then(|mut d| d.remove("ferrymq.toml"))
             .expect("ferrymq.toml in the ConfigMap");
-        let env = container_env(&client, NS, container).await;
+        let env = container_env(&client, NS, container, "core-0").await;
         assert!(
             env.iter().any(|(k, _)| k == "FERRYMQ_POSTGRES__URL"),
             "the broker's PostgreSQL URL comes from a Secret: {:?}",
             env.iter().map(|(k, _)| k).collect::<Vec<_>>()
+        );
+        // Every pod is a cluster node named after itself.
+        assert!(
+            env.iter()
+                .any(|(k, v)| k == "FERRYMQ_CLUSTER__NODE_ID" && v == "core-0"),
+            "the node id is the pod name"
         );
         let parsed: toml::Table = config.parse().expect("the ConfigMap holds TOML");
         let anonymous = parsed

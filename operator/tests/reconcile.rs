@@ -18,6 +18,7 @@ use ferrymq_operator::seam::{
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::ByteString;
 use kube::api::{Api, Patch, PatchParams};
 use kube::{Client, ResourceExt};
@@ -980,7 +981,7 @@ async fn suspend_and_missing_broker() {
     );
 }
 
-/// A pod of `broker` on template `revision`, `ready` or not (a standby), running.
+/// A pod of `broker` on template `revision`, `ready` or not (starting), running.
 fn pod_json(name: &str, labels: &BTreeMap<String, String>, revision: &str, ready: bool) -> Pod {
     let mut labels = labels.clone();
     labels.insert("controller-revision-hash".into(), revision.into());
@@ -995,108 +996,114 @@ fn pod_json(name: &str, labels: &BTreeMap<String, String>, revision: &str, ready
     .unwrap()
 }
 
-/// Kafka + PostgreSQL: every pod runs `postgres.standby = true`, one serves and the others wait.
-/// The StatefulSet uses OnDelete and the operator rolls the pods itself: the standbys on the old
-/// template first, then the active pod once the others run the new one. Ready means one active
-/// pod and the rest standbys on the current template.
+/// Kafka + PostgreSQL: every pod is an active cluster node (`[cluster] enabled`, its node id
+/// its pod name, no `postgres.standby`), so the StatefulSet rolls them itself (RollingUpdate,
+/// bounded by the PodDisruptionBudget) and the operator touches no pod. Each pod drains before
+/// it stops: a `preStop` pause, then the broker's drain, inside the grace period. Ready means
+/// every pod ready on the current template.
 #[tokio::test]
-async fn kafka_postgres_pods_roll_standbys_first_then_the_active_one() {
+async fn kafka_postgres_pods_are_active_nodes_rolled_by_the_statefulset() {
     let h = harness(app_world(Vec::new()), false).await;
     reconcile_broker(&h, "core").await.unwrap();
     let cms: Api<ConfigMap> = Api::namespaced(h.client.clone(), NS);
     let cm = cms.get("core-config").await.unwrap();
     let rendered: toml::Table = cm.data.unwrap()["ferrymq.toml"].parse().unwrap();
-    assert_eq!(rendered["postgres"]["standby"].as_bool(), Some(true));
+    assert_eq!(rendered["cluster"]["enabled"].as_bool(), Some(true));
+    assert!(rendered["postgres"].get("standby").is_none());
+    let drain = rendered["shutdown"]["drain_secs"].as_integer().unwrap();
+    assert!(drain > 0);
+    assert_eq!(
+        rendered["shutdown"]["server_reference"].as_str(),
+        Some(format!("core.{NS}.svc").as_str())
+    );
+
     let sts_api: Api<StatefulSet> = Api::namespaced(h.client.clone(), NS);
     let sts = sts_api.get("core").await.unwrap();
     let spec = sts.spec.clone().unwrap();
+    assert_eq!(spec.replicas, Some(3));
     assert_eq!(
         spec.update_strategy.unwrap().type_.as_deref(),
-        Some("OnDelete")
+        Some("RollingUpdate")
     );
     assert_eq!(spec.pod_management_policy.as_deref(), Some("Parallel"));
-    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(h.client.clone(), NS);
-    let pdb = pdbs.get("core").await.unwrap();
+    let pod_spec = spec.template.spec.clone().unwrap();
+    let container = &pod_spec.containers[0];
+    let node_id = container
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "FERRYMQ_CLUSTER__NODE_ID")
+        .expect("node id variable");
     assert_eq!(
-        pdb.spec.unwrap().unhealthy_pod_eviction_policy.as_deref(),
+        node_id
+            .value_from
+            .as_ref()
+            .and_then(|v| v.field_ref.as_ref())
+            .map(|f| f.field_path.as_str()),
+        Some("metadata.name")
+    );
+    let pre_stop = container
+        .lifecycle
+        .as_ref()
+        .and_then(|l| l.pre_stop.as_ref())
+        .and_then(|p| p.sleep.as_ref())
+        .expect("preStop sleep")
+        .seconds;
+    let grace = pod_spec.termination_grace_period_seconds.unwrap();
+    assert!(
+        grace > pre_stop + drain,
+        "grace {grace} s does not cover preStop {pre_stop} s + drain {drain} s"
+    );
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(h.client.clone(), NS);
+    let pdb = pdbs.get("core").await.unwrap().spec.unwrap();
+    assert_eq!(pdb.max_unavailable, Some(IntOrString::Int(1)));
+    assert_eq!(
+        pdb.unhealthy_pod_eviction_policy.as_deref(),
         Some("AlwaysAllow")
     );
 
-    // A template change is half rolled out: the active pod and one standby are on r1.
+    // A template change is half rolled out by the StatefulSet controller: the operator leaves
+    // the pods alone and reports the rollout.
     let labels = spec.selector.match_labels.unwrap();
-    let set_sts = |ready: i32, updated: i32| {
+    let set_sts = |ready: i32, updated: i32, current: &'static str| {
         let api = sts_api.clone();
         let generation = sts.metadata.generation;
         async move {
             let status = json!({"status": {
                 "observedGeneration": generation, "replicas": 3, "readyReplicas": ready,
-                "updatedReplicas": updated, "currentRevision": "r1", "updateRevision": "r2"
+                "updatedReplicas": updated, "currentRevision": current, "updateRevision": "r2"
             }});
             api.patch_status("core", &PatchParams::default(), &Patch::Merge(&status))
                 .await
                 .unwrap();
         }
     };
-    set_sts(1, 1).await;
+    set_sts(2, 1, "r1").await;
     let pods: Api<Pod> = Api::namespaced(h.client.clone(), NS);
     let pp = kube::api::PostParams::default();
-    pods.create(&pp, &pod_json("core-0", &labels, "r1", true))
-        .await
-        .unwrap();
-    pods.create(&pp, &pod_json("core-1", &labels, "r1", false))
-        .await
-        .unwrap();
-    pods.create(&pp, &pod_json("core-2", &labels, "r2", false))
-        .await
-        .unwrap();
-    let names = |pods: Api<Pod>| async move {
-        let mut n: Vec<(String, String)> = pods
-            .list(&Default::default())
+    for (name, revision, ready) in [
+        ("core-0", "r1", true),
+        ("core-1", "r1", true),
+        ("core-2", "r2", false),
+    ] {
+        pods.create(&pp, &pod_json(name, &labels, revision, ready))
             .await
-            .unwrap()
-            .items
-            .iter()
-            .map(|p| (p.name_any(), p.labels()["controller-revision-hash"].clone()))
-            .collect();
-        n.sort();
-        n
-    };
-
-    // First the old standby goes; the active pod stays while a standby is still old.
+            .unwrap();
+    }
     reconcile_broker(&h, "core").await.unwrap();
-    assert_eq!(
-        names(pods.clone()).await,
-        vec![
-            ("core-0".to_string(), "r1".to_string()),
-            ("core-2".to_string(), "r2".to_string())
-        ]
-    );
+    assert_eq!(pods.list(&Default::default()).await.unwrap().items.len(), 3);
     let status = broker_status(&h, "core").await;
-    assert_eq!(cond(&status.conditions, "Ready").unwrap().status, "False");
-
-    // The StatefulSet controller re-creates it on r2; now the active pod is replaced.
-    pods.create(&pp, &pod_json("core-1", &labels, "r2", false))
-        .await
-        .unwrap();
-    set_sts(1, 2).await;
-    reconcile_broker(&h, "core").await.unwrap();
+    let ready = cond(&status.conditions, "Ready").unwrap();
     assert_eq!(
-        names(pods.clone()).await,
-        vec![
-            ("core-1".to_string(), "r2".to_string()),
-            ("core-2".to_string(), "r2".to_string())
-        ]
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "RollingOut")
     );
 
-    // A standby took over, core-0 came back as a standby: rolled out, and Ready.
-    pods.create(&pp, &pod_json("core-0", &labels, "r2", false))
-        .await
-        .unwrap();
-    set_sts(1, 3).await;
+    // Rolled out: every pod ready on r2.
+    set_sts(3, 3, "r2").await;
     reconcile_broker(&h, "core").await.unwrap();
-    assert_eq!(names(pods.clone()).await.len(), 3);
     let status = broker_status(&h, "core").await;
     let ready = cond(&status.conditions, "Ready").unwrap();
     assert_eq!(ready.status, "True", "{ready:?}");
-    assert_eq!(ready.message, "1 active pod, 2 standby");
+    assert_eq!(ready.message, "3 of 3 pods ready");
 }

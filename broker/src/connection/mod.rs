@@ -22,6 +22,7 @@ use tokio::sync::{oneshot, watch};
 use self::transport::{Io, ReadSide, Transport, WriteSide};
 use crate::auth::ClientCertificate;
 use crate::broker::Broker;
+use crate::drain::{self, DrainPlan, DrainSignal};
 use crate::metrics::{ConnectResult, DisconnectReason, ListenerMetrics};
 use crate::protocol::{
     encode, Decoder, Disconnect, DisconnectProperties, DisconnectReasonCode, Incoming,
@@ -68,12 +69,19 @@ pub struct ConnInfo {
     pub over_rate: bool,
 }
 
+/// How the server tells a connection to close: at once (`shutdown`), or at its turn of a drain.
+#[derive(Clone)]
+pub struct CloseSignals {
+    pub shutdown: watch::Receiver<bool>,
+    pub drain: DrainSignal,
+}
+
 /// Serves one accepted connection until it ends. Never panics on peer input.
 pub async fn serve(
     broker: Arc<Broker>,
     transport: Transport,
     info: ConnInfo,
-    shutdown: watch::Receiver<bool>,
+    signals: CloseSignals,
     listener: Arc<ListenerMetrics>,
 ) {
     let b = broker.clone();
@@ -82,10 +90,10 @@ pub async fn serve(
     // by value, which made every connection's task several KiB larger, idle plain TCP ones
     // included (docs/benchmarks.md). So they run boxed, and only plain TCP runs inline.
     let result = match transport {
-        Transport::Tcp(stream) => run(b, stream, &info, shutdown, &listener).await,
-        Transport::Tls(stream) => Box::pin(run(b, *stream, &info, shutdown, &listener)).await,
-        Transport::Ws(stream) => Box::pin(run(b, *stream, &info, shutdown, &listener)).await,
-        Transport::Wss(stream) => Box::pin(run(b, *stream, &info, shutdown, &listener)).await,
+        Transport::Tcp(stream) => run(b, stream, &info, signals, &listener).await,
+        Transport::Tls(stream) => Box::pin(run(b, *stream, &info, signals, &listener)).await,
+        Transport::Ws(stream) => Box::pin(run(b, *stream, &info, signals, &listener)).await,
+        Transport::Wss(stream) => Box::pin(run(b, *stream, &info, signals, &listener)).await,
     };
     if let Err(e) = result {
         tracing::debug!(peer = %info.peer, error = %e, "connection ended with an error");
@@ -104,13 +112,15 @@ enum End {
     Kicked(Kick),
     /// The broker is shutting down.
     Shutdown,
+    /// The node is draining and this connection's turn to leave came.
+    Drained(Arc<DrainPlan>),
 }
 
 async fn run<S: Io>(
     broker: Arc<Broker>,
     mut stream: S,
     info: &ConnInfo,
-    mut shutdown: watch::Receiver<bool>,
+    mut signals: CloseSignals,
     listener: &ListenerMetrics,
 ) -> std::io::Result<()> {
     let peer = info.peer;
@@ -185,7 +195,7 @@ async fn run<S: Io>(
         &mut rbuf,
         &mut wbuf,
         kick_rx,
-        &mut shutdown,
+        &mut signals,
         keep_alive,
     )
     .await;
@@ -194,6 +204,7 @@ async fn run<S: Io>(
     // rather than after `slow_subscriber_wait_ms`, and new ones do not start waiting.
     machine.session.mailbox.set_online(false);
     let version = machine.version;
+    let mut server_reference = None;
     let (will_allowed, reason, done) = match end {
         End::ClientDisconnect { publish_will } => {
             broker.metrics.disconnect(DisconnectReason::Client);
@@ -245,11 +256,31 @@ async fn run<S: Io>(
                 None,
             )
         }
+        End::Drained(plan) => {
+            // As a shutdown: the client did nothing wrong and its session goes on elsewhere,
+            // so no will.
+            broker.metrics.disconnect(DisconnectReason::Shutdown);
+            server_reference = plan.server_reference.clone();
+            (
+                false,
+                Some((
+                    DisconnectReasonCode::ServerShuttingDown,
+                    "server shutting down: reconnect to another node",
+                )),
+                None,
+            )
+        }
     };
     let closed_by_us = reason.is_some();
     if let Some((code, why)) = reason {
         if version == ProtocolVersion::V5 {
-            send_disconnect(&mut stream, &mut wbuf, code, why).await;
+            let close = Close {
+                code,
+                why,
+                server_reference: server_reference.as_deref(),
+                max_size: machine.client_max_packet_size(),
+            };
+            send_disconnect(&mut stream, &mut wbuf, close).await;
         }
     }
     // Bounded: a TLS close_notify or WebSocket close frame waits on a peer that may not read.
@@ -306,7 +337,7 @@ async fn event_loop<S: Io>(
     rbuf: &mut BytesMut,
     wbuf: &mut BytesMut,
     mut kick_rx: oneshot::Receiver<Kick>,
-    shutdown: &mut watch::Receiver<bool>,
+    signals: &mut CloseSignals,
     keep_alive: u16,
 ) -> End {
     let metrics = broker.metrics.clone();
@@ -331,6 +362,8 @@ async fn event_loop<S: Io>(
     let slow_wait = Duration::from_millis(broker.config.limits.slow_subscriber_wait_ms);
     let mut blocked_since: Option<tokio::time::Instant> = None;
     let mut kick_closed = false;
+    // This connection's turn to leave once the node drains; kept across loop turns.
+    let mut drain_turn = None;
 
     loop {
         let now = Instant::now();
@@ -363,7 +396,8 @@ async fn event_loop<S: Io>(
                 // slot); nothing to wait for any more.
                 Err(_) => kick_closed = true,
             },
-            _ = shutdown.changed() => return End::Shutdown,
+            _ = signals.shutdown.changed() => return End::Shutdown,
+            plan = drain::my_turn(&mut signals.drain, &mut drain_turn) => return End::Drained(plan),
             pushed = push(&mut writer, wbuf), if !wbuf.is_empty() || unflushed => match pushed {
                 Ok(Some(0)) | Err(_) => return End::SocketClosed,
                 Ok(Some(n)) => {
@@ -572,22 +606,35 @@ fn next_check(
 }
 
 /// Writes a v5 DISCONNECT after whatever output is pending, giving the peer a moment to take it.
-async fn send_disconnect<S: Io>(
-    stream: &mut S,
-    wbuf: &mut BytesMut,
+/// A server-sent v5 DISCONNECT.
+struct Close<'a> {
     code: DisconnectReasonCode,
     why: &'static str,
-) {
+    /// Where the client should go instead (v5 Server Reference).
+    server_reference: Option<&'a str>,
+    /// The client's Maximum Packet Size.
+    max_size: Option<u32>,
+}
+
+async fn send_disconnect<S: Io>(stream: &mut S, wbuf: &mut BytesMut, close: Close<'_>) {
     let packet = Packet::Disconnect(Disconnect {
-        reason_code: code,
+        reason_code: close.code,
         properties: Some(DisconnectProperties {
             session_expiry_interval: None,
-            reason_string: Some(why.to_string()),
+            reason_string: Some(close.why.to_string()),
             user_properties: Vec::new(),
-            server_reference: None,
+            server_reference: close.server_reference.map(str::to_string),
         }),
     });
-    let _ = encode(&packet, ProtocolVersion::V5, None, wbuf);
+    if encode(&packet, ProtocolVersion::V5, close.max_size, wbuf).is_err() {
+        // Too large for the client's Maximum Packet Size [MQTT-3.1.2-24]: the reason code
+        // alone still says why.
+        let bare = Packet::Disconnect(Disconnect {
+            reason_code: close.code,
+            properties: None,
+        });
+        let _ = encode(&bare, ProtocolVersion::V5, close.max_size, wbuf);
+    }
     let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, async {
         stream.write_all(wbuf).await?;
         stream.flush().await

@@ -145,14 +145,16 @@ pub async fn wait_event(client: &Client, ns: &str, name: &str, reason: &str) -> 
     .await
 }
 
-/// What a kubelet gives `container` as environment: `env` values, `valueFrom.secretKeyRef` and
-/// `envFrom.secretRef` (with its prefix) resolved against the Secrets in the API server, as the
-/// pod would see them. Anything else (ConfigMap refs, field refs) panics: the operator sets none
-/// today, and a test must not silently drop what a pod would get.
+/// What a kubelet gives `container` of pod `pod_name` as environment: `env` values,
+/// `valueFrom.secretKeyRef` and `envFrom.secretRef` (with its prefix) resolved against the
+/// Secrets in the API server, and `valueFrom.fieldRef` `metadata.name` (the pod's name), as the
+/// pod would see them. Anything else (ConfigMap refs, other field refs) panics: the operator
+/// sets none today, and a test must not silently drop what a pod would get.
 pub async fn container_env(
     client: &Client,
     ns: &str,
     container: &Container,
+    pod_name: &str,
 ) -> Vec<(String, String)> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
     let read = |name: String| {
@@ -187,11 +189,19 @@ pub async fn container_env(
     for var in container.env.iter().flatten() {
         let value = match (&var.value, &var.value_from) {
             (Some(v), None) => v.clone(),
-            (None, Some(from)) => {
-                let r = from
-                    .secret_key_ref
+            // The downward API's pod name (the cluster node id).
+            (None, Some(from))
+                if from
+                    .field_ref
                     .as_ref()
-                    .unwrap_or_else(|| panic!("valueFrom other than secretKeyRef: {var:?}"));
+                    .is_some_and(|f| f.field_path == "metadata.name") =>
+            {
+                pod_name.to_string()
+            }
+            (None, Some(from)) => {
+                let r = from.secret_key_ref.as_ref().unwrap_or_else(|| {
+                    panic!("valueFrom other than secretKeyRef or metadata.name: {var:?}")
+                });
                 read(r.name.clone())
                     .await
                     .remove(&r.key)
@@ -322,6 +332,9 @@ pub fn resource_of(api_version: &str, kind: &str) -> ApiResource {
         ("v1", "Service") => ApiResource::erase::<core::v1::Service>(&()),
         ("v1", "ServiceAccount") => ApiResource::erase::<core::v1::ServiceAccount>(&()),
         ("apps/v1", "Deployment") => ApiResource::erase::<apps::v1::Deployment>(&()),
+        ("autoscaling/v2", "HorizontalPodAutoscaler") => {
+            ApiResource::erase::<k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler>(&())
+        }
         ("rbac.authorization.k8s.io/v1", "ClusterRole") => {
             ApiResource::erase::<rbac::v1::ClusterRole>(&())
         }

@@ -122,6 +122,12 @@ pub struct Machine {
 }
 
 impl Machine {
+    /// The client's v5 Maximum Packet Size (`None`: only the protocol limit); what the
+    /// connection may send it when it closes.
+    pub fn client_max_packet_size(&self) -> Option<u32> {
+        self.client.max_packet_size
+    }
+
     pub fn new(
         broker: Arc<Broker>,
         version: ProtocolVersion,
