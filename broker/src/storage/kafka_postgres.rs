@@ -75,11 +75,16 @@ impl KafkaPostgresStorage {
     ) -> Result<KafkaPostgresStorage, StorageError> {
         let kafka = Kafka::connect(&config.kafka, metrics.clone()).await?;
         let apps = Arc::new(ApplicationLogs::new(kafka.clone()));
-        let (pg, lock) =
-            PgStore::connect(&config.postgres, config.device.queue_limit, metrics).await?;
+        let (pg, lock) = PgStore::connect(
+            &config.postgres,
+            config.device.queue_limit,
+            config.cluster.enabled,
+            metrics,
+        )
+        .await?;
         let pg = Arc::new(pg);
         let log = Arc::new(KafkaPublishLog::new(kafka.clone()));
-        let reader = KafkaLogReader::open(&kafka, &pg).await?;
+        let reader = KafkaLogReader::open(&kafka, &pg, &config.cluster).await?;
         tokio::spawn(watch_health(
             kafka.clone(),
             pg.clone(),
@@ -314,14 +319,21 @@ impl Appender {
 
 /// Probes both services, logs every change of state, and keeps the node lock: when its
 /// connection dies (PostgreSQL restarted) a new one takes the lock again; when another node took
-/// it meanwhile, the process exits.
-async fn watch_health(kafka: Arc<Kafka>, pg: Arc<PgStore>, lock: PgConnection, url: String) {
-    let lock = Mutex::new(Some(lock));
+/// it meanwhile, the process exits. `lock` is `None` in cluster mode (`cluster.enabled`): there
+/// is no node lock, partitions are fenced by their claim epochs instead.
+async fn watch_health(
+    kafka: Arc<Kafka>,
+    pg: Arc<PgStore>,
+    lock: Option<PgConnection>,
+    url: String,
+) {
+    let cluster = lock.is_none();
+    let lock = Mutex::new(lock);
     let mut tick = tokio::time::interval(PROBE_INTERVAL);
     loop {
         tick.tick().await;
         kafka.probe().await;
-        if !pg.probe().await {
+        if !pg.probe().await || cluster {
             continue;
         }
         let mut held = lock.lock().await;
