@@ -360,6 +360,36 @@ mod tests {
         );
     }
 
+    /// A claimed partition's stored flows replace what was known of it; a released partition
+    /// takes its publishers' flows along, and other partitions keep theirs.
+    #[test]
+    fn qos2_flows_follow_their_partition() {
+        let (p0, p1): (Arc<str>, Arc<str>) = ("on-0".into(), "on-1".into());
+        let mut flows = Qos2Flows::new(HashMap::new());
+        let mut batch = WriteBatch::default();
+        assert!(flows.route(0, &p0, 1, false, &mut batch));
+        assert!(flows.route(1, &p1, 2, false, &mut batch));
+        flows.change(PartitionChange::Released { partition: 0 });
+        assert!(
+            flows.route(0, &p0, 1, true, &mut batch),
+            "forgotten with its partition"
+        );
+        assert!(!flows.route(1, &p1, 2, true, &mut batch), "kept");
+        let stored = HashMap::from([(p0.clone(), HashSet::from([9]))]);
+        flows.change(PartitionChange::Claimed {
+            partition: 0,
+            flows: stored,
+        });
+        assert!(
+            !flows.route(0, &p0, 9, true, &mut batch),
+            "loaded with the claim"
+        );
+        assert!(
+            flows.route(0, &p0, 1, true, &mut batch),
+            "replaced by the claim"
+        );
+    }
+
     /// Only APPLICATION and group appends carry their origin; DEVICE appends do not need it
     /// (they are stored in the transaction that moves the position).
     #[test]

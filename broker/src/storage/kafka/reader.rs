@@ -100,6 +100,16 @@ enum GroupEvent {
 #[derive(Default)]
 struct GroupEvents {
     queue: parking_lot::Mutex<Vec<GroupEvent>>,
+    /// Wakes [`LogReader::next`]: the consumer handles a rebalance inside `recv` and goes on
+    /// waiting for a record, which may not come for a long time.
+    queued: tokio::sync::Notify,
+}
+
+impl GroupEvents {
+    fn push(&self, event: GroupEvent) {
+        self.queue.lock().push(event);
+        self.queued.notify_one();
+    }
 }
 
 impl ClientContext for GroupEvents {}
@@ -107,18 +117,13 @@ impl ClientContext for GroupEvents {}
 impl ConsumerContext for GroupEvents {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
-            self.queue
-                .lock()
-                .push(GroupEvent::Revoked(partitions_of(tpl)));
+            self.push(GroupEvent::Revoked(partitions_of(tpl)));
         }
     }
 
     fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
-            Rebalance::Assign(tpl) => self
-                .queue
-                .lock()
-                .push(GroupEvent::Assigned(partitions_of(tpl))),
+            Rebalance::Assign(tpl) => self.push(GroupEvent::Assigned(partitions_of(tpl))),
             Rebalance::Revoke(_) => {}
             Rebalance::Error(e) => tracing::error!(error = %e, "publish log rebalance failed"),
         }
@@ -347,16 +352,24 @@ impl LogReader for KafkaLogReader {
         let mut out = Vec::new();
         let mut taken = 0;
         while out.is_empty() {
-            let received = self.consumer.recv().await;
-            // A rebalance runs inside recv: apply it before the record it returned.
-            self.claims
-                .apply_group_events(&self.consumer, &mut out)
-                .await;
-            match received {
-                Ok(message) => self.claims.positions.take(&message, &mut out),
-                Err(e) => tracing::warn!(error = %e, "reading the publish log failed"),
+            tokio::select! {
+                received = self.consumer.recv() => {
+                    // A rebalance runs inside recv: apply it before the record it returned.
+                    self.claims
+                        .apply_group_events(&self.consumer, &mut out)
+                        .await;
+                    match received {
+                        Ok(message) => self.claims.positions.take(&message, &mut out),
+                        Err(e) => tracing::warn!(error = %e, "reading the publish log failed"),
+                    }
+                    taken += 1;
+                }
+                _ = self.consumer.context().queued.notified() => {
+                    self.claims
+                        .apply_group_events(&self.consumer, &mut out)
+                        .await;
+                }
             }
-            taken += 1;
         }
         // Whatever else has arrived already joins this call: batching from what is queued,
         // never from waiting.
