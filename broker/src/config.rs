@@ -209,7 +209,7 @@ impl Default for PostgresConfig {
 }
 
 /// Cluster membership of this node.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClusterConfig {
     /// `true`: this node is one of several active nodes sharing the Kafka cluster and the
@@ -218,15 +218,6 @@ pub struct ClusterConfig {
     /// This node's name, unique in the cluster and stable across restarts (the pod name under
     /// the operator). Empty: the `HOSTNAME` environment variable, else `ferrymq`.
     pub node_id: String,
-}
-
-impl Default for ClusterConfig {
-    fn default() -> Self {
-        ClusterConfig {
-            enabled: false,
-            node_id: String::new(),
-        }
-    }
 }
 
 impl ClusterConfig {
