@@ -1,12 +1,13 @@
 //! The state every connection shares: configuration, router, session registry, authenticator and
 //! metrics, plus the session lifecycle (open, take over, park, expire, wills).
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
 use crate::auth::{AllowAll, Authenticator};
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::ingest::{Ingest, Parts};
 use crate::message::{Message, MessageProperties};
@@ -17,13 +18,14 @@ use crate::router::Router;
 use crate::session::registry::{Claim, Due, Kick, KickReason, PendingWill, Registry};
 use crate::session::{Session, NEVER_EXPIRES};
 use crate::storage::codec::now_ms;
-use crate::storage::log::LogReader;
+use crate::storage::log::{LocalLogReader, LogReader};
 use crate::storage::{
-    ClientKind, LogParts, SessionRecord, Storage, StorageError, WriteBatch, WriteOp,
+    ClientKind, LogParts, RestoredSession, SessionRecord, Storage, StorageError, WriteBatch,
+    WriteOp,
 };
 
 /// How long a new connection waits for the previous owner of its client id to let go.
-const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(5);
+use crate::cluster::TAKEOVER_TIMEOUT;
 
 /// Shared broker state. One per process, behind an `Arc`.
 pub struct Broker {
@@ -39,6 +41,11 @@ pub struct Broker {
     pub ingest: Ingest,
     /// A log-first backend's publish log reader, until the server starts its dispatcher.
     log_reader: parking_lot::Mutex<Option<Box<dyn LogReader>>>,
+    /// In a cluster, this node's local reader of the publish log, until the server starts its
+    /// local delivery.
+    local_reader: parking_lot::Mutex<Option<Box<dyn LocalLogReader>>>,
+    /// Several active nodes (`cluster.enabled`): this node's part in the cluster.
+    cluster: OnceLock<Arc<Cluster>>,
 }
 
 /// Why a session could not be opened.
@@ -64,7 +71,19 @@ impl Broker {
         let opened = crate::storage::open(&config, metrics.clone()).await?;
         let broker = Self::with_parts(config, auth, opened.storage, metrics, opened.log);
         broker.restore().await?;
+        if broker.config.cluster.enabled {
+            Cluster::start(&broker).await?;
+        }
         Ok(broker)
+    }
+
+    /// This node's part in a cluster of active nodes, when `cluster.enabled`.
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.get()
+    }
+
+    pub(crate) fn set_cluster(&self, cluster: Arc<Cluster>) {
+        let _ = self.cluster.set(cluster);
     }
 
     pub fn with_parts(
@@ -80,9 +99,13 @@ impl Broker {
         };
         let router = Arc::new(Router::new(metrics.clone(), config.device.message_ttl_secs));
         router.set_shared_groups_in_log(storage.shared_groups_in_log());
-        let (ingest, log_reader) = match log {
-            Some(LogParts { append, reader }) => (Ingest::AppendToLog(append), Some(reader)),
-            None => (Ingest::RouteThenStore, None),
+        let (ingest, log_reader, local_reader) = match log {
+            Some(LogParts {
+                append,
+                reader,
+                local,
+            }) => (Ingest::AppendToLog(append), Some(reader), local),
+            None => (Ingest::RouteThenStore, None, None),
         };
         Arc::new(Broker {
             router,
@@ -93,6 +116,8 @@ impl Broker {
             storage,
             ingest,
             log_reader: parking_lot::Mutex::new(log_reader),
+            local_reader: parking_lot::Mutex::new(local_reader),
+            cluster: OnceLock::new(),
             config,
         })
     }
@@ -118,7 +143,6 @@ impl Broker {
             // The type was decided at CONNECT (by credentials or configuration) and stored with
             // the session; a client whose type changed since gets a fresh session when it
             // connects again (see `open_session`).
-            let kind = restored.record.kind;
             let record = &restored.record;
             let gone_ms = if record.disconnected_at_ms == 0 {
                 0
@@ -135,35 +159,15 @@ impl Broker {
                 }
                 left as u32
             };
-            let mut session = Session::new(
-                restored.client.clone(),
-                self.config.limits.max_queued_messages,
-                record.expiry_interval,
-                kind,
-                restored.next_seq,
-            );
-            session.stored = true;
-            session.cursor = restored.read_from;
-            session.committed = restored.read_from;
-            session.dup_below = restored.sent_upto + 1;
-            session.sent_upto = restored.sent_upto;
-            session.stored_pending = true;
-            session.inbound_qos2 = restored.inbound_qos2.into_iter().collect();
             entries += restored.next_seq.saturating_sub(restored.read_from);
-            for (filter, options) in restored.subscriptions {
-                if let Ok(parsed) = parse_filter(&filter, &self.topic_limits) {
-                    self.router
-                        .subscribe(&session.mailbox, parsed, options.clone());
-                    session.subscriptions.insert(filter, options);
-                }
-            }
-            self.metrics.sessions.inc();
+            let client = restored.client.clone();
+            let session = self.session_from_restored(restored);
             sessions += 1;
             let epoch = self.registry.restore(session);
             if remaining != NEVER_EXPIRES {
                 let deadline = now + u64::from(remaining) * 1000;
                 self.registry
-                    .schedule(&restored.client, epoch, deadline, Due::Expiry);
+                    .schedule(&client, epoch, deadline, Due::Expiry);
             }
         }
         let retained = snapshot.retained.len();
@@ -179,6 +183,69 @@ impl Broker {
         Ok(())
     }
 
+    /// A session rebuilt from its stored state, its subscriptions in the router.
+    pub(crate) fn session_from_restored(&self, restored: RestoredSession) -> Session {
+        let mut session = Session::new(
+            restored.client.clone(),
+            self.config.limits.max_queued_messages,
+            restored.record.expiry_interval,
+            restored.record.kind,
+            restored.next_seq,
+        );
+        session.stored = true;
+        session.cursor = restored.read_from;
+        session.committed = restored.read_from;
+        session.dup_below = restored.sent_upto + 1;
+        session.sent_upto = restored.sent_upto;
+        session.stored_pending = true;
+        session.inbound_qos2 = restored.inbound_qos2.into_iter().collect();
+        for (filter, options) in restored.subscriptions {
+            if let Ok(parsed) = parse_filter(&filter, &self.topic_limits) {
+                self.router
+                    .subscribe(&session.mailbox, parsed, options.clone());
+                session.subscriptions.insert(filter, options);
+            }
+        }
+        self.metrics.sessions.inc();
+        session
+    }
+
+    /// Takes a session out of the router and the counts without touching storage (another
+    /// node holds it, or a fresher copy replaces it).
+    fn forget_local(&self, session: &Session) {
+        for filter in session.subscriptions.keys() {
+            if let Ok(parsed) = parse_filter(filter, &self.topic_limits) {
+                self.router.unsubscribe_mailbox(&session.mailbox, parsed);
+            }
+        }
+        self.metrics.sessions.dec();
+    }
+
+    /// Parks `session`, a copy of a session another node holds, in place of this node's copy.
+    /// Returns its offline epoch, or `None` (and drops it) when the client is online here.
+    pub(crate) fn replace_mirror(&self, session: Session) -> Option<u64> {
+        match self.registry.mirror(session) {
+            Ok((epoch, old)) => {
+                if let Some(old) = old {
+                    self.forget_local(&old);
+                }
+                Some(epoch)
+            }
+            Err(session) => {
+                self.forget_local(&session);
+                None
+            }
+        }
+    }
+
+    /// Drops this node's offline copy of a session that ended on another node, or that is
+    /// a clean session there now.
+    pub(crate) fn forget_mirror(&self, client: &str) {
+        if let Some((session, _will)) = self.registry.remove_offline(client) {
+            self.forget_local(&session);
+        }
+    }
+
     /// Claims `client_id` for connection `conn_id`, taking the session over from a live
     /// connection if needed, and returns the session to use and whether it existed
     /// (CONNACK Session Present). A persistent session is durable before this returns.
@@ -191,8 +258,25 @@ impl Broker {
         expiry_interval: u32,
         kind: ClientKind,
     ) -> Result<(Session, bool), OpenError> {
+        // Several active nodes: take the client id in the directory first (the node that held
+        // it closes its connection and lets go), then read the session's state from storage.
+        let cluster = self.cluster().cloned();
+        let restart = clean_start && kind == ClientKind::Device;
+        let cluster_epoch = match &cluster {
+            Some(c) => Some(
+                c.claim(
+                    &client_id,
+                    expiry_interval > 0,
+                    restart,
+                    kind,
+                    expiry_interval,
+                )
+                .await?,
+            ),
+            None => None,
+        };
         let deadline = tokio::time::Instant::now() + TAKEOVER_TIMEOUT;
-        let (mut session, present) = loop {
+        let (mut session, mut present) = loop {
             match self.registry.claim(&client_id, conn_id, &mut kick) {
                 Claim::Fresh => {
                     break (
@@ -245,6 +329,20 @@ impl Broker {
                 }
             }
         };
+        if let (Some(cluster), Some(epoch)) = (&cluster, cluster_epoch) {
+            session.cluster_epoch = Some(epoch);
+            match self
+                .session_from_storage(session, present, restart, expiry_interval, kind)
+                .await
+            {
+                Ok((s, p)) => (session, present) = (s, p),
+                Err(e) => {
+                    cluster.unclaim(&client_id, epoch);
+                    self.registry.release(&client_id, conn_id);
+                    return Err(e.into());
+                }
+            }
+        }
         if kind == ClientKind::Application {
             match self.storage.prepare_application(&client_id).await {
                 Ok(Some(start)) if !present => {
@@ -296,9 +394,65 @@ impl Broker {
                 }
             }
         }
+        if let (Some(cluster), true) = (&cluster, session.is_persistent()) {
+            // Every node's dispatcher stores for this session from now on, with these
+            // subscriptions (the claim carried the ones the directory knew).
+            if let Err(e) = cluster.announce(&session, true).await {
+                self.release_failed_open(session, conn_id);
+                return Err(e.into());
+            }
+        }
         if kind == ClientKind::Application {
             self.application_shared(&session);
         }
+        Ok((session, present))
+    }
+
+    /// Several active nodes: the session as storage has it, in place of this node's copy
+    /// (which another node may have changed since). Clean Start deletes what is stored.
+    async fn session_from_storage(
+        &self,
+        local: Session,
+        present: bool,
+        restart: bool,
+        expiry_interval: u32,
+        kind: ClientKind,
+    ) -> Result<(Session, bool), StorageError> {
+        let epoch = local.cluster_epoch;
+        if restart {
+            if !present {
+                let mut batch = WriteBatch::default();
+                batch.push(WriteOp::DeleteSession {
+                    client: local.client_id.clone(),
+                });
+                self.storage
+                    .submit(batch)
+                    .await
+                    .unwrap_or(Err(StorageError::Closed))?;
+            }
+            return Ok((local, false));
+        }
+        let stored = self.storage.load_session(&local.client_id).await?;
+        let (mut session, present) = match stored {
+            Some(restored) if restored.record.kind == kind => {
+                let session = self.session_from_restored(restored);
+                self.forget_local(&local);
+                (session, true)
+            }
+            _ if present => {
+                // This node's copy is of a session that has ended elsewhere.
+                self.forget_local(&local);
+                (
+                    self.new_session(local.client_id.clone(), expiry_interval, kind),
+                    false,
+                )
+            }
+            _ => (local, false),
+        };
+        session.expiry_interval = expiry_interval;
+        session.mailbox.set_persistent(expiry_interval > 0);
+        session.stored_pending = session.stored;
+        session.cluster_epoch = epoch;
         Ok((session, present))
     }
 
@@ -371,6 +525,18 @@ impl Broker {
             .and_then(|w| w.properties.as_ref())
             .and_then(|p| p.delay_interval)
             .unwrap_or(0);
+        if let (Some(cluster), Some(epoch)) = (self.cluster(), session.cluster_epoch) {
+            cluster.unclaim(&client_id, epoch);
+            if cluster.superseded(&client_id, epoch) {
+                self.close_superseded(session, conn_id, will, will_delay);
+                return;
+            }
+            if session.is_persistent() {
+                cluster.announce_offline(&session);
+            } else {
+                cluster.announce_ended(&client_id);
+            }
+        }
         if !session.is_persistent() {
             // Its subscriptions go before its client id is free: a new session of the same
             // client id must not subscribe in between and then lose that subscription.
@@ -418,6 +584,22 @@ impl Broker {
         }
     }
 
+    /// Closes a connection whose client connected to another node since: that node owns the
+    /// session now, so nothing more is written about it here. The will is published unless
+    /// it waits on a delay (the client is back, which cancels it [MQTT-3.1.3-9]).
+    fn close_superseded(&self, session: Session, conn_id: u64, will: Option<Will>, delay: u32) {
+        let client_id = session.client_id.clone();
+        if session.is_persistent() {
+            let _ = self.registry.park(session, conn_id, None);
+        } else {
+            self.forget_local(&session);
+            self.registry.release(&client_id, conn_id);
+        }
+        if let (Some(will), 0) = (will, delay) {
+            self.publish_will(&client_id, will);
+        }
+    }
+
     /// Publishes delayed wills and removes expired sessions whose time has come, at most
     /// `budget` per call. Called by a background task every [`crate::server`] tick.
     pub fn expire_due(&self, budget: usize) -> usize {
@@ -438,6 +620,9 @@ impl Broker {
                             self.publish_will(&client_id, *p.will);
                         }
                         self.discard(session);
+                        if let Some(cluster) = self.cluster() {
+                            cluster.announce_ended(&client_id);
+                        }
                     }
                 }
             }
@@ -457,6 +642,11 @@ impl Broker {
     /// The log-first backend's publish log reader, for the dispatcher; there is one.
     pub fn take_log_reader(&self) -> Option<Box<dyn LogReader>> {
         self.log_reader.lock().take()
+    }
+
+    /// In a cluster, the local reader of the publish log, for local delivery; there is one.
+    pub fn take_local_reader(&self) -> Option<Box<dyn LocalLogReader>> {
+        self.local_reader.lock().take()
     }
 
     /// Publishes a will message as if the client had sent it.

@@ -7,6 +7,7 @@
 
 pub mod auth;
 pub mod broker;
+pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod http;
@@ -23,4 +24,5 @@ pub mod session;
 pub mod standby;
 pub mod storage;
 pub mod tls;
+pub mod wake;
 pub mod websocket;

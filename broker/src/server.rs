@@ -182,12 +182,32 @@ impl Server {
                 }
             }
         });
+        let slow_wait = Duration::from_millis(broker.config.limits.slow_subscriber_wait_ms);
+        if let Some(wakes) = broker.storage.take_wakes() {
+            tasks.spawn(crate::wake::run(broker.clone(), wakes, shutdown_rx.clone()));
+        }
+        // In a cluster the dispatcher does the persistent part of routing and the local reader
+        // delivers to this node's connections (`router::local`); alone, the dispatcher does both.
+        let local = broker.take_local_reader();
+        let scope = match local {
+            Some(_) => crate::router::Scope::Persistent,
+            None => crate::router::Scope::All,
+        };
+        if let Some(reader) = local {
+            let delivery = crate::router::local::LocalDelivery {
+                router: broker.router.clone(),
+                metrics: broker.metrics.clone(),
+                slow_wait,
+            };
+            tasks.spawn(delivery.run(reader, shutdown_rx.clone()));
+        }
         if let Some(reader) = broker.take_log_reader() {
             let dispatcher = crate::router::dispatcher::Dispatcher {
                 router: broker.router.clone(),
                 storage: broker.storage.clone(),
                 metrics: broker.metrics.clone(),
-                slow_wait: Duration::from_millis(broker.config.limits.slow_subscriber_wait_ms),
+                slow_wait,
+                scope,
             };
             tasks.spawn(dispatcher.run(reader, shutdown_rx.clone()));
         }

@@ -29,8 +29,8 @@ async fn open(pg: &Postgres, schema: &str, cluster: bool) -> PgStore {
     let (store, _lock) = PgStore::connect(
         &config(pg, schema),
         10_000,
-        cluster,
         Arc::new(Metrics::new()),
+        cluster,
     )
     .await
     .expect("connect to postgres");

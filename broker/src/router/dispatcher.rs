@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::{place_blocked, Router};
+use super::{place_blocked, Router, Scope};
 use crate::metrics::Metrics;
 use crate::storage::log::{LogControl, LogEntry, LogReader, PartitionChange, PartitionRecords};
 use crate::storage::{ClientKind, Qos2FlowChange, Storage, StorageError, WriteBatch, WriteOp};
@@ -49,6 +49,9 @@ pub struct Dispatcher {
     /// How long a connected subscriber with a full queue may hold a batch back
     /// (`limits.slow_subscriber_wait_ms`), as on embedded storage.
     pub slow_wait: Duration,
+    /// `All` on a single node; `Persistent` in a cluster, where every node's local reader
+    /// (`router::local`) delivers to its own connections and keeps its retained store.
+    pub scope: Scope,
 }
 
 impl Dispatcher {
@@ -126,9 +129,12 @@ impl Dispatcher {
             let message = Arc::new(delivery.message);
             let first_op = batch.ops.len();
             if message.retain {
-                self.router.retain(&message, &mut batch);
+                match self.scope {
+                    Scope::All => self.router.retain(&message, &mut batch),
+                    _ => self.router.retain_stored(&message, &mut batch),
+                }
             }
-            let routed = self.router.publish(&message, &mut batch);
+            let routed = self.router.publish_scoped(&message, &mut batch, self.scope);
             if routed.matched == 0 {
                 self.metrics.messages_dropped_no_subscribers.inc();
             }
@@ -225,6 +231,14 @@ impl Qos2Flows {
         Qos2Flows { open }
     }
 
+    /// Flows whose partition is not known (the local reader's, which reads every partition
+    /// and never releases one): kept until released or reset.
+    pub fn unpartitioned(open: HashMap<Arc<str>, HashSet<u16>>) -> Qos2Flows {
+        Qos2Flows {
+            open: open.into_iter().map(|(p, ids)| (p, (-1, ids))).collect(),
+        }
+    }
+
     /// A partition was claimed (its stored flows replace what was known of it) or released.
     fn change(&mut self, change: PartitionChange) {
         match change {
@@ -242,7 +256,7 @@ impl Qos2Flows {
 
     /// Whether to route a QoS 2 message with this packet id and DUP flag; records the flow as
     /// open (in `batch`) when it is routed.
-    fn route(
+    pub(super) fn route(
         &mut self,
         partition: i32,
         publisher: &Arc<str>,
@@ -269,7 +283,7 @@ impl Qos2Flows {
         true
     }
 
-    fn apply(&mut self, partition: i32, control: &LogControl, batch: &mut WriteBatch) {
+    pub(super) fn apply(&mut self, partition: i32, control: &LogControl, batch: &mut WriteBatch) {
         match control {
             LogControl::Release { publisher, pkid } => {
                 let Some((_, ids)) = self.open.get_mut(publisher) else {

@@ -9,6 +9,7 @@
 
 pub mod dispatcher;
 mod inspect;
+pub mod local;
 pub mod retained;
 mod small_map;
 #[cfg(test)]
@@ -208,6 +209,37 @@ enum SharedPick {
     GroupLog,
 }
 
+/// Which part of routing a call does. One node alone does both at once (`All`); in a cluster
+/// (`cluster.enabled`) the dispatcher of a record's partition does the persistent part and every
+/// node's local reader (`router::local`) does the local part for its own connections, so a
+/// clean subscriber on any node gets every message, and each delivery is made by exactly one of
+/// the two: QoS ≥ 1 to a persistent session is persistent, everything else to a direct
+/// subscription is local, and shared groups are decided by the dispatcher alone (one pick per
+/// message, see `docs/scale-out.md` for what that means across nodes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Everything: the single-node behaviour.
+    All,
+    /// Storage only (DEVICE/APPLICATION appends, group-log appends, retained writes) plus the
+    /// picks of shared groups, whatever the member.
+    Persistent,
+    /// This node's mailboxes only (clean sessions at any QoS, QoS 0 to persistent ones) and the
+    /// in-memory retained store; writes nothing.
+    Local,
+}
+
+impl Scope {
+    /// Whether a delivery to a direct subscriber belongs to this scope; `stored`: it goes to
+    /// the session's durable queue (see [`stored_delivery`]).
+    fn owns_direct(self, stored: bool) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::Persistent => stored,
+            Scope::Local => !stored,
+        }
+    }
+}
+
 /// What the router needs to know about a subscribe call's effect.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SubscribeOutcome {
@@ -355,6 +387,16 @@ impl Router {
     /// (the caller submits it and acknowledges the publisher once it is durable); everything else
     /// goes straight into the subscriber's mailbox.
     pub fn publish(&self, message: &Arc<Message>, batch: &mut WriteBatch) -> RouteResult {
+        self.publish_scoped(message, batch, Scope::All)
+    }
+
+    /// [`Router::publish`], limited to one part of routing (see [`Scope`]).
+    pub fn publish_scoped(
+        &self,
+        message: &Arc<Message>,
+        batch: &mut WriteBatch,
+        scope: Scope,
+    ) -> RouteResult {
         let topic = message.topic_str();
         let mut direct: Vec<Target> = Vec::new();
         let mut shared: Vec<(Arc<Mailbox>, QoS, bool, Option<usize>)> = Vec::new();
@@ -377,6 +419,9 @@ impl Router {
                         ids: options.identifier.into_iter().collect(),
                     });
                 }
+                // The dispatcher alone picks for a group: two scopes picking would deliver
+                // twice (or to two members).
+                Subscription::Shared(_) if scope == Scope::Local => matched += 1,
                 Subscription::Shared(group) => {
                     matched += 1;
                     match pick_member(group, in_log, message.qos) {
@@ -414,6 +459,12 @@ impl Router {
             });
         }
         for target in direct {
+            // Decided once: the session may turn persistent meanwhile, and a delivery this
+            // scope declined must not be stored by it either.
+            let stored = stored_delivery(&target.mailbox, target.qos);
+            if !scope.owns_direct(stored) {
+                continue;
+            }
             let delivery = Delivery {
                 message: message.clone(),
                 qos: target.qos,
@@ -422,7 +473,7 @@ impl Router {
                 seq: None,
                 dup: false,
             };
-            self.deliver(&target.mailbox, delivery, batch, &mut result);
+            self.deliver(&target.mailbox, delivery, stored, batch, &mut result);
         }
         for (mailbox, qos, retain, id) in shared {
             // Only the receiving member's own identifier [MQTT-3.3.4-3 ff., v5 §3.3.4].
@@ -434,7 +485,8 @@ impl Router {
                 seq: None,
                 dup: false,
             };
-            self.deliver(&mailbox, delivery, batch, &mut result);
+            let stored = stored_delivery(&mailbox, qos);
+            self.deliver(&mailbox, delivery, stored, batch, &mut result);
         }
         for (group, filter) in group_logs {
             let expires_at_ms = self.expiry_deadline(ClientKind::Application, message);
@@ -459,11 +511,11 @@ impl Router {
         &self,
         mailbox: &Arc<Mailbox>,
         delivery: Delivery,
+        stored: bool,
         batch: &mut WriteBatch,
         result: &mut RouteResult,
     ) {
-        // QoS 0 is never stored for anyone; an offline persistent session may miss it.
-        if delivery.qos == QoS::AtMostOnce || !mailbox.is_persistent() {
+        if !stored {
             self.offer(mailbox, delivery, result);
             return;
         }
@@ -520,6 +572,13 @@ impl Router {
     /// [MQTT-3.3.1-5], [MQTT-3.3.1-10].
     /// The change is also added to `batch`, so it survives a restart.
     pub fn retain(&self, message: &Arc<Message>, batch: &mut WriteBatch) {
+        self.retain_stored(message, batch);
+        self.restore_retained(message);
+    }
+
+    /// The storage half of [`Router::retain`]: the change goes into `batch` only (in a cluster
+    /// every node's local reader keeps its own in-memory store current).
+    pub fn retain_stored(&self, message: &Arc<Message>, batch: &mut WriteBatch) {
         let topic = message.topic_str().to_string();
         if message.payload.is_empty() {
             batch.push(WriteOp::DeleteRetained { topic });
@@ -531,7 +590,6 @@ impl Router {
                 record: record.to_vec(),
             });
         }
-        self.restore_retained(message);
     }
 
     /// Sets or deletes a retained message in memory only (used when restoring from storage).
@@ -589,6 +647,12 @@ fn detached(message: &Message) -> Message {
         received_at: message.received_at,
         publisher: message.publisher.clone(),
     }
+}
+
+/// Whether a delivery at `qos` to this session goes to its durable queue. QoS 0 is never
+/// stored for anyone; an offline persistent session may miss it.
+fn stored_delivery(mailbox: &Mailbox, qos: QoS) -> bool {
+    qos != QoS::AtMostOnce && mailbox.is_persistent()
 }
 
 struct Target {

@@ -55,6 +55,8 @@ pub struct Session {
     pub stored_pending: bool,
     /// APPLICATION log: everything below this offset is acknowledged and committed.
     pub committed: u64,
+    /// Several active nodes: the epoch of this connection's claim in the session directory.
+    pub cluster_epoch: Option<i64>,
 }
 
 impl Session {
@@ -83,6 +85,7 @@ impl Session {
             sent_upto: 0,
             stored_pending: false,
             committed: next_seq.max(1),
+            cluster_epoch: None,
         }
     }
 

@@ -180,6 +180,35 @@ impl Registry {
         Some(epoch)
     }
 
+    /// Puts this node's copy of a session another node holds in place of the one parked here
+    /// (which is returned, with its deadlines dropped). `Err` gives the session back when the
+    /// client id is online on this node.
+    pub fn mirror(&self, session: Session) -> Result<(u64, Option<Box<Session>>), Box<Session>> {
+        let mut slots = self.slots.lock();
+        if matches!(slots.get(&session.client_id), Some(Slot::Online { .. })) {
+            return Err(Box::new(session));
+        }
+        let epoch = self.next_id();
+        let old = slots.insert(
+            session.client_id.clone(),
+            Slot::Offline {
+                session: Box::new(session),
+                epoch,
+                will: None,
+                deadlines: Vec::new(),
+            },
+        );
+        match old {
+            Some(Slot::Offline {
+                session, deadlines, ..
+            }) => {
+                self.forget_deadlines(&deadlines);
+                Ok((epoch, Some(session)))
+            }
+            _ => Ok((epoch, None)),
+        }
+    }
+
     /// Parks a session restored from storage at start; returns its offline epoch.
     pub fn restore(&self, session: Session) -> u64 {
         let epoch = self.next_id();

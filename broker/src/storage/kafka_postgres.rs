@@ -31,10 +31,11 @@ use sqlx::PgConnection;
 use tokio::sync::{oneshot, Mutex, Notify};
 
 use super::kafka::app::{ApplicationLogs, Tag};
+use super::kafka::local::KafkaLocalReader;
 use super::kafka::reader::KafkaLogReader;
 use super::kafka::shared::SharedGroups;
 use super::kafka::{already_appended, note_origin, Kafka, KafkaPublishLog, Origins};
-use super::log::{LogReader, PublishLog};
+use super::log::{LocalLogReader, LogReader, PublishLog};
 use super::postgres::{take_node_lock, OnCommit, PgStore};
 use super::{
     ClientKind, Completion, QueueRead, QueueTotals, Snapshot, Storage, StorageError, SweepStats,
@@ -55,6 +56,10 @@ pub struct KafkaPostgresStorage {
     /// Created at start (so a broken setup fails before listeners open), taken by the broker
     /// for its dispatcher.
     reader: parking_lot::Mutex<Option<KafkaLogReader>>,
+    /// In a cluster: this node's local reader, taken by the broker likewise.
+    local: parking_lot::Mutex<Option<KafkaLocalReader>>,
+    /// In a cluster: the wakes for this node's sessions (`storage::wake`).
+    wakes: parking_lot::Mutex<Option<tokio::sync::mpsc::Receiver<super::wake::Wake>>>,
     /// Per APPLICATION client, the highest origins found at the end of its log: appends at or
     /// below them were made already (module docs).
     appended: Arc<parking_lot::Mutex<HashMap<Arc<str>, Origins>>>,
@@ -75,16 +80,32 @@ impl KafkaPostgresStorage {
     ) -> Result<KafkaPostgresStorage, StorageError> {
         let kafka = Kafka::connect(&config.kafka, metrics.clone()).await?;
         let apps = Arc::new(ApplicationLogs::new(kafka.clone()));
+        let cluster = config.cluster.enabled;
         let (pg, lock) = PgStore::connect(
             &config.postgres,
             config.device.queue_limit,
-            config.cluster.enabled,
             metrics,
+            cluster,
         )
         .await?;
         let pg = Arc::new(pg);
         let log = Arc::new(KafkaPublishLog::new(kafka.clone()));
         let reader = KafkaLogReader::open(&kafka, &pg, &config.cluster).await?;
+        // Opened here, before the broker loads its retained snapshot (see `kafka::local`).
+        let local = if cluster {
+            Some(KafkaLocalReader::open(&kafka, &pg, &config.cluster.node_id()).await?)
+        } else {
+            None
+        };
+        let wakes = if cluster {
+            let (tx, rx) = tokio::sync::mpsc::channel(super::wake::WAKE_QUEUE);
+            let options = super::postgres::schema_options(&config.postgres).await?;
+            let channel = super::wake::channel(&config.postgres.schema);
+            tokio::spawn(super::wake::listen(options, channel, tx));
+            Some(rx)
+        } else {
+            None
+        };
         tokio::spawn(watch_health(
             kafka.clone(),
             pg.clone(),
@@ -105,6 +126,8 @@ impl KafkaPostgresStorage {
             kafka,
             log,
             reader: parking_lot::Mutex::new(Some(reader)),
+            local: parking_lot::Mutex::new(local),
+            wakes: parking_lot::Mutex::new(wakes),
             appended: Default::default(),
             recheck: Default::default(),
             apps,
@@ -125,6 +148,14 @@ impl KafkaPostgresStorage {
             .lock()
             .take()
             .map(|r| Box::new(r) as Box<dyn LogReader>)
+    }
+
+    /// In a cluster, this node's local reader of the publish log; taken once.
+    pub fn take_local_reader(&self) -> Option<Box<dyn LocalLogReader>> {
+        self.local
+            .lock()
+            .take()
+            .map(|r| Box::new(r) as Box<dyn LocalLogReader>)
     }
 }
 
@@ -319,21 +350,20 @@ impl Appender {
 
 /// Probes both services, logs every change of state, and keeps the node lock: when its
 /// connection dies (PostgreSQL restarted) a new one takes the lock again; when another node took
-/// it meanwhile, the process exits. `lock` is `None` in cluster mode (`cluster.enabled`): there
-/// is no node lock, partitions are fenced by their claim epochs instead.
+/// it meanwhile, the process exits. In a cluster there is no lock (`None`): only the probes.
 async fn watch_health(
     kafka: Arc<Kafka>,
     pg: Arc<PgStore>,
     lock: Option<PgConnection>,
     url: String,
 ) {
-    let cluster = lock.is_none();
+    let locked = lock.is_some();
     let lock = Mutex::new(lock);
     let mut tick = tokio::time::interval(PROBE_INTERVAL);
     loop {
         tick.tick().await;
         kafka.probe().await;
-        if !pg.probe().await || cluster {
+        if !pg.probe().await || !locked {
             continue;
         }
         let mut held = lock.lock().await;
@@ -389,7 +419,7 @@ impl Storage for KafkaPostgresStorage {
             )
         });
         if !has_app {
-            return self.pg.submit_after(batch, None, on_commit);
+            return self.pg.submit_after(batch, None, on_commit, Vec::new());
         }
         // The APPLICATION and group appends leave the batch; the rest goes to PostgreSQL once
         // Kafka has them all.
@@ -405,6 +435,15 @@ impl Storage for KafkaPostgresStorage {
                 )
             });
         batch.ops = rest;
+        // In a cluster the client may be connected to another node: the writer notifies it
+        // at commit, when these appends are in Kafka (`storage::wake`).
+        let woken: Vec<Arc<str>> = appends
+            .iter()
+            .filter_map(|op| match op {
+                WriteOp::Enqueue { client, .. } => Some(client.clone()),
+                _ => None,
+            })
+            .collect();
         let (appended, after) = oneshot::channel();
         let this = self.appender();
         if self.recheck.load(Ordering::Acquire) {
@@ -428,7 +467,11 @@ impl Storage for KafkaPostgresStorage {
                 let _ = appended.send(this.finish(produced).await);
             });
         }
-        self.pg.submit_after(batch, Some(after), on_commit)
+        self.pg.submit_after(batch, Some(after), on_commit, woken)
+    }
+
+    fn take_wakes(&self) -> Option<tokio::sync::mpsc::Receiver<super::wake::Wake>> {
+        self.wakes.lock().take()
     }
 
     fn flush(&self) -> Completion {
@@ -536,6 +579,19 @@ impl Storage for KafkaPostgresStorage {
     fn client_offline(&self, client: &str) {
         self.shared.member_offline(client);
         self.apps.drop_reader(client);
+    }
+
+    async fn load_session(
+        &self,
+        client: &Arc<str>,
+    ) -> Result<Option<super::RestoredSession>, StorageError> {
+        let Some(mut session) = self.pg.load_session(client).await? else {
+            return Ok(None);
+        };
+        if session.record.kind == ClientKind::Application {
+            session.next_seq = self.apps.next_seq(client).await?.max(session.read_from);
+        }
+        Ok(Some(session))
     }
 
     fn application_shared(

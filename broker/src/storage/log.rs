@@ -117,3 +117,21 @@ pub trait LogReader: Send + 'static {
     /// is claimed again.
     fn fenced(&mut self, partition: i32, epoch: i64);
 }
+
+/// The publish log as a cluster node's local reader sees it (`router::local`, only with
+/// `cluster.enabled`): every partition, whoever routes it, for delivery to this node's own
+/// connections and for its in-memory retained store. Nothing is stored and no position is kept:
+/// a restarted node starts again from the dispatchers' stored positions.
+#[async_trait::async_trait]
+pub trait LocalLogReader: Send + 'static {
+    /// The next records, grouped by partition, in log order; `None` once the log cannot be
+    /// read any more. Waits while there is nothing new.
+    async fn next(&mut self) -> Option<Vec<PartitionRecords>>;
+    /// Records of `partition` below this offset were in the log before this node opened its
+    /// listeners, so no subscriber of this node can be owed them: they only bring the retained
+    /// store up to date.
+    fn live_from(&self, partition: i32) -> i64;
+    /// The dispatchers' open QoS 2 flows at the positions this reader starts from, so that it
+    /// drops the same resent copies they do; taken once at start.
+    fn open_qos2_flows(&mut self) -> HashMap<Arc<str>, HashSet<u16>>;
+}

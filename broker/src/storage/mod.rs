@@ -25,6 +25,7 @@ pub mod kafka;
 pub mod kafka_postgres;
 pub mod log;
 pub mod postgres;
+pub mod wake;
 
 use std::sync::Arc;
 
@@ -349,6 +350,9 @@ pub struct Opened {
 pub struct LogParts {
     pub append: Arc<dyn log::PublishLog>,
     pub reader: Box<dyn log::LogReader>,
+    /// In a cluster (`cluster.enabled`): this node's reader of the whole log for its own
+    /// connections (`router::local`).
+    pub local: Option<Box<dyn log::LocalLogReader>>,
 }
 
 /// Opens the backend `config.storage` names (creating what it needs, failing with a message
@@ -363,9 +367,14 @@ pub async fn open(
         let reader = backend
             .take_log_reader()
             .ok_or_else(|| StorageError::engine_msg("the publish log reader was taken already"))?;
+        let local = backend.take_local_reader();
         return Ok(Opened {
             storage: Arc::new(backend),
-            log: Some(LogParts { append, reader }),
+            log: Some(LogParts {
+                append,
+                reader,
+                local,
+            }),
         });
     }
     let options = embedded::EmbeddedOptions {
@@ -468,6 +477,15 @@ pub trait Storage: Send + Sync + 'static {
     /// The session `client` ended for good or went offline: release per-client resources
     /// (readers, caches). Nothing durable changes.
     fn client_offline(&self, _client: &str) {}
+    /// Reads one session's durable state, for a node that takes over a session another node
+    /// served (several active nodes: the copy in this node's memory may be stale). `None`: no
+    /// stored session, or a backend whose state only this process writes.
+    async fn load_session(
+        &self,
+        _client: &Arc<str>,
+    ) -> Result<Option<RestoredSession>, StorageError> {
+        Ok(None)
+    }
     /// The shared subscriptions (`$share/…` filters) of an online APPLICATION client, given at
     /// connect and after each change: a backend that serves APPLICATION shared groups from
     /// their own log (Kafka) starts or stops the member's share of it. `wake` is notified
@@ -478,6 +496,11 @@ pub trait Storage: Send + Sync + 'static {
         _subscriptions: Vec<(String, SubscriptionOptions)>,
         _wake: Arc<Notify>,
     ) {
+    }
+    /// In a cluster, the wakes other nodes' writers send this node's sessions
+    /// ([`wake::listen`]); taken once by the broker, which wakes the online sessions they name.
+    fn take_wakes(&self) -> Option<tokio::sync::mpsc::Receiver<wake::Wake>> {
+        None
     }
     /// Whether the router hands APPLICATION shared group members their messages through the
     /// group's own log ([`WriteOp::AppendShared`]) instead of picking a member.

@@ -76,6 +76,9 @@ enum Request {
         /// Runs once the batch is committed, before its completion resolves: how a caller
         /// keeps an in-memory view of what the batch changed (see [`OnCommit`]).
         on_commit: Option<OnCommit>,
+        /// Sessions to notify in a cluster besides the DEVICE ones the batch appends to (the
+        /// APPLICATION clients whose logs the batch's Kafka part appended to).
+        wake: Vec<Arc<str>>,
         done: oneshot::Sender<Result<(), StorageError>>,
     },
     Sweep {
@@ -95,25 +98,26 @@ pub struct PgStore {
 
 impl PgStore {
     /// Connects, takes the node lock, applies migrations and starts the writer. Fails with a
-    /// message naming the URL's host when PostgreSQL cannot be reached.
-    /// With `cluster` (`cluster.enabled`) no node lock is taken (several nodes share the schema)
-    /// and the lock connection is `None`.
+    /// message naming the URL's host when PostgreSQL cannot be reached. In a cluster
+    /// (`cluster`: several nodes share the schema) there is no node lock, the writer
+    /// notifies the sessions it stores entries for (`storage::wake`), and DEVICE sequence
+    /// numbers come from the locked session rows (module docs).
     pub async fn connect(
         config: &PostgresConfig,
         device_queue_limit: u64,
-        cluster: bool,
         metrics: Arc<Metrics>,
+        cluster: bool,
     ) -> Result<(PgStore, Option<PgConnection>), StorageError> {
         let options = schema_options(config).await?;
-        let lock = if cluster {
-            None
-        } else {
-            // The node lock: one broker per schema. It lives as long as this connection.
+        // The node lock: one broker per schema. It lives as long as this connection.
+        let lock = if !cluster {
             let mut lock = PgConnection::connect_with(&options)
                 .await
                 .map_err(|e| unreachable(config, e))?;
             take_node_lock(&mut lock, &config.schema).await?;
             Some(lock)
+        } else {
+            None
         };
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections)
@@ -133,6 +137,7 @@ impl PgStore {
             txn_seqs: HashMap::new(),
             metrics,
             healthy: healthy.clone(),
+            wake_channel: cluster.then(|| super::wake::channel(&config.schema)),
         };
         writer.reload().await?;
         let store = PgStore {
@@ -177,7 +182,7 @@ impl PgStore {
 
     /// Queues a batch for the writer; never blocks.
     pub fn submit(&self, batch: WriteBatch) -> Completion {
-        self.submit_after(batch, None, None)
+        self.submit_after(batch, None, None, Vec::new())
     }
 
     /// Queues a batch that is applied only once `after` succeeded, and runs `on_commit` once
@@ -187,12 +192,14 @@ impl PgStore {
         batch: WriteBatch,
         after: Option<Completion>,
         on_commit: Option<OnCommit>,
+        wake: Vec<Arc<str>>,
     ) -> Completion {
         let (done, completion) = oneshot::channel();
         let request = Request::Batch {
             batch,
             after,
             on_commit,
+            wake,
             done,
         };
         if let Err(e) = self.tx.try_send(request) {
@@ -272,15 +279,27 @@ impl PgStore {
         Ok(committed.max(1) as u64)
     }
 
+    /// Every open QoS 2 flow of the log router: publisher → packet ids.
+    pub async fn router_qos2_flows(&self) -> Result<HashMap<Arc<str>, HashSet<u16>>, StorageError> {
+        self.qos2_flows(None).await
+    }
+
     /// The log router's open QoS 2 flows routed from `partitions` (and those recorded before
     /// flows had a partition): publisher → packet ids.
-    pub async fn router_qos2_flows(
+    pub async fn router_qos2_flows_of(
         &self,
         partitions: &[i32],
     ) -> Result<HashMap<Arc<str>, HashSet<u16>>, StorageError> {
+        self.qos2_flows(Some(partitions)).await
+    }
+
+    async fn qos2_flows(
+        &self,
+        partitions: Option<&[i32]>,
+    ) -> Result<HashMap<Arc<str>, HashSet<u16>>, StorageError> {
         let rows = sqlx::query(
             "SELECT client_id, pkid FROM router_qos2_flows \
-             WHERE partition = ANY($1) OR partition < 0",
+             WHERE $1::int4[] IS NULL OR partition = ANY($1) OR partition < 0",
         )
         .bind(partitions)
         .fetch_all(&self.pool)
@@ -461,6 +480,85 @@ impl PgStore {
     }
 }
 
+impl PgStore {
+    /// One session's durable state, as [`PgStore::load`] reads it for all: `None` when there is
+    /// no stored session. APPLICATION sessions get `next_seq` from their log (the caller).
+    pub async fn load_session(
+        &self,
+        client: &str,
+    ) -> Result<Option<RestoredSession>, StorageError> {
+        let pool = &self.pool;
+        let Some(row) = sqlx::query(
+            "SELECT kind, expiry_interval, disconnected_at_ms, next_seq, sent_upto FROM sessions \
+             WHERE client_id = $1",
+        )
+        .bind(client)
+        .fetch_optional(pool)
+        .await
+        .map_err(db)?
+        else {
+            return Ok(None);
+        };
+        let kind = kind_from(row.get(0))?;
+        let expiry: i64 = row.get(1);
+        let next_seq: i64 = row.get(3);
+        let mut subscriptions = Vec::new();
+        for sub in sqlx::query("SELECT filter, options FROM subscriptions WHERE client_id = $1")
+            .bind(client)
+            .fetch_all(pool)
+            .await
+            .map_err(db)?
+        {
+            let options = codec::decode_options(Bytes::from(sub.get::<Vec<u8>, _>(1)))
+                .map_err(|e| StorageError::Corrupt(e.to_string()))?;
+            subscriptions.push((sub.get(0), options));
+        }
+        let inbound_qos2 = sqlx::query("SELECT pkid FROM inbound_qos2 WHERE client_id = $1")
+            .bind(client)
+            .fetch_all(pool)
+            .await
+            .map_err(db)?
+            .iter()
+            .map(|r| r.get::<i32, _>(0) as u16)
+            .collect();
+        let (next_seq, read_from) = match kind {
+            ClientKind::Device => {
+                let first: Option<i64> =
+                    sqlx::query_scalar("SELECT min(seq) FROM device_queue WHERE client_id = $1")
+                        .bind(client)
+                        .fetch_one(pool)
+                        .await
+                        .map_err(db)?;
+                let first = first.unwrap_or(next_seq);
+                (next_seq.max(1) as u64, first.max(1) as u64)
+            }
+            ClientKind::Application => {
+                let committed: Option<i64> = sqlx::query_scalar(
+                    "SELECT committed_seq FROM application_offsets WHERE client_id = $1",
+                )
+                .bind(client)
+                .fetch_optional(pool)
+                .await
+                .map_err(db)?;
+                (0, committed.unwrap_or(1).max(1) as u64)
+            }
+        };
+        Ok(Some(RestoredSession {
+            client: Arc::from(client),
+            record: SessionRecord {
+                kind,
+                expiry_interval: expiry.clamp(0, i64::from(u32::MAX)) as u32,
+                disconnected_at_ms: row.get::<i64, _>(2).max(0) as u64,
+            },
+            subscriptions,
+            inbound_qos2,
+            next_seq,
+            read_from,
+            sent_upto: row.get::<i64, _>(4).max(0) as u64,
+        }))
+    }
+}
+
 /// "postgres at `<url without password>` (postgres.url): <error>"
 pub fn unreachable(
     config: &PostgresConfig,
@@ -627,6 +725,9 @@ struct Writer {
     txn_seqs: HashMap<String, u64>,
     metrics: Arc<Metrics>,
     healthy: Arc<AtomicBool>,
+    /// In a cluster, the channel its transactions notify the sessions they stored entries for
+    /// on (`storage::wake`).
+    wake_channel: Option<String>,
 }
 
 /// Writes collected from a group, applied as a few set-based statements.
@@ -652,6 +753,24 @@ impl Pending {
             && self.sent.is_empty()
             && self.app_commit.is_empty()
     }
+}
+
+/// The sessions a cluster node's transaction notifies: the DEVICE clients its batches append
+/// to and `extra`, once each.
+fn woken_clients(batches: &[WriteBatch], extra: Vec<Arc<str>>) -> Vec<String> {
+    let device = batches
+        .iter()
+        .flat_map(|b| &b.ops)
+        .filter_map(|op| match op {
+            WriteOp::Enqueue {
+                client,
+                kind: ClientKind::Device,
+                ..
+            } => Some(client.to_string()),
+            _ => None,
+        });
+    let all: HashSet<String> = device.chain(extra.iter().map(|c| c.to_string())).collect();
+    all.into_iter().collect()
 }
 
 impl Writer {
@@ -712,6 +831,7 @@ impl Writer {
             let mut batches = Vec::new();
             let mut dones = Vec::new();
             let mut on_commit: Vec<Option<OnCommit>> = Vec::new();
+            let mut wake: Vec<Arc<str>> = Vec::new();
             let mut sweeps = Vec::new();
             for request in group.drain(..) {
                 match request {
@@ -719,6 +839,7 @@ impl Writer {
                         batch,
                         after,
                         on_commit: then,
+                        wake: woken,
                         done,
                     } => {
                         if let Some(after) = after {
@@ -730,6 +851,7 @@ impl Writer {
                         batches.push(batch);
                         dones.push(done);
                         on_commit.push(then);
+                        wake.extend(woken);
                     }
                     Request::Sweep {
                         now_ms,
@@ -741,7 +863,7 @@ impl Writer {
             if !batches.is_empty() {
                 let mut notify = Vec::new();
                 let count = batches.len();
-                let results = match self.apply(batches, &mut notify).await {
+                let results = match self.apply(batches, &mut notify, wake).await {
                     Ok(fenced) => {
                         self.healthy.store(true, Ordering::Release);
                         for (then, fenced) in on_commit.into_iter().zip(&fenced) {
@@ -778,7 +900,12 @@ impl Writer {
         &mut self,
         batches: Vec<WriteBatch>,
         notify: &mut Vec<Arc<Notify>>,
+        wake: Vec<Arc<str>>,
     ) -> Result<Vec<Option<StorageError>>, StorageError> {
+        let woken = match &self.wake_channel {
+            Some(_) => woken_clients(&batches, wake),
+            None => Vec::new(),
+        };
         let mut txn = self.pool.begin().await.map_err(db)?;
         let fenced = fence(&mut txn, &batches).await?;
         if self.cluster {
@@ -795,6 +922,9 @@ impl Writer {
             }
         }
         self.flush(&mut txn, &mut pending).await?;
+        if let Some(channel) = &self.wake_channel {
+            super::wake::notify(&mut txn, channel, &woken).await?;
+        }
         txn.commit().await.map_err(db)?;
         Ok(fenced)
     }

@@ -211,6 +211,23 @@ pub async fn run_scenario(
     broker: &str,
     broker_pid: Option<u32>,
 ) -> anyhow::Result<RunResult> {
+    run_scenario_at(&[addr], &[addr], sc, broker, broker_pid).await
+}
+
+/// Runs `sc` with publisher `i` connected to `pub_addrs[i % len]` and subscriber `i` to
+/// `sub_addrs[i % len]`: several nodes of one cluster, publishers and subscribers on
+/// different nodes to measure the cross-node hop.
+pub async fn run_scenario_at(
+    pub_addrs: &[SocketAddr],
+    sub_addrs: &[SocketAddr],
+    sc: &Scenario,
+    broker: &str,
+    broker_pid: Option<u32>,
+) -> anyhow::Result<RunResult> {
+    anyhow::ensure!(
+        !pub_addrs.is_empty() && !sub_addrs.is_empty(),
+        "no broker address"
+    );
     sc.validate()?;
     let run_id = format!(
         "{}x{}",
@@ -225,6 +242,7 @@ pub async fn run_scenario(
     let mut sub_setups = Vec::new();
     for i in 0..sc.subscribers {
         let (sc, run_id) = (sc.clone(), run_id.clone());
+        let addr = sub_addrs[i % sub_addrs.len()];
         sub_setups.push(tokio::spawn(async move {
             let id = sc.subscriber_id(&run_id, i);
             let (mut stream, mut buf) = client::connect(addr, None, &id, !sc.persistent()).await?;
@@ -239,6 +257,7 @@ pub async fn run_scenario(
     let mut pub_setups = Vec::new();
     for i in 0..sc.publishers {
         let run_id = run_id.clone();
+        let addr = pub_addrs[i % pub_addrs.len()];
         pub_setups.push(tokio::spawn(async move {
             client::connect(addr, None, &format!("fmqb-{run_id}-p{i}"), true).await
         }));

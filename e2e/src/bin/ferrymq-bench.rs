@@ -77,6 +77,13 @@ enum Cmd {
 struct RunArgs {
     #[arg(long, default_value = "127.0.0.1:1883")]
     addr: SocketAddr,
+    /// Publishers connect here instead of `--addr`, round-robin (repeat or comma-separate):
+    /// nodes of one cluster.
+    #[arg(long, value_delimiter = ',')]
+    pub_addr: Vec<SocketAddr>,
+    /// Subscribers connect here instead of `--addr`, round-robin.
+    #[arg(long, value_delimiter = ',')]
+    sub_addr: Vec<SocketAddr>,
     /// Broker pid: enables broker CPU and peak RSS.
     #[arg(long)]
     broker_pid: Option<u32>,
@@ -241,7 +248,15 @@ async fn main_async(cli: Cli) -> anyhow::Result<bool> {
             let mut all = Vec::new();
             let mut ok = true;
             for sc in &scenarios {
-                let r = run::run_scenario(a.addr, sc, &a.broker, a.broker_pid).await?;
+                let or_addr = |list: &Vec<SocketAddr>| {
+                    if list.is_empty() {
+                        vec![a.addr]
+                    } else {
+                        list.clone()
+                    }
+                };
+                let (pubs, subs) = (or_addr(&a.pub_addr), or_addr(&a.sub_addr));
+                let r = run::run_scenario_at(&pubs, &subs, sc, &a.broker, a.broker_pid).await?;
                 println!("{}", report::line(&r));
                 if let Some(ack) = report::ack_line(&r) {
                     println!("{ack}");

@@ -104,6 +104,7 @@ impl Machine {
         }
         // A persistent session's SUBACK waits until the subscription is durable.
         let wait = self.broker.storage.submit_nonempty(batch);
+        let wait = self.with_directory(wait);
         self.reply(
             Packet::SubAck(SubAck {
                 pkid: subscribe.pkid,
@@ -148,6 +149,7 @@ impl Machine {
             self.shared_subscriptions_changed();
         }
         let wait = self.broker.storage.submit_nonempty(batch);
+        let wait = self.with_directory(wait);
         self.reply(
             Packet::UnsubAck(UnsubAck {
                 pkid: unsubscribe.pkid,
@@ -159,6 +161,25 @@ impl Machine {
             out,
         );
         Flow::Continue
+    }
+
+    /// Several active nodes: a persistent session's subscription change is in the session
+    /// directory before the SUBACK/UNSUBACK, so every node's dispatcher routes with it.
+    fn with_directory(
+        &self,
+        wait: Option<crate::storage::Completion>,
+    ) -> Option<crate::storage::Completion> {
+        let Some(cluster) = self.broker.cluster() else {
+            return wait;
+        };
+        if !self.session.is_persistent() {
+            return wait;
+        }
+        let announced = cluster.announce_completion(&self.session);
+        Some(match wait {
+            Some(w) => crate::storage::join_completions(w, announced),
+            None => announced,
+        })
     }
 
     /// Tells the storage backend the APPLICATION client's shared subscriptions (see

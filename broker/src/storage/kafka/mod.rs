@@ -13,6 +13,7 @@
 //!   librdkafka delivery opaque; the producer's polling thread answers it directly.
 
 pub mod app;
+pub mod local;
 pub mod position;
 pub mod reader;
 pub mod record;

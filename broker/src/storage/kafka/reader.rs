@@ -77,15 +77,19 @@ struct Claims {
     changes: Vec<PartitionChange>,
 }
 
-/// Where each claimed partition is, and what a fetched record becomes.
-struct Positions {
-    topic: String,
-    /// The next offset each claimed partition must deliver; a record of any other partition
-    /// is not this reader's to route.
-    expected: HashMap<i32, NextOffset>,
+/// Where each partition is, and what a fetched record becomes. Shared with the cluster's local
+/// reader (`local.rs`).
+pub(super) struct Positions {
+    pub(super) topic: String,
+    /// The next offset each partition must deliver.
+    pub(super) expected: HashMap<i32, NextOffset>,
     /// The epoch of each claimed partition.
-    epochs: HashMap<i32, i64>,
-    metrics: Arc<Metrics>,
+    pub(super) epochs: HashMap<i32, i64>,
+    /// `true` (the dispatcher): a record of a partition not claimed here is dropped. `false`
+    /// (the local reader, which reads every partition without claims): a partition seen for
+    /// the first time starts at its first record, with epoch 0.
+    pub(super) claimed_only: bool,
+    pub(super) metrics: Arc<Metrics>,
 }
 
 /// A rebalance, queued by the consumer's callbacks for [`LogReader::next`].
@@ -153,6 +157,7 @@ impl KafkaLogReader {
                     topic: topic.clone(),
                     expected: HashMap::new(),
                     epochs: HashMap::new(),
+                    claimed_only: true,
                     metrics: kafka.metrics.clone(),
                 },
                 pg: pg.clone(),
@@ -214,7 +219,7 @@ impl Claims {
             .pg
             .claim_partition(partition, &self.node, start)
             .await?;
-        let flows = self.pg.router_qos2_flows(&[partition]).await?;
+        let flows = self.pg.router_qos2_flows_of(&[partition]).await?;
         self.known.insert(partition);
         self.positions
             .expected
@@ -288,10 +293,16 @@ impl Claims {
 }
 
 impl Positions {
-    /// Adds one fetched record to `out`, unless it was stored already or its partition is not
-    /// claimed here.
-    fn take(&mut self, message: &BorrowedMessage<'_>, out: &mut Vec<PartitionRecords>) {
+    /// Adds one fetched record to `out`, unless it was stored already or (with
+    /// `claimed_only`) its partition is not claimed here.
+    pub(super) fn take(&mut self, message: &BorrowedMessage<'_>, out: &mut Vec<PartitionRecords>) {
         let (partition, offset) = (message.partition(), message.offset());
+        if !self.claimed_only {
+            self.expected
+                .entry(partition)
+                .or_insert_with(|| NextOffset::new(offset));
+            self.epochs.entry(partition).or_insert(0);
+        }
         let (Some(state), Some(&epoch)) = (
             self.expected.get_mut(&partition),
             self.epochs.get(&partition),
