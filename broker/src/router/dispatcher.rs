@@ -11,7 +11,12 @@
 //!
 //! **Failures.** When a write fails (a backend down) the same batch is retried, with backoff,
 //! until it succeeds: the dispatcher stops moving, the log keeps the messages, nothing
-//! acknowledged is lost.
+//! acknowledged is lost. The exception is [`StorageError::Fenced`]: the partition was claimed
+//! by another reader since its records were read, nothing of the batch was stored, and the new
+//! owner routes those records from the stored position; the batch is dropped, not retried.
+//!
+//! **Partitions move** (a consumer-group rebalance, see [`PartitionChange`]): the QoS 2 flows of
+//! a claimed partition are reloaded as stored, those of a released one forgotten.
 //!
 //! **QoS 2.** The PUBLISH append and the publisher's stored packet id are writes to two systems;
 //! a crash between them makes the publisher resend (DUP set) a message that is already in the
@@ -29,7 +34,7 @@ use tokio::sync::watch;
 
 use super::{place_blocked, Router, Scope};
 use crate::metrics::Metrics;
-use crate::storage::log::{LogControl, LogEntry, LogReader, PartitionRecords};
+use crate::storage::log::{LogControl, LogEntry, LogReader, PartitionChange, PartitionRecords};
 use crate::storage::{ClientKind, Qos2FlowChange, Storage, StorageError, WriteBatch, WriteOp};
 
 /// Backoff between attempts to store a batch while a backend is down.
@@ -52,8 +57,11 @@ pub struct Dispatcher {
 impl Dispatcher {
     /// Routes the log until shutdown (or until the log cannot be read any more).
     pub async fn run(self, mut reader: Box<dyn LogReader>, mut shutdown: watch::Receiver<bool>) {
-        let mut flows = Qos2Flows::new(reader.open_qos2_flows());
+        let mut flows = Qos2Flows::new(HashMap::new());
         loop {
+            for change in reader.take_changes() {
+                flows.change(change);
+            }
             let partitions = tokio::select! {
                 _ = shutdown.changed() => return,
                 next = reader.next() => match next {
@@ -61,17 +69,27 @@ impl Dispatcher {
                     None => return,
                 },
             };
+            // Claims made while reading come before the records read after them.
+            for change in reader.take_changes() {
+                flows.change(change);
+            }
             // One batch per partition: a replay after a crash then redoes at most one
             // partition's batch.
             for records in partitions {
-                let partition = records.partition;
+                let (partition, epoch) = (records.partition, records.epoch);
                 let Some((batch, next_offset)) = self.route(records, &mut flows).await else {
                     continue;
                 };
-                if !self.store(batch, &mut shutdown).await {
-                    return;
+                match self.store(batch, &mut shutdown).await {
+                    Stored::Yes => reader.routed(partition, next_offset),
+                    Stored::Fenced => {
+                        self.metrics.storage_errors.inc();
+                        tracing::warn!(partition, epoch, "a router batch was refused: the partition was claimed by another node, which routes it from the stored position");
+                        reader.fenced(partition, epoch);
+                        flows.change(PartitionChange::Released { partition });
+                    }
+                    Stored::ShutDown => return,
                 }
-                reader.routed(partition, next_offset);
             }
         }
     }
@@ -83,7 +101,7 @@ impl Dispatcher {
         records: PartitionRecords,
         flows: &mut Qos2Flows,
     ) -> Option<(WriteBatch, i64)> {
-        let partition = records.partition;
+        let (partition, epoch) = (records.partition, records.epoch);
         let next_offset = records.records.last()?.offset + 1;
         let mut batch = WriteBatch::default();
         let mut blocked = VecDeque::new();
@@ -91,13 +109,19 @@ impl Dispatcher {
             let (delivery, qos2) = match record.entry {
                 LogEntry::Publish { delivery, qos2 } => (delivery, qos2),
                 LogEntry::Control(control) => {
-                    flows.apply(&control, &mut batch);
+                    flows.apply(partition, &control, &mut batch);
                     continue;
                 }
                 LogEntry::Unreadable => continue,
             };
             if let Some((pkid, dup)) = qos2 {
-                if !flows.route(&delivery.message.publisher, pkid, dup, &mut batch) {
+                if !flows.route(
+                    partition,
+                    &delivery.message.publisher,
+                    pkid,
+                    dup,
+                    &mut batch,
+                ) {
                     tracing::debug!(partition, offset = record.offset, publisher = %delivery.message.publisher, pkid, "dropping a resent QoS 2 message the router already routed");
                     continue;
                 }
@@ -129,12 +153,13 @@ impl Dispatcher {
         batch.push(WriteOp::RouterPosition {
             partition,
             next_offset,
+            epoch,
         });
         Some((batch, next_offset))
     }
 
-    /// Stores the batch, retrying until it succeeds or the broker shuts down (false).
-    async fn store(&self, batch: WriteBatch, shutdown: &mut watch::Receiver<bool>) -> bool {
+    /// Stores the batch, retrying until it succeeds, is fenced, or the broker shuts down.
+    async fn store(&self, batch: WriteBatch, shutdown: &mut watch::Receiver<bool>) -> Stored {
         let mut backoff = RETRY_MIN;
         let mut failing = false;
         loop {
@@ -149,8 +174,9 @@ impl Dispatcher {
                     if failing {
                         tracing::info!("router stores again; resuming");
                     }
-                    return true;
+                    return Stored::Yes;
                 }
+                Err(StorageError::Fenced { .. }) => return Stored::Fenced,
                 Err(e) => {
                     self.metrics.storage_errors.inc();
                     if !failing {
@@ -158,7 +184,7 @@ impl Dispatcher {
                         failing = true;
                     }
                     tokio::select! {
-                        _ = shutdown.changed() => return false,
+                        _ = shutdown.changed() => return Stored::ShutDown,
                         _ = tokio::time::sleep(backoff) => {}
                     }
                     backoff = (backoff * 2).min(RETRY_MAX);
@@ -166,6 +192,14 @@ impl Dispatcher {
             }
         }
     }
+}
+
+/// What became of a batch given to [`Dispatcher::store`].
+enum Stored {
+    Yes,
+    /// Refused: the partition was claimed by another reader.
+    Fenced,
+    ShutDown,
 }
 
 /// Marks the APPLICATION and shared-group appends made for the record at (`partition`,
@@ -185,27 +219,56 @@ fn stamp_origin(batch: &mut WriteBatch, from: usize, partition: i32, offset: i64
 }
 
 /// The QoS 2 packet ids the dispatcher routed a message for and has not seen released, per
-/// publisher (see the module docs). Bounded by 65,535 per publisher client id; a new session
-/// of the publisher clears its entries.
+/// publisher (see the module docs), with the partition the publisher's records travel in.
+/// Bounded by 65,535 per publisher client id; a new session of the publisher clears its
+/// entries, and a partition that goes to another reader takes its publishers' entries along.
 pub struct Qos2Flows {
-    open: HashMap<Arc<str>, HashSet<u16>>,
+    open: HashMap<Arc<str>, (i32, HashSet<u16>)>,
 }
 
 impl Qos2Flows {
-    pub fn new(open: HashMap<Arc<str>, HashSet<u16>>) -> Qos2Flows {
+    pub fn new(open: HashMap<Arc<str>, (i32, HashSet<u16>)>) -> Qos2Flows {
         Qos2Flows { open }
+    }
+
+    /// Flows whose partition is not known (the local reader's, which reads every partition
+    /// and never releases one): kept until released or reset.
+    pub fn unpartitioned(open: HashMap<Arc<str>, HashSet<u16>>) -> Qos2Flows {
+        Qos2Flows {
+            open: open.into_iter().map(|(p, ids)| (p, (-1, ids))).collect(),
+        }
+    }
+
+    /// A partition was claimed (its stored flows replace what was known of it) or released.
+    fn change(&mut self, change: PartitionChange) {
+        match change {
+            PartitionChange::Claimed { partition, flows } => {
+                self.open.retain(|_, (p, _)| *p != partition);
+                for (publisher, ids) in flows {
+                    self.open.insert(publisher, (partition, ids));
+                }
+            }
+            PartitionChange::Released { partition } => {
+                self.open.retain(|_, (p, _)| *p != partition);
+            }
+        }
     }
 
     /// Whether to route a QoS 2 message with this packet id and DUP flag; records the flow as
     /// open (in `batch`) when it is routed.
     pub(super) fn route(
         &mut self,
+        partition: i32,
         publisher: &Arc<str>,
         pkid: u16,
         dup: bool,
         batch: &mut WriteBatch,
     ) -> bool {
-        let ids = self.open.entry(publisher.clone()).or_default();
+        let (p, ids) = self
+            .open
+            .entry(publisher.clone())
+            .or_insert_with(|| (partition, HashSet::new()));
+        *p = partition;
         if ids.contains(&pkid) {
             // Open already: a DUP is the copy of what was routed; without DUP the publisher
             // says it is new (the release must have been lost with a crash), and it stays open.
@@ -214,15 +277,16 @@ impl Qos2Flows {
         ids.insert(pkid);
         batch.push(WriteOp::RouterQos2 {
             client: publisher.clone(),
+            partition,
             change: Qos2FlowChange::Open(pkid),
         });
         true
     }
 
-    pub(super) fn apply(&mut self, control: &LogControl, batch: &mut WriteBatch) {
+    pub(super) fn apply(&mut self, partition: i32, control: &LogControl, batch: &mut WriteBatch) {
         match control {
             LogControl::Release { publisher, pkid } => {
-                let Some(ids) = self.open.get_mut(publisher) else {
+                let Some((_, ids)) = self.open.get_mut(publisher) else {
                     return;
                 };
                 if ids.remove(pkid) {
@@ -231,6 +295,7 @@ impl Qos2Flows {
                     }
                     batch.push(WriteOp::RouterQos2 {
                         client: publisher.clone(),
+                        partition,
                         change: Qos2FlowChange::Release(*pkid),
                     });
                 }
@@ -239,6 +304,7 @@ impl Qos2Flows {
                 if self.open.remove(publisher).is_some() {
                     batch.push(WriteOp::RouterQos2 {
                         client: publisher.clone(),
+                        partition,
                         change: Qos2FlowChange::Reset,
                     });
                 }
@@ -270,27 +336,32 @@ mod tests {
         let p: Arc<str> = "meter".into();
         let mut flows = Qos2Flows::new(HashMap::new());
         let mut batch = WriteBatch::default();
-        assert!(flows.route(&p, 7, false, &mut batch));
-        assert!(!flows.route(&p, 7, true, &mut batch), "a DUP copy");
+        assert!(flows.route(0, &p, 7, false, &mut batch));
+        assert!(!flows.route(0, &p, 7, true, &mut batch), "a DUP copy");
         assert!(
-            flows.route(&p, 7, false, &mut batch),
+            flows.route(0, &p, 7, false, &mut batch),
             "new, says the publisher"
         );
         flows.apply(
+            0,
             &LogControl::Release {
                 publisher: p.clone(),
                 pkid: 7,
             },
             &mut batch,
         );
-        assert!(flows.route(&p, 7, true, &mut batch), "released: a new flow");
+        assert!(
+            flows.route(0, &p, 7, true, &mut batch),
+            "released: a new flow"
+        );
         flows.apply(
+            0,
             &LogControl::Reset {
                 publisher: p.clone(),
             },
             &mut batch,
         );
-        assert!(flows.route(&p, 7, true, &mut batch), "new session");
+        assert!(flows.route(0, &p, 7, true, &mut batch), "new session");
         assert_eq!(
             changes(&batch),
             vec![
@@ -300,6 +371,36 @@ mod tests {
                 Qos2FlowChange::Reset,
                 Qos2FlowChange::Open(7),
             ]
+        );
+    }
+
+    /// A claimed partition's stored flows replace what was known of it; a released partition
+    /// takes its publishers' flows along, and other partitions keep theirs.
+    #[test]
+    fn qos2_flows_follow_their_partition() {
+        let (p0, p1): (Arc<str>, Arc<str>) = ("on-0".into(), "on-1".into());
+        let mut flows = Qos2Flows::new(HashMap::new());
+        let mut batch = WriteBatch::default();
+        assert!(flows.route(0, &p0, 1, false, &mut batch));
+        assert!(flows.route(1, &p1, 2, false, &mut batch));
+        flows.change(PartitionChange::Released { partition: 0 });
+        assert!(
+            flows.route(0, &p0, 1, true, &mut batch),
+            "forgotten with its partition"
+        );
+        assert!(!flows.route(1, &p1, 2, true, &mut batch), "kept");
+        let stored = HashMap::from([(p0.clone(), HashSet::from([9]))]);
+        flows.change(PartitionChange::Claimed {
+            partition: 0,
+            flows: stored,
+        });
+        assert!(
+            !flows.route(0, &p0, 9, true, &mut batch),
+            "loaded with the claim"
+        );
+        assert!(
+            flows.route(0, &p0, 1, true, &mut batch),
+            "replaced by the claim"
         );
     }
 

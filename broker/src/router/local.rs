@@ -36,7 +36,7 @@ impl LocalDelivery {
         mut reader: Box<dyn LocalLogReader>,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        let mut flows = Qos2Flows::new(reader.open_qos2_flows());
+        let mut flows = Qos2Flows::unpartitioned(reader.open_qos2_flows());
         loop {
             let partitions = tokio::select! {
                 _ = shutdown.changed() => return,
@@ -70,11 +70,12 @@ impl LocalDelivery {
     ) {
         // The local scope writes nothing; the flows' own bookkeeping ops land here and go.
         let mut scratch = WriteBatch::default();
+        let partition = records.partition;
         for record in records.records {
             let (delivery, qos2) = match record.entry {
                 LogEntry::Publish { delivery, qos2 } => (delivery, qos2),
                 LogEntry::Control(control) => {
-                    flows.apply(&control, &mut scratch);
+                    flows.apply(partition, &control, &mut scratch);
                     continue;
                 }
                 LogEntry::Unreadable => continue,
@@ -82,7 +83,13 @@ impl LocalDelivery {
             // A resent copy of a QoS 2 message the dispatchers drop is dropped here too:
             // exactly once for clean subscribers as well.
             if let Some((pkid, dup)) = qos2 {
-                if !flows.route(&delivery.message.publisher, pkid, dup, &mut scratch) {
+                if !flows.route(
+                    partition,
+                    &delivery.message.publisher,
+                    pkid,
+                    dup,
+                    &mut scratch,
+                ) {
                     continue;
                 }
             }
@@ -297,6 +304,7 @@ mod tests {
         let log = FakeLog {
             calls: vec![vec![PartitionRecords {
                 partition: 0,
+                epoch: 0,
                 records,
             }]],
             live_from: 12,

@@ -90,7 +90,7 @@ impl KafkaPostgresStorage {
         .await?;
         let pg = Arc::new(pg);
         let log = Arc::new(KafkaPublishLog::new(kafka.clone()));
-        let reader = KafkaLogReader::open(&kafka, &pg).await?;
+        let reader = KafkaLogReader::open(&kafka, &pg, &config.cluster).await?;
         // Opened here, before the broker loads its retained snapshot (see `kafka::local`).
         let local = if cluster {
             Some(KafkaLocalReader::open(&kafka, &pg, &config.cluster.node_id()).await?)

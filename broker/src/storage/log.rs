@@ -73,13 +73,33 @@ pub enum LogEntry {
 #[derive(Debug)]
 pub struct PartitionRecords {
     pub partition: i32,
+    /// The reader's claim on the partition these records were read under: stored with their
+    /// batch ([`super::WriteOp::RouterPosition`]), which is refused once the partition was
+    /// claimed again.
+    pub epoch: i64,
     pub records: Vec<LogRecord>,
+}
+
+/// A change in the partitions a reader routes, handed to the dispatcher before any record read
+/// after it.
+#[derive(Debug)]
+pub enum PartitionChange {
+    /// The partition is this reader's now: its open QoS 2 flows as stored (publisher → packet
+    /// ids; see [`super::WriteOp::RouterQos2`]). They replace whatever the dispatcher knew of
+    /// the partition.
+    Claimed {
+        partition: i32,
+        flows: HashMap<Arc<str>, HashSet<u16>>,
+    },
+    /// The partition went to another reader: forget its state.
+    Released { partition: i32 },
 }
 
 /// The dispatch side: the publish log read back from the positions the backend stored with
 /// the dispatcher's last batches ([`super::WriteOp::RouterPosition`]). The reader delivers
 /// every record at or after those positions exactly once per run (records before them are
-/// skipped; records lost to retention are logged and counted by the reader).
+/// skipped; records lost to retention are logged and counted by the reader). Which partitions
+/// it reads may change while it runs ([`PartitionChange`]): a consumer-group rebalance.
 #[async_trait::async_trait]
 pub trait LogReader: Send + 'static {
     /// The next records, grouped by partition; `None` once the log cannot be read any more.
@@ -88,9 +108,14 @@ pub trait LogReader: Send + 'static {
     /// Everything of `partition` below `next_offset` is stored: a hint for lag tooling (the
     /// position that counts is the one stored with the batch).
     fn routed(&mut self, partition: i32, next_offset: i64);
-    /// The QoS 2 packet ids the dispatcher routed and has not seen released, per publisher,
-    /// as stored with its batches ([`super::WriteOp::RouterQos2`]); taken once at start.
-    fn open_qos2_flows(&mut self) -> HashMap<Arc<str>, HashSet<u16>>;
+    /// The partitions claimed or released since the last call, in order (at start: every
+    /// partition claimed when opening). Taken after each [`LogReader::next`], before its records
+    /// are routed.
+    fn take_changes(&mut self) -> Vec<PartitionChange>;
+    /// Storing a batch of `partition` read under `epoch` was refused
+    /// ([`super::StorageError::Fenced`]): another reader claimed it. Stop reading it until it
+    /// is claimed again.
+    fn fenced(&mut self, partition: i32, epoch: i64);
 }
 
 /// The publish log as a cluster node's local reader sees it (`router::local`, only with

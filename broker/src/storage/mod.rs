@@ -126,14 +126,22 @@ pub enum WriteOp {
     /// The log router has stored everything of a publish-log partition below `next_offset`.
     /// Written in the same transaction as the batch's queue writes, so a replay after a crash
     /// starts exactly after what was stored (Kafka backend only).
+    ///
+    /// `epoch` is the partition's claim the records were read under (see
+    /// `storage::kafka::reader`): when the partition was claimed again since (by another node,
+    /// or by this one after a rebalance), the whole batch is refused with
+    /// [`StorageError::Fenced`] and none of it is applied.
     RouterPosition {
         partition: i32,
         next_offset: i64,
+        epoch: i64,
     },
     /// The log router's record of a publisher's open QoS 2 flows changed (Kafka backend only;
     /// see `router::dispatcher::Qos2Flows`). Written in the batch's transaction.
     RouterQos2 {
         client: Arc<str>,
+        /// The publish-log partition the flow's records travel in.
+        partition: i32,
         change: Qos2FlowChange,
     },
     /// The DEVICE client acknowledged the entry (PUBACK, or PUBCOMP for QoS 2).
@@ -221,6 +229,10 @@ pub enum StorageError {
     NodeLockHeld(String),
     /// The APPLICATION client's Kafka topic does not exist and may not be created by the broker.
     MissingTopic(String),
+    /// A router batch for a publish-log partition that was claimed again since its records
+    /// were read (another node routes it now): nothing of the batch was applied, and it must
+    /// not be retried.
+    Fenced { partition: i32, epoch: i64 },
 }
 
 impl std::fmt::Display for StorageError {
@@ -245,6 +257,11 @@ impl std::fmt::Display for StorageError {
                  postgres.standby = true to wait as a standby instead)"
             ),
             StorageError::MissingTopic(topic) => write!(f, "missing Kafka topic {topic}"),
+            StorageError::Fenced { partition, epoch } => write!(
+                f,
+                "publish-log partition {partition} was claimed again since epoch {epoch}; \
+                 its batch is not applied"
+            ),
         }
     }
 }

@@ -3,9 +3,21 @@
 //! One writer task applies batches in submission order, group-committing everything queued into
 //! one transaction: DEVICE appends become one multi-row `INSERT … SELECT FROM UNNEST(…)`, acks
 //! one `DELETE … USING UNNEST(…)`, so a router batch of a thousand messages is a handful of
-//! statements, not a thousand round trips. Sequence numbers, queue lengths and the set of live
-//! sessions are kept in memory by the writer (it is their only writer; the node lock makes it
-//! the only one in the cluster) and rebuilt from the tables when a transaction fails.
+//! statements, not a thousand round trips. With `cluster.enabled = false`, sequence numbers,
+//! queue lengths and the set of live sessions are kept in memory by the writer (it is their only
+//! writer; the node lock makes it the only one in the cluster) and rebuilt from the tables when
+//! a transaction fails. With `cluster.enabled = true` several nodes write the schema: the group's
+//! transaction locks the DEVICE sessions it appends to (`SELECT … ORDER BY client_id FOR
+//! UPDATE`, one statement, in key order so two writers cannot deadlock on them), takes their
+//! `next_seq` from there, and trims each queue to the `device.queue_limit` newest sequence
+//! numbers in SQL: nothing of it lives in one node's memory.
+//!
+//! **Fencing.** Router batches carry the epoch of the partition claim they were read under
+//! (`WriteOp::RouterPosition`). The transaction first locks those partitions' rows `FOR UPDATE`
+//! and leaves out every batch whose epoch is no longer the stored one (it fails with
+//! [`StorageError::Fenced`]); the other batches of the group are applied. A claim by another
+//! node (`claim_partition`) waits for that lock, so it reads the position this transaction
+//! stores, and no transaction after it can store for the old epoch.
 //!
 //! Schema layout: `common/migrations/postgres/` (embedded with `sqlx::migrate!`), applied at
 //! start inside `postgres.schema`.
@@ -87,8 +99,9 @@ pub struct PgStore {
 impl PgStore {
     /// Connects, takes the node lock, applies migrations and starts the writer. Fails with a
     /// message naming the URL's host when PostgreSQL cannot be reached. In a cluster
-    /// (`cluster`: several nodes share the schema) there is no node lock, and the writer
-    /// notifies the sessions it stores entries for (`storage::wake`).
+    /// (`cluster`: several nodes share the schema) there is no node lock, the writer
+    /// notifies the sessions it stores entries for (`storage::wake`), and DEVICE sequence
+    /// numbers come from the locked session rows (module docs).
     pub async fn connect(
         config: &PostgresConfig,
         device_queue_limit: u64,
@@ -120,6 +133,8 @@ impl PgStore {
             device_queue_limit,
             live: HashSet::new(),
             device: HashMap::new(),
+            cluster,
+            txn_seqs: HashMap::new(),
             metrics,
             healthy: healthy.clone(),
             wake_channel: cluster.then(|| super::wake::channel(&config.schema)),
@@ -264,12 +279,32 @@ impl PgStore {
         Ok(committed.max(1) as u64)
     }
 
-    /// The log router's open QoS 2 flows: publisher → packet ids.
+    /// Every open QoS 2 flow of the log router: publisher → packet ids.
     pub async fn router_qos2_flows(&self) -> Result<HashMap<Arc<str>, HashSet<u16>>, StorageError> {
-        let rows = sqlx::query("SELECT client_id, pkid FROM router_qos2_flows")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db)?;
+        self.qos2_flows(None).await
+    }
+
+    /// The log router's open QoS 2 flows routed from `partitions` (and those recorded before
+    /// flows had a partition): publisher → packet ids.
+    pub async fn router_qos2_flows_of(
+        &self,
+        partitions: &[i32],
+    ) -> Result<HashMap<Arc<str>, HashSet<u16>>, StorageError> {
+        self.qos2_flows(Some(partitions)).await
+    }
+
+    async fn qos2_flows(
+        &self,
+        partitions: Option<&[i32]>,
+    ) -> Result<HashMap<Arc<str>, HashSet<u16>>, StorageError> {
+        let rows = sqlx::query(
+            "SELECT client_id, pkid FROM router_qos2_flows \
+             WHERE $1::int4[] IS NULL OR partition = ANY($1) OR partition < 0",
+        )
+        .bind(partitions)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
         let mut flows: HashMap<Arc<str>, HashSet<u16>> = HashMap::new();
         for row in rows {
             let client: String = row.get(0);
@@ -288,6 +323,37 @@ impl PgStore {
             .await
             .map_err(db)?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// Claims a publish-log partition for `node`: bumps its epoch (every batch stored under an
+    /// older epoch is refused from now on) and returns the new epoch and the stored position.
+    /// The row is created at `start` first when missing. The update waits for a transaction of
+    /// the previous owner that holds the row, so the position returned includes it.
+    pub async fn claim_partition(
+        &self,
+        partition: i32,
+        node: &str,
+        start: i64,
+    ) -> Result<(i64, i64), StorageError> {
+        sqlx::query(
+            "INSERT INTO router_offsets (partition, next_offset) VALUES ($1, $2) \
+             ON CONFLICT (partition) DO NOTHING",
+        )
+        .bind(partition)
+        .bind(start)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        let row = sqlx::query(
+            "UPDATE router_offsets SET owner_node = $2, epoch = epoch + 1 \
+             WHERE partition = $1 RETURNING epoch, next_offset",
+        )
+        .bind(partition)
+        .bind(node)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok((row.get(0), row.get(1)))
     }
 
     /// Records starting positions (first start, or partitions added since) before the router
@@ -650,6 +716,13 @@ struct Writer {
     /// Clients with a stored session; appends for anyone else are dropped (as on embedded).
     live: HashSet<String>,
     device: HashMap<String, DeviceStats>,
+    /// `cluster.enabled`: sequence numbers and the live set come from the locked session rows
+    /// of each transaction (`txn_seqs`), not from `live` and `device`.
+    cluster: bool,
+    /// Cluster mode, during one transaction: the next sequence number of every DEVICE session
+    /// the transaction locked (or created); an append for a client missing here is dropped
+    /// (no session: it was never created, or another node deleted it).
+    txn_seqs: HashMap<String, u64>,
     metrics: Arc<Metrics>,
     healthy: Arc<AtomicBool>,
     /// In a cluster, the channel its transactions notify the sessions they stored entries for
@@ -702,6 +775,10 @@ fn woken_clients(batches: &[WriteBatch], extra: Vec<Arc<str>>) -> Vec<String> {
 
 impl Writer {
     async fn reload(&mut self) -> Result<(), StorageError> {
+        if self.cluster {
+            // Nothing cached: every transaction reads what it needs under its locks.
+            return Ok(());
+        }
         let mut live = HashSet::new();
         let mut device = HashMap::new();
         for row in sqlx::query("SELECT client_id, kind, next_seq FROM sessions")
@@ -753,7 +830,7 @@ impl Writer {
             }
             let mut batches = Vec::new();
             let mut dones = Vec::new();
-            let mut on_commit = Vec::new();
+            let mut on_commit: Vec<Option<OnCommit>> = Vec::new();
             let mut wake: Vec<Arc<str>> = Vec::new();
             let mut sweeps = Vec::new();
             for request in group.drain(..) {
@@ -773,7 +850,7 @@ impl Writer {
                         }
                         batches.push(batch);
                         dones.push(done);
-                        on_commit.extend(then);
+                        on_commit.push(then);
                         wake.extend(woken);
                     }
                     Request::Sweep {
@@ -785,26 +862,30 @@ impl Writer {
             }
             if !batches.is_empty() {
                 let mut notify = Vec::new();
-                let result = self.apply(batches, &mut notify, wake).await;
-                match &result {
-                    Ok(()) => {
+                let count = batches.len();
+                let results = match self.apply(batches, &mut notify, wake).await {
+                    Ok(fenced) => {
                         self.healthy.store(true, Ordering::Release);
-                        for then in on_commit {
-                            then();
+                        for (then, fenced) in on_commit.into_iter().zip(&fenced) {
+                            if let (Some(then), None) = (then, fenced) {
+                                then();
+                            }
                         }
                         for n in notify {
                             n.notify_one();
                         }
+                        fenced.into_iter().map(|f| f.map_or(Ok(()), Err)).collect()
                     }
                     Err(e) => {
                         tracing::error!(error = %e, batches = dones.len(), "postgres commit failed");
                         if let Err(e) = self.reload().await {
                             tracing::warn!(error = %e, "reloading queue counters failed; retrying with the next commit");
                         }
+                        vec![Err(e); count]
                     }
-                }
-                for done in dones {
-                    let _ = done.send(result.clone());
+                };
+                for (done, result) in dones.into_iter().zip(results) {
+                    let _ = done.send(result);
                 }
             }
             for (now, budget, done) in sweeps {
@@ -813,19 +894,29 @@ impl Writer {
         }
     }
 
+    /// Applies a group of batches in one transaction. Per batch: `None` when it was applied,
+    /// `Some(Fenced)` when it was left out because its partition was claimed again.
     async fn apply(
         &mut self,
         batches: Vec<WriteBatch>,
         notify: &mut Vec<Arc<Notify>>,
         wake: Vec<Arc<str>>,
-    ) -> Result<(), StorageError> {
+    ) -> Result<Vec<Option<StorageError>>, StorageError> {
         let woken = match &self.wake_channel {
             Some(_) => woken_clients(&batches, wake),
             None => Vec::new(),
         };
         let mut txn = self.pool.begin().await.map_err(db)?;
+        let fenced = fence(&mut txn, &batches).await?;
+        if self.cluster {
+            self.lock_device_sessions(&mut txn, &batches, &fenced)
+                .await?;
+        }
         let mut pending = Pending::default();
-        for batch in batches {
+        for (batch, fenced) in batches.into_iter().zip(&fenced) {
+            if fenced.is_some() {
+                continue;
+            }
             for op in batch.ops {
                 self.apply_op(&mut txn, op, &mut pending, notify).await?;
             }
@@ -835,6 +926,49 @@ impl Writer {
             super::wake::notify(&mut txn, channel, &woken).await?;
         }
         txn.commit().await.map_err(db)?;
+        Ok(fenced)
+    }
+
+    /// Cluster mode: locks the session rows of every DEVICE client the (unfenced) batches
+    /// append to, in key order, and reads their next sequence numbers into `txn_seqs`.
+    async fn lock_device_sessions(
+        &mut self,
+        txn: &mut Transaction<'static, Postgres>,
+        batches: &[WriteBatch],
+        fenced: &[Option<StorageError>],
+    ) -> Result<(), StorageError> {
+        self.txn_seqs.clear();
+        let mut clients: Vec<&str> = batches
+            .iter()
+            .zip(fenced)
+            .filter(|(_, f)| f.is_none())
+            .flat_map(|(b, _)| b.ops.iter())
+            .filter_map(|op| match op {
+                WriteOp::Enqueue {
+                    client,
+                    kind: ClientKind::Device,
+                    ..
+                } => Some(&**client),
+                _ => None,
+            })
+            .collect();
+        if clients.is_empty() {
+            return Ok(());
+        }
+        clients.sort_unstable();
+        clients.dedup();
+        let rows = sqlx::query(
+            "SELECT client_id, next_seq FROM sessions WHERE client_id = ANY($1) AND kind = 0 \
+             ORDER BY client_id FOR UPDATE",
+        )
+        .bind(&clients)
+        .fetch_all(&mut **txn)
+        .await
+        .map_err(db)?;
+        for row in rows {
+            let next: i64 = row.get(1);
+            self.txn_seqs.insert(row.get(0), next.max(1) as u64);
+        }
         Ok(())
     }
 
@@ -879,45 +1013,7 @@ impl Writer {
                 }
             }
         }
-        // Trim every queue that grew past the limit: the oldest entries go (counted).
-        for client in &p.touched {
-            let Some(stats) = self.device.get(client).copied() else {
-                continue;
-            };
-            if stats.count > self.device_queue_limit {
-                let excess = stats.count - self.device_queue_limit;
-                let trimmed = sqlx::query(
-                    "DELETE FROM device_queue WHERE client_id = $1 AND seq IN \
-                     (SELECT seq FROM device_queue WHERE client_id = $1 ORDER BY seq LIMIT $2)",
-                )
-                .bind(client)
-                .bind(excess as i64)
-                .execute(&mut **txn)
-                .await
-                .map_err(db)?
-                .rows_affected();
-                if let Some(s) = self.device.get_mut(client) {
-                    s.count = s.count.saturating_sub(trimmed);
-                }
-                self.metrics.device_messages_trimmed.add(trimmed);
-            }
-        }
-        if !p.touched.is_empty() {
-            let clients: Vec<&String> = p.touched.iter().collect();
-            let next: Vec<i64> = clients
-                .iter()
-                .map(|c| self.device.get(*c).map_or(1, |s| s.next_seq as i64))
-                .collect();
-            sqlx::query(
-                "UPDATE sessions s SET next_seq = v.n FROM UNNEST($1::text[], $2::int8[]) AS v(c, n) \
-                 WHERE s.client_id = v.c",
-            )
-            .bind(&clients)
-            .bind(&next)
-            .execute(&mut **txn)
-            .await
-            .map_err(db)?;
-        }
+        self.store_device_seqs(txn, &p.touched).await?;
         if !p.app_commit.is_empty() {
             let (clients, next): (Vec<String>, Vec<i64>) = p.app_commit.into_iter().unzip();
             sqlx::query(
@@ -954,6 +1050,97 @@ impl Writer {
         Ok(())
     }
 
+    /// After DEVICE appends: trims the touched queues to `device.queue_limit` and stores their
+    /// next sequence numbers.
+    async fn store_device_seqs(
+        &mut self,
+        txn: &mut Transaction<'static, Postgres>,
+        touched: &HashSet<String>,
+    ) -> Result<(), StorageError> {
+        if touched.is_empty() {
+            return Ok(());
+        }
+        if self.cluster {
+            return self.store_device_seqs_cluster(txn, touched).await;
+        }
+        // Trim every queue that grew past the limit: the oldest entries go (counted).
+        for client in touched {
+            let Some(stats) = self.device.get(client).copied() else {
+                continue;
+            };
+            if stats.count > self.device_queue_limit {
+                let excess = stats.count - self.device_queue_limit;
+                let trimmed = sqlx::query(
+                    "DELETE FROM device_queue WHERE client_id = $1 AND seq IN \
+                     (SELECT seq FROM device_queue WHERE client_id = $1 ORDER BY seq LIMIT $2)",
+                )
+                .bind(client)
+                .bind(excess as i64)
+                .execute(&mut **txn)
+                .await
+                .map_err(db)?
+                .rows_affected();
+                if let Some(s) = self.device.get_mut(client) {
+                    s.count = s.count.saturating_sub(trimmed);
+                }
+                self.metrics.device_messages_trimmed.add(trimmed);
+            }
+        }
+        let clients: Vec<&String> = touched.iter().collect();
+        let next: Vec<i64> = clients
+            .iter()
+            .map(|c| self.device.get(*c).map_or(1, |s| s.next_seq as i64))
+            .collect();
+        sqlx::query(
+            "UPDATE sessions s SET next_seq = v.n FROM UNNEST($1::text[], $2::int8[]) AS v(c, n) \
+             WHERE s.client_id = v.c",
+        )
+        .bind(&clients)
+        .bind(&next)
+        .execute(&mut **txn)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    /// Cluster mode: no node knows a queue's length, so the bound is on sequence numbers: a
+    /// queue keeps the `device.queue_limit` newest sequence numbers (entries acknowledged or
+    /// expired in between count as gone). One `DELETE` and one `UPDATE` for the whole group.
+    async fn store_device_seqs_cluster(
+        &mut self,
+        txn: &mut Transaction<'static, Postgres>,
+        touched: &HashSet<String>,
+    ) -> Result<(), StorageError> {
+        let (clients, next): (Vec<&str>, Vec<i64>) = touched
+            .iter()
+            .filter_map(|c| self.txn_seqs.get(c).map(|n| (c.as_str(), *n as i64)))
+            .unzip();
+        // Capped so that `n - limit` cannot overflow in SQL.
+        let limit = self.device_queue_limit.min(1 << 62) as i64;
+        let trimmed = sqlx::query(
+            "DELETE FROM device_queue d USING UNNEST($1::text[], $2::int8[]) AS v(c, n) \
+             WHERE d.client_id = v.c AND d.seq < v.n - $3",
+        )
+        .bind(&clients)
+        .bind(&next)
+        .bind(limit)
+        .execute(&mut **txn)
+        .await
+        .map_err(db)?
+        .rows_affected();
+        self.metrics.device_messages_trimmed.add(trimmed);
+        sqlx::query(
+            "UPDATE sessions s SET next_seq = v.n FROM UNNEST($1::text[], $2::int8[]) AS v(c, n) \
+             WHERE s.client_id = v.c",
+        )
+        .bind(&clients)
+        .bind(&next)
+        .execute(&mut **txn)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
     async fn apply_op(
         &mut self,
         txn: &mut Transaction<'static, Postgres>,
@@ -970,13 +1157,23 @@ impl Writer {
                 notify: wake,
                 ..
             } => {
-                if !self.live.contains(&*client) {
-                    return Ok(());
-                }
-                let stats = self.device.entry(client.to_string()).or_default();
-                let seq = stats.next_seq.max(1);
-                stats.next_seq = seq + 1;
-                stats.count += 1;
+                let seq = if self.cluster {
+                    let Some(next) = self.txn_seqs.get_mut(&*client) else {
+                        return Ok(());
+                    };
+                    let seq = *next;
+                    *next = seq + 1;
+                    seq
+                } else {
+                    if !self.live.contains(&*client) {
+                        return Ok(());
+                    }
+                    let stats = self.device.entry(client.to_string()).or_default();
+                    let seq = stats.next_seq.max(1);
+                    stats.next_seq = seq + 1;
+                    stats.count += 1;
+                    seq
+                };
                 pending.insert_client.push(client.to_string());
                 pending.insert_seq.push(seq as i64);
                 pending.insert_expires.push(delivery.expires_at_ms as i64);
@@ -1002,7 +1199,9 @@ impl Writer {
                 return Ok(());
             }
             WriteOp::MarkSent { client, upto } => {
-                if self.live.contains(&*client) {
+                // In cluster mode another node may have created the session: the UPDATE
+                // finds it or nothing.
+                if self.cluster || self.live.contains(&*client) {
                     let e = pending.sent.entry(client.to_string()).or_insert(0);
                     *e = (*e).max(upto as i64);
                 }
@@ -1017,25 +1216,38 @@ impl Writer {
             WriteOp::RouterPosition {
                 partition,
                 next_offset,
+                epoch,
             } => {
-                sqlx::query(
-                    "INSERT INTO router_offsets (partition, next_offset) VALUES ($1, $2) \
-                     ON CONFLICT (partition) DO UPDATE SET next_offset = EXCLUDED.next_offset",
+                // `fence` checked the epoch under the row lock already; this is the same
+                // condition, so that no path stores a position for a stale claim.
+                let stored = sqlx::query(
+                    "UPDATE router_offsets SET next_offset = $2 WHERE partition = $1 AND epoch = $3",
                 )
                 .bind(partition)
                 .bind(next_offset)
+                .bind(epoch)
                 .execute(t)
                 .await
-                .map_err(db)?;
+                .map_err(db)?
+                .rows_affected();
+                if stored == 0 {
+                    return Err(StorageError::Fenced { partition, epoch });
+                }
             }
-            WriteOp::RouterQos2 { client, change } => {
+            WriteOp::RouterQos2 {
+                client,
+                partition,
+                change,
+            } => {
                 let query = match change {
                     Qos2FlowChange::Open(pkid) => sqlx::query(
-                        "INSERT INTO router_qos2_flows (client_id, pkid) VALUES ($1, $2) \
-                         ON CONFLICT DO NOTHING",
+                        "INSERT INTO router_qos2_flows (client_id, pkid, partition) \
+                         VALUES ($1, $2, $3) ON CONFLICT (client_id, pkid) \
+                         DO UPDATE SET partition = EXCLUDED.partition",
                     )
                     .bind(&*client)
-                    .bind(i32::from(pkid)),
+                    .bind(i32::from(pkid))
+                    .bind(partition),
                     Qos2FlowChange::Release(pkid) => sqlx::query(
                         "DELETE FROM router_qos2_flows WHERE client_id = $1 AND pkid = $2",
                     )
@@ -1049,19 +1261,32 @@ impl Writer {
                 query.execute(t).await.map_err(db)?;
             }
             WriteOp::PutSession { client, record } => {
-                sqlx::query(
+                let next_seq: i64 = sqlx::query_scalar(
                     "INSERT INTO sessions (client_id, kind, expiry_interval, disconnected_at_ms) \
                      VALUES ($1, $2, $3, $4) ON CONFLICT (client_id) DO UPDATE SET \
                      kind = EXCLUDED.kind, expiry_interval = EXCLUDED.expiry_interval, \
-                     disconnected_at_ms = EXCLUDED.disconnected_at_ms",
+                     disconnected_at_ms = EXCLUDED.disconnected_at_ms RETURNING next_seq",
                 )
                 .bind(&*client)
                 .bind(kind_code(record.kind))
                 .bind(i64::from(record.expiry_interval))
                 .bind(record.disconnected_at_ms as i64)
-                .execute(t)
+                .fetch_one(t)
                 .await
                 .map_err(db)?;
+                if self.cluster {
+                    // The row is locked by this transaction now: appends later in the group
+                    // continue from its stored sequence.
+                    match record.kind {
+                        ClientKind::Device => {
+                            self.txn_seqs
+                                .insert(client.to_string(), next_seq.max(1) as u64);
+                        }
+                        ClientKind::Application => {
+                            self.txn_seqs.remove(&*client);
+                        }
+                    }
+                }
                 if record.kind == ClientKind::Device {
                     self.device
                         .entry(client.to_string())
@@ -1089,6 +1314,7 @@ impl Writer {
                 }
                 self.live.remove(&*client);
                 self.device.remove(&*client);
+                self.txn_seqs.remove(&*client);
             }
             WriteOp::PutSubscription {
                 client,
@@ -1235,6 +1461,58 @@ impl Writer {
             application_expired: 0,
         })
     }
+}
+
+/// Locks the publish-log partitions the batches store positions for (`FOR UPDATE`, in
+/// partition order) and checks each batch's epochs against the stored ones. Per batch:
+/// `Some(Fenced)` when a partition was claimed again since its records were read.
+async fn fence(
+    txn: &mut Transaction<'static, Postgres>,
+    batches: &[WriteBatch],
+) -> Result<Vec<Option<StorageError>>, StorageError> {
+    let claims: Vec<Vec<(i32, i64)>> = batches
+        .iter()
+        .map(|b| {
+            b.ops
+                .iter()
+                .filter_map(|op| match op {
+                    WriteOp::RouterPosition {
+                        partition, epoch, ..
+                    } => Some((*partition, *epoch)),
+                    _ => None,
+                })
+                .collect()
+        })
+        .collect();
+    let mut partitions: Vec<i32> = claims.iter().flatten().map(|(p, _)| *p).collect();
+    if partitions.is_empty() {
+        return Ok(vec![None; batches.len()]);
+    }
+    partitions.sort_unstable();
+    partitions.dedup();
+    let current: HashMap<i32, i64> = sqlx::query(
+        "SELECT partition, epoch FROM router_offsets WHERE partition = ANY($1) \
+         ORDER BY partition FOR UPDATE",
+    )
+    .bind(&partitions)
+    .fetch_all(&mut **txn)
+    .await
+    .map_err(db)?
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect();
+    Ok(claims
+        .iter()
+        .map(|claims| {
+            claims
+                .iter()
+                .find(|(p, e)| current.get(p) != Some(e))
+                .map(|(partition, epoch)| StorageError::Fenced {
+                    partition: *partition,
+                    epoch: *epoch,
+                })
+        })
+        .collect())
 }
 
 #[cfg(test)]

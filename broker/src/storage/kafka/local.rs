@@ -91,6 +91,8 @@ impl KafkaLocalReader {
             positions: Positions {
                 topic,
                 expected,
+                epochs: HashMap::new(),
+                claimed_only: false,
                 metrics: kafka.metrics.clone(),
             },
             live_from,

@@ -9,34 +9,72 @@
 //! skipped, and a record past it means records were deleted before they were read (retention
 //! shorter than an outage): logged and counted in `ferrymq_kafka_log_gap_records_total`.
 //!
-//! The consumer is assigned every partition explicitly (no group membership, so no rebalance
-//! pauses); offsets are also committed to the `<prefix>.router` group, for lag tooling only. One
-//! broker node owns a PostgreSQL schema at a time (the node lock), so one reader consumes the
-//! log.
+//! **Claims.** Before it reads a partition the reader claims it in PostgreSQL
+//! (`PgStore::claim_partition`: its epoch goes up by one, and this node is recorded as owner)
+//! and reads from the position stored with that claim. Every batch carries the epoch its records
+//! were read under and is refused (`StorageError::Fenced`) once the partition was claimed again,
+//! so a node that lost a partition, however late it notices, stores nothing more for it.
+//!
+//! **Who reads what.** With `cluster.enabled = false` the consumer is assigned every partition
+//! explicitly (no group membership, so no rebalance pauses) and claims them all at start, which
+//! also fences a stale node after a standby took over; offsets are committed to the
+//! `<prefix>.router` group for lag tooling only. With `cluster.enabled = true` the consumer joins
+//! the group `<prefix>.router` and reads what the group assigns it. The assignment strategy is
+//! eager (`range`): every rebalance revokes everything and assigns afresh, so each assigned
+//! partition is claimed again and re-read from the stored position — the reader's whole state
+//! is rebuilt from PostgreSQL at each rebalance and no partition is read under two claims. With a
+//! few dozen partitions a claim is a few milliseconds; cooperative-sticky would move fewer
+//! partitions, at the price of a second code path for incremental changes. Revoked partitions
+//! are forgotten at once: records of them still buffered (in the consumer or in the call being
+//! assembled) are dropped, not routed.
+//!
+//! Rebalance callbacks run inside the consumer's poll and must not block, so they only queue
+//! the change; [`LogReader::next`] applies it (claims, seeks) before it takes another record.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::FutureExt;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::message::{BorrowedMessage, Message as _};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::position::{NextOffset, Step};
 use super::{kafka_error, msg_all_topic, record, router_group, Kafka};
+use crate::config::ClusterConfig;
 use crate::metrics::Metrics;
-use crate::storage::log::{LogEntry, LogReader, LogRecord, PartitionRecords};
+use crate::storage::log::{LogEntry, LogReader, LogRecord, PartitionChange, PartitionRecords};
 use crate::storage::postgres::PgStore;
 use crate::storage::StorageError;
 
 /// Records handed to the dispatcher per call at most (it stores one batch per partition).
 const MAX_RECORDS: usize = 1_024;
+/// How long a seek to a claimed partition's position may take.
+const SEEK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Backoff while a claim cannot be stored (PostgreSQL down during a rebalance).
+const CLAIM_RETRY: Duration = Duration::from_millis(500);
 
 /// The publish log read from the stored positions.
 pub struct KafkaLogReader {
-    consumer: StreamConsumer,
+    consumer: StreamConsumer<GroupEvents>,
+    claims: Claims,
+}
+
+/// The partitions this reader claimed, and how it claims more.
+struct Claims {
     positions: Positions,
-    open_qos2: HashMap<Arc<str>, HashSet<u16>>,
+    pg: Arc<PgStore>,
+    kafka: Arc<Kafka>,
+    node: String,
+    /// Partitions that had a stored position when the reader opened; a claim of any other
+    /// starts at the partition's beginning (a partition added later).
+    known: HashSet<i32>,
+    /// Claims and releases not yet taken by the dispatcher.
+    changes: Vec<PartitionChange>,
 }
 
 /// Where each partition is, and what a fetched record becomes. Shared with the cluster's local
@@ -45,35 +83,237 @@ pub(super) struct Positions {
     pub(super) topic: String,
     /// The next offset each partition must deliver.
     pub(super) expected: HashMap<i32, NextOffset>,
+    /// The epoch of each claimed partition.
+    pub(super) epochs: HashMap<i32, i64>,
+    /// `true` (the dispatcher): a record of a partition not claimed here is dropped. `false`
+    /// (the local reader, which reads every partition without claims): a partition seen for
+    /// the first time starts at its first record, with epoch 0.
+    pub(super) claimed_only: bool,
     pub(super) metrics: Arc<Metrics>,
 }
 
+/// A rebalance, queued by the consumer's callbacks for [`LogReader::next`].
+#[derive(Debug)]
+enum GroupEvent {
+    Assigned(Vec<i32>),
+    Revoked(Vec<i32>),
+}
+
+/// The consumer's context: queues rebalances (the callbacks run inside the poll and must not
+/// wait for PostgreSQL).
+#[derive(Default)]
+struct GroupEvents {
+    queue: parking_lot::Mutex<Vec<GroupEvent>>,
+    /// Wakes [`LogReader::next`]: the consumer handles a rebalance inside `recv` and goes on
+    /// waiting for a record, which may not come for a long time.
+    queued: tokio::sync::Notify,
+}
+
+impl GroupEvents {
+    fn push(&self, event: GroupEvent) {
+        self.queue.lock().push(event);
+        self.queued.notify_one();
+    }
+}
+
+impl ClientContext for GroupEvents {}
+
+impl ConsumerContext for GroupEvents {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            self.push(GroupEvent::Revoked(partitions_of(tpl)));
+        }
+    }
+
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => self.push(GroupEvent::Assigned(partitions_of(tpl))),
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(e) => tracing::error!(error = %e, "publish log rebalance failed"),
+        }
+    }
+}
+
+fn partitions_of(tpl: &TopicPartitionList) -> Vec<i32> {
+    tpl.elements().iter().map(|e| e.partition()).collect()
+}
+
 impl KafkaLogReader {
-    /// Creates the consumer, assigned to every partition of the publish log at the positions
-    /// stored in PostgreSQL, and reads the dispatcher's stored QoS 2 flows.
-    pub async fn open(kafka: &Arc<Kafka>, pg: &PgStore) -> Result<KafkaLogReader, StorageError> {
+    /// Creates the consumer. With `cluster.enabled = false` it is assigned every partition of
+    /// the publish log, each claimed at the position stored in PostgreSQL; with `true` it
+    /// subscribes to the router group and claims what the group assigns it.
+    pub async fn open(
+        kafka: &Arc<Kafka>,
+        pg: &Arc<PgStore>,
+        cluster: &ClusterConfig,
+    ) -> Result<KafkaLogReader, StorageError> {
         let topic = msg_all_topic(&kafka.config.topic_prefix);
-        let (consumer, expected) = consumer(kafka, &topic, pg).await?;
-        Ok(KafkaLogReader {
+        let consumer = consumer(kafka, cluster.enabled)?;
+        let known = init_positions(kafka, &topic, pg).await?;
+        let mut reader = KafkaLogReader {
             consumer,
-            positions: Positions {
-                topic,
-                expected,
-                metrics: kafka.metrics.clone(),
+            claims: Claims {
+                positions: Positions {
+                    topic: topic.clone(),
+                    expected: HashMap::new(),
+                    epochs: HashMap::new(),
+                    claimed_only: true,
+                    metrics: kafka.metrics.clone(),
+                },
+                pg: pg.clone(),
+                kafka: kafka.clone(),
+                node: cluster.node_id(),
+                known: known.clone(),
+                changes: Vec::new(),
             },
-            open_qos2: pg.router_qos2_flows().await?,
-        })
+        };
+        if cluster.enabled {
+            reader.consumer.subscribe(&[&topic]).map_err(kafka_error)?;
+            tracing::info!(
+                group = router_group(&kafka.config.topic_prefix),
+                node = reader.claims.node,
+                "router joins the publish log's consumer group"
+            );
+        } else {
+            let mut all: Vec<i32> = known.into_iter().collect();
+            all.sort_unstable();
+            let mut assignment = TopicPartitionList::new();
+            for p in all {
+                let (epoch, start) = reader.claims.claim(p).await?;
+                assignment
+                    .add_partition_offset(&topic, p, Offset::Offset(start))
+                    .map_err(kafka_error)?;
+                tracing::debug!(partition = p, epoch, start, "publish log partition claimed");
+            }
+            reader.consumer.assign(&assignment).map_err(kafka_error)?;
+            let mut positions: Vec<(i32, i64)> = reader
+                .claims
+                .positions
+                .expected
+                .iter()
+                .map(|(p, o)| (*p, o.get()))
+                .collect();
+            positions.sort_unstable();
+            tracing::info!(
+                ?positions,
+                "router resumes the publish log at the stored positions"
+            );
+        }
+        Ok(reader)
+    }
+}
+
+impl Claims {
+    /// Claims `partition` in PostgreSQL and starts reading it at the stored position (the
+    /// caller seeks or assigns there); queues its stored QoS 2 flows for the dispatcher.
+    async fn claim(&mut self, partition: i32) -> Result<(i64, i64), StorageError> {
+        let start = if self.known.contains(&partition) {
+            0
+        } else {
+            self.kafka
+                .watermarks(&self.positions.topic, partition)
+                .await?
+                .0
+        };
+        let (epoch, next) = self
+            .pg
+            .claim_partition(partition, &self.node, start)
+            .await?;
+        let flows = self.pg.router_qos2_flows_of(&[partition]).await?;
+        self.known.insert(partition);
+        self.positions
+            .expected
+            .insert(partition, NextOffset::new(next));
+        self.positions.epochs.insert(partition, epoch);
+        self.changes
+            .push(PartitionChange::Claimed { partition, flows });
+        Ok((epoch, next))
+    }
+
+    /// Forgets `partition`: nothing more of it is routed here until it is claimed again.
+    fn release(&mut self, partition: i32, out: &mut Vec<PartitionRecords>) {
+        self.positions.expected.remove(&partition);
+        self.positions.epochs.remove(&partition);
+        out.retain(|p| p.partition != partition);
+        self.changes.push(PartitionChange::Released { partition });
+    }
+
+    /// Applies the rebalances queued by the consumer's callbacks. A claim that cannot be
+    /// stored (PostgreSQL down) is retried: the partition is this node's to route.
+    async fn apply_group_events(
+        &mut self,
+        consumer: &StreamConsumer<GroupEvents>,
+        out: &mut Vec<PartitionRecords>,
+    ) {
+        let events = std::mem::take(&mut *consumer.context().queue.lock());
+        for event in events {
+            match event {
+                GroupEvent::Revoked(partitions) => {
+                    for p in &partitions {
+                        self.release(*p, out);
+                    }
+                    tracing::info!(?partitions, "publish log partitions revoked");
+                }
+                GroupEvent::Assigned(partitions) => {
+                    for p in &partitions {
+                        self.claim_and_seek(consumer, *p).await;
+                    }
+                    tracing::info!(
+                        ?partitions,
+                        node = self.node,
+                        "publish log partitions claimed"
+                    );
+                }
+            }
+        }
+    }
+
+    async fn claim_and_seek(&mut self, consumer: &StreamConsumer<GroupEvents>, partition: i32) {
+        let start = loop {
+            match self.claim(partition).await {
+                Ok((_, start)) => break start,
+                Err(e) => {
+                    tracing::warn!(partition, error = %e, "claiming a publish log partition failed; retrying");
+                    tokio::time::sleep(CLAIM_RETRY).await;
+                }
+            }
+        };
+        // Fetching starts at the group's committed offset, which never passes the stored
+        // position (it is committed after the batch is stored), so what lies before the
+        // stored position is skipped even when the seek fails; the seek saves re-reading it.
+        if let Err(e) = consumer.seek(
+            &self.positions.topic,
+            partition,
+            Offset::Offset(start),
+            SEEK_TIMEOUT,
+        ) {
+            tracing::warn!(partition, start, error = %e, "seeking a claimed partition failed; reading on from the committed offset");
+        }
     }
 }
 
 impl Positions {
-    /// Adds one fetched record to `out`, unless it was stored already.
+    /// Adds one fetched record to `out`, unless it was stored already or (with
+    /// `claimed_only`) its partition is not claimed here.
     pub(super) fn take(&mut self, message: &BorrowedMessage<'_>, out: &mut Vec<PartitionRecords>) {
         let (partition, offset) = (message.partition(), message.offset());
-        let state = self
-            .expected
-            .entry(partition)
-            .or_insert_with(|| NextOffset::new(offset));
+        if !self.claimed_only {
+            self.expected
+                .entry(partition)
+                .or_insert_with(|| NextOffset::new(offset));
+            self.epochs.entry(partition).or_insert(0);
+        }
+        let (Some(state), Some(&epoch)) = (
+            self.expected.get_mut(&partition),
+            self.epochs.get(&partition),
+        ) else {
+            tracing::trace!(
+                partition,
+                offset,
+                "dropping a record of a partition not claimed here"
+            );
+            return;
+        };
         match state.step(offset) {
             Step::Skip => return,
             Step::Take => {}
@@ -88,6 +328,7 @@ impl Positions {
             Some(p) => p.records.push(record),
             None => out.push(PartitionRecords {
                 partition,
+                epoch,
                 records: vec![record],
             }),
         }
@@ -122,17 +363,34 @@ impl LogReader for KafkaLogReader {
         let mut out = Vec::new();
         let mut taken = 0;
         while out.is_empty() {
-            match self.consumer.recv().await {
-                Ok(message) => self.positions.take(&message, &mut out),
-                Err(e) => tracing::warn!(error = %e, "reading the publish log failed"),
+            tokio::select! {
+                received = self.consumer.recv() => {
+                    // A rebalance runs inside recv: apply it before the record it returned.
+                    self.claims
+                        .apply_group_events(&self.consumer, &mut out)
+                        .await;
+                    match received {
+                        Ok(message) => self.claims.positions.take(&message, &mut out),
+                        Err(e) => tracing::warn!(error = %e, "reading the publish log failed"),
+                    }
+                    taken += 1;
+                }
+                _ = self.consumer.context().queued.notified() => {
+                    self.claims
+                        .apply_group_events(&self.consumer, &mut out)
+                        .await;
+                }
             }
-            taken += 1;
         }
         // Whatever else has arrived already joins this call: batching from what is queued,
         // never from waiting.
         while taken < MAX_RECORDS {
-            match self.consumer.recv().now_or_never() {
-                Some(Ok(message)) => self.positions.take(&message, &mut out),
+            let received = self.consumer.recv().now_or_never();
+            self.claims
+                .apply_group_events(&self.consumer, &mut out)
+                .await;
+            match received {
+                Some(Ok(message)) => self.claims.positions.take(&message, &mut out),
                 Some(Err(e)) => tracing::warn!(error = %e, "reading the publish log failed"),
                 None => break,
             }
@@ -145,7 +403,7 @@ impl LogReader for KafkaLogReader {
         let mut commit = TopicPartitionList::new();
         if commit
             .add_partition_offset(
-                &self.positions.topic,
+                &self.claims.positions.topic,
                 partition,
                 Offset::Offset(next_offset),
             )
@@ -155,50 +413,71 @@ impl LogReader for KafkaLogReader {
         }
     }
 
-    fn open_qos2_flows(&mut self) -> HashMap<Arc<str>, HashSet<u16>> {
-        std::mem::take(&mut self.open_qos2)
+    fn take_changes(&mut self) -> Vec<PartitionChange> {
+        std::mem::take(&mut self.claims.changes)
+    }
+
+    fn fenced(&mut self, partition: i32, epoch: i64) {
+        if self.claims.positions.epochs.get(&partition) == Some(&epoch) {
+            tracing::warn!(
+                partition,
+                epoch,
+                "publish log partition was claimed by another node; no longer routing it here"
+            );
+            let mut none = Vec::new();
+            self.claims.release(partition, &mut none);
+        }
     }
 }
 
-/// Creates the router's consumer, assigned to every partition of the publish log at the
-/// positions stored in PostgreSQL. On the very first
-/// start there are none: the router starts at the log's current end, recorded before any
-/// listener opens, so every PUBLISH acknowledged afterwards lies after the router's starting
-/// point. A partition added later starts at its beginning.
-async fn consumer(
+/// The router's consumer: in the `<prefix>.router` group (its members share the partitions in
+/// cluster mode; otherwise it only receives the lag-tooling commits).
+fn consumer(
     kafka: &Arc<Kafka>,
-    topic: &str,
-    pg: &PgStore,
-) -> Result<(StreamConsumer, HashMap<i32, NextOffset>), StorageError> {
+    cluster: bool,
+) -> Result<StreamConsumer<GroupEvents>, StorageError> {
     let group = router_group(&kafka.config.topic_prefix);
-    let consumer: StreamConsumer = Kafka::client_config(&kafka.config)
+    let mut config = Kafka::client_config(&kafka.config);
+    config
         .set("group.id", &group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", "50")
-        .create()
-        .map_err(kafka_error)?;
+        .set("fetch.wait.max.ms", "50");
+    if cluster {
+        // Eager (see the module docs); a dead node's partitions move after the session
+        // timeout, so keep it short (the broker's default minimum is 6 s).
+        config
+            .set("partition.assignment.strategy", "range")
+            .set("session.timeout.ms", "10000")
+            .set("heartbeat.interval.ms", "1000");
+    }
+    config
+        .create_with_context(GroupEvents::default())
+        .map_err(kafka_error)
+}
+
+/// Records a starting position for every partition that has none, before anything claims
+/// one, and returns the partitions. On the very first start there are none: the router starts
+/// at the log's current end, recorded before any listener opens, so every PUBLISH acknowledged
+/// afterwards lies after the router's starting point. A partition added later starts at its
+/// beginning. Several nodes may do this at once: existing rows are kept.
+async fn init_positions(
+    kafka: &Arc<Kafka>,
+    topic: &str,
+    pg: &PgStore,
+) -> Result<HashSet<i32>, StorageError> {
     let partitions = kafka
         .partitions(topic)
         .await?
         .ok_or_else(|| StorageError::MissingTopic(topic.to_string()))?;
-    let mut stored = pg.router_positions().await?;
+    let stored = pg.router_positions().await?;
     let first_start = stored.is_empty();
     let mut init = Vec::new();
-    let mut starts = HashMap::new();
     for p in 0..partitions as i32 {
-        let (low, high) = kafka.watermarks(topic, p).await?;
-        match stored.get(&p) {
-            Some(position) => {
-                starts.insert(p, NextOffset::new(*position));
-            }
-            None => {
-                let start = if first_start { high } else { low };
-                init.push((p, start));
-                stored.insert(p, start);
-                starts.insert(p, NextOffset::new(start));
-            }
+        if !stored.contains_key(&p) {
+            let (low, high) = kafka.watermarks(topic, p).await?;
+            init.push((p, if first_start { high } else { low }));
         }
     }
     if !init.is_empty() {
@@ -209,18 +488,5 @@ async fn consumer(
             "router positions initialised"
         );
     }
-    let mut assignment = TopicPartitionList::new();
-    for (p, start) in &starts {
-        assignment
-            .add_partition_offset(topic, *p, Offset::Offset(start.get()))
-            .map_err(kafka_error)?;
-    }
-    consumer.assign(&assignment).map_err(kafka_error)?;
-    let mut positions: Vec<(i32, i64)> = stored.iter().map(|(p, o)| (*p, *o)).collect();
-    positions.sort_unstable();
-    tracing::info!(
-        ?positions,
-        "router resumes the publish log at the stored positions"
-    );
-    Ok((consumer, starts))
+    Ok((0..partitions as i32).collect())
 }
