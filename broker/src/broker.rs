@@ -55,6 +55,8 @@ pub enum OpenError {
     TakeoverTimeout,
     #[error("storing the session failed: {0}")]
     Storage(#[from] StorageError),
+    #[error("this node is fenced: it cannot reach Kafka and PostgreSQL")]
+    NodeFenced,
 }
 
 impl Broker {
@@ -261,6 +263,9 @@ impl Broker {
         // Several active nodes: take the client id in the directory first (the node that held
         // it closes its connection and lets go), then read the session's state from storage.
         let cluster = self.cluster().cloned();
+        if cluster.as_ref().is_some_and(|c| c.is_fenced()) {
+            return Err(OpenError::NodeFenced);
+        }
         let restart = clean_start && kind == ClientKind::Device;
         let cluster_epoch = match &cluster {
             Some(c) => Some(

@@ -212,7 +212,7 @@ impl Default for PostgresConfig {
 }
 
 /// Cluster membership of this node.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClusterConfig {
     /// `true`: this node is one of several active nodes sharing the Kafka cluster and the
@@ -221,6 +221,22 @@ pub struct ClusterConfig {
     /// This node's name, unique in the cluster and stable across restarts (the pod name under
     /// the operator). Empty: the `HOSTNAME` environment variable, else `ferrymq`.
     pub node_id: String,
+    /// A node that has not reached Kafka and PostgreSQL for this long fences itself: it closes
+    /// its connections (v5 DISCONNECT 0x9C Use another server), refuses CONNECT (Server
+    /// unavailable) and is not ready until both answer again (docs/scale-out.md). Shorter than
+    /// the router group's session timeout (10 s), so the node lets go of its clients before
+    /// the others take its partitions.
+    pub fence_after_secs: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            enabled: false,
+            node_id: String::new(),
+            fence_after_secs: 7,
+        }
+    }
 }
 
 impl ClusterConfig {
@@ -1080,6 +1096,12 @@ impl Config {
             return key(
                 "postgres.standby",
                 "has no meaning with cluster.enabled = true: every node is active",
+            );
+        }
+        if !(1..=60).contains(&self.cluster.fence_after_secs) {
+            return key(
+                "cluster.fence_after_secs",
+                "must be between 1 and 60 (a node cut off from storage must let its clients go in bounded time)",
             );
         }
         let node = self.cluster.node_id();

@@ -22,8 +22,20 @@ pub struct DrainPlan {
     /// Connections open when the drain started: the turns are spread over this many.
     expected: usize,
     next: AtomicUsize,
-    /// The v5 Server Reference sent with DISCONNECT 0x8B.
+    /// The v5 Server Reference sent with the DISCONNECT.
     pub server_reference: Option<Arc<str>>,
+    /// Why the connections leave: the reason code they are sent.
+    pub reason: LeaveReason,
+}
+
+/// Why a node sends its clients away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaveReason {
+    /// SIGTERM: v5 DISCONNECT 0x8B Server shutting down.
+    ShuttingDown,
+    /// The node lost Kafka and PostgreSQL and fenced itself (`cluster::fence`): v5 DISCONNECT
+    /// 0x9C Use another server.
+    Fenced,
 }
 
 impl DrainPlan {
@@ -34,6 +46,15 @@ impl DrainPlan {
             expected,
             next: AtomicUsize::new(0),
             server_reference,
+            reason: LeaveReason::ShuttingDown,
+        }
+    }
+
+    /// Everyone at once, with 0x9C: the node is fenced.
+    pub fn fenced(expected: usize, server_reference: Option<Arc<str>>) -> Self {
+        DrainPlan {
+            reason: LeaveReason::Fenced,
+            ..DrainPlan::new(Duration::ZERO, expected, server_reference)
         }
     }
 

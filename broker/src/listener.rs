@@ -86,8 +86,9 @@ impl Listener {
         signals: CloseSignals,
     ) {
         let mut shutdown = signals.shutdown.clone();
-        // A drain stops the accepting too; the connections keep their own copy to wait for
-        // their turn.
+        // A shutdown drain stops the accepting too; the connections keep their own copy to wait
+        // for their turn. A fenced node keeps accepting, to answer CONNECT with Server
+        // unavailable rather than a refused TCP connect (and to serve again once unfenced).
         let mut draining = signals.drain.clone();
         let listener_metrics = broker.metrics.listener(&self.config.name);
         if let Some(tls) = &self.context.tls {
@@ -99,7 +100,15 @@ impl Listener {
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.changed() => return,
-                _ = draining.changed() => return,
+                changed = draining.changed() => {
+                    let shutting_down = changed.is_err() || draining.borrow_and_update().as_ref().is_some_and(|plan| {
+                        plan.reason == crate::drain::LeaveReason::ShuttingDown
+                    });
+                    if shutting_down {
+                        return;
+                    }
+                    continue;
+                }
                 accepted = self.listener.accept() => accepted,
             };
             let (stream, peer) = match accepted {

@@ -37,7 +37,7 @@ pub struct Server {
     ready: Arc<AtomicBool>,
     shutdown: watch::Sender<bool>,
     /// Tells the listeners to stop accepting and every connection when to leave.
-    drain: watch::Sender<Option<Arc<crate::drain::DrainPlan>>>,
+    drain: Arc<watch::Sender<Option<Arc<crate::drain::DrainPlan>>>>,
     tasks: JoinSet<()>,
     connections: Arc<Semaphore>,
 }
@@ -76,6 +76,7 @@ impl Server {
     pub async fn start_with(broker: Arc<Broker>) -> Result<Server, StartError> {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (drain, drain_rx) = crate::drain::channel();
+        let drain = Arc::new(drain);
         let connections = Arc::new(Semaphore::new(broker.config.limits.max_connections));
         let mut tasks = JoinSet::new();
         let mut addrs = Vec::new();
@@ -210,6 +211,14 @@ impl Server {
             };
             tasks.spawn(delivery.run(reader, shutdown_rx.clone()));
         }
+        if let Some(cluster) = broker.cluster() {
+            tasks.spawn(crate::cluster::fence::watch(
+                broker.clone(),
+                cluster.clone(),
+                drain.clone(),
+                shutdown_rx.clone(),
+            ));
+        }
         if let Some(reader) = broker.take_log_reader() {
             let dispatcher = crate::router::dispatcher::Dispatcher {
                 router: broker.router.clone(),
@@ -217,6 +226,9 @@ impl Server {
                 metrics: broker.metrics.clone(),
                 slow_wait,
                 scope,
+                gate: broker.cluster().map(|cluster| {
+                    cluster.directory.clone() as Arc<dyn crate::router::dispatcher::BatchGate>
+                }),
             };
             tasks.spawn(dispatcher.run(reader, shutdown_rx.clone()));
         }

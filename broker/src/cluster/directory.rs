@@ -435,6 +435,15 @@ impl Directory {
     }
 }
 
+/// The dispatcher routes a batch only once this node knows every subscription the directory
+/// held when the batch was taken (`sync`): one watermark request per batch.
+#[async_trait::async_trait]
+impl crate::router::dispatcher::BatchGate for Directory {
+    async fn before_batch(&self) -> Result<(), StorageError> {
+        self.sync().await
+    }
+}
+
 /// Reads one record: `None` for a record this version cannot read (logged).
 fn decode(key: Option<&[u8]>, payload: Option<&[u8]>, offset: i64) -> Option<Change> {
     let key = key?;

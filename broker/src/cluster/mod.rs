@@ -5,6 +5,7 @@
 //! elsewhere. Design and limits: docs/scale-out.md.
 
 pub mod directory;
+pub mod fence;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -29,6 +30,8 @@ pub struct Cluster {
     pub directory: Arc<Directory>,
     /// Client ids connected to this node, with the epoch of their connection's claim.
     local: Mutex<HashMap<Arc<str>, i64>>,
+    /// Set while the node is cut off from Kafka and PostgreSQL ([`fence`]).
+    fenced: std::sync::atomic::AtomicBool,
 }
 
 impl Cluster {
@@ -40,6 +43,7 @@ impl Cluster {
         let cluster = Arc::new(Cluster {
             directory: directory.clone(),
             local: Mutex::new(HashMap::new()),
+            fenced: std::sync::atomic::AtomicBool::new(false),
         });
         broker.set_cluster(cluster.clone());
         let weak = Arc::downgrade(broker);
@@ -54,6 +58,16 @@ impl Cluster {
             "session directory read; this node knows every session"
         );
         Ok(cluster)
+    }
+
+    /// Whether the node is fenced: it serves no client until Kafka and PostgreSQL answer again.
+    pub fn is_fenced(&self) -> bool {
+        self.fenced.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn set_fenced(&self, fenced: bool) {
+        self.fenced
+            .store(fenced, std::sync::atomic::Ordering::Release);
     }
 
     fn local_epoch(&self, client: &str) -> Option<i64> {

@@ -222,7 +222,9 @@ pub(super) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
                 OpenError::Storage(crate::storage::StorageError::MissingTopic(_)) => {
                     ConnectReturnCode::ImplementationSpecificError
                 }
-                OpenError::Storage(_) => ConnectReturnCode::ServerUnavailable,
+                OpenError::Storage(_) | OpenError::NodeFenced => {
+                    ConnectReturnCode::ServerUnavailable
+                }
             };
             refuse(broker, stream, version, code).await;
             return Ok(None);

@@ -261,14 +261,17 @@ async fn run<S: Io>(
             // so no will.
             broker.metrics.disconnect(DisconnectReason::Shutdown);
             server_reference = plan.server_reference.clone();
-            (
-                false,
-                Some((
+            let reason = match plan.reason {
+                drain::LeaveReason::ShuttingDown => (
                     DisconnectReasonCode::ServerShuttingDown,
                     "server shutting down: reconnect to another node",
-                )),
-                None,
-            )
+                ),
+                drain::LeaveReason::Fenced => (
+                    DisconnectReasonCode::UseAnotherServer,
+                    "this node lost contact with Kafka and PostgreSQL: reconnect to another node",
+                ),
+            };
+            (false, Some(reason), None)
         }
     };
     let closed_by_us = reason.is_some();

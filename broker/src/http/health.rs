@@ -2,7 +2,8 @@
 //!
 //! * `GET /health/live`: 200 whenever the process answers HTTP (the runtime is not wedged).
 //! * `GET /health/ready`: 200 only when every MQTT listener is bound (and shutdown has not
-//!   begun) and the storage backend passes [`crate::storage::Storage::health`]; otherwise 503.
+//!   begun), the storage backend passes [`crate::storage::Storage::health`] and a cluster node
+//!   is not fenced ([`crate::cluster::fence`]); otherwise 503.
 //!   The JSON body names each check and why it failed.
 
 use axum::extract::State;
@@ -34,7 +35,8 @@ async fn ready(State(state): State<AppState>) -> Response {
                 "storage check panicked",
             ))
         });
-    let ok = listeners && health.is_ok();
+    let fenced = state.broker.cluster().is_some_and(|c| c.is_fenced());
+    let ok = listeners && health.is_ok() && !fenced;
     let check = |passed: bool, why: Option<String>| match (passed, why) {
         (true, _) => json!({ "ready": true }),
         (false, why) => json!({ "ready": false, "reason": why }),
@@ -47,6 +49,10 @@ async fn ready(State(state): State<AppState>) -> Response {
                 Some("MQTT listeners are not bound (starting or shutting down)".into()),
             ),
             "storage": check(health.is_ok(), health.err().map(|e| e.to_string())),
+            "cluster": check(
+                !fenced,
+                Some("fenced: this node lost Kafka and PostgreSQL (cluster.fence_after_secs)".into()),
+            ),
         },
     });
     let status = if ok {

@@ -18,6 +18,12 @@
 //! **Partitions move** (a consumer-group rebalance, see [`PartitionChange`]): the QoS 2 flows of
 //! a claimed partition are reloaded as stored, those of a released one forgotten.
 //!
+//! **Subscriptions made on other nodes** ([`BatchGate`]): in a cluster a persistent session's
+//! SUBSCRIBE is acknowledged on the node that holds the connection once it is recorded in the
+//! session directory; before routing a batch the dispatcher waits until it has applied the
+//! directory up to its current end, so a message published after a SUBACK anywhere in the
+//! cluster is routed with that subscription in force.
+//!
 //! **QoS 2.** The PUBLISH append and the publisher's stored packet id are writes to two systems;
 //! a crash between them makes the publisher resend (DUP set) a message that is already in the
 //! log. QoS 2 records of persistent sessions carry their packet id, and the dispatcher remembers
@@ -30,6 +36,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use tokio::sync::watch;
 
 use super::{place_blocked, Router, Scope};
@@ -40,6 +47,14 @@ use crate::storage::{ClientKind, Qos2FlowChange, Storage, StorageError, WriteBat
 /// Backoff between attempts to store a batch while a backend is down.
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Something that must be current before a batch is routed: in a cluster, the session
+/// directory that carries the subscriptions of sessions connected to other nodes.
+#[async_trait]
+pub trait BatchGate: Send + Sync {
+    /// Returns once every subscription acknowledged before this call is known here.
+    async fn before_batch(&self) -> Result<(), StorageError>;
+}
 
 /// What the dispatcher routes with and stores into.
 pub struct Dispatcher {
@@ -52,6 +67,8 @@ pub struct Dispatcher {
     /// `All` on a single node; `Persistent` in a cluster, where every node's local reader
     /// (`router::local`) delivers to its own connections and keeps its retained store.
     pub scope: Scope,
+    /// `Some` in a cluster (the session directory); see [`BatchGate`].
+    pub gate: Option<Arc<dyn BatchGate>>,
 }
 
 impl Dispatcher {
@@ -72,6 +89,9 @@ impl Dispatcher {
             // Claims made while reading come before the records read after them.
             for change in reader.take_changes() {
                 flows.change(change);
+            }
+            if !self.pass_gate(&mut shutdown).await {
+                return;
             }
             // One batch per partition: a replay after a crash then redoes at most one
             // partition's batch.
@@ -156,6 +176,43 @@ impl Dispatcher {
             epoch,
         });
         Some((batch, next_offset))
+    }
+
+    /// Waits for the gate, retrying with backoff while it fails (the directory unreadable):
+    /// routing without the subscriptions of other nodes would skip their subscribers.
+    /// `false` when the broker shuts down meanwhile.
+    async fn pass_gate(&self, shutdown: &mut watch::Receiver<bool>) -> bool {
+        let Some(gate) = &self.gate else {
+            return true;
+        };
+        let mut backoff = RETRY_MIN;
+        let mut failing = false;
+        loop {
+            let attempt = tokio::select! {
+                _ = shutdown.changed() => return false,
+                attempt = gate.before_batch() => attempt,
+            };
+            match attempt {
+                Ok(()) => {
+                    if failing {
+                        tracing::info!("session directory readable again; routing resumes");
+                    }
+                    return true;
+                }
+                Err(e) => {
+                    self.metrics.storage_errors.inc();
+                    if !failing {
+                        tracing::error!(error = %e, "router waits: the session directory cannot be read, so subscriptions made on other nodes may be missing (the publish log keeps the messages)");
+                        failing = true;
+                    }
+                    tokio::select! {
+                        _ = shutdown.changed() => return false,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(RETRY_MAX);
+                }
+            }
+        }
     }
 
     /// Stores the batch, retrying until it succeeds, is fenced, or the broker shuts down.

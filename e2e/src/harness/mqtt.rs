@@ -640,7 +640,10 @@ fn from5(packet: v5::Packet) -> Incoming {
         v5::Packet::UnsubAck(a) => Incoming::UnsubAck { pkid: a.pkid },
         v5::Packet::PingResp(_) => Incoming::PingResp,
         v5::Packet::Disconnect(d) => Incoming::Disconnect {
-            reason: format!("{:?}", d.reason_code),
+            reason: match d.properties.and_then(|p| p.server_reference) {
+                Some(reference) => format!("{:?} (server reference {reference})", d.reason_code),
+                None => format!("{:?}", d.reason_code),
+            },
         },
         other => Incoming::Other(format!("{other:?}")),
     }

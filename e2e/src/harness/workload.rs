@@ -19,16 +19,34 @@ pub async fn connect_retry(
     opts: &ConnectOptions,
     deadline: Duration,
 ) -> anyhow::Result<(Connection, ConnAckInfo)> {
+    connect_any(&[addr], &mut 0, opts, deadline).await
+}
+
+/// Connects to the first of `addrs` that takes the connection, starting at `addrs[*next]`
+/// and going round them (a load balancer in front of cluster nodes), retrying until
+/// `deadline`; `*next` is left after the address that answered, so the next reconnect tries
+/// another node first.
+pub async fn connect_any(
+    addrs: &[SocketAddr],
+    next: &mut usize,
+    opts: &ConnectOptions,
+    deadline: Duration,
+) -> anyhow::Result<(Connection, ConnAckInfo)> {
+    if addrs.is_empty() {
+        bail!("{}: no address to connect to", opts.client_id);
+    }
     let started = Instant::now();
     let mut attempts = 0u32;
     loop {
+        let addr = addrs[*next % addrs.len()];
+        *next = (*next + 1) % addrs.len();
         attempts += 1;
         match Connection::connect(addr, opts).await {
             Ok(ok) => return Ok(ok),
             Err(e) if started.elapsed() < deadline => {
                 if attempts % 100 == 0 {
                     eprintln!(
-                        "{}: still connecting ({attempts} attempts): {e:#}",
+                        "{}: still connecting ({attempts} attempts, last {addr}): {e:#}",
                         opts.client_id
                     );
                 }
@@ -225,7 +243,14 @@ impl Publisher {
     }
 
     /// Publishes everything, riding out broker restarts, and reports.
-    pub async fn run(mut self, addr: SocketAddr) -> anyhow::Result<PublisherReport> {
+    pub async fn run(self, addr: SocketAddr) -> anyhow::Result<PublisherReport> {
+        self.run_any(vec![addr]).await
+    }
+
+    /// As [`Publisher::run`], reconnecting to the next of `addrs` that answers whenever a
+    /// connection ends (the nodes of a cluster: the session moves with the client).
+    pub async fn run_any(mut self, addrs: Vec<SocketAddr>) -> anyhow::Result<PublisherReport> {
+        let mut next = 0;
         let started = Instant::now();
         if !(1..=2).contains(&self.cfg.qos) || self.cfg.topics.is_empty() || self.cfg.window == 0 {
             bail!(
@@ -235,8 +260,13 @@ impl Publisher {
         }
         let end = self.cfg.first_seq + self.cfg.count;
         while self.report.completed < self.cfg.count {
-            let (mut conn, ack) =
-                connect_retry(addr, &self.cfg.connect, self.cfg.reconnect_deadline).await?;
+            let (mut conn, ack) = connect_any(
+                &addrs,
+                &mut next,
+                &self.cfg.connect,
+                self.cfg.reconnect_deadline,
+            )
+            .await?;
             self.report.connections += 1;
             if self.report.connections > 1 && !self.cfg.connect.clean && !ack.session_present {
                 self.report.sessions_lost += 1;

@@ -137,6 +137,16 @@ pub fn spawn_publisher(
     rt.spawn(Publisher::new(cfg, progress.clone()).run(addr))
 }
 
+/// A publisher that reconnects to the next of `addrs` whenever its connection ends.
+pub fn spawn_publisher_any(
+    rt: &Runtime,
+    cfg: PublisherConfig,
+    progress: &Arc<AtomicU64>,
+    addrs: Vec<std::net::SocketAddr>,
+) -> JoinHandle<anyhow::Result<PublisherReport>> {
+    rt.spawn(Publisher::new(cfg, progress.clone()).run_any(addrs))
+}
+
 pub fn join_publishers(
     rt: &Runtime,
     handles: Vec<JoinHandle<anyhow::Result<PublisherReport>>>,
