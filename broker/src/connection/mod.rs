@@ -181,6 +181,12 @@ async fn run<S: Io>(
             expiry_interval: machine.session.expiry_interval,
         }),
     );
+    if broker.cluster().is_some() && machine.session.mailbox.is_persistent() {
+        // Another node's dispatcher may have stored entries for this session after it was
+        // read at CONNECT, and their cross-node wake found no mailbox to wake while the
+        // handshake ran: one more read, now that wakes reach it, closes that gap.
+        machine.session.mailbox.stored.notify_one();
+    }
     wbuf.extend_from_slice(&connack);
     if session_present {
         machine.resend_inflight(&mut wbuf);
