@@ -131,7 +131,10 @@ impl Scenario {
             count,
             topics(self.name, id, 2),
         );
-        cfg.window = 8;
+        // About 40 messages a second per publisher, so that the load lasts through every
+        // restart, kill and scale step of the test.
+        cfg.window = 1;
+        cfg.pace = Duration::from_millis(20);
         cfg.reconnect_deadline = Duration::from_secs(180);
         cfg.ack_timeout = Duration::from_secs(30);
         spawn_publisher_any(&self.rt, cfg, &self.progress, addrs)
@@ -143,6 +146,16 @@ impl Scenario {
             Duration::from_secs(240),
             || self.progress.load(Ordering::Relaxed) >= at_least,
         );
+    }
+
+    /// Fails when the publishers already finished: a step meant to happen under load did not.
+    fn assert_under_load(&self, total: u64, step: &str) {
+        let done = self.progress.load(Ordering::Relaxed);
+        assert!(
+            done < total,
+            "{step}: the publishers had already finished ({done} of {total} acknowledged)"
+        );
+        println!("{step} with {done} of {total} acknowledged");
     }
 
     /// Joins the publishers and drains the DEVICE and APPLICATION subscribers on `addr`: every
@@ -207,6 +220,7 @@ fn rolling_restart_and_a_kill_of_three_nodes_under_load_lose_nothing() {
     for (i, node) in nodes.iter_mut().enumerate() {
         s.wait_acks(total * (i as u64 + 1) / 6);
         let claims = claim_lines(node).len();
+        s.assert_under_load(total, &format!("rolling restart of node {i}"));
         let status = node.stop().expect("SIGTERM");
         assert!(status.success(), "node {i} exited with {status} on SIGTERM");
         node.restart().expect("restart");
@@ -222,6 +236,7 @@ fn rolling_restart_and_a_kill_of_three_nodes_under_load_lose_nothing() {
     }
 
     s.wait_acks(total * 4 / 6);
+    s.assert_under_load(total, "kill -9 of node b");
     nodes[1].kill_9().expect("kill -9 node b");
     let killed = Instant::now();
     wait_until(
@@ -280,6 +295,7 @@ fn scale_one_to_three_and_back_under_load_loses_nothing() {
     ];
     s.wait_acks(total / 8);
 
+    s.assert_under_load(total, "scale 1 -> 3");
     let mut b = s.start_node("b");
     let mut c = s.start_node("c");
     wait_until(
@@ -293,6 +309,7 @@ fn scale_one_to_three_and_back_under_load_loses_nothing() {
     s.wait_acks(total / 2);
 
     let a_claims = claim_lines(&a).len();
+    s.assert_under_load(total, "scale 3 -> 1");
     for node in [&mut c, &mut b] {
         let status = node.stop().expect("SIGTERM");
         assert!(status.success(), "a leaving node exited with {status}");

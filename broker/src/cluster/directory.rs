@@ -318,7 +318,10 @@ impl Directory {
                     },
                 ))
             }
-            Change::Ended { client } => Some(self.view.lock().remove(client)),
+            Change::Ended { client } => {
+                self.releases.lock().remove(client);
+                Some(self.view.lock().remove(client))
+            }
             Change::Released { client, epoch } => {
                 let mut releases = self.releases.lock();
                 let e = releases.entry(client.clone()).or_insert(*epoch);
@@ -340,9 +343,16 @@ impl Directory {
         self.send(client.as_bytes(), Some(&payload)).await
     }
 
-    /// Appends a tombstone: the session ended.
+    /// Appends a tombstone: the session ended. Its release record, if a takeover left one, is
+    /// tombstoned too, so that compaction keeps nothing of an ended session.
     pub async fn ended(&self, client: &str) -> Result<i64, StorageError> {
-        self.send(client.as_bytes(), None).await
+        let offset = self.send(client.as_bytes(), None).await?;
+        if self.releases.lock().contains_key(client) {
+            let mut key = RELEASE_KEY.to_vec();
+            key.extend_from_slice(client.as_bytes());
+            self.send(&key, None).await?;
+        }
+        Ok(offset)
     }
 
     /// Appends the release of `client` to `epoch`.

@@ -145,10 +145,10 @@ impl Drop for Running {
 }
 
 /// A scratch directory removed on drop.
-struct TempDir(PathBuf);
+pub(crate) struct TempDir(pub(crate) PathBuf);
 
 impl TempDir {
-    fn new(tag: &str) -> anyhow::Result<TempDir> {
+    pub(crate) fn new(tag: &str) -> anyhow::Result<TempDir> {
         static N: AtomicU64 = AtomicU64::new(0);
         let dir = std::env::temp_dir().join(format!(
             "ferrymq-bench-{tag}-{}-{}",

@@ -8,11 +8,13 @@
 //! * [`isolation`]: well-behaved clients next to bad neighbours, ack latency measured.
 //! * [`procstat`]: broker CPU and RSS from /proc.
 //! * [`brokers`]: starting ferrymq, Mosquitto and rumqttd with equivalent settings.
+//! * [`cluster`]: 1, 2, 3… ferrymq cluster nodes on Kafka + PostgreSQL, deliveries across nodes.
 //! * [`compare`]: the side-by-side comparison and the CI smoke mode.
 //! * [`report`]: human table, markdown.
 
 pub mod brokers;
 pub mod client;
+pub mod cluster;
 pub mod codec;
 pub mod compare;
 pub mod conns;

@@ -71,6 +71,28 @@ enum Cmd {
     /// Start each broker in turn, run every scenario against each (alternating, several rounds),
     /// write medians and ratios to markdown and JSON.
     Compare(CompareArgs),
+    /// Start 1, 2, 3… active ferrymq nodes on one Kafka and PostgreSQL (started here) and run
+    /// scenarios with every delivery crossing nodes (publisher i on node i % n, subscriber i on
+    /// node (i + 1) % n); prints throughput, latency and deliveries per core of broker CPU.
+    Cluster {
+        #[arg(long, value_name = "PATH")]
+        ferrymq_bin: PathBuf,
+        /// Node counts to measure (repeat or comma-separate).
+        #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+        nodes: Vec<usize>,
+        /// Named scenarios (repeat or comma-separate).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "pairs10-qos1-64b,pairs10-qos1-persistent"
+        )]
+        scenario: Vec<String>,
+        /// Seconds of load per run.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -347,6 +369,23 @@ async fn main_async(cli: Cli) -> anyhow::Result<bool> {
                 std::fs::write(&path, serde_json::to_string_pretty(&reports)?)?;
             }
             Ok(ok)
+        }
+        Cmd::Cluster {
+            ferrymq_bin,
+            nodes,
+            scenario,
+            duration,
+            rounds,
+        } => {
+            let results =
+                ferrymq_e2e::bench::cluster::cluster(ferrymq_e2e::bench::cluster::ClusterOpts {
+                    bin: ferrymq_bin,
+                    nodes,
+                    scenarios: pick(&scenario, secs(duration)?)?,
+                    rounds,
+                })
+                .await?;
+            Ok(results.iter().all(|r| r.run.errors == 0))
         }
         Cmd::Compare(a) => {
             let duration = secs(a.duration)?;

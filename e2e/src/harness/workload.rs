@@ -97,6 +97,9 @@ pub struct PublisherConfig {
     /// A connection on which nothing arrives for this long (with messages in flight) is dropped and
     /// re-established.
     pub ack_timeout: Duration,
+    /// A pause after each round of acknowledgements, to spread a run over time (zero: as fast
+    /// as the window allows).
+    pub pace: Duration,
 }
 
 impl PublisherConfig {
@@ -113,6 +116,7 @@ impl PublisherConfig {
             message_expiry: None,
             reconnect_deadline: Duration::from_secs(60),
             ack_timeout: Duration::from_secs(30),
+            pace: Duration::ZERO,
         }
     }
 
@@ -372,6 +376,9 @@ impl Publisher {
             self.handle(conn, packet)?;
             while let Some(packet) = conn.try_decode()? {
                 self.handle(conn, packet)?;
+            }
+            if !self.cfg.pace.is_zero() {
+                tokio::time::sleep(self.cfg.pace).await;
             }
         }
     }
