@@ -81,6 +81,14 @@ impl Scenario {
     }
 
     fn start_node(&self, id: &str) -> BrokerProcess {
+        let node = self.spawn_node(id);
+        wait_until(&format!("node {id} ready"), Duration::from_secs(90), || {
+            ready(&node)
+        });
+        node
+    }
+
+    fn spawn_node(&self, id: &str) -> BrokerProcess {
         let config = self
             .backend
             .config(
@@ -94,16 +102,35 @@ impl Scenario {
                 ),
             )
             .expect("config");
-        let node = BrokerProcess::start(
+        BrokerProcess::start(
             BrokerOptions::new(format!("{}-{id}", self.name))
                 .binary(broker_bin())
                 .config(config),
         )
-        .expect("start node");
-        wait_until(&format!("node {id} ready"), Duration::from_secs(90), || {
-            ready(&node)
+        .expect("start node")
+    }
+
+    /// Starts every node at once (they race to create the schema and the topics, as pods of a
+    /// StatefulSet with parallel pod management do) and waits until all are ready.
+    fn start_nodes(&self, ids: &[&str]) -> Vec<BrokerProcess> {
+        // `BrokerProcess::start` waits for the listener: one thread per node, so that their
+        // starts overlap.
+        let nodes: Vec<BrokerProcess> = std::thread::scope(|scope| {
+            let starting: Vec<_> = ids
+                .iter()
+                .map(|id| scope.spawn(move || self.spawn_node(id)))
+                .collect();
+            starting
+                .into_iter()
+                .map(|t| t.join().expect("starting a node panicked"))
+                .collect()
         });
-        node
+        for (id, node) in ids.iter().zip(&nodes) {
+            wait_until(&format!("node {id} ready"), Duration::from_secs(90), || {
+                ready(node)
+            });
+        }
+        nodes
     }
 
     /// The DEVICE and APPLICATION subscriptions, made on `addr` and left offline.
@@ -192,7 +219,7 @@ impl Scenario {
     }
 }
 
-/// Each node in turn is stopped with SIGTERM (its clients drained over 2 s) and started again
+/// The three nodes start together on an empty schema. Each node in turn is stopped with SIGTERM (its clients drained over 2 s) and started again
 /// while 4 publishers run; then one node is killed with SIGKILL mid-stream and its clients
 /// reconnect to the others. The DEVICE and APPLICATION subscribers made on node a are drained
 /// on node c.
@@ -205,7 +232,7 @@ fn rolling_restart_and_a_kill_of_three_nodes_under_load_lose_nothing() {
     const PUBLISHERS: u32 = 4;
     const PER_PUBLISHER: u64 = 2_500;
     let total = u64::from(PUBLISHERS) * PER_PUBLISHER;
-    let mut nodes: Vec<BrokerProcess> = ["a", "b", "c"].iter().map(|id| s.start_node(id)).collect();
+    let mut nodes = s.start_nodes(&["a", "b", "c"]);
     s.subscribe(nodes[0].addr());
     let addrs: Vec<SocketAddr> = nodes.iter().map(BrokerProcess::addr).collect();
     let handles: Vec<_> = (0..PUBLISHERS)

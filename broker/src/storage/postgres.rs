@@ -590,26 +590,35 @@ pub async fn schema_options(config: &PostgresConfig) -> Result<PgConnectOptions,
         ))
     })?
     .map_err(|e| unreachable(config, e))?;
-    let exists: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
-            .bind(&config.schema)
-            .fetch_one(&mut setup)
-            .await
-            .map_err(db)?;
-    if !exists {
-        sqlx::query(&format!(
+    if !schema_exists(&mut setup, &config.schema).await? {
+        let created = sqlx::query(&format!(
             "CREATE SCHEMA IF NOT EXISTS \"{}\"",
             config.schema
         ))
         .execute(&mut setup)
-        .await
-        .map_err(|e| {
-            StorageError::engine(format!("postgres: creating schema {}", config.schema), e)
-        })?;
+        .await;
+        // Several cluster nodes starting together race here, and `IF NOT EXISTS` does not
+        // stop the loser failing on the catalog's unique index: the schema is there then.
+        if let Err(e) = created {
+            if !schema_exists(&mut setup, &config.schema).await? {
+                return Err(StorageError::engine(
+                    format!("postgres: creating schema {}", config.schema),
+                    e,
+                ));
+            }
+        }
     }
     // Best effort: the server closes it anyway when the socket goes.
     let _ = setup.close().await;
     Ok(base.options([("search_path", config.schema.as_str())]))
+}
+
+async fn schema_exists(conn: &mut PgConnection, schema: &str) -> Result<bool, StorageError> {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+        .bind(schema)
+        .fetch_one(conn)
+        .await
+        .map_err(db)
 }
 
 /// Applies the embedded migrations (`common/migrations/postgres/`, shared with the operator)
@@ -938,11 +947,14 @@ impl Writer {
         fenced: &[Option<StorageError>],
     ) -> Result<(), StorageError> {
         self.txn_seqs.clear();
-        let mut clients: Vec<&str> = batches
-            .iter()
-            .zip(fenced)
-            .filter(|(_, f)| f.is_none())
-            .flat_map(|(b, _)| b.ops.iter())
+        let ops = || {
+            batches
+                .iter()
+                .zip(fenced)
+                .filter(|(_, f)| f.is_none())
+                .flat_map(|(b, _)| b.ops.iter())
+        };
+        let appended: HashSet<&str> = ops()
             .filter_map(|op| match op {
                 WriteOp::Enqueue {
                     client,
@@ -951,6 +963,17 @@ impl Writer {
                 } => Some(&**client),
                 _ => None,
             })
+            .collect();
+        // The sessions whose `sent_upto` the group moves are locked here too, in the same key
+        // order: several nodes' writers update the same session rows, and rows locked in
+        // statement order by two transactions deadlock (measured with two nodes under
+        // `ferrymq-bench cluster` before this).
+        let mut clients: Vec<&str> = ops()
+            .filter_map(|op| match op {
+                WriteOp::MarkSent { client, .. } => Some(&**client),
+                _ => None,
+            })
+            .chain(appended.iter().copied())
             .collect();
         if clients.is_empty() {
             return Ok(());
@@ -966,8 +989,11 @@ impl Writer {
         .await
         .map_err(db)?;
         for row in rows {
-            let next: i64 = row.get(1);
-            self.txn_seqs.insert(row.get(0), next.max(1) as u64);
+            let client: String = row.get(0);
+            if appended.contains(client.as_str()) {
+                let next: i64 = row.get(1);
+                self.txn_seqs.insert(client, next.max(1) as u64);
+            }
         }
         Ok(())
     }

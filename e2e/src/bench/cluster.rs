@@ -34,6 +34,7 @@ struct Node {
     addr: SocketAddr,
     http: SocketAddr,
     child: Child,
+    log: PathBuf,
 }
 
 impl Drop for Node {
@@ -150,7 +151,12 @@ fn start_node(bin: &PathBuf, services: &Services, dir: &TempDir, i: usize) -> an
         .current_dir(&home)
         .spawn()
         .context("starting a ferrymq node")?;
-    Ok(Node { addr, http, child })
+    Ok(Node {
+        addr,
+        http,
+        child,
+        log: home.join("broker.log"),
+    })
 }
 
 /// Waits for `/health/ready` to answer 200 (the node read the session directory).
@@ -171,5 +177,12 @@ fn wait_ready(node: &Node) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    bail!("node at {} not ready within 90 s", node.addr)
+    let log = std::fs::read_to_string(&node.log).unwrap_or_default();
+    let tail: Vec<&str> = log.lines().rev().take(40).collect();
+    let tail: Vec<&str> = tail.into_iter().rev().collect();
+    bail!(
+        "node at {} not ready within 90 s; its log ends:\n{}",
+        node.addr,
+        tail.join("\n")
+    )
 }
