@@ -55,7 +55,7 @@ pub enum OpenError {
     TakeoverTimeout,
     #[error("storing the session failed: {0}")]
     Storage(#[from] StorageError),
-    #[error("this node is fenced: it cannot reach Kafka and PostgreSQL")]
+    #[error("this node is fenced: it cannot reach Kafka or PostgreSQL")]
     NodeFenced,
 }
 

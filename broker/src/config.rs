@@ -221,7 +221,7 @@ pub struct ClusterConfig {
     /// This node's name, unique in the cluster and stable across restarts (the pod name under
     /// the operator). Empty: the `HOSTNAME` environment variable, else `ferrymq`.
     pub node_id: String,
-    /// A node that has not reached Kafka and PostgreSQL for this long fences itself: it closes
+    /// A node that has not reached Kafka or PostgreSQL for this long fences itself: it closes
     /// its connections (v5 DISCONNECT 0x9C Use another server), refuses CONNECT (Server
     /// unavailable) and is not ready until both answer again (docs/scale-out.md). Shorter than
     /// the router group's session timeout (10 s), so the node lets go of its clients before

@@ -33,7 +33,7 @@ pub struct DrainPlan {
 pub enum LeaveReason {
     /// SIGTERM: v5 DISCONNECT 0x8B Server shutting down.
     ShuttingDown,
-    /// The node lost Kafka and PostgreSQL and fenced itself (`cluster::fence`): v5 DISCONNECT
+    /// The node lost Kafka or PostgreSQL and fenced itself (`cluster::fence`): v5 DISCONNECT
     /// 0x9C Use another server.
     Fenced,
 }

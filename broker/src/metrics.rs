@@ -350,7 +350,7 @@ pub struct Metrics {
     pub application_messages_expired: Counter,
     /// Storage writes a connection waited for that failed (nothing was acknowledged for them).
     pub storage_errors: Counter,
-    /// 1 while this cluster node is fenced (cut off from Kafka and PostgreSQL), else 0.
+    /// 1 while this cluster node is fenced (cut off from Kafka or PostgreSQL), else 0.
     pub fenced: Gauge,
     /// Failed reads of a DEVICE queue or APPLICATION log.
     pub storage_read_errors: Counter,
@@ -585,7 +585,7 @@ impl Metrics {
             messages_dropped_no_subscribers: drop("no_subscribers"),
             fenced: Gauge(b.gauge(
                 "ferrymq_cluster_fenced",
-                "1 while this cluster node is fenced: it could not reach Kafka and PostgreSQL for cluster.fence_after_secs, so it serves no client.",
+                "1 while this cluster node is fenced: it could not reach Kafka or PostgreSQL for cluster.fence_after_secs, so it serves no client.",
             )),
             retained_messages: Gauge(b.gauge(
                 "ferrymq_retained_messages",

@@ -1,4 +1,4 @@
-//! Fencing a node cut off from the shared state: a node that has not reached Kafka and
+//! Fencing a node cut off from the shared state: a node that has not reached Kafka or
 //! PostgreSQL for `cluster.fence_after_secs` stops serving. It closes every connection (v5
 //! DISCONNECT 0x9C Use another server, with the configured Server Reference), refuses CONNECT
 //! with Server unavailable and reports not ready, so its clients go to nodes that can serve

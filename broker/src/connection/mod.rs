@@ -274,7 +274,7 @@ async fn run<S: Io>(
                 ),
                 drain::LeaveReason::Fenced => (
                     DisconnectReasonCode::UseAnotherServer,
-                    "this node lost contact with Kafka and PostgreSQL: reconnect to another node",
+                    "this node lost contact with Kafka or PostgreSQL: reconnect to another node",
                 ),
             };
             (false, Some(reason), None)

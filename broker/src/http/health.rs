@@ -51,7 +51,7 @@ async fn ready(State(state): State<AppState>) -> Response {
             "storage": check(health.is_ok(), health.err().map(|e| e.to_string())),
             "cluster": check(
                 !fenced,
-                Some("fenced: this node lost Kafka and PostgreSQL (cluster.fence_after_secs)".into()),
+                Some("fenced: this node lost Kafka or PostgreSQL (cluster.fence_after_secs)".into()),
             ),
         },
     });

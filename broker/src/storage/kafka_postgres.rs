@@ -22,7 +22,7 @@
 //! appends at or below the origins it found there.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -65,6 +65,13 @@ pub struct KafkaPostgresStorage {
     appended: Arc<parking_lot::Mutex<HashMap<Arc<str>, Origins>>>,
     /// A batch with APPLICATION appends failed: the next one reads the logs' ends first.
     recheck: Arc<AtomicBool>,
+    /// Publish-log partitions this node's router claimed from the group since start (a
+    /// cluster's rebalances). A claimed partition is replayed from its stored position, and
+    /// the node that routed it before may have appended some of those records already.
+    claims: Arc<AtomicU64>,
+    /// Per APPLICATION client, the value of `claims` when its log's end was last read: an
+    /// append to a log read before the latest claim reads its end again first.
+    checked: Arc<parking_lot::Mutex<HashMap<Arc<str>, u64>>>,
     apps: Arc<ApplicationLogs>,
     shared: Arc<SharedGroups>,
     pg: Arc<PgStore>,
@@ -90,7 +97,8 @@ impl KafkaPostgresStorage {
         .await?;
         let pg = Arc::new(pg);
         let log = Arc::new(KafkaPublishLog::new(kafka.clone()));
-        let reader = KafkaLogReader::open(&kafka, &pg, &config.cluster).await?;
+        let claims = Arc::new(AtomicU64::new(0));
+        let reader = KafkaLogReader::open(&kafka, &pg, &config.cluster, claims.clone()).await?;
         // Opened here, before the broker loads its retained snapshot (see `kafka::local`).
         let local = if cluster {
             Some(KafkaLocalReader::open(&kafka, &pg, &config.cluster.node_id()).await?)
@@ -130,6 +138,8 @@ impl KafkaPostgresStorage {
             wakes: parking_lot::Mutex::new(wakes),
             appended: Default::default(),
             recheck: Default::default(),
+            claims,
+            checked: Default::default(),
             apps,
             shared,
             pg,
@@ -177,6 +187,7 @@ struct Appender {
     shared: Arc<SharedGroups>,
     appended: Arc<parking_lot::Mutex<HashMap<Arc<str>, Origins>>>,
     recheck: Arc<AtomicBool>,
+    checked: Arc<parking_lot::Mutex<HashMap<Arc<str>, u64>>>,
 }
 
 /// Appends handed to Kafka, and what to do once they are acknowledged.
@@ -243,7 +254,25 @@ impl KafkaPostgresStorage {
             shared: self.shared.clone(),
             appended: self.appended.clone(),
             recheck: self.recheck.clone(),
+            checked: self.checked.clone(),
         }
+    }
+
+    /// Whether an APPLICATION log that `appends` go to was last read before this node's
+    /// latest partition claim (its end must be read again before appending).
+    fn read_before_claim(&self, appends: &[WriteOp], claims: u64) -> bool {
+        if claims == 0 {
+            return false;
+        }
+        let checked = self.checked.lock();
+        appends.iter().any(|op| match op {
+            WriteOp::Enqueue {
+                client,
+                origin: Some(_),
+                ..
+            } => checked.get(client).copied().unwrap_or(0) < claims,
+            _ => false,
+        })
     }
 }
 
@@ -324,7 +353,7 @@ impl Appender {
 
     /// Reads the ends of the APPLICATION logs `appends` go to and raises the known origins
     /// to what is found there. `Err` when a log's end could not be read (Kafka unreachable).
-    async fn drop_appended(&self, appends: &[WriteOp]) -> Result<(), StorageError> {
+    async fn drop_appended(&self, appends: &[WriteOp], claims: u64) -> Result<(), StorageError> {
         let clients: HashSet<Arc<str>> = appends
             .iter()
             .filter_map(|op| match op {
@@ -338,6 +367,7 @@ impl Appender {
             .collect();
         for client in clients {
             let found = self.apps.tail(&client).await?.origins;
+            self.checked.lock().insert(client.clone(), claims);
             let mut appended = self.appended.lock();
             let known = appended.entry(client).or_default();
             for (p, o) in found {
@@ -446,11 +476,13 @@ impl Storage for KafkaPostgresStorage {
             .collect();
         let (appended, after) = oneshot::channel();
         let this = self.appender();
-        if self.recheck.load(Ordering::Acquire) {
-            // After a failure: learn from the logs' ends what made it before producing again.
+        let claims = self.claims.load(Ordering::Acquire);
+        if self.recheck.load(Ordering::Acquire) || self.read_before_claim(&appends, claims) {
+            // After a failure, or into a log last read before a partition was claimed from
+            // another node: learn from the logs' ends what made it before producing again.
             // Nothing else appends to APPLICATION logs while the dispatcher waits for this.
             tokio::spawn(async move {
-                let result = match this.drop_appended(&appends).await {
+                let result = match this.drop_appended(&appends, claims).await {
                     Ok(()) => {
                         this.recheck.store(false, Ordering::Release);
                         let produced = this.produce(appends);
@@ -523,6 +555,9 @@ impl Storage for KafkaPostgresStorage {
                     self.appended
                         .lock()
                         .insert(session.client.clone(), tail.origins);
+                    self.checked
+                        .lock()
+                        .insert(session.client.clone(), self.claims.load(Ordering::Acquire));
                     self.shared.claimed_at_start(tail.claims);
                 }
                 Err(e) => {

@@ -75,6 +75,9 @@ struct Claims {
     known: HashSet<i32>,
     /// Claims and releases not yet taken by the dispatcher.
     changes: Vec<PartitionChange>,
+    /// Counts the group assignments this reader claimed (shared with the storage, which reads
+    /// the APPLICATION logs' ends again after one: `kafka_postgres.rs`).
+    claimed: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Where each partition is, and what a fetched record becomes. Shared with the cluster's local
@@ -146,6 +149,7 @@ impl KafkaLogReader {
         kafka: &Arc<Kafka>,
         pg: &Arc<PgStore>,
         cluster: &ClusterConfig,
+        claimed: Arc<std::sync::atomic::AtomicU64>,
     ) -> Result<KafkaLogReader, StorageError> {
         let topic = msg_all_topic(&kafka.config.topic_prefix);
         let consumer = consumer(kafka, cluster.enabled)?;
@@ -165,6 +169,7 @@ impl KafkaLogReader {
                 node: cluster.node_id(),
                 known: known.clone(),
                 changes: Vec::new(),
+                claimed,
             },
         };
         if cluster.enabled {
@@ -258,6 +263,8 @@ impl Claims {
                     for p in &partitions {
                         self.claim_and_seek(consumer, *p).await;
                     }
+                    self.claimed
+                        .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
                     tracing::info!(
                         ?partitions,
                         node = self.node,
