@@ -186,7 +186,16 @@ fn a_node_cut_off_from_kafka_and_postgres_fences_itself_and_comes_back() {
             .expect("device connect");
         assert!(ack.session_present, "the DEVICE session is gone");
         let mut got = std::collections::BTreeSet::new();
-        while let Ok(Some(incoming)) = sub.recv_timeout(Duration::from_secs(10)).await {
+        // Messages 1-10 may still be in the publish log only: after the outage the router's
+        // consumer group has to find its coordinator again (up to a session timeout, 10 s,
+        // and a rejoin) before it stores them for the DEVICE session.
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while Instant::now() < deadline {
+            let incoming = match sub.recv_timeout(Duration::from_secs(5)).await {
+                Ok(Some(incoming)) => incoming,
+                Ok(None) => continue,
+                Err(e) => panic!("the DEVICE connection failed: {e:#}"),
+            };
             if let Incoming::Publish(m) = incoming {
                 if m.qos > 0 {
                     sub.queue_puback(m.pkid).expect("queue puback");
