@@ -31,21 +31,6 @@ fn claims(broker: &BrokerProcess) -> usize {
         .count()
 }
 
-fn ready(broker: &BrokerProcess) -> bool {
-    http_status(broker.http_addr(), "/health/ready") == Some(200)
-}
-
-/// The status of a plain HTTP/1.0 GET.
-fn http_status(addr: std::net::SocketAddr, path: &str) -> Option<u16> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    out.split_whitespace().nth(1)?.parse().ok()
-}
-
 /// Node A takes DEVICE subscriptions, node B joins; 4 publishers (2 on each node) publish
 /// numbered QoS 1 messages; A is killed with SIGKILL mid-stream (B takes all partitions) and
 /// started again (they are shared again), with two more publishers on B for each move. Every acknowledged message reaches each DEVICE
@@ -80,7 +65,7 @@ fn device_queues_get_every_message_once_while_partitions_move() {
             .config(config)
     };
     let mut a = BrokerProcess::start(node("a")).expect("node a");
-    wait_until("node a ready", Duration::from_secs(60), || ready(&a));
+    wait_until("node a ready", Duration::from_secs(60), || a.is_ready());
     let subscribers: Vec<_> = (0..SUBSCRIBERS)
         .map(|i| persistent(&format!("cd-device-{i}"), Protocol::V311))
         .collect();
@@ -89,7 +74,7 @@ fn device_queues_get_every_message_once_while_partitions_move() {
             .expect("device subscribe");
     }
     let b = BrokerProcess::start(node("b")).expect("node b");
-    wait_until("node b ready", Duration::from_secs(60), || ready(&b));
+    wait_until("node b ready", Duration::from_secs(60), || b.is_ready());
     wait_until(
         "both nodes to claim publish-log partitions",
         Duration::from_secs(60),
@@ -135,7 +120,9 @@ fn device_queues_get_every_message_once_while_partitions_move() {
     let a_claims = claims(&a);
     handles.extend((0..PER_WAVE).map(|i| publisher(PUBLISHERS + PER_WAVE + i, b.addr())));
     a.restart().expect("restart node a");
-    wait_until("node a ready again", Duration::from_secs(60), || ready(&a));
+    wait_until("node a ready again", Duration::from_secs(60), || {
+        a.is_ready()
+    });
     wait_until(
         "node a to claim partitions again",
         Duration::from_secs(90),

@@ -18,20 +18,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::*;
 use ferrymq_e2e::harness::{
-    persistent, subscribe_and_leave, BrokerOptions, BrokerProcess, ConnectOptions, Connection,
-    Incoming, Protocol,
+    http_status, persistent, subscribe_and_leave, BrokerOptions, BrokerProcess, ConnectOptions,
+    Connection, Incoming, Protocol,
 };
-
-/// The status of a plain HTTP/1.0 GET.
-fn http_status(addr: std::net::SocketAddr, path: &str) -> Option<u16> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    out.split_whitespace().nth(1)?.parse().ok()
-}
 
 const FENCE_AFTER_SECS: u64 = 3;
 const REFERENCE: &str = "mqtt.ferrymq.example:1883";
@@ -81,9 +70,7 @@ fn a_node_cut_off_from_kafka_and_postgres_fences_itself_and_comes_back() {
     )
     .expect("start node");
     let addr = node.addr();
-    wait_until("node ready", Duration::from_secs(90), || {
-        http_status(node.http_addr(), "/health/ready") == Some(200)
-    });
+    wait_until("node ready", Duration::from_secs(90), || node.is_ready());
     let device = persistent("fence-device", Protocol::V311);
     rt.block_on(subscribe_and_leave(addr, &device, &[("fence/#", 1)]))
         .expect("device subscribe");
@@ -165,7 +152,7 @@ fn a_node_cut_off_from_kafka_and_postgres_fences_itself_and_comes_back() {
     services.postgres.restart().expect("restart postgres");
     let back = Instant::now();
     wait_until("node ready again", Duration::from_secs(120), || {
-        http_status(node.http_addr(), "/health/ready") == Some(200)
+        node.is_ready()
     });
     println!(
         "serving again {:?} after the services returned",

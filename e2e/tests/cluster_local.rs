@@ -20,21 +20,6 @@ use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 /// Messages published on node A in the ordering test.
 const MESSAGES: usize = 300;
 
-/// `GET path` on `addr`: the status code, or `None` when nothing answers.
-fn http_status(addr: std::net::SocketAddr, path: &str) -> Option<u16> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: ferrymq\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text).ok()?;
-    text.split_whitespace().nth(1)?.parse().ok()
-}
-
 /// Starts one cluster node; both nodes share the schema and topic prefix (`cluster`).
 fn node(backend: &Backend, node_id: &str) -> BrokerProcess {
     let extra = format!("[cluster]\nenabled = true\nnode_id = \"{node_id}\"\n");
@@ -50,7 +35,7 @@ fn node(backend: &Backend, node_id: &str) -> BrokerProcess {
     wait_until(
         &format!("node {node_id} to be ready"),
         Duration::from_secs(60),
-        || http_status(broker.http_addr(), "/health/ready") == Some(200),
+        || broker.is_ready(),
     );
     broker
 }
@@ -269,7 +254,7 @@ fn notify_wakes_an_online_device_session() {
     )
     .expect("starting the node");
     wait_until("the node to be ready", Duration::from_secs(60), || {
-        http_status(broker.http_addr(), "/health/ready") == Some(200)
+        broker.is_ready()
     });
     let pg = &backend.services().expect("services").postgres;
 

@@ -32,21 +32,6 @@ use tokio::task::JoinHandle;
 /// Partitions of `<prefix>.msg.all` in the test config (the default).
 const ALL_PARTITIONS: &str = "[0, 1, 2, 3]";
 
-/// The status of a plain HTTP/1.0 GET.
-fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    out.split_whitespace().nth(1)?.parse().ok()
-}
-
-fn ready(broker: &BrokerProcess) -> bool {
-    http_status(broker.http_addr(), "/health/ready") == Some(200)
-}
-
 /// The log lines of `broker` that say it claimed publish-log partitions (kept across starts).
 fn claim_lines(broker: &BrokerProcess) -> Vec<String> {
     std::fs::read_to_string(broker.log_path())
@@ -83,7 +68,7 @@ impl Scenario {
     fn start_node(&self, id: &str) -> BrokerProcess {
         let node = self.spawn_node(id);
         wait_until(&format!("node {id} ready"), Duration::from_secs(90), || {
-            ready(&node)
+            node.is_ready()
         });
         node
     }
@@ -127,7 +112,7 @@ impl Scenario {
         });
         for (id, node) in ids.iter().zip(&nodes) {
             wait_until(&format!("node {id} ready"), Duration::from_secs(90), || {
-                ready(node)
+                node.is_ready()
             });
         }
         nodes
@@ -252,7 +237,7 @@ fn rolling_restart_and_a_kill_of_three_nodes_under_load_lose_nothing() {
         assert!(status.success(), "node {i} exited with {status} on SIGTERM");
         node.restart().expect("restart");
         wait_until("the node ready again", Duration::from_secs(90), || {
-            ready(node)
+            node.is_ready()
         });
         wait_until(
             "the node to claim partitions again",

@@ -58,7 +58,7 @@ pub async fn watch(
                     tracing::error!(error = %e, after = ?fence_after, "fenced: this node cannot reach its storage; closing every connection (0x9C) and refusing clients until it can");
                     cluster.set_fenced(true);
                     broker.metrics.fenced.set(1);
-                    send_away(&drain, reference.clone());
+                    set_fence_plan(&drain, Some(reference.clone()));
                 }
             }
             Ok(()) => {
@@ -68,7 +68,7 @@ pub async fn watch(
                         Ok(Ok(())) => {
                             cluster.set_fenced(false);
                             broker.metrics.fenced.set(0);
-                            stop_sending_away(&drain);
+                            set_fence_plan(&drain, None);
                             tracing::info!(
                                 "storage reachable and session directory read: serving clients again"
                             );
@@ -86,31 +86,20 @@ pub async fn watch(
     }
 }
 
-/// Tells every connection to leave at once with 0x9C, unless a shutdown drain is under way
-/// (that one already sends everyone away).
-fn send_away(drain: &watch::Sender<Option<Arc<DrainPlan>>>, reference: Option<Arc<str>>) {
+/// Publishes the fence's plan (everyone leaves at once with 0x9C) or lifts it, leaving a
+/// shutdown drain alone: that one already sends everyone away, and lifting it would keep
+/// clients on a node that is stopping.
+fn set_fence_plan(drain: &watch::Sender<Option<Arc<DrainPlan>>>, fenced: Option<Option<Arc<str>>>) {
     drain.send_if_modified(|plan| {
-        if plan
-            .as_ref()
-            .is_some_and(|p| p.reason == LeaveReason::ShuttingDown)
-        {
+        let current = plan.as_ref().map(|p| p.reason);
+        if current == Some(LeaveReason::ShuttingDown) {
             return false;
         }
-        *plan = Some(Arc::new(DrainPlan::fenced(0, reference)));
-        true
-    });
-}
-
-/// Lifts the fence's plan (not a shutdown drain's): connections made from now on stay.
-fn stop_sending_away(drain: &watch::Sender<Option<Arc<DrainPlan>>>) {
-    drain.send_if_modified(|plan| {
-        if plan
-            .as_ref()
-            .is_some_and(|p| p.reason == LeaveReason::Fenced)
-        {
-            *plan = None;
-            return true;
+        match fenced {
+            Some(reference) => *plan = Some(Arc::new(DrainPlan::fenced(0, reference))),
+            None if current == Some(LeaveReason::Fenced) => *plan = None,
+            None => return false,
         }
-        false
+        true
     });
 }

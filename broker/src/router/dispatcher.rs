@@ -185,8 +185,7 @@ impl Dispatcher {
         let Some(gate) = &self.gate else {
             return true;
         };
-        let mut backoff = RETRY_MIN;
-        let mut failing = false;
+        let mut retry = Retry::default();
         loop {
             let attempt = tokio::select! {
                 _ = shutdown.changed() => return false,
@@ -194,22 +193,15 @@ impl Dispatcher {
             };
             match attempt {
                 Ok(()) => {
-                    if failing {
-                        tracing::info!("session directory readable again; routing resumes");
-                    }
+                    retry.succeeded("session directory readable again; routing resumes");
                     return true;
                 }
                 Err(e) => {
                     self.metrics.storage_errors.inc();
-                    if !failing {
-                        tracing::error!(error = %e, "router waits: the session directory cannot be read, so subscriptions made on other nodes may be missing (the publish log keeps the messages)");
-                        failing = true;
+                    retry.log_first(|| tracing::error!(error = %e, "router waits: the session directory cannot be read, so subscriptions made on other nodes may be missing (the publish log keeps the messages)"));
+                    if !retry.wait(shutdown).await {
+                        return false;
                     }
-                    tokio::select! {
-                        _ = shutdown.changed() => return false,
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(RETRY_MAX);
                 }
             }
         }
@@ -217,8 +209,7 @@ impl Dispatcher {
 
     /// Stores the batch, retrying until it succeeds, is fenced, or the broker shuts down.
     async fn store(&self, batch: WriteBatch, shutdown: &mut watch::Receiver<bool>) -> Stored {
-        let mut backoff = RETRY_MIN;
-        let mut failing = false;
+        let mut retry = Retry::default();
         loop {
             // The same batch again: a backend that may have applied part of a failed attempt
             // (an append whose outcome is unknown) recognises those parts by their origin.
@@ -228,26 +219,62 @@ impl Dispatcher {
             };
             match outcome {
                 Ok(()) => {
-                    if failing {
-                        tracing::info!("router stores again; resuming");
-                    }
+                    retry.succeeded("router stores again; resuming");
                     return Stored::Yes;
                 }
                 Err(StorageError::Fenced { .. }) => return Stored::Fenced,
                 Err(e) => {
                     self.metrics.storage_errors.inc();
-                    if !failing {
-                        tracing::error!(error = %e, "router cannot store a batch; retrying until storage is back (the publish log keeps the messages)");
-                        failing = true;
+                    retry.log_first(|| tracing::error!(error = %e, "router cannot store a batch; retrying until storage is back (the publish log keeps the messages)"));
+                    if !retry.wait(shutdown).await {
+                        return Stored::ShutDown;
                     }
-                    tokio::select! {
-                        _ = shutdown.changed() => return Stored::ShutDown,
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(RETRY_MAX);
                 }
             }
         }
+    }
+}
+
+/// Retrying an attempt that failed (storage or the directory down): doubling backoff from
+/// [`RETRY_MIN`] to [`RETRY_MAX`], the failure logged once and the recovery once.
+struct Retry {
+    backoff: Duration,
+    failing: bool,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry {
+            backoff: RETRY_MIN,
+            failing: false,
+        }
+    }
+}
+
+impl Retry {
+    /// Runs `log` on the first failure only.
+    fn log_first(&mut self, log: impl FnOnce()) {
+        if !self.failing {
+            log();
+            self.failing = true;
+        }
+    }
+
+    /// Logs `resumed` when earlier attempts had failed.
+    fn succeeded(&self, resumed: &str) {
+        if self.failing {
+            tracing::info!("{resumed}");
+        }
+    }
+
+    /// Sleeps out the backoff and doubles it; `false` when the broker shuts down meanwhile.
+    async fn wait(&mut self, shutdown: &mut watch::Receiver<bool>) -> bool {
+        tokio::select! {
+            _ = shutdown.changed() => return false,
+            _ = tokio::time::sleep(self.backoff) => {}
+        }
+        self.backoff = (self.backoff * 2).min(RETRY_MAX);
+        true
     }
 }
 

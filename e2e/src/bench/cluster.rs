@@ -9,7 +9,7 @@
 //! machine's cores with the nodes: on a small machine the totals are bound by the cores, and the
 //! per-core figures are what carry over.
 
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -20,6 +20,7 @@ use super::brokers::{free_port, TempDir};
 use super::procstat;
 use super::run::{run_scenario_at, RunResult};
 use super::scenario::Scenario;
+use crate::harness::http_status;
 use crate::harness::services::Services;
 
 pub struct ClusterOpts {
@@ -161,18 +162,9 @@ fn start_node(bin: &PathBuf, services: &Services, dir: &TempDir, i: usize) -> an
 
 /// Waits for `/health/ready` to answer 200 (the node read the session directory).
 fn wait_ready(node: &Node) -> anyhow::Result<()> {
-    use std::io::{Read, Write};
     let t0 = Instant::now();
     while t0.elapsed() < Duration::from_secs(90) {
-        let status = (|| {
-            let mut s = TcpStream::connect_timeout(&node.http, Duration::from_secs(1)).ok()?;
-            s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-            write!(s, "GET /health/ready HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
-            let mut out = String::new();
-            s.read_to_string(&mut out).ok()?;
-            out.split_whitespace().nth(1)?.parse::<u16>().ok()
-        })();
-        if status == Some(200) {
+        if http_status(node.http, "/health/ready") == Some(200) {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(200));

@@ -28,8 +28,8 @@ pub mod workload;
 pub use mqtt::{ConnAckInfo, ConnectOptions, Connection, Incoming, Message, Protocol};
 pub use payload::MsgId;
 pub use process::{
-    default_binary, free_port, release_binary, target_dir, workspace_root, BrokerOptions,
-    BrokerProcess, BIN_ENV, FAULT_ENV, KEEP_ENV,
+    default_binary, free_port, http_status, release_binary, target_dir, workspace_root,
+    BrokerOptions, BrokerProcess, BIN_ENV, FAULT_ENV, KEEP_ENV,
 };
 pub use rng::{random_kill_points, Rng, SEED_ENV};
 pub use workload::{

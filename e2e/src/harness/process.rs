@@ -228,6 +228,11 @@ impl BrokerProcess {
         Ok(broker)
     }
 
+    /// Whether `/health/ready` answers 200 now.
+    pub fn is_ready(&self) -> bool {
+        http_status(self.http_addr, "/health/ready") == Some(200)
+    }
+
     /// The address clients connect to (stays the same across restarts).
     pub fn addr(&self) -> SocketAddr {
         self.addr
@@ -513,4 +518,14 @@ impl Drop for BrokerProcess {
             eprintln!("ferrymq-e2e: kept {}", root.display());
         }
     }
+}
+
+/// The status of a plain HTTP/1.0 GET of `path` (`None`: no answer within 2 s).
+pub fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.split_whitespace().nth(1)?.parse().ok()
 }
