@@ -20,8 +20,8 @@ use crate::session::{Session, NEVER_EXPIRES};
 use crate::storage::codec::now_ms;
 use crate::storage::log::{LocalLogReader, LogReader};
 use crate::storage::{
-    ClientKind, LogParts, RestoredSession, SessionRecord, Storage, StorageError, WriteBatch,
-    WriteOp,
+    ClientKind, LogParts, RestoredSession, SessionOwner, SessionRecord, SessionTimer, Storage,
+    StorageError, WriteBatch, WriteOp,
 };
 
 /// How long a new connection waits for the previous owner of its client id to let go.
@@ -57,6 +57,19 @@ pub enum OpenError {
     Storage(#[from] StorageError),
     #[error("this node is fenced: it cannot reach Kafka or PostgreSQL")]
     NodeFenced,
+}
+
+/// The message a will becomes when it is published, as if its client had sent it.
+fn will_message(client_id: &Arc<str>, will: Will) -> Message {
+    Message {
+        topic: will.topic.into(),
+        payload: will.payload,
+        qos: will.qos,
+        retain: will.retain,
+        properties: MessageProperties::from_will(will.properties),
+        received_at: Instant::now(),
+        publisher: client_id.clone(),
+    }
 }
 
 impl Broker {
@@ -140,6 +153,7 @@ impl Broker {
     async fn restore(self: &Arc<Self>) -> Result<(), StorageError> {
         let snapshot = self.storage.load().await?;
         let now = now_ms();
+        let clustered = self.config.cluster.enabled;
         let (mut sessions, mut entries) = (0usize, 0u64);
         for restored in snapshot.sessions {
             // The type was decided at CONNECT (by credentials or configuration) and stored with
@@ -151,7 +165,9 @@ impl Broker {
             } else {
                 now.saturating_sub(record.disconnected_at_ms)
             };
-            let remaining = if record.expiry_interval == NEVER_EXPIRES {
+            // In a cluster the stored session timers end sessions, once for all nodes
+            // (`cluster::timers`); this node only mirrors them.
+            let remaining = if record.expiry_interval == NEVER_EXPIRES || clustered {
                 NEVER_EXPIRES
             } else {
                 let left = u64::from(record.expiry_interval).saturating_sub(gone_ms / 1000);
@@ -369,7 +385,11 @@ impl Broker {
                 expiry_interval: session.expiry_interval,
                 disconnected_at_ms: 0,
             };
-            let mut batch = WriteBatch::default();
+            // Written for this connection: in a cluster it records its claim as the owner epoch.
+            let mut batch = WriteBatch::owned_by(session.cluster_epoch.map(|epoch| SessionOwner {
+                client: client_id.clone(),
+                epoch,
+            }));
             batch.push(WriteOp::PutSession {
                 client: client_id.clone(),
                 record,
@@ -424,6 +444,11 @@ impl Broker {
         kind: ClientKind,
     ) -> Result<(Session, bool), StorageError> {
         let epoch = local.cluster_epoch;
+        if let Some(epoch) = epoch {
+            // From here on the connections that held the session before cannot change it, and
+            // its will and expiry are cancelled (the client is back).
+            self.storage.own_session(&local.client_id, epoch).await?;
+        }
         if restart {
             if !present {
                 let mut batch = WriteBatch::default();
@@ -553,7 +578,7 @@ impl Broker {
             return;
         }
         let expiry = session.expiry_interval;
-        let mut batch = WriteBatch::default();
+        let mut batch = session.write_batch();
         batch.push(WriteOp::PutSession {
             client: client_id.clone(),
             record: SessionRecord {
@@ -562,6 +587,10 @@ impl Broker {
                 disconnected_at_ms: now_ms(),
             },
         });
+        if self.cluster().is_some() {
+            self.close_clustered(session, conn_id, will, will_delay, batch);
+            return;
+        }
         self.storage.submit_detached(batch);
         // The will waits for min(will delay, session expiry) [MQTT-3.1.3-9].
         let (publish_now, pending) = match will {
@@ -586,6 +615,48 @@ impl Broker {
             let deadline = now + u64::from(expiry) * 1000;
             self.registry
                 .schedule(&client_id, epoch, deadline, Due::Expiry);
+        }
+    }
+
+    /// A persistent session's connection ended on a cluster node: its delayed will and its
+    /// expiry go to storage with the session's disconnect, where one node of the cluster fires
+    /// each (`cluster::timers`); nothing is scheduled in this node's memory.
+    fn close_clustered(
+        &self,
+        session: Session,
+        conn_id: u64,
+        will: Option<Will>,
+        will_delay: u32,
+        mut batch: WriteBatch,
+    ) {
+        let client_id = session.client_id.clone();
+        let expiry = session.expiry_interval;
+        let now = now_ms();
+        let (publish_now, delayed) = match will {
+            Some(w) if will_delay == 0 => (Some(w), None),
+            Some(w) => (None, Some(w)),
+            None => (None, None),
+        };
+        let timer = SessionTimer {
+            // The will waits for min(will delay, session expiry) [MQTT-3.1.3-9].
+            will: delayed.map(|w| {
+                let at = now + u64::from(will_delay.min(expiry)) * 1000;
+                let mut record = bytes::BytesMut::new();
+                crate::storage::codec::encode_message(&will_message(&client_id, w), &mut record);
+                (at, record.to_vec())
+            }),
+            expires_at_ms: (expiry != NEVER_EXPIRES).then(|| now + u64::from(expiry) * 1000),
+        };
+        if timer.will.is_some() || timer.expires_at_ms.is_some() {
+            batch.push(WriteOp::PutTimer {
+                client: client_id.clone(),
+                timer,
+            });
+        }
+        self.storage.submit_detached(batch);
+        let _ = self.registry.park(session, conn_id, None);
+        if let Some(will) = publish_now {
+            self.publish_will(&client_id, will);
         }
     }
 
@@ -656,15 +727,15 @@ impl Broker {
 
     /// Publishes a will message as if the client had sent it.
     pub fn publish_will(&self, client_id: &Arc<str>, will: Will) {
-        let message = Arc::new(Message {
-            topic: will.topic.into(),
-            payload: will.payload,
-            qos: will.qos,
-            retain: will.retain,
-            properties: MessageProperties::from_will(will.properties),
-            received_at: Instant::now(),
-            publisher: client_id.clone(),
-        });
+        let message = Arc::new(will_message(client_id, will));
         self.ingest.will(self.parts(), &message);
+    }
+
+    /// Publishes a will message and waits until it is stored (`cluster::timers`).
+    pub async fn publish_will_durably(&self, message: Arc<Message>) -> Result<(), StorageError> {
+        match self.ingest.will_durably(self.parts(), &message) {
+            Some(done) => done.await.unwrap_or(Err(StorageError::Closed)),
+            None => Ok(()),
+        }
     }
 }

@@ -114,6 +114,23 @@ impl Ingest {
         }
     }
 
+    /// Publishes a will message and resolves once it is stored (in the publish log, or routed
+    /// and stored): for a will that must not be lost by whoever fires it (a cluster's session
+    /// timers, `cluster::timers`).
+    pub fn will_durably(&self, parts: Parts<'_>, message: &Arc<Message>) -> Option<Completion> {
+        match self {
+            Ingest::RouteThenStore => {
+                let (batch, routed) = parts.route(message);
+                parts
+                    .metrics
+                    .messages_dropped_queue_full
+                    .add(routed.full.len() as u64);
+                parts.storage.submit_nonempty(batch)
+            }
+            Ingest::AppendToLog(log) => Some(log.append(message, None)),
+        }
+    }
+
     /// Publishes a will message as if its client had sent it. Nobody waits for it or reads on
     /// behalf of it, so nothing is held back; it is stored for persistent subscribers all the
     /// same, and a failure is worth a log line.

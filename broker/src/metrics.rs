@@ -352,6 +352,10 @@ pub struct Metrics {
     pub storage_errors: Counter,
     /// 1 while this cluster node is fenced (cut off from Kafka or PostgreSQL), else 0.
     pub fenced: Gauge,
+    /// Session writes refused because a newer connection owns the session (cluster).
+    pub session_writes_refused: Counter,
+    /// Delayed wills published and sessions expired by this node's share of the cluster timers.
+    pub session_timers_fired: Counter,
     /// Failed reads of a DEVICE queue or APPLICATION log.
     pub storage_read_errors: Counter,
     pub auth_failures: AuthFailures,
@@ -586,6 +590,14 @@ impl Metrics {
             fenced: Gauge(b.gauge(
                 "ferrymq_cluster_fenced",
                 "1 while this cluster node is fenced: it could not reach Kafka or PostgreSQL for cluster.fence_after_secs, so it serves no client.",
+            )),
+            session_writes_refused: Counter(b.counter(
+                "ferrymq_cluster_session_writes_refused_total",
+                "Batches of session writes refused because another connection took the session over since (its owner epoch is newer): a node that lost a session writes nothing to it.",
+            )),
+            session_timers_fired: Counter(b.counter(
+                "ferrymq_cluster_session_timers_fired_total",
+                "Session timers (delayed wills, session expiry) this node fired for the cluster; each timer fires on one node.",
             )),
             retained_messages: Gauge(b.gauge(
                 "ferrymq_retained_messages",

@@ -971,9 +971,11 @@ fn batches_are_applied_in_submission_order_across_kafka_and_postgres() {
                         record: session.clone(),
                     },
                 ],
+                owner: None,
             });
             let second = storage.submit(WriteBatch {
                 ops: vec![WriteOp::DeleteSession { client: x.clone() }],
+                owner: None,
             });
             first.await.expect("first").expect("first batch");
             second.await.expect("second").expect("second batch");

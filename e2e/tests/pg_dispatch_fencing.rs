@@ -12,9 +12,13 @@ use bytes::Bytes;
 use ferrymq::config::PostgresConfig;
 use ferrymq::message::Message;
 use ferrymq::metrics::Metrics;
-use ferrymq::protocol::QoS;
+use ferrymq::protocol::{QoS, RetainForwardRule};
+use ferrymq::router::SubscriptionOptions;
 use ferrymq::storage::postgres::PgStore;
-use ferrymq::storage::{ClientKind, Enqueued, SessionRecord, StorageError, WriteBatch, WriteOp};
+use ferrymq::storage::{
+    ClientKind, Enqueued, SessionOwner, SessionRecord, SessionTimer, StorageError, WriteBatch,
+    WriteOp,
+};
 use ferrymq_e2e::harness::services::{require_services, Postgres};
 
 fn config(pg: &Postgres, schema: &str) -> PostgresConfig {
@@ -276,4 +280,250 @@ fn two_writers_assign_device_sequences_in_sql() {
         ),
         vec![format!("d1|{}", half + 1), format!("d2|{}", half + 1)]
     );
+}
+
+fn owned(client: &str, epoch: i64) -> WriteBatch {
+    WriteBatch::owned_by(Some(SessionOwner {
+        client: client.into(),
+        epoch,
+    }))
+}
+
+fn subscription(client: &str, filter: &str) -> WriteOp {
+    WriteOp::PutSubscription {
+        client: client.into(),
+        filter: filter.to_string(),
+        options: SubscriptionOptions {
+            qos: QoS::AtLeastOnce,
+            no_local: false,
+            retain_as_published: false,
+            retain_handling: RetainForwardRule::OnEverySubscribe,
+            identifier: None,
+        },
+    }
+}
+
+/// Session writes carry their connection's claim epoch (cluster mode, two writers = two nodes):
+/// once node B owns the session (`own_session`), node A's batches for it are refused with
+/// `SessionMoved` and change nothing, also inside a group where other batches commit; B's own
+/// writes go on; a stale write to a session that does not exist does not create one.
+#[test]
+fn session_writes_of_a_stale_owner_are_refused() {
+    if !require_services() {
+        return;
+    }
+    let pg = Postgres::start().expect("start postgres");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let node_a = open(&pg, "owners", true).await;
+        let node_b = open(&pg, "owners", true).await;
+        // A's connection (epoch 10) creates the session and subscribes.
+        let mut create = owned("dev", 10);
+        create.push(WriteOp::PutSession {
+            client: "dev".into(),
+            record: SessionRecord {
+                kind: ClientKind::Device,
+                expiry_interval: 600,
+                disconnected_at_ms: 0,
+            },
+        });
+        create.push(subscription("dev", "a/before"));
+        node_a
+            .submit(create)
+            .await
+            .expect("writer")
+            .expect("create");
+        // The client connects to B (claim 20): B owns the session from here on.
+        node_b.own_session("dev", 20).await.expect("own");
+
+        // A, not knowing, still writes for its connection: a subscription, and its disconnect
+        // with a timer. In the same group, another session's write of A's commits.
+        let mut stale = owned("dev", 10);
+        stale.push(subscription("dev", "a/after-takeover"));
+        stale.push(WriteOp::PutTimer {
+            client: "dev".into(),
+            timer: SessionTimer {
+                will: None,
+                expires_at_ms: Some(1),
+            },
+        });
+        let mut other = owned("other", 11);
+        other.push(WriteOp::PutSession {
+            client: "other".into(),
+            record: SessionRecord {
+                kind: ClientKind::Device,
+                expiry_interval: 600,
+                disconnected_at_ms: 0,
+            },
+        });
+        let (s, o) = (node_a.submit(stale), node_a.submit(other));
+        let (s, o) = (s.await.expect("writer"), o.await.expect("writer"));
+        assert!(
+            matches!(&s, Err(StorageError::SessionMoved { client, epoch: 10 }) if client == "dev"),
+            "the stale owner's batch was not refused: {s:?}"
+        );
+        assert!(o.is_ok(), "the other session's batch failed: {o:?}");
+
+        // B writes on.
+        let mut current = owned("dev", 20);
+        current.push(subscription("dev", "b/now"));
+        node_b
+            .submit(current)
+            .await
+            .expect("writer")
+            .expect("B writes");
+
+        assert_eq!(
+            rows(
+                &pg,
+                "owners",
+                "SELECT filter FROM subscriptions WHERE client_id = 'dev' ORDER BY 1"
+            ),
+            vec!["a/before", "b/now"]
+        );
+        assert_eq!(
+            rows(&pg, "owners", "SELECT count(*) FROM session_timers"),
+            vec!["0"],
+            "the stale timer was not stored"
+        );
+        assert_eq!(
+            rows(
+                &pg,
+                "owners",
+                "SELECT owner_epoch FROM sessions WHERE client_id = 'dev'"
+            ),
+            vec!["20"]
+        );
+
+        // A stale write for a session that is gone does not bring it back.
+        let mut delete = owned("dev", 30);
+        delete.push(WriteOp::DeleteSession {
+            client: "dev".into(),
+        });
+        node_b
+            .submit(delete)
+            .await
+            .expect("writer")
+            .expect("delete");
+        let mut late = owned("dev", 20);
+        late.push(subscription("dev", "b/late"));
+        let late = node_b.submit(late).await.expect("writer");
+        assert!(
+            matches!(late, Err(StorageError::SessionMoved { .. })),
+            "{late:?}"
+        );
+        assert_eq!(
+            rows(
+                &pg,
+                "owners",
+                "SELECT count(*) FROM subscriptions WHERE client_id = 'dev'"
+            ),
+            vec!["0"]
+        );
+    });
+}
+
+/// Due session timers are claimed by one node at a time (`FOR UPDATE SKIP LOCKED` plus a
+/// lease): two nodes polling together get disjoint sets covering every due timer; a timer
+/// whose client came back (`own_session`) cannot be finished by the claim taken before; an
+/// expiry deletes the session; a lapsed claim is taken again and the old claim's finish is
+/// void.
+#[test]
+fn due_session_timers_are_claimed_once_across_nodes() {
+    if !require_services() {
+        return;
+    }
+    let pg = Postgres::start().expect("start postgres");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let node_a = Arc::new(open(&pg, "timers", true).await);
+        let node_b = Arc::new(open(&pg, "timers", true).await);
+        let now = 1_000_000u64;
+        for i in 0..200 {
+            let client = format!("c{i}");
+            let mut batch = owned(&client, 1);
+            batch.push(WriteOp::PutSession {
+                client: client.as_str().into(),
+                record: SessionRecord {
+                    kind: ClientKind::Device,
+                    expiry_interval: 5,
+                    disconnected_at_ms: now - 5_000,
+                },
+            });
+            batch.push(WriteOp::PutTimer {
+                client: client.as_str().into(),
+                timer: SessionTimer {
+                    will: None,
+                    // Half due, half not yet.
+                    expires_at_ms: Some(if i % 2 == 0 { now } else { now + 60_000 }),
+                },
+            });
+            node_a.submit(batch).await.expect("writer").expect("timer");
+        }
+        // Both nodes poll at once, a few timers per claim, until nothing is left.
+        let drain = |store: &Arc<PgStore>| {
+            let store = store.clone();
+            async move {
+                let mut claimed = Vec::new();
+                loop {
+                    let got = store.claim_due_timers(now, 7, 30_000).await.expect("claim");
+                    if got.is_empty() {
+                        return claimed;
+                    }
+                    claimed.extend(got);
+                }
+            }
+        };
+        let (a, b) = tokio::join!(tokio::spawn(drain(&node_a)), tokio::spawn(drain(&node_b)));
+        let (a, b) = (a.expect("node a"), b.expect("node b"));
+        let mut all: Vec<&str> = a.iter().chain(&b).map(|t| &*t.client).collect();
+        all.sort_unstable();
+        let before = all.len();
+        all.dedup();
+        assert_eq!(before, all.len(), "a timer was claimed by both nodes");
+        assert_eq!(all.len(), 100, "every due timer claimed, none early");
+        eprintln!("node a claimed {}, node b {}", a.len(), b.len());
+
+        // c0 comes back before its claim is finished: the finish changes nothing.
+        let c0 = a.iter().chain(&b).find(|t| &*t.client == "c0").expect("c0");
+        node_b.own_session("c0", 2).await.expect("own");
+        assert!(!node_a.finish_timer(c0).await.expect("finish c0"));
+        // The others expire: their sessions are deleted.
+        for timer in a.iter().chain(&b).filter(|t| &*t.client != "c0") {
+            assert!(timer.expires);
+            assert!(node_a.finish_timer(timer).await.expect("finish"));
+        }
+        assert_eq!(
+            rows(&pg, "timers", "SELECT count(*) FROM sessions"),
+            vec!["101"],
+            "99 expired, c0 and the 100 not due remain"
+        );
+
+        // A claim that lapses (its node died) is taken again later; the first claim is void.
+        let later = now + 60_000;
+        let first = node_a
+            .claim_due_timers(later, 1_000, 1_000)
+            .await
+            .expect("claim");
+        assert_eq!(first.len(), 100, "the rest are due now");
+        assert!(node_b
+            .claim_due_timers(later + 500, 1_000, 1_000)
+            .await
+            .expect("claim while held")
+            .is_empty());
+        let again = node_b
+            .claim_due_timers(later + 2_000, 1_000, 1_000)
+            .await
+            .expect("claim again");
+        assert_eq!(again.len(), 100, "every lapsed claim is taken again");
+        assert!(!node_a.finish_timer(&first[0]).await.expect("finish void"));
+        assert!(node_b.finish_timer(&again[0]).await.expect("finish"));
+    });
 }

@@ -336,6 +336,16 @@ impl Directory {
         self.view.lock().get(client).cloned()
     }
 
+    /// The persistent sessions the directory says are connected to `node`.
+    pub fn persistent_connected_on(&self, node: &str) -> Vec<(Arc<str>, Known)> {
+        self.view
+            .lock()
+            .iter()
+            .filter(|(_, k)| k.state.node == node && k.state.connected && k.state.persistent)
+            .map(|(client, k)| (client.clone(), k.clone()))
+            .collect()
+    }
+
     /// Appends a `State` record; resolves to its offset (the epoch) once Kafka has it.
     pub async fn announce(&self, client: &str, state: SessionState) -> Result<i64, StorageError> {
         let payload = serde_json::to_vec(&Record::State(state))

@@ -6,6 +6,7 @@
 
 pub mod directory;
 pub mod fence;
+pub mod timers;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,10 +16,12 @@ use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
 use crate::broker::Broker;
-use crate::session::registry::{Due, Kick, KickReason};
+use crate::session::registry::{Kick, KickReason};
 use crate::session::{Session, NEVER_EXPIRES};
 use crate::storage::codec::now_ms;
-use crate::storage::{ClientKind, Completion, RestoredSession, StorageError};
+use crate::storage::{
+    ClientKind, Completion, RestoredSession, SessionOwner, SessionTimer, StorageError, WriteOp,
+};
 use directory::{Change, Directory, Known, SessionState};
 
 /// How long a node taking a session waits for the node that held it to let go (a dead node
@@ -57,7 +60,59 @@ impl Cluster {
             node = directory.node(),
             "session directory read; this node knows every session"
         );
+        cluster.close_previous_life(broker).await;
         Ok(cluster)
+    }
+
+    /// Persistent sessions this node held connected when it stopped without closing them (a
+    /// crash): they are disconnected now, so their expiry starts now and is stored as a
+    /// cluster timer like any other disconnect's. Their wills died with the process. A session
+    /// another node took meanwhile is left alone (the batch carries the old claim's epoch and
+    /// is refused).
+    async fn close_previous_life(&self, broker: &Arc<Broker>) {
+        let now = now_ms();
+        for (client, known) in self
+            .directory
+            .persistent_connected_on(self.directory.node())
+        {
+            let state = &known.state;
+            let mut batch = crate::storage::WriteBatch::owned_by(Some(SessionOwner {
+                client: client.clone(),
+                epoch: known.claim_epoch,
+            }));
+            batch.push(WriteOp::PutSession {
+                client: client.clone(),
+                record: crate::storage::SessionRecord {
+                    kind: state.client_kind(),
+                    expiry_interval: state.expiry_interval,
+                    disconnected_at_ms: now,
+                },
+            });
+            if state.expiry_interval != NEVER_EXPIRES {
+                batch.push(WriteOp::PutTimer {
+                    client: client.clone(),
+                    timer: SessionTimer {
+                        will: None,
+                        expires_at_ms: Some(now + u64::from(state.expiry_interval) * 1000),
+                    },
+                });
+            }
+            match broker.storage.submit(batch).await {
+                Ok(Ok(())) => {
+                    let mut offline = state.clone();
+                    offline.claim = Some(known.claim_epoch);
+                    offline.connected = false;
+                    offline.disconnected_at_ms = now;
+                    if let Err(e) = self.directory.announce(&client, offline).await {
+                        tracing::warn!(client_id = %client, error = %e, "announcing a session disconnected by a restart failed");
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(client_id = %client, error = %e, "a session held before the restart moved on");
+                }
+                Err(_) => {}
+            }
+        }
     }
 
     /// Whether the node is fenced: it serves no client until Kafka and PostgreSQL answer again.
@@ -264,18 +319,9 @@ fn mirror(broker: &Arc<Broker>, client: &Arc<str>, state: &SessionState) {
         read_from: 1,
         sent_upto: 0,
     };
+    // Its end comes from the node that fires its expiry (`timers`), through the directory.
     let session = broker.session_from_restored(restored);
-    let Some(epoch) = broker.replace_mirror(session) else {
-        return;
-    };
-    // Every node counts the expiry of a disconnected session, so it ends even when the node
-    // that held it is gone for good (docs/scale-out.md, "Session expiry").
-    if !state.connected && state.expiry_interval != NEVER_EXPIRES {
-        let deadline = state.disconnected_at_ms + u64::from(state.expiry_interval) * 1000;
-        broker
-            .registry
-            .schedule(client, epoch, deadline.max(now_ms()), Due::Expiry);
-    }
+    let _ = broker.replace_mirror(session);
 }
 
 /// Another node claimed `client` at `epoch` while it is connected here: close the local

@@ -89,6 +89,20 @@ impl Session {
         }
     }
 
+    /// An empty batch for this session's writes. In a cluster a stored session's batches carry
+    /// its connection's claim epoch, so storage refuses them once another connection has taken
+    /// the session over (`storage::WriteBatch::owner`).
+    pub fn write_batch(&self) -> crate::storage::WriteBatch {
+        let owner = match (self.stored, self.cluster_epoch) {
+            (true, Some(epoch)) => Some(crate::storage::SessionOwner {
+                client: self.client_id.clone(),
+                epoch,
+            }),
+            _ => None,
+        };
+        crate::storage::WriteBatch::owned_by(owner)
+    }
+
     /// Records that the client acknowledged the stored entry `seq` (already removed from the
     /// in-flight window); returns the write that makes it durable: a DEVICE entry is deleted, an
     /// APPLICATION log commits up to its oldest entry still unacknowledged.

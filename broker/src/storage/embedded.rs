@@ -765,6 +765,11 @@ impl Writer {
             | WriteOp::AppendShared { .. } => {
                 tracing::error!("a publish-log op (a router position, QoS 2 flow or group append) reached the embedded backend; dropped");
             }
+            // Never produced here: one node keeps its session timers in memory
+            // (`session::registry`); only cluster nodes share them through storage.
+            WriteOp::PutTimer { .. } => {
+                tracing::error!("a cluster session timer reached the embedded backend; dropped");
+            }
             WriteOp::Expire { client, kind, seq } => {
                 if self.remove_entry(txn, &client, kind, seq)? {
                     match kind {
@@ -956,7 +961,11 @@ mod tests {
     }
 
     async fn write(storage: &EmbeddedStorage, ops: Vec<WriteOp>) {
-        storage.submit(WriteBatch { ops }).await.unwrap().unwrap();
+        storage
+            .submit(WriteBatch { ops, owner: None })
+            .await
+            .unwrap()
+            .unwrap();
     }
 
     fn seqs(storage: &EmbeddedStorage, client: &str, kind: ClientKind) -> Vec<u64> {

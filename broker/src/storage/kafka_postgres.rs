@@ -629,6 +629,23 @@ impl Storage for KafkaPostgresStorage {
         Ok(Some(session))
     }
 
+    async fn own_session(&self, client: &Arc<str>, epoch: i64) -> Result<(), StorageError> {
+        self.pg.own_session(client, epoch).await
+    }
+
+    async fn claim_due_timers(
+        &self,
+        now_ms: u64,
+        budget: usize,
+        lease_ms: u64,
+    ) -> Result<Vec<super::DueTimer>, StorageError> {
+        self.pg.claim_due_timers(now_ms, budget, lease_ms).await
+    }
+
+    async fn finish_timer(&self, timer: &super::DueTimer) -> Result<bool, StorageError> {
+        self.pg.finish_timer(timer).await
+    }
+
     fn application_shared(
         &self,
         client: &Arc<str>,

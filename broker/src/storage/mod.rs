@@ -187,6 +187,13 @@ pub enum WriteOp {
         topic: String,
         record: Vec<u8>,
     },
+    /// A disconnected persistent session's delayed will and expiry, kept where every node of a
+    /// cluster fires them once ([`Storage::claim_due_timers`]). Replaces an earlier timer of the
+    /// client. Cluster backends only: a single node keeps its timers in memory.
+    PutTimer {
+        client: Arc<str>,
+        timer: SessionTimer,
+    },
     DeleteRetained {
         topic: String,
     },
@@ -196,9 +203,29 @@ pub enum WriteOp {
 #[derive(Debug, Default, Clone)]
 pub struct WriteBatch {
     pub ops: Vec<WriteOp>,
+    /// The session these writes are made for, in a cluster: a backend shared by several nodes
+    /// refuses the whole batch ([`StorageError::SessionMoved`]) when the session was taken by a
+    /// newer connection since ([`Storage::own_session`]). `None`: writes of no one session
+    /// (router batches, retained messages) or a single node.
+    pub owner: Option<SessionOwner>,
+}
+
+/// A session and the directory epoch of the connection that writes for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionOwner {
+    pub client: Arc<str>,
+    pub epoch: i64,
 }
 
 impl WriteBatch {
+    /// An empty batch made for `owner`'s session (see [`WriteBatch::owner`]).
+    pub fn owned_by(owner: Option<SessionOwner>) -> WriteBatch {
+        WriteBatch {
+            ops: Vec::new(),
+            owner,
+        }
+    }
+
     pub fn push(&mut self, op: WriteOp) {
         self.ops.push(op);
     }
@@ -233,6 +260,9 @@ pub enum StorageError {
     /// were read (another node routes it now): nothing of the batch was applied, and it must
     /// not be retried.
     Fenced { partition: i32, epoch: i64 },
+    /// A write for a session that a newer connection owns now (its claim epoch is above the
+    /// batch's): nothing of the batch was applied.
+    SessionMoved { client: String, epoch: i64 },
 }
 
 impl std::fmt::Display for StorageError {
@@ -261,6 +291,10 @@ impl std::fmt::Display for StorageError {
                 f,
                 "publish-log partition {partition} was claimed again since epoch {epoch}; \
                  its batch is not applied"
+            ),
+            StorageError::SessionMoved { client, epoch } => write!(
+                f,
+                "session `{client}` was taken over since epoch {epoch}; its write is not applied"
             ),
         }
     }
@@ -322,6 +356,29 @@ impl Enqueued {
             &self.message,
         )
     }
+}
+
+/// What waits for a disconnected persistent session ([`WriteOp::PutTimer`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionTimer {
+    /// The will and when it is due (ms since the epoch): a v5 Will Delay, or the expiry when
+    /// that comes first [MQTT-3.1.3-9]. Encoded with [`codec::encode_message`].
+    pub will: Option<(u64, Vec<u8>)>,
+    /// When the session ends (ms since the epoch); `None`: never.
+    pub expires_at_ms: Option<u64>,
+}
+
+/// A timer this node claimed ([`Storage::claim_due_timers`]): publish the will (if any), then
+/// hand it back to [`Storage::finish_timer`].
+#[derive(Debug)]
+pub struct DueTimer {
+    pub client: Arc<str>,
+    /// The claim's token: the finish applies only while the claim is this one.
+    pub token: i64,
+    /// The will to publish now (its time came, or the session ends).
+    pub will: Option<Message>,
+    /// The session ends now.
+    pub expires: bool,
 }
 
 /// Resolves when a submitted batch is durable (or failed).
@@ -485,6 +542,30 @@ pub trait Storage: Send + Sync + 'static {
         _client: &Arc<str>,
     ) -> Result<Option<RestoredSession>, StorageError> {
         Ok(None)
+    }
+    /// Several active nodes: `epoch`'s connection owns `client`'s session from now on. Raises
+    /// the stored owner epoch (batches of older connections are refused from here on) and
+    /// cancels the session's timers (its client is back). Called after the previous owner let go
+    /// and before the session is read.
+    async fn own_session(&self, _client: &Arc<str>, _epoch: i64) -> Result<(), StorageError> {
+        Ok(())
+    }
+    /// Several active nodes: claims up to `budget` timers that are due, for `lease_ms`. Each
+    /// is due once for the whole cluster: a row claimed by one node is skipped by the others
+    /// until its claim lapses.
+    async fn claim_due_timers(
+        &self,
+        _now_ms: u64,
+        _budget: usize,
+        _lease_ms: u64,
+    ) -> Result<Vec<DueTimer>, StorageError> {
+        Ok(Vec::new())
+    }
+    /// Completes a claimed timer after its will was published: the session and everything it
+    /// owns is deleted when it expired, else the will is removed from the timer. `false`: the
+    /// claim was lost (the client reconnected, or the claim lapsed), nothing changed.
+    async fn finish_timer(&self, _timer: &DueTimer) -> Result<bool, StorageError> {
+        Ok(false)
     }
     /// The shared subscriptions (`$share/…` filters) of an online APPLICATION client, given at
     /// connect and after each change: a backend that serves APPLICATION shared groups from

@@ -35,12 +35,23 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::codec::{self, decode_delivery, now_ms};
 use super::{
-    ClientKind, Completion, Qos2FlowChange, QueuedEntry, RestoredSession, SessionRecord, Snapshot,
-    StorageError, SweepStats, WriteBatch, WriteOp,
+    ClientKind, Completion, DueTimer, Qos2FlowChange, QueuedEntry, RestoredSession, SessionRecord,
+    Snapshot, StorageError, SweepStats, WriteBatch, WriteOp,
 };
 use crate::config::PostgresConfig;
 use crate::metrics::Metrics;
 
+/// The tables that hold a session's state, all keyed by `client_id`: deleting a session is
+/// deleting its rows from each.
+const SESSION_TABLES: [&str; 7] = [
+    "sessions",
+    "subscriptions",
+    "device_queue",
+    "application_offsets",
+    "application_released",
+    "inbound_qos2",
+    "session_timers",
+];
 /// Batches waiting for the writer at most; beyond it submissions fail with `Overloaded`.
 const WRITE_QUEUE_CAPACITY: usize = 16_384;
 /// Batches group-committed in one transaction at most.
@@ -559,6 +570,112 @@ impl PgStore {
     }
 }
 
+impl PgStore {
+    /// `epoch`'s connection owns `client`'s session from now on (see `Storage::own_session`):
+    /// the stored owner epoch is raised (never lowered) and the session's timers are cancelled,
+    /// in one transaction. Waits for a writer transaction that holds the session row, so every
+    /// batch of the previous owner is either in before this or refused after it.
+    pub async fn own_session(&self, client: &str, epoch: i64) -> Result<(), StorageError> {
+        let mut txn = self.pool.begin().await.map_err(db)?;
+        sqlx::query(
+            "UPDATE sessions SET owner_epoch = $2 WHERE client_id = $1 AND owner_epoch < $2",
+        )
+        .bind(client)
+        .bind(epoch)
+        .execute(&mut *txn)
+        .await
+        .map_err(db)?;
+        sqlx::query("DELETE FROM session_timers WHERE client_id = $1")
+            .bind(client)
+            .execute(&mut *txn)
+            .await
+            .map_err(db)?;
+        txn.commit().await.map_err(db)
+    }
+
+    /// Claims up to `budget` due timers for `lease_ms` (rows another node's claim holds, or
+    /// another transaction locks, are skipped: `FOR UPDATE SKIP LOCKED`).
+    pub async fn claim_due_timers(
+        &self,
+        now_ms: u64,
+        budget: usize,
+        lease_ms: u64,
+    ) -> Result<Vec<DueTimer>, StorageError> {
+        let now = now_ms as i64;
+        let rows = sqlx::query(
+            "UPDATE session_timers SET claim_token = nextval('session_timer_claims'), \
+             claimed_until_ms = $1 + $3 \
+             WHERE client_id IN (SELECT client_id FROM session_timers \
+               WHERE (will_at_ms <= $1 OR expires_at_ms <= $1) AND claimed_until_ms < $1 \
+               ORDER BY LEAST(will_at_ms, expires_at_ms) LIMIT $2 FOR UPDATE SKIP LOCKED) \
+             RETURNING client_id, will_at_ms, will, expires_at_ms, claim_token",
+        )
+        .bind(now)
+        .bind(budget as i64)
+        .bind(lease_ms as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        let mut due = Vec::with_capacity(rows.len());
+        for row in rows {
+            let client: String = row.get(0);
+            let expires = row.get::<Option<i64>, _>(3).is_some_and(|at| at <= now);
+            let will_due = row.get::<Option<i64>, _>(1).is_some_and(|at| at <= now);
+            let will = match row.get::<Option<Vec<u8>>, _>(2) {
+                Some(record) if will_due || expires => {
+                    let mut buf = Bytes::from(record);
+                    Some(
+                        codec::decode_message(&mut buf)
+                            .map_err(|e| StorageError::Corrupt(format!("will of {client}: {e}")))?,
+                    )
+                }
+                _ => None,
+            };
+            due.push(DueTimer {
+                client: Arc::from(client),
+                token: row.get(4),
+                will,
+                expires,
+            });
+        }
+        Ok(due)
+    }
+
+    /// Completes a claimed timer (see `Storage::finish_timer`).
+    pub async fn finish_timer(&self, timer: &DueTimer) -> Result<bool, StorageError> {
+        let mut txn = self.pool.begin().await.map_err(db)?;
+        let held = if timer.expires {
+            sqlx::query("DELETE FROM session_timers WHERE client_id = $1 AND claim_token = $2")
+        } else {
+            sqlx::query(
+                "UPDATE session_timers SET will = NULL, will_at_ms = NULL, claim_token = 0, \
+                 claimed_until_ms = 0 WHERE client_id = $1 AND claim_token = $2",
+            )
+        }
+        .bind(&*timer.client)
+        .bind(timer.token)
+        .execute(&mut *txn)
+        .await
+        .map_err(db)?
+        .rows_affected()
+            > 0;
+        if !held {
+            return Ok(false);
+        }
+        if timer.expires {
+            for table in SESSION_TABLES {
+                sqlx::query(&format!("DELETE FROM {table} WHERE client_id = $1"))
+                    .bind(&*timer.client)
+                    .execute(&mut *txn)
+                    .await
+                    .map_err(db)?;
+            }
+        }
+        txn.commit().await.map_err(db)?;
+        Ok(true)
+    }
+}
+
 /// "postgres at `<url without password>` (postgres.url): <error>"
 pub fn unreachable(
     config: &PostgresConfig,
@@ -916,18 +1033,26 @@ impl Writer {
             None => Vec::new(),
         };
         let mut txn = self.pool.begin().await.map_err(db)?;
-        let fenced = fence(&mut txn, &batches).await?;
-        if self.cluster {
-            self.lock_device_sessions(&mut txn, &batches, &fenced)
-                .await?;
-        }
+        let mut fenced = fence(&mut txn, &batches).await?;
+        let mut owners = if self.cluster {
+            self.lock_sessions(&mut txn, &batches, &fenced).await?
+        } else {
+            HashMap::new()
+        };
         let mut pending = Pending::default();
-        for (batch, fenced) in batches.into_iter().zip(&fenced) {
+        for (batch, fenced) in batches.into_iter().zip(fenced.iter_mut()) {
             if fenced.is_some() {
                 continue;
             }
+            if let Some(refused) = refuse_stale_owner(&batch, &mut owners) {
+                self.metrics.session_writes_refused.inc();
+                *fenced = Some(refused);
+                continue;
+            }
+            let epoch = batch.owner.as_ref().map_or(0, |o| o.epoch);
             for op in batch.ops {
-                self.apply_op(&mut txn, op, &mut pending, notify).await?;
+                self.apply_op(&mut txn, op, epoch, &mut pending, notify)
+                    .await?;
             }
         }
         self.flush(&mut txn, &mut pending).await?;
@@ -938,23 +1063,28 @@ impl Writer {
         Ok(fenced)
     }
 
-    /// Cluster mode: locks the session rows of every DEVICE client the (unfenced) batches
-    /// append to, in key order, and reads their next sequence numbers into `txn_seqs`.
-    async fn lock_device_sessions(
+    /// Cluster mode: locks, in key order and in one statement (two statements locking rows in
+    /// different orders deadlock across nodes), the session rows of every DEVICE client the
+    /// unfenced batches append to, of every client whose `sent_upto` they move, and of every
+    /// session a batch is written for. Reads the next sequence numbers of the appended-to
+    /// queues into `txn_seqs` and returns the owner epoch of each session a batch is written
+    /// for (absent: no stored session).
+    async fn lock_sessions(
         &mut self,
         txn: &mut Transaction<'static, Postgres>,
         batches: &[WriteBatch],
         fenced: &[Option<StorageError>],
-    ) -> Result<(), StorageError> {
+    ) -> Result<HashMap<String, i64>, StorageError> {
         self.txn_seqs.clear();
-        let ops = || {
+        let unfenced = || {
             batches
                 .iter()
                 .zip(fenced)
                 .filter(|(_, f)| f.is_none())
-                .flat_map(|(b, _)| b.ops.iter())
+                .map(|(b, _)| b)
         };
-        let appended: HashSet<&str> = ops()
+        let appended: HashSet<&str> = unfenced()
+            .flat_map(|b| b.ops.iter())
             .filter_map(|op| match op {
                 WriteOp::Enqueue {
                     client,
@@ -964,38 +1094,47 @@ impl Writer {
                 _ => None,
             })
             .collect();
-        // The sessions whose `sent_upto` the group moves are locked here too, in the same key
-        // order: several nodes' writers update the same session rows, and rows locked in
-        // statement order by two transactions deadlock (measured with two nodes under
-        // `ferrymq-bench cluster` before this).
-        let mut clients: Vec<&str> = ops()
+        let owned: HashSet<&str> = unfenced()
+            .filter_map(|b| b.owner.as_ref().map(|o| &*o.client))
+            .collect();
+        // The sessions whose `sent_upto` the group moves are locked here too: several nodes'
+        // writers update the same session rows, and rows locked in statement order by two
+        // transactions deadlock (measured with two nodes under `ferrymq-bench cluster`).
+        let mut clients: Vec<&str> = unfenced()
+            .flat_map(|b| b.ops.iter())
             .filter_map(|op| match op {
                 WriteOp::MarkSent { client, .. } => Some(&**client),
                 _ => None,
             })
             .chain(appended.iter().copied())
+            .chain(owned.iter().copied())
             .collect();
         if clients.is_empty() {
-            return Ok(());
+            return Ok(HashMap::new());
         }
         clients.sort_unstable();
         clients.dedup();
         let rows = sqlx::query(
-            "SELECT client_id, next_seq FROM sessions WHERE client_id = ANY($1) AND kind = 0 \
-             ORDER BY client_id FOR UPDATE",
+            "SELECT client_id, kind, next_seq, owner_epoch FROM sessions \
+             WHERE client_id = ANY($1) ORDER BY client_id FOR UPDATE",
         )
         .bind(&clients)
         .fetch_all(&mut **txn)
         .await
         .map_err(db)?;
+        let mut owners = HashMap::new();
         for row in rows {
             let client: String = row.get(0);
-            if appended.contains(client.as_str()) {
-                let next: i64 = row.get(1);
+            let kind: i16 = row.get(1);
+            if owned.contains(client.as_str()) {
+                owners.insert(client.clone(), row.get::<i64, _>(3));
+            }
+            if kind == kind_code(ClientKind::Device) && appended.contains(client.as_str()) {
+                let next: i64 = row.get(2);
                 self.txn_seqs.insert(client, next.max(1) as u64);
             }
         }
-        Ok(())
+        Ok(owners)
     }
 
     /// Applies the buffered set-based writes; called before any op whose effect depends on them
@@ -1171,6 +1310,7 @@ impl Writer {
         &mut self,
         txn: &mut Transaction<'static, Postgres>,
         op: WriteOp,
+        owner_epoch: i64,
         pending: &mut Pending,
         notify: &mut Vec<Arc<Notify>>,
     ) -> Result<(), StorageError> {
@@ -1288,15 +1428,19 @@ impl Writer {
             }
             WriteOp::PutSession { client, record } => {
                 let next_seq: i64 = sqlx::query_scalar(
-                    "INSERT INTO sessions (client_id, kind, expiry_interval, disconnected_at_ms) \
-                     VALUES ($1, $2, $3, $4) ON CONFLICT (client_id) DO UPDATE SET \
+                    "INSERT INTO sessions \
+                     (client_id, kind, expiry_interval, disconnected_at_ms, owner_epoch) \
+                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (client_id) DO UPDATE SET \
                      kind = EXCLUDED.kind, expiry_interval = EXCLUDED.expiry_interval, \
-                     disconnected_at_ms = EXCLUDED.disconnected_at_ms RETURNING next_seq",
+                     disconnected_at_ms = EXCLUDED.disconnected_at_ms, \
+                     owner_epoch = GREATEST(sessions.owner_epoch, EXCLUDED.owner_epoch) \
+                     RETURNING next_seq",
                 )
                 .bind(&*client)
                 .bind(kind_code(record.kind))
                 .bind(i64::from(record.expiry_interval))
                 .bind(record.disconnected_at_ms as i64)
+                .bind(owner_epoch)
                 .fetch_one(t)
                 .await
                 .map_err(db)?;
@@ -1324,14 +1468,7 @@ impl Writer {
                 self.live.insert(client.to_string());
             }
             WriteOp::DeleteSession { client } => {
-                for table in [
-                    "sessions",
-                    "subscriptions",
-                    "device_queue",
-                    "application_offsets",
-                    "application_released",
-                    "inbound_qos2",
-                ] {
+                for table in SESSION_TABLES {
                     sqlx::query(&format!("DELETE FROM {table} WHERE client_id = $1"))
                         .bind(&*client)
                         .execute(&mut **txn)
@@ -1406,6 +1543,28 @@ impl Writer {
                     .execute(t)
                     .await
                     .map_err(db)?;
+            }
+            WriteOp::PutTimer { client, timer } => {
+                let (will_at, will) = match timer.will {
+                    Some((at, will)) => (Some(at as i64), Some(will)),
+                    None => (None, None),
+                };
+                sqlx::query(
+                    "INSERT INTO session_timers \
+                     (client_id, owner_epoch, will_at_ms, will, expires_at_ms) \
+                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (client_id) DO UPDATE SET \
+                     owner_epoch = EXCLUDED.owner_epoch, will_at_ms = EXCLUDED.will_at_ms, \
+                     will = EXCLUDED.will, expires_at_ms = EXCLUDED.expires_at_ms, \
+                     claim_token = 0, claimed_until_ms = 0",
+                )
+                .bind(&*client)
+                .bind(owner_epoch)
+                .bind(will_at)
+                .bind(will)
+                .bind(timer.expires_at_ms.map(|ms| ms as i64))
+                .execute(t)
+                .await
+                .map_err(db)?;
             }
             WriteOp::PutRetained { topic, record } => {
                 sqlx::query(
@@ -1487,6 +1646,48 @@ impl Writer {
             application_expired: 0,
         })
     }
+}
+
+/// Cluster mode: `Some(SessionMoved)` when `batch` is written for a session whose stored owner
+/// epoch is above its own (a newer connection took it), or for a session that is not stored
+/// and that the batch does not create (it ended, or a Clean Start of a newer connection
+/// deleted it). Keeps `owners` current for the batches after it in the same group.
+fn refuse_stale_owner(
+    batch: &WriteBatch,
+    owners: &mut HashMap<String, i64>,
+) -> Option<StorageError> {
+    let owner = batch.owner.as_ref()?;
+    let mut creates = false;
+    let mut deletes = false;
+    for op in &batch.ops {
+        match op {
+            WriteOp::PutSession { client, .. } if *client == owner.client => creates = true,
+            WriteOp::DeleteSession { client } if *client == owner.client => {
+                deletes = true;
+                creates = false;
+            }
+            _ => {}
+        }
+    }
+    let allowed = match owners.get(&*owner.client) {
+        Some(&stored) => stored <= owner.epoch,
+        None => creates || deletes,
+    };
+    if !allowed {
+        return Some(StorageError::SessionMoved {
+            client: owner.client.to_string(),
+            epoch: owner.epoch,
+        });
+    }
+    if creates {
+        let stored = owners
+            .entry(owner.client.to_string())
+            .or_insert(owner.epoch);
+        *stored = (*stored).max(owner.epoch);
+    } else if deletes {
+        owners.remove(&*owner.client);
+    }
+    None
 }
 
 /// Locks the publish-log partitions the batches store positions for (`FOR UPDATE`, in

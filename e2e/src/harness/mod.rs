@@ -25,7 +25,7 @@ pub mod rng;
 pub mod services;
 pub mod workload;
 
-pub use mqtt::{ConnAckInfo, ConnectOptions, Connection, Incoming, Message, Protocol};
+pub use mqtt::{ConnAckInfo, ConnectOptions, Connection, Incoming, Message, Protocol, WillOptions};
 pub use payload::MsgId;
 pub use process::{
     default_binary, free_port, http_status, release_binary, target_dir, workspace_root,

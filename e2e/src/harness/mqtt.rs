@@ -40,6 +40,18 @@ pub struct ConnectOptions {
     /// v5 Receive Maximum (ignored for v3): QoS 1/2 messages the broker may have in flight to
     /// this client.
     pub receive_maximum: Option<u16>,
+    /// The will: published by the server when the connection ends without DISCONNECT.
+    pub will: Option<WillOptions>,
+}
+
+/// A CONNECT's will message.
+#[derive(Debug, Clone)]
+pub struct WillOptions {
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: u8,
+    /// v5 Will Delay Interval in seconds (ignored for v3).
+    pub delay_secs: Option<u32>,
 }
 
 impl ConnectOptions {
@@ -54,6 +66,7 @@ impl ConnectOptions {
             timeout: Duration::from_secs(10),
             login: None,
             receive_maximum: None,
+            will: None,
         }
     }
 
@@ -81,6 +94,11 @@ impl ConnectOptions {
 
     pub fn receive_maximum(mut self, max: u16) -> ConnectOptions {
         self.receive_maximum = Some(max);
+        self
+    }
+
+    pub fn will(mut self, will: WillOptions) -> ConnectOptions {
+        self.will = Some(will);
         self
     }
 
@@ -227,7 +245,15 @@ impl Connection {
                     keep_alive: opts.keep_alive,
                     client_id: opts.client_id.clone(),
                     clean_session: opts.clean,
-                    last_will: None,
+                    last_will: match &opts.will {
+                        Some(w) => Some(v4::LastWill::new(
+                            w.topic.as_str(),
+                            w.payload.clone(),
+                            qos4(w.qos)?,
+                            false,
+                        )),
+                        None => None,
+                    },
                     login: opts
                         .login
                         .as_ref()
@@ -253,7 +279,25 @@ impl Connection {
                     .login
                     .as_ref()
                     .map(|(u, p)| v5::Login::new(u.as_str(), p.as_str()));
-                conn.encode5(v5::Packet::Connect(connect, None, login))?;
+                let will = match &opts.will {
+                    Some(w) => Some(v5::LastWill {
+                        topic: Bytes::from(w.topic.clone()),
+                        message: w.payload.clone(),
+                        qos: qos5(w.qos)?,
+                        retain: false,
+                        properties: w.delay_secs.map(|delay| v5::LastWillProperties {
+                            delay_interval: Some(delay),
+                            payload_format_indicator: None,
+                            message_expiry_interval: None,
+                            content_type: None,
+                            response_topic: None,
+                            correlation_data: None,
+                            user_properties: Vec::new(),
+                        }),
+                    }),
+                    None => None,
+                };
+                conn.encode5(v5::Packet::Connect(connect, will, login))?;
             }
         }
         conn.flush().await?;

@@ -24,8 +24,7 @@ use crate::protocol::{
 use crate::router::topic::{parse_filter, validate_topic_name, ParsedFilter};
 use crate::router::SubscriptionOptions;
 use crate::storage::{
-    join_completions, pkid_for_seq, Completion, QueueRead, QueuedEntry, StorageError, WriteBatch,
-    WriteOp,
+    join_completions, pkid_for_seq, Completion, QueueRead, QueuedEntry, StorageError, WriteOp,
 };
 
 mod acks;
@@ -173,7 +172,7 @@ impl Machine {
             })
             .cloned()
             .collect();
-        let mut batch = WriteBatch::default();
+        let mut batch = self.session.write_batch();
         for filter in denied {
             if let Ok(parsed) = parse_filter(&filter, &self.broker.topic_limits) {
                 self.broker

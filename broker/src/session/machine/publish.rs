@@ -53,7 +53,7 @@ impl Machine {
             received_at: Instant::now(),
             publisher: self.session.client_id.clone(),
         });
-        let mut own = WriteBatch::default();
+        let mut own = self.session.write_batch();
         if message.qos == QoS::ExactlyOnce {
             self.session.inbound_qos2.insert(pkid);
             if self.session.stored {

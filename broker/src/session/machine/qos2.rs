@@ -29,7 +29,7 @@ impl Machine {
                 // crash the broker then resends PUBREL, never the PUBLISH the client already
                 // completed (which it would take as a new message).
                 let wait = seq.and_then(|seq| {
-                    let mut batch = WriteBatch::default();
+                    let mut batch = self.session.write_batch();
                     batch.push(WriteOp::MarkReleased {
                         client: self.session.client_id.clone(),
                         kind: self.session.kind,
@@ -68,7 +68,7 @@ impl Machine {
         // The stored packet id must be gone before PUBCOMP: otherwise a crash could leave it
         // behind and a later message reusing the id would be taken for a duplicate and lost.
         let mut wait = if known && self.session.stored {
-            let mut batch = WriteBatch::default();
+            let mut batch = self.session.write_batch();
             batch.push(WriteOp::DeleteInboundQos2 {
                 client: self.session.client_id.clone(),
                 pkid: rel.pkid,

@@ -9,9 +9,9 @@ impl Machine {
         let Some(seq) = seq else { return };
         if let Some(op) = self.session.ack_stored(seq) {
             // Not awaited: losing this write only means a redelivery (with DUP) after a crash.
-            self.broker
-                .storage
-                .submit_detached(WriteBatch { ops: vec![op] });
+            let mut batch = self.session.write_batch();
+            batch.push(op);
+            self.broker.storage.submit_detached(batch);
         }
     }
 
@@ -119,12 +119,12 @@ impl Machine {
         let sent = self.session.cursor.saturating_sub(1);
         if self.session.stored && sent > self.session.sent_upto {
             self.session.sent_upto = sent;
-            self.broker.storage.submit_detached(WriteBatch {
-                ops: vec![WriteOp::MarkSent {
-                    client: self.session.client_id.clone(),
-                    upto: sent,
-                }],
+            let mut batch = self.session.write_batch();
+            batch.push(WriteOp::MarkSent {
+                client: self.session.client_id.clone(),
+                upto: sent,
             });
+            self.broker.storage.submit_detached(batch);
         }
         Flow::Continue
     }

@@ -9,7 +9,7 @@ impl Machine {
         let limits = &self.broker.config.limits;
         let mut return_codes = Vec::with_capacity(subscribe.filters.len());
         let mut retained: Vec<Delivery> = Vec::new();
-        let mut batch = WriteBatch::default();
+        let mut batch = self.session.write_batch();
         for filter in &subscribe.filters {
             let parsed = match parse_filter(&filter.path, &self.broker.topic_limits) {
                 Ok(parsed) => parsed,
@@ -122,7 +122,7 @@ impl Machine {
 
     pub(super) fn on_unsubscribe(&mut self, unsubscribe: Unsubscribe, out: &mut BytesMut) -> Flow {
         let mut reasons = Vec::with_capacity(unsubscribe.filters.len());
-        let mut batch = WriteBatch::default();
+        let mut batch = self.session.write_batch();
         for filter in &unsubscribe.filters {
             let reason = match parse_filter(filter, &self.broker.topic_limits) {
                 Err(_) => UnsubAckReason::TopicFilterInvalid,
