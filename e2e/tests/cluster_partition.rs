@@ -51,7 +51,10 @@
 //!    PostgreSQL the session's row must still say connected (`disconnected_at_ms = 0`, as A
 //!    wrote it) with no row for that filter: a write B queued before or during the cut that
 //!    lands after the heal would be one made with a stale epoch. The second persistent client
-//!    reconnects to B and gets everything stored for it meanwhile.
+//!    reconnects to B and gets everything stored for it meanwhile. The test also prints the
+//!    session directory's records of the DEVICE client from Kafka's segment files: in the runs,
+//!    B's state record with the SUBSCRIBE of the cut (its old claim epoch) was appended only
+//!    after the heal, after A's claim, so the checks above do meet a stale write.
 //!
 //! What the figures mean: B serves again once its probes pass, which is not when the link
 //! returns but when TCP on the connections that were open during the cut retransmits again
@@ -402,6 +405,43 @@ fn full_claims(node: &BrokerProcess) -> usize {
         .lines()
         .filter(|l| l.contains("publish log partitions claimed") && l.contains(ALL_PARTITIONS))
         .count()
+}
+
+/// The session directory's records (topic `<prefix>.sessions`) keyed by `client` or by its
+/// release key, in offset order, read from the Kafka broker's segment files: the records are
+/// not compressed and their JSON value follows the key and its length. A diagnostic.
+fn directory_records(services: &Services, client: &str) -> Vec<serde_json::Value> {
+    let dir = services
+        .kafka
+        .log_dir()
+        .join(format!("{SCHEMA}.sessions-0"));
+    let mut segments: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "log"))
+                .collect()
+        })
+        .unwrap_or_default();
+    segments.sort();
+    let mut records = Vec::new();
+    for segment in segments {
+        let bytes = std::fs::read(&segment).unwrap_or_default();
+        let key = client.as_bytes();
+        let mut at = 0;
+        while let Some(pos) = bytes[at..].windows(key.len()).position(|w| w == key) {
+            at += pos + key.len();
+            let Some(open) = bytes[at..].iter().take(4).position(|b| *b == b'{') else {
+                continue;
+            };
+            let mut values = serde_json::Deserializer::from_slice(&bytes[at + open..])
+                .into_iter::<serde_json::Value>();
+            if let Some(Ok(value)) = values.next() {
+                records.push(value);
+            }
+        }
+    }
+    records
 }
 
 fn topics(prefix: &str, range: std::ops::RangeInclusive<u32>) -> Vec<String> {
@@ -851,6 +891,31 @@ fn a_node_cut_off_by_a_network_partition_fences_itself_and_writes_nothing_stale(
     );
     check_exactly_once("device (a)", &device_got, &want_device, &["part/b/cut"]);
     check_exactly_once("stay (b)", &stay_got, &want_stay, &["part/b/cut"]);
+
+    // What b appended to the session directory for the DEVICE client after a's takeover
+    // claim: records written during the cut that reached Kafka only after the heal carry b's
+    // old claim epoch, and every node must ignore them (checked above: no 0x8E, part2/# in
+    // force, stale/# not).
+    let records = directory_records(&services, DEVICE);
+    let takeover_claim = records
+        .iter()
+        .position(|r| r["node"] == "a" && r["claim"].is_null() && r["type"] == "state");
+    let late_from_b: Vec<&serde_json::Value> = match takeover_claim {
+        Some(i) => records[i..].iter().filter(|r| r["node"] == "b").collect(),
+        None => Vec::new(),
+    };
+    println!(
+        "directory records of {DEVICE}: {} in all, a's takeover claim is #{takeover_claim:?}; \
+         b's after it (ignored by every node, or the checks above would have failed):",
+        records.len()
+    );
+    for record in &late_from_b {
+        println!("  {record}");
+    }
+    assert!(
+        takeover_claim.is_some(),
+        "a's takeover claim of {DEVICE} is not in the directory: {records:?}"
+    );
 
     // In PostgreSQL: the DEVICE session as a wrote it, nothing from b's queue of the cut.
     let pg = &services.postgres;

@@ -244,6 +244,11 @@ impl Kafka {
     pub fn log_tail(&self) -> String {
         tail(&self.dir.path().join("kafka.log"), 30)
     }
+
+    /// The broker's `log.dirs`: one directory per topic partition, holding its segment files.
+    pub fn log_dir(&self) -> PathBuf {
+        self.dir.path().join("logs")
+    }
 }
 
 impl Drop for Kafka {
