@@ -2,7 +2,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -37,6 +37,12 @@ pub struct BrokerOptions {
     /// A standby (`postgres.standby`) binds no MQTT port until it takes over: (re)starts wait
     /// for its HTTP port instead.
     pub standby: bool,
+    /// A command the broker is run under, e.g. `ip netns exec <name>` (it must exec the broker,
+    /// so that the child's pid is the broker's).
+    pub wrapper: Vec<String>,
+    /// The address both listeners (MQTT unless `listen` is set, and HTTP) bind to and are
+    /// reached at; by default loopback.
+    pub host: Option<IpAddr>,
 }
 
 impl BrokerOptions {
@@ -50,7 +56,24 @@ impl BrokerOptions {
             stop_timeout: Duration::from_secs(20),
             listen: None,
             standby: false,
+            wrapper: Vec::new(),
+            host: None,
         }
+    }
+
+    /// Runs the broker as `<wrapper...> <binary> <args>`.
+    pub fn wrapper<S: Into<String>>(
+        mut self,
+        command: impl IntoIterator<Item = S>,
+    ) -> BrokerOptions {
+        self.wrapper = command.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Binds the MQTT and HTTP listeners to `host` (ports picked free on loopback).
+    pub fn host(mut self, host: IpAddr) -> BrokerOptions {
+        self.host = Some(host);
+        self
     }
 
     pub fn listen(mut self, addr: SocketAddr) -> BrokerOptions {
@@ -202,13 +225,17 @@ impl BrokerProcess {
             None => None,
         };
         let log_path = root.join("broker.log");
+        let on_host = |addr: SocketAddr| match opts.host {
+            Some(host) => SocketAddr::new(host, addr.port()),
+            None => addr,
+        };
         let addr = match opts.listen {
             Some(addr) => addr,
-            None => free_port()?,
+            None => on_host(free_port()?),
         };
-        let mut http_addr = free_port()?;
-        while http_addr == addr {
-            http_addr = free_port()?;
+        let mut http_addr = on_host(free_port()?);
+        while http_addr.port() == addr.port() {
+            http_addr = on_host(free_port()?);
         }
         let mut broker = BrokerProcess {
             opts,
@@ -306,7 +333,14 @@ impl BrokerProcess {
             self.addr
         )
         .context("writing the broker log")?;
-        let mut cmd = Command::new(&self.binary);
+        let mut cmd = match self.opts.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(&self.binary);
+                cmd
+            }
+            None => Command::new(&self.binary),
+        };
         cmd.arg("--listen")
             .arg(self.addr.to_string())
             .arg("--data-dir")

@@ -7,7 +7,7 @@
 //! PostgreSQL server binaries the test is skipped with a message, unless
 //! `FERRYMQ_REQUIRE_SERVICES=1` (set by `.ci/run`), where a missing service fails the test.
 
-use std::net::{SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -110,9 +110,15 @@ impl Kafka {
     /// connection takes an ephemeral port) can take one in between. Kafka then exits with
     /// "Address already in use", and this starts over with new ports and a new directory.
     pub fn start() -> anyhow::Result<Kafka> {
+        Kafka::start_on(Ipv4Addr::LOCALHOST.into())
+    }
+
+    /// [`Kafka::start`] with the client listener bound to and advertised as `host` (a local
+    /// address of this machine) instead of loopback; the controller stays on loopback.
+    pub fn start_on(host: IpAddr) -> anyhow::Result<Kafka> {
         let mut attempt = 1;
         loop {
-            match Kafka::start_once() {
+            match Kafka::start_once(host) {
                 Err(e)
                     if attempt < KAFKA_START_ATTEMPTS
                         && format!("{e:#}").contains("Address already in use") =>
@@ -125,14 +131,14 @@ impl Kafka {
         }
     }
 
-    fn start_once() -> anyhow::Result<Kafka> {
+    fn start_once(host: IpAddr) -> anyhow::Result<Kafka> {
         let libs =
             kafka_libs().context("Kafka jars not found (bash e2e/services/kafka/install.sh)")?;
         let java = java_binary().context("java not found")?;
         let dir = tempfile::Builder::new()
             .prefix("ferrymq-kafka-")
             .tempdir()?;
-        let addr = free_port()?;
+        let addr = SocketAddr::new(host, free_port()?.port());
         let controller = free_port()?;
         let logs = dir.path().join("logs");
         std::fs::write(
@@ -237,6 +243,11 @@ impl Kafka {
 
     pub fn log_tail(&self) -> String {
         tail(&self.dir.path().join("kafka.log"), 30)
+    }
+
+    /// The broker's `log.dirs`: one directory per topic partition, holding its segment files.
+    pub fn log_dir(&self) -> PathBuf {
+        self.dir.path().join("logs")
     }
 }
 
@@ -384,6 +395,8 @@ pub struct Postgres {
     bin: PathBuf,
     dir: tempfile::TempDir,
     port: u16,
+    /// The address in its URL; it listens there and on loopback.
+    host: IpAddr,
     child: Option<Child>,
     /// Run the server as the `postgres` user (PostgreSQL refuses to run as root).
     as_postgres: bool,
@@ -391,6 +404,13 @@ pub struct Postgres {
 
 impl Postgres {
     pub fn start() -> anyhow::Result<Postgres> {
+        Postgres::start_on(Ipv4Addr::LOCALHOST.into(), None)
+    }
+
+    /// [`Postgres::start`] listening on `host` (a local address of this machine) as well as on
+    /// loopback, its URL naming `host`, with trust authentication also for clients from the
+    /// network `trust` (a CIDR such as `10.1.2.0/30`).
+    pub fn start_on(host: IpAddr, trust: Option<&str>) -> anyhow::Result<Postgres> {
         let bin = pg_bin_dir().context("PostgreSQL server binaries not found")?;
         let dir = tempfile::Builder::new().prefix("ferrymq-pg-").tempdir()?;
         let as_postgres = is_root();
@@ -417,11 +437,18 @@ impl Postgres {
         if !out.status.success() {
             bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
         }
+        if let Some(net) = trust {
+            let hba = data.join("pg_hba.conf");
+            let mut text = std::fs::read_to_string(&hba).context("reading pg_hba.conf")?;
+            text.push_str(&format!("host all all {net} trust\n"));
+            std::fs::write(&hba, text).context("writing pg_hba.conf")?;
+        }
         let port = free_port()?.port();
         let mut pg = Postgres {
             bin,
             dir,
             port,
+            host,
             child: None,
             as_postgres,
         };
@@ -439,7 +466,12 @@ impl Postgres {
         cmd.arg("-D")
             .arg(&data)
             .args(["-p", &self.port.to_string()])
-            .args(["-c", "listen_addresses=127.0.0.1"])
+            .arg("-c")
+            .arg(if self.host.is_loopback() {
+                "listen_addresses=127.0.0.1".to_string()
+            } else {
+                format!("listen_addresses=127.0.0.1,{}", self.host)
+            })
             .arg("-c")
             .arg(format!(
                 "unix_socket_directories={}",
@@ -459,14 +491,15 @@ impl Postgres {
         Ok(())
     }
 
-    /// `postgres://postgres@127.0.0.1:<port>/postgres`
+    /// `postgres://postgres@127.0.0.1:<port>/postgres` (the host of [`Postgres::start_on`])
     pub fn url(&self) -> String {
         self.url_for("postgres")
     }
 
     /// The URL of another database of the cluster.
     pub fn url_for(&self, database: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+        let addr = SocketAddr::new(self.host, self.port);
+        format!("postgres://postgres@{addr}/{database}")
     }
 
     /// Runs `sql` with `psql` (stops at the first error) and returns its output, unaligned and
@@ -558,6 +591,16 @@ impl Services {
         Ok(Services {
             kafka: Kafka::start()?,
             postgres: Postgres::start()?,
+        })
+    }
+
+    /// Both services reachable at `host`, a local address of this machine other than loopback
+    /// (for brokers in another network namespace): Kafka bound to and advertised as `host`,
+    /// PostgreSQL listening there too and trusting clients from the network `trust`.
+    pub fn start_on(host: IpAddr, trust: &str) -> anyhow::Result<Services> {
+        Ok(Services {
+            kafka: Kafka::start_on(host)?,
+            postgres: Postgres::start_on(host, Some(trust))?,
         })
     }
 
