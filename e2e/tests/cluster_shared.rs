@@ -423,6 +423,11 @@ fn application_group_across_nodes_survives_a_killed_member() {
     let a_ids: HashSet<MsgId> = member_a.received.iter().map(|r| r.id).collect();
     let must: HashSet<MsgId> = reports.iter().flat_map(|r| r.acked_ids()).collect();
     let b_at_cut = member_b.received.len();
+    let present = rt
+        .block_on(member_b.connect(c.addr(), Duration::from_secs(20)))
+        .expect("member B reconnects on node C")
+        .session_present;
+    assert!(present, "node C did not continue member B's session");
     rt.block_on(async {
         member_b
             .receive_until(
@@ -634,5 +639,135 @@ fn clean_group_across_nodes_gets_every_message_once() {
     );
     check.print("clean group");
     check.assert_each_once("clean group");
+    drop((a, b, c));
+}
+
+/// QoS 0 to a persistent DEVICE shared group with members on node A and node B, both online
+/// throughout; 4 publishers on node C send 100 QoS 0 messages each. QoS 0 is never stored:
+/// the dispatcher that picks a member offers the message to that member's mailbox on its own
+/// node, which for a member connected elsewhere is this node's offline copy of the session.
+/// Every message must still reach exactly one member (QoS 0 allows loss on a broken
+/// connection, not a member picked where it cannot be reached).
+///
+/// **Fails today, hence ignored.** Measured on 2026-12-07: 294 and 297 of 400 reached no
+/// member in two runs (A 12 and 6, B 94 and 97), none reached both. A pick of the member
+/// connected elsewhere goes into the dispatching node's offline copy of its session, which
+/// nobody reads; once that queue is full the round robin skips it, so the dispatcher on a
+/// member's own node ends up sending it nearly everything, and a node without a member (C)
+/// loses everything. The cluster-wide pick in docs/scale-out.md ("Shared subscriptions") fixes
+/// this too: the member's own node would offer what is picked for it.
+#[test]
+#[ignore = "QoS 0 picked for a shared member on another node goes to this node's offline copy \
+            of its session: 294 and 297 of 400 lost with both members online; \
+            docs/scale-out.md, Shared subscriptions"]
+fn device_group_across_nodes_gets_qos0_messages() {
+    use bytes::Bytes;
+    use ferrymq_e2e::harness::{payload, Connection, Incoming};
+
+    const QOS0_PUBLISHERS: u32 = 4;
+    const QOS0_PER_PUBLISHER: u64 = 100;
+    let _serial = serial();
+    let Some(backend) = Backend::kafka_postgres() else {
+        return;
+    };
+    let rt = runtime();
+    let [a, b, c] = three_nodes(&backend, "shq0");
+    let filter = "$share/q0g/q0/#";
+    let member_a = join(
+        &rt,
+        a.addr(),
+        ConnectOptions::v5("q0-a").persistent(),
+        filter,
+    );
+    let member_b = join(
+        &rt,
+        b.addr(),
+        ConnectOptions::v5("q0-b").persistent(),
+        filter,
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let task_a = spawn_member(&rt, member_a, a.addr(), stop.clone());
+    let task_b = spawn_member(&rt, member_b, b.addr(), stop.clone());
+
+    let sent: HashSet<MsgId> = rt.block_on(async {
+        let mut sent = HashSet::new();
+        let mut publishers = Vec::new();
+        for p in 0..QOS0_PUBLISHERS {
+            let opts = ConnectOptions::v311(format!("shq0-pub-{p}"));
+            let (conn, _) = Connection::connect(c.addr(), &opts)
+                .await
+                .expect("publisher connects");
+            publishers.push(conn);
+        }
+        for seq in 0..QOS0_PER_PUBLISHER {
+            for (p, conn) in publishers.iter_mut().enumerate() {
+                let id = MsgId {
+                    publisher: p as u32,
+                    seq,
+                };
+                conn.queue_publish(
+                    &format!("q0/p{p}"),
+                    0,
+                    0,
+                    false,
+                    payload::encode(id, 16),
+                    None,
+                )
+                .expect("queue");
+                conn.flush().await.expect("flush");
+                sent.insert(id);
+            }
+            // About 100 msg/s in all, spread over a few seconds.
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+        // A QoS 1 PUBLISH to a topic nobody subscribes, after the QoS 0 ones on the same
+        // connection: its PUBACK means they are all in the publish log.
+        for conn in &mut publishers {
+            conn.queue_publish("q0-done", 1, 1, false, Bytes::from_static(b"done"), None)
+                .expect("queue");
+            conn.flush().await.expect("flush");
+            loop {
+                match conn
+                    .recv_timeout(Duration::from_secs(15))
+                    .await
+                    .expect("recv")
+                {
+                    Some(Incoming::PubAck { pkid: 1, .. }) => break,
+                    Some(_) => continue,
+                    None => panic!("no PUBACK for the closing QoS 1 PUBLISH"),
+                }
+            }
+        }
+        sent
+    });
+    stop.store(true, Ordering::Relaxed);
+    let member_a = rt.block_on(task_a).expect("member A task");
+    let member_b = rt.block_on(task_b).expect("member B task");
+    let ids = |s: &Subscriber| -> HashSet<MsgId> { s.received.iter().map(|r| r.id).collect() };
+    let (got_a, got_b) = (ids(&member_a), ids(&member_b));
+    let missing: Vec<&MsgId> = sent
+        .iter()
+        .filter(|id| !got_a.contains(id) && !got_b.contains(id))
+        .collect();
+    let mut missing_per_publisher: BTreeMap<u32, usize> = BTreeMap::new();
+    for id in &missing {
+        *missing_per_publisher.entry(id.publisher).or_default() += 1;
+    }
+    let both = got_a.intersection(&got_b).count();
+    println!(
+        "QoS 0 to a DEVICE group: {} sent | A {} | B {} | missing {} {missing_per_publisher:?} \
+         | in both {both}",
+        sent.len(),
+        got_a.len(),
+        got_b.len(),
+        missing.len()
+    );
+    assert_eq!(both, 0, "QoS 0 messages reached both members");
+    assert!(
+        missing.is_empty(),
+        "{} of {} QoS 0 messages reached no member (both online)",
+        missing.len(),
+        sent.len()
+    );
     drop((a, b, c));
 }
