@@ -553,6 +553,13 @@ impl Subscriber {
         conn.subscribe(1, filters, Duration::from_secs(10)).await
     }
 
+    /// Closes the TCP connection without a DISCONNECT packet, as a killed client's socket is
+    /// closed: the session stays, and what was sent but not acknowledged is redelivered with
+    /// DUP when the client comes back.
+    pub fn drop_connection(&mut self) {
+        self.conn = None;
+    }
+
     pub async fn disconnect(&mut self) -> anyhow::Result<()> {
         match self.conn.take() {
             Some(conn) => conn.disconnect().await,
