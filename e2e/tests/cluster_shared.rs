@@ -3,11 +3,13 @@
 //! one `$share/...` group connected to different nodes, publishers on the third node, real MQTT
 //! clients over TCP.
 //!
-//! * APPLICATION group, a member killed mid-stream: passes;
-//! * persistent DEVICE group, a member offline for two thirds of the run: passes;
-//! * clean members on different nodes: **ignored**, messages are lost (the limitation in
-//!   docs/scale-out.md, "Shared subscriptions");
-//! * QoS 0 to the DEVICE group: **ignored**, messages are lost (same section).
+//! * APPLICATION group, a member killed mid-stream;
+//! * persistent DEVICE group, a member offline for two thirds of the run;
+//! * clean members on different nodes;
+//! * QoS 0 to the DEVICE group with members on different nodes.
+//!
+//! The last two lost messages before every node picked among every member with one
+//! cluster-wide rule (`router::agreed_pick`; docs/scale-out.md, "Shared subscriptions").
 //!
 //! What the QoS 1 tests check, on the messages the publishers got acknowledged:
 //! * **union**: every one reached some member;
@@ -595,20 +597,13 @@ fn device_group_across_nodes_queues_an_offline_members_share() {
 /// whose records fall into `msg.all` partitions routed by all three nodes. Every acknowledged
 /// message must reach exactly one member.
 ///
-/// **Fails today, hence ignored** (run it with `--ignored`). A group's pick is made by the
-/// dispatcher of the record's `msg.all` partition, which knows only the clean members connected
-/// to its own node (clean sessions' subscriptions are not in the session directory). A message
-/// whose partition is routed by a node without a member reaches no member: measured on
-/// 2026-12-07, 590 and 596 of 2,400 acknowledged messages lost in two runs — all but the first
-/// 2 to 5 messages of the two publishers whose partition node C routed (those were routed
-/// before node C's router had claimed the partition); the members' shares follow the
-/// partitions their node routes, not the member count. The fix (every node knowing every
-/// group's clean members, one cluster-wide pick) is described in docs/scale-out.md, "Shared
-/// subscriptions".
+/// Before the cluster-wide pick this lost every message whose partition was routed by a node
+/// without a member (the dispatcher knew only the clean members of its own node): 590 and 596
+/// of 2,400 acknowledged messages in two runs on 2026-12-07. Now each clean session's shared
+/// subscriptions are in the session directory, and the dispatcher and every node's local
+/// reader derive the same member from the record's log position; the member's own node
+/// offers it.
 #[test]
-#[ignore = "clean shared members on other nodes are unknown to the partition's dispatcher: \
-            messages routed by a node without a member are lost (590 and 596 of 2,400 measured); \
-            docs/scale-out.md, Shared subscriptions"]
 fn clean_group_across_nodes_gets_every_message_once() {
     let _serial = serial();
     let Some(backend) = Backend::kafka_postgres() else {
@@ -655,17 +650,11 @@ fn clean_group_across_nodes_gets_every_message_once() {
 /// Every message must still reach exactly one member (QoS 0 allows loss on a broken
 /// connection, not a member picked where it cannot be reached).
 ///
-/// **Fails today, hence ignored.** Measured on 2026-12-07: 294 and 297 of 400 reached no
-/// member in two runs (A 12 and 6, B 94 and 97), none reached both. A pick of the member
-/// connected elsewhere goes into the dispatching node's offline copy of its session, which
-/// nobody reads; once that queue is full the round robin skips it, so the dispatcher on a
-/// member's own node ends up sending it nearly everything, and a node without a member (C)
-/// loses everything. The cluster-wide pick in docs/scale-out.md ("Shared subscriptions") fixes
-/// this too: the member's own node would offer what is picked for it.
+/// Before the cluster-wide pick, 294 and 297 of 400 reached no member in two runs on
+/// 2026-12-07: a pick of the member connected elsewhere went into the dispatching node's
+/// offline copy of its session, which nobody reads. Now the member's own node offers what the
+/// common rule picks for it.
 #[test]
-#[ignore = "QoS 0 picked for a shared member on another node goes to this node's offline copy \
-            of its session: 294 and 297 of 400 lost with both members online; \
-            docs/scale-out.md, Shared subscriptions"]
 fn device_group_across_nodes_gets_qos0_messages() {
     use bytes::Bytes;
     use ferrymq_e2e::harness::{payload, Connection, Incoming};

@@ -336,12 +336,12 @@ impl Directory {
         self.view.lock().get(client).cloned()
     }
 
-    /// The persistent sessions the directory says are connected to `node`.
-    pub fn persistent_connected_on(&self, node: &str) -> Vec<(Arc<str>, Known)> {
+    /// The sessions the directory says are connected to `node`.
+    pub fn connected_on(&self, node: &str) -> Vec<(Arc<str>, Known)> {
         self.view
             .lock()
             .iter()
-            .filter(|(_, k)| k.state.node == node && k.state.connected && k.state.persistent)
+            .filter(|(_, k)| k.state.node == node && k.state.connected)
             .map(|(client, k)| (client.clone(), k.clone()))
             .collect()
     }

@@ -64,18 +64,22 @@ impl Cluster {
         Ok(cluster)
     }
 
-    /// Persistent sessions this node held connected when it stopped without closing them (a
-    /// crash): they are disconnected now, so their expiry starts now and is stored as a
+    /// Sessions this node held connected when it stopped without closing them (a crash): a
+    /// clean one has ended (every node drops its copy, so a shared group no longer counts it);
+    /// a persistent one is disconnected now, so its expiry starts now and is stored as a
     /// cluster timer like any other disconnect's. Their wills died with the process. A session
     /// another node took meanwhile is left alone (the batch carries the old claim's epoch and
     /// is refused).
     async fn close_previous_life(&self, broker: &Arc<Broker>) {
         let now = now_ms();
-        for (client, known) in self
-            .directory
-            .persistent_connected_on(self.directory.node())
-        {
+        for (client, known) in self.directory.connected_on(self.directory.node()) {
             let state = &known.state;
+            if !state.persistent {
+                if let Err(e) = self.directory.ended(&client).await {
+                    tracing::warn!(client_id = %client, error = %e, "announcing the end of a session held before the restart failed");
+                }
+                continue;
+            }
             let mut batch = crate::storage::WriteBatch::owned_by(Some(SessionOwner {
                 client: client.clone(),
                 epoch: known.claim_epoch,
@@ -202,16 +206,24 @@ impl Cluster {
         rx
     }
 
+    /// What the directory says of `session`: a persistent session with all its subscriptions,
+    /// a clean one with its shared subscriptions only (the others are served by this node's
+    /// local reader alone; a shared group's members must be known to every node).
     fn state_of(&self, session: &Session, connected: bool) -> SessionState {
+        let persistent = session.is_persistent();
+        let subscriptions = session
+            .subscriptions
+            .iter()
+            .filter(|(filter, _)| persistent || filter.starts_with("$share/"));
         SessionState {
             node: self.directory.node().to_string(),
             claim: session.cluster_epoch,
             connected,
-            persistent: true,
+            persistent,
             kind: SessionState::kind_code(session.kind),
             expiry_interval: session.expiry_interval,
             disconnected_at_ms: if connected { 0 } else { now_ms() },
-            subscriptions: SessionState::encode_subscriptions(session.subscriptions.iter()),
+            subscriptions: SessionState::encode_subscriptions(subscriptions),
         }
     }
 
@@ -300,9 +312,12 @@ fn apply(broker: &Arc<Broker>, change: Change, previous: Option<Known>) {
 }
 
 /// Keeps this node's copy of a session held by another node: a persistent session's
-/// subscriptions in the router (so the dispatcher stores for it); none for a clean session.
+/// subscriptions in the router (so the dispatcher stores for it); a connected clean session's
+/// shared subscriptions (so this node's picks count it as a group member; its local reader
+/// never offers to the copy, which no connection reads here); nothing else of a clean session.
 fn mirror(broker: &Arc<Broker>, client: &Arc<str>, state: &SessionState) {
-    if !state.persistent {
+    let clean_member = !state.persistent && state.connected && !state.subscriptions.is_empty();
+    if !state.persistent && !clean_member {
         broker.forget_mirror(client);
         return;
     }
@@ -319,8 +334,11 @@ fn mirror(broker: &Arc<Broker>, client: &Arc<str>, state: &SessionState) {
         read_from: 1,
         sent_upto: 0,
     };
-    // Its end comes from the node that fires its expiry (`timers`), through the directory.
-    let session = broker.session_from_restored(restored);
+    // Its end comes from the node that fires its expiry (`timers`) or, for a clean session,
+    // from the node it was connected to, through the directory.
+    let mut session = broker.session_from_restored(restored);
+    // A clean member's copy has nothing stored, and must not delete anything when it goes.
+    session.stored = state.persistent;
     let _ = broker.replace_mirror(session);
 }
 

@@ -125,7 +125,13 @@ pub(super) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     // A fenced cluster node answers at once: authentication may need the storage it cannot
     // reach (the PostgreSQL credential store), and would only time out first.
     if broker.cluster().is_some_and(|c| c.is_fenced()) {
-        refuse(broker, stream, version, ConnectReturnCode::ServerUnavailable).await;
+        refuse(
+            broker,
+            stream,
+            version,
+            ConnectReturnCode::ServerUnavailable,
+        )
+        .await;
         return Ok(None);
     }
     let decision = broker

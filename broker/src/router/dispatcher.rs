@@ -154,7 +154,12 @@ impl Dispatcher {
                     _ => self.router.retain_stored(&message, &mut batch),
                 }
             }
-            let routed = self.router.publish_scoped(&message, &mut batch, self.scope);
+            let routed = self.router.publish_scoped(
+                &message,
+                &mut batch,
+                self.scope,
+                Some((partition, record.offset)),
+            );
             if routed.matched == 0 {
                 self.metrics.messages_dropped_no_subscribers.inc();
             }

@@ -98,9 +98,12 @@ impl LocalDelivery {
                 self.router.restore_retained(&message);
             }
             if record.offset >= live_from {
-                let routed = self
-                    .router
-                    .publish_scoped(&message, &mut scratch, Scope::Local);
+                let routed = self.router.publish_scoped(
+                    &message,
+                    &mut scratch,
+                    Scope::Local,
+                    Some((partition, record.offset)),
+                );
                 blocked.extend(routed.full);
             }
             scratch.ops.clear();
@@ -187,7 +190,8 @@ mod tests {
     /// The persistent and the local scope together do what `All` does, each delivery made by
     /// exactly one of them: stored QoS ≥ 1 deliveries by the dispatcher, mailbox offers (clean
     /// at any QoS, QoS 0 to a persistent session) by the local reader, and a shared group's
-    /// pick by the dispatcher only.
+    /// pick made alike by both, each doing its own part: the local reader offers to a member
+    /// connected to its node, never to a mirror of a member connected elsewhere.
     #[test]
     fn scopes_split_deliveries_without_overlap() {
         let router = Router::new(Arc::new(Metrics::default()), 3600);
@@ -195,17 +199,29 @@ mod tests {
         let (stored, mut stored_rx) = mailbox("stored", true);
         let (m1, mut m1_rx) = mailbox("m1", false);
         let (m2, mut m2_rx) = mailbox("m2", false);
+        m1.set_online(true);
+        m2.set_online(true);
         subscribe(&router, &clean, "t/#", QoS::ExactlyOnce);
         subscribe(&router, &stored, "t/#", QoS::AtLeastOnce);
         subscribe(&router, &m1, "$share/g/t/#", QoS::AtLeastOnce);
         subscribe(&router, &m2, "$share/g/t/#", QoS::AtLeastOnce);
 
-        for (qos, payload) in [(QoS::AtLeastOnce, "one"), (QoS::AtMostOnce, "zero")] {
+        let mut per_member = [0usize; 2];
+        for (offset, (qos, payload)) in [(QoS::AtLeastOnce, "one"), (QoS::AtMostOnce, "zero")]
+            .into_iter()
+            .cycle()
+            .take(20)
+            .enumerate()
+        {
+            let origin = Some((0, offset as i64));
             let msg = Arc::new(message("t/x", qos, false, payload));
             let mut persistent = WriteBatch::default();
-            router.publish_scoped(&msg, &mut persistent, Scope::Persistent);
-            let picked = drain(&mut m1_rx).len() + drain(&mut m2_rx).len();
-            assert_eq!(picked, 1, "the dispatcher picks one group member");
+            router.publish_scoped(&msg, &mut persistent, Scope::Persistent, origin);
+            assert_eq!(
+                drain(&mut m1_rx).len() + drain(&mut m2_rx).len(),
+                0,
+                "the dispatcher offers to no clean member"
+            );
             assert!(
                 drain(&mut clean_rx).is_empty(),
                 "no offers to clean sessions"
@@ -213,9 +229,12 @@ mod tests {
             assert!(drain(&mut stored_rx).is_empty());
 
             let mut local = WriteBatch::default();
-            router.publish_scoped(&msg, &mut local, Scope::Local);
+            router.publish_scoped(&msg, &mut local, Scope::Local, origin);
             assert!(local.ops.is_empty(), "the local scope writes nothing");
-            assert_eq!(drain(&mut m1_rx).len() + drain(&mut m2_rx).len(), 0);
+            let got = [drain(&mut m1_rx).len(), drain(&mut m2_rx).len()];
+            assert_eq!(got[0] + got[1], 1, "the local reader offers to one member");
+            per_member[0] += got[0];
+            per_member[1] += got[1];
             assert_eq!(drain(&mut clean_rx), vec![(payload.to_string(), qos)]);
             if qos == QoS::AtMostOnce {
                 assert!(persistent.ops.is_empty());
@@ -224,7 +243,50 @@ mod tests {
                 assert_eq!(enqueued(&persistent), vec!["stored".to_string()]);
                 assert!(drain(&mut stored_rx).is_empty());
             }
+            // Another node, where both members are mirrors: the same pick, no offer.
+            m1.set_online(false);
+            m2.set_online(false);
+            router.publish_scoped(&msg, &mut local, Scope::Local, origin);
+            assert_eq!(drain(&mut m1_rx).len() + drain(&mut m2_rx).len(), 0);
+            m1.set_online(true);
+            m2.set_online(true);
+            drain(&mut clean_rx);
+            drain(&mut stored_rx);
         }
+        assert!(
+            per_member[0] > 0 && per_member[1] > 0,
+            "both members get a share: {per_member:?}"
+        );
+    }
+
+    /// A shared group of persistent members in a cluster: the dispatcher stores each QoS 1
+    /// message for the member derived from its log position, the same member for the same
+    /// position (a replay after a rebalance), and every member gets a share.
+    #[test]
+    fn cluster_picks_follow_the_log_position() {
+        let router = Router::new(Arc::new(Metrics::default()), 3600);
+        let (p1, _p1_rx) = mailbox("p1", true);
+        let (p2, _p2_rx) = mailbox("p2", true);
+        let (p3, _p3_rx) = mailbox("p3", true);
+        for m in [&p3, &p1, &p2] {
+            subscribe(&router, m, "$share/g/t/#", QoS::AtLeastOnce);
+        }
+        let msg = Arc::new(message("t/x", QoS::AtLeastOnce, false, "m"));
+        let pick = |offset: i64| {
+            let mut batch = WriteBatch::default();
+            router.publish_scoped(&msg, &mut batch, Scope::Persistent, Some((3, offset)));
+            let got = enqueued(&batch);
+            assert_eq!(got.len(), 1, "one member per message");
+            got[0].clone()
+        };
+        let mut counts = HashMap::new();
+        for offset in 0..300 {
+            let first = pick(offset);
+            assert_eq!(first, pick(offset), "the same position, the same member");
+            *counts.entry(first).or_insert(0) += 1;
+        }
+        assert_eq!(counts.len(), 3, "{counts:?}");
+        assert!(counts.values().all(|&n| n > 60), "{counts:?}");
     }
 
     /// A fake log: one call's worth of records, then nothing.

@@ -213,22 +213,32 @@ enum SharedPick {
 /// (`cluster.enabled`) the dispatcher of a record's partition does the persistent part and every
 /// node's local reader (`router::local`) does the local part for its own connections, so a
 /// clean subscriber on any node gets every message, and each delivery is made by exactly one of
-/// the two: QoS ≥ 1 to a persistent session is persistent, everything else to a direct
-/// subscription is local, and shared groups are decided by the dispatcher alone (one pick per
-/// message, see `docs/scale-out.md` for what that means across nodes).
+/// the two: QoS ≥ 1 to a persistent session is persistent, everything else is local. A shared
+/// group's member is picked alike by both from the record's log position ([`agreed_pick`]),
+/// and each makes the part of that delivery that is its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scope {
     /// Everything: the single-node behaviour.
     All,
-    /// Storage only (DEVICE/APPLICATION appends, group-log appends, retained writes) plus the
-    /// picks of shared groups, whatever the member.
+    /// Storage only (DEVICE/APPLICATION appends, group-log appends, retained writes).
     Persistent,
-    /// This node's mailboxes only (clean sessions at any QoS, QoS 0 to persistent ones) and the
-    /// in-memory retained store; writes nothing.
+    /// This node's connected mailboxes only (clean sessions at any QoS, QoS 0 to persistent
+    /// ones) and the in-memory retained store; writes nothing.
     Local,
 }
 
 impl Scope {
+    /// Whether the delivery of a shared group's pick belongs to this scope: a stored one to the
+    /// dispatcher, an offer to the local reader of the node where the member is connected (on
+    /// the others its session is a mirror nobody reads).
+    fn owns_shared(self, stored: bool, online_here: bool) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::Persistent => stored,
+            Scope::Local => !stored && online_here,
+        }
+    }
+
     /// Whether a delivery to a direct subscriber belongs to this scope; `stored`: it goes to
     /// the session's durable queue (see [`stored_delivery`]).
     fn owns_direct(self, stored: bool) -> bool {
@@ -387,15 +397,19 @@ impl Router {
     /// (the caller submits it and acknowledges the publisher once it is durable); everything else
     /// goes straight into the subscriber's mailbox.
     pub fn publish(&self, message: &Arc<Message>, batch: &mut WriteBatch) -> RouteResult {
-        self.publish_scoped(message, batch, Scope::All)
+        self.publish_scoped(message, batch, Scope::All, None)
     }
 
-    /// [`Router::publish`], limited to one part of routing (see [`Scope`]).
+    /// [`Router::publish`], limited to one part of routing (see [`Scope`]). `origin` is the
+    /// message's place in the publish log (partition, offset): with the `Persistent` and `Local`
+    /// scopes each shared group's member is derived from it ([`agreed_pick`]), so that the
+    /// dispatcher and every node's local reader pick the same member without talking.
     pub fn publish_scoped(
         &self,
         message: &Arc<Message>,
         batch: &mut WriteBatch,
         scope: Scope,
+        origin: Option<(i32, i64)>,
     ) -> RouteResult {
         let topic = message.topic_str();
         let mut direct: Vec<Target> = Vec::new();
@@ -419,9 +433,30 @@ impl Router {
                         ids: options.identifier.into_iter().collect(),
                     });
                 }
-                // The dispatcher alone picks for a group: two scopes picking would deliver
-                // twice (or to two members).
-                Subscription::Shared(_) if scope == Scope::Local => matched += 1,
+                // In a cluster every scope makes the same pick and does its own part of it: the
+                // dispatcher stores (or appends to the group log), the local reader of the node
+                // the member is connected to offers.
+                Subscription::Shared(group) if scope != Scope::All => {
+                    matched += 1;
+                    match agreed_pick(group, in_log, message.qos, origin.unwrap_or_default()) {
+                        Some(SharedPick::Member(mailbox, options)) => {
+                            let qos = min_qos(message.qos, options.qos);
+                            let stored = stored_delivery(&mailbox, qos);
+                            if scope.owns_shared(stored, mailbox.is_online()) {
+                                shared.push((
+                                    mailbox,
+                                    qos,
+                                    options.retain_as_published && message.retain,
+                                    options.identifier,
+                                ));
+                            }
+                        }
+                        Some(SharedPick::GroupLog) if scope == Scope::Persistent => {
+                            group_logs.push((group.name.clone(), group.filter.clone()));
+                        }
+                        Some(SharedPick::GroupLog) | None => {}
+                    }
+                }
                 Subscription::Shared(group) => {
                     matched += 1;
                     match pick_member(group, in_log, message.qos) {
@@ -696,6 +731,53 @@ fn pick_member(group: &SharedGroup, in_log: bool, qos: QoS) -> Option<SharedPick
         Some((mailbox, options)) => Some(SharedPick::Member(mailbox.clone(), options.clone())),
         None => Some(SharedPick::GroupLog),
     }
+}
+
+/// A cluster's pick of a shared group's member for the message at `origin` in the publish log:
+/// a function of the origin and of the members' client ids only, so the dispatcher of the
+/// record's partition and the local reader of every node, each reading the record, pick the
+/// same member, and a replay after a rebalance picks it again. Unlike [`pick_member`] it cannot
+/// skip a closed or full member (nodes would not agree on that); a full member's delivery is
+/// dropped and counted as for any subscriber. The group's APPLICATION members take one slot
+/// together for QoS 1/2 (the group log), as in [`pick_member`].
+///
+/// Nodes agree as long as they know the same members. While a member joins or leaves, a node
+/// that has not applied the change yet may pick differently, so a message in that window can
+/// reach no member or two (see docs/scale-out.md, "Shared subscriptions").
+fn agreed_pick(
+    group: &SharedGroup,
+    in_log: bool,
+    qos: QoS,
+    origin: (i32, i64),
+) -> Option<SharedPick> {
+    let is_app = |m: &Arc<Mailbox>| m.kind == ClientKind::Application;
+    let via_log = in_log && qos != QoS::AtMostOnce && group.members.iter().any(|(m, _)| is_app(m));
+    let mut candidates: Vec<&(Arc<Mailbox>, SubscriptionOptions)> = group
+        .members
+        .iter()
+        .filter(|(m, _)| !(via_log && is_app(m)))
+        .collect();
+    candidates.sort_unstable_by(|a, b| a.0.client_id.cmp(&b.0.client_id));
+    let slots = candidates.len() + usize::from(via_log);
+    if slots == 0 {
+        return None;
+    }
+    let slot = (spread(origin) % slots as u64) as usize;
+    match candidates.get(slot) {
+        Some((mailbox, options)) => Some(SharedPick::Member(mailbox.clone(), options.clone())),
+        None => Some(SharedPick::GroupLog),
+    }
+}
+
+/// Mixes a log position into 64 well-spread bits (SplitMix64's finaliser): consecutive offsets
+/// of one partition land on different members. The same on every node and every build, unlike
+/// the standard library's seeded hasher.
+fn spread((partition, offset): (i32, i64)) -> u64 {
+    let mut z = ((partition as u32 as u64) << 48) ^ (offset as u64);
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 /// Outcome of routing one message.

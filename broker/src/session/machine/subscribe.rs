@@ -95,16 +95,16 @@ impl Machine {
                 }
             }
         }
-        if subscribe
+        let shared = subscribe
             .filters
             .iter()
-            .any(|f| f.path.starts_with("$share/"))
-        {
+            .any(|f| f.path.starts_with("$share/"));
+        if shared {
             self.shared_subscriptions_changed();
         }
         // A persistent session's SUBACK waits until the subscription is durable.
         let wait = self.broker.storage.submit_nonempty(batch);
-        let wait = self.with_directory(wait);
+        let wait = self.with_directory(wait, shared);
         self.reply(
             Packet::SubAck(SubAck {
                 pkid: subscribe.pkid,
@@ -145,11 +145,12 @@ impl Machine {
             };
             reasons.push(reason);
         }
-        if unsubscribe.filters.iter().any(|f| f.starts_with("$share/")) {
+        let shared = unsubscribe.filters.iter().any(|f| f.starts_with("$share/"));
+        if shared {
             self.shared_subscriptions_changed();
         }
         let wait = self.broker.storage.submit_nonempty(batch);
-        let wait = self.with_directory(wait);
+        let wait = self.with_directory(wait, shared);
         self.reply(
             Packet::UnsubAck(UnsubAck {
                 pkid: unsubscribe.pkid,
@@ -163,16 +164,19 @@ impl Machine {
         Flow::Continue
     }
 
-    /// Several active nodes: a persistent session's subscription change is in the session
-    /// directory before the SUBACK/UNSUBACK, so every node's dispatcher routes with it.
+    /// Several active nodes: a persistent session's subscription change, and a clean session's
+    /// change of its shared subscriptions (`shared`), is in the session directory before the
+    /// SUBACK/UNSUBACK, so every node routes with it (every node picks a shared group's member
+    /// among all of them, `router::agreed_pick`).
     fn with_directory(
         &self,
         wait: Option<crate::storage::Completion>,
+        shared: bool,
     ) -> Option<crate::storage::Completion> {
         let Some(cluster) = self.broker.cluster() else {
             return wait;
         };
-        if !self.session.is_persistent() {
+        if !self.session.is_persistent() && !shared {
             return wait;
         }
         let announced = cluster.announce_completion(&self.session);
