@@ -14,7 +14,7 @@ use crate::message::{Message, MessageProperties};
 use crate::metrics::Metrics;
 use crate::protocol::Will;
 use crate::router::topic::{parse_filter, TopicLimits};
-use crate::router::Router;
+use crate::router::{Mailbox, Router, SubscriptionOptions};
 use crate::session::registry::{Claim, Due, Kick, KickReason, PendingWill, Registry};
 use crate::session::{Session, NEVER_EXPIRES};
 use crate::storage::codec::now_ms;
@@ -203,6 +203,13 @@ impl Broker {
 
     /// A session rebuilt from its stored state, its subscriptions in the router.
     pub(crate) fn session_from_restored(&self, restored: RestoredSession) -> Session {
+        let session = self.unrouted_session(restored);
+        self.route_subscriptions(&session.mailbox, session.subscriptions.iter());
+        session
+    }
+
+    /// A session rebuilt from its stored state, its subscriptions not in the router yet.
+    pub(crate) fn unrouted_session(&self, restored: RestoredSession) -> Session {
         let mut session = Session::new(
             restored.client.clone(),
             self.config.limits.max_queued_messages,
@@ -218,14 +225,26 @@ impl Broker {
         session.stored_pending = true;
         session.inbound_qos2 = restored.inbound_qos2.into_iter().collect();
         for (filter, options) in restored.subscriptions {
-            if let Ok(parsed) = parse_filter(&filter, &self.topic_limits) {
-                self.router
-                    .subscribe(&session.mailbox, parsed, options.clone());
+            if parse_filter(&filter, &self.topic_limits).is_ok() {
                 session.subscriptions.insert(filter, options);
             }
         }
         self.metrics.sessions.inc();
         session
+    }
+
+    /// Puts the subscriptions in the router for `mailbox` (an entry of the same client id is
+    /// replaced).
+    fn route_subscriptions<'a>(
+        &self,
+        mailbox: &Arc<Mailbox>,
+        subscriptions: impl Iterator<Item = (&'a String, &'a SubscriptionOptions)>,
+    ) {
+        for (filter, options) in subscriptions {
+            if let Ok(parsed) = parse_filter(filter, &self.topic_limits) {
+                self.router.subscribe(mailbox, parsed, options.clone());
+            }
+        }
     }
 
     /// Takes a session out of the router and the counts without touching storage (another
@@ -241,16 +260,31 @@ impl Broker {
 
     /// Parks `session`, a copy of a session another node holds, in place of this node's copy.
     /// Returns its offline epoch, or `None` (and drops it) when the client is online here.
+    ///
+    /// `session` comes from [`Broker::unrouted_session`]: its subscriptions enter the router only
+    /// once the registry took it. Routed first, a copy refused because its client is connected
+    /// here would have replaced the live session's router entries, and removing it would have
+    /// left the client with none (found by `cluster`'s roaming test: a message published while
+    /// the client's previous connection on this node was still closing matched nothing).
     pub(crate) fn replace_mirror(&self, session: Session) -> Option<u64> {
+        let mailbox = session.mailbox.clone();
+        let subscriptions: Vec<(String, SubscriptionOptions)> = session
+            .subscriptions
+            .iter()
+            .map(|(f, o)| (f.clone(), o.clone()))
+            .collect();
         match self.registry.mirror(session) {
             Ok((epoch, old)) => {
+                // The new entries replace the old copy's first, so that the client is never
+                // without a subscription in between.
+                self.route_subscriptions(&mailbox, subscriptions.iter().map(|(f, o)| (f, o)));
                 if let Some(old) = old {
                     self.forget_local(&old);
                 }
                 Some(epoch)
             }
-            Err(session) => {
-                self.forget_local(&session);
+            Err(_connected_here) => {
+                self.metrics.sessions.dec();
                 None
             }
         }

@@ -212,6 +212,11 @@ impl Server {
             tasks.spawn(delivery.run(reader, shutdown_rx.clone()));
         }
         if let Some(cluster) = broker.cluster() {
+            tasks.spawn(crate::cluster::lease::run(
+                broker.clone(),
+                cluster.clone(),
+                shutdown_rx.clone(),
+            ));
             tasks.spawn(crate::cluster::timers::run(
                 broker.clone(),
                 cluster.clone(),

@@ -22,13 +22,22 @@ use ferrymq_e2e::harness::{
     BrokerOptions, BrokerProcess, ConnectOptions, Connection, Incoming, WillOptions,
 };
 
+const FENCE_AFTER_SECS: u64 = 3;
+/// `cluster::lease::lease(FENCE_AFTER_SECS)`: how long a dead node's row lives on.
+const LEASE: Duration = Duration::from_secs(FENCE_AFTER_SECS + 15);
+
 const CLUSTER: &str = "cluster-timers";
 
 fn start_node(backend: &Backend, node: &str) -> BrokerProcess {
+    start_node_with(backend, node, "")
+}
+
+/// A node with `extra` lines in its `[cluster]` section.
+fn start_node_with(backend: &Backend, node: &str, extra: &str) -> BrokerProcess {
     let config = backend
         .config(
             CLUSTER,
-            &format!("[cluster]\nenabled = true\nnode_id = \"{node}\"\n"),
+            &format!("[cluster]\nenabled = true\nnode_id = \"{node}\"\n{extra}\n"),
         )
         .expect("a kafka+postgres config");
     BrokerProcess::start(
@@ -179,4 +188,79 @@ fn delayed_wills_and_expiry_fire_once_for_the_cluster_even_when_their_node_dies(
         drop(w2_back);
     });
     drop((b, c));
+}
+
+/// A node killed with SIGKILL and never started again (scaled away while down): once its lease
+/// lapses, another node closes what it held, as it would have at a restart.
+/// * `p` (persistent, expiry 5 s) was connected to A: its session expires 5 s after A's lease
+///   lapsed (a reconnect then finds no session), while `q` (expiry 10 min) keeps its session.
+/// * `m1` on A and `m2` on B are clean members of one shared group: once A's lease lapsed,
+///   every message published goes to `m2` (before, `m1` kept its share of the picks, lost).
+#[test]
+fn a_dead_nodes_sessions_are_closed_when_its_lease_lapses() {
+    let _serial = serial();
+    let Some(backend) = Backend::kafka_postgres() else {
+        return;
+    };
+    let rt = runtime();
+    let extra = format!("fence_after_secs = {FENCE_AFTER_SECS}");
+    let (mut a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| start_node_with(&backend, "a", &extra));
+        let b = s.spawn(|| start_node_with(&backend, "b", &extra));
+        (a.join().expect("node a"), b.join().expect("node b"))
+    });
+    rt.block_on(async {
+        let wait = Duration::from_secs(15);
+        let p_opts = ConnectOptions::v5("p").persistent().session_expiry(5);
+        let q_opts = ConnectOptions::v5("q").persistent().session_expiry(600);
+        let (_p, _) = connect(a.addr(), &p_opts).await;
+        let (_q, _) = connect(a.addr(), &q_opts).await;
+        let (mut m1, _) = connect(a.addr(), &ConnectOptions::v5("m1")).await;
+        m1.subscribe(1, &[("$share/g/lease/#", 1)], wait)
+            .await
+            .expect("subscribe m1");
+        let (mut m2, _) = connect(b.addr(), &ConnectOptions::v5("m2")).await;
+        m2.subscribe(1, &[("$share/g/lease/#", 1)], wait)
+            .await
+            .expect("subscribe m2");
+
+        a.kill_9().expect("kill node a");
+        let killed = Instant::now();
+        drop(m1);
+        // A's last renewal was at most a second before the kill; B looks every second.
+        tokio::time::sleep(LEASE + Duration::from_secs(2)).await;
+
+        let (mut publisher, _) = connect(b.addr(), &ConnectOptions::v5("pub")).await;
+        for i in 1..=50u16 {
+            publisher
+                .queue_publish("lease/x", 1, i, false, Bytes::from(format!("m{i}")), None)
+                .expect("queue");
+            publisher.flush().await.expect("flush");
+            match publisher.recv_timeout(wait).await.expect("recv") {
+                Some(Incoming::PubAck { ok: true, .. }) => {}
+                other => panic!("PUBLISH {i} not acknowledged: {other:?}"),
+            }
+        }
+        let mut got = BTreeMap::new();
+        collect(&mut m2, Instant::now() + Duration::from_secs(5), &mut got).await;
+        eprintln!(
+            "m2 got {} distinct of 50 published {:?} after the kill",
+            got.len(),
+            killed.elapsed()
+        );
+        assert_eq!(got.len(), 50, "every message to the live member: {got:?}");
+        assert!(got.values().all(|&n| n == 1), "each once: {got:?}");
+
+        // p's expiry (5 s) started when B closed A's sessions, within about a second of the
+        // lapse; its timer fires within the poll after.
+        let left =
+            (killed + LEASE + Duration::from_secs(10)).saturating_duration_since(Instant::now());
+        tokio::time::sleep(left).await;
+        let (_p_again, present) = connect(b.addr(), &p_opts).await;
+        assert!(!present, "p's session expired after A's lease lapsed");
+        let (_q_again, present) = connect(b.addr(), &q_opts).await;
+        assert!(present, "q's session is kept (its expiry has not passed)");
+        eprintln!("checked {:?} after the kill", killed.elapsed());
+    });
+    drop(b);
 }

@@ -80,8 +80,18 @@ pub struct SessionState {
     pub kind: u8,
     pub expiry_interval: u32,
     pub disconnected_at_ms: u64,
-    /// Filter and encoded options (`storage::codec::encode_options`), persistent sessions only.
+    /// Filter and encoded options (`storage::codec::encode_options`): a persistent session's
+    /// all, a clean session's shared ones.
     pub subscriptions: Vec<(String, Vec<u8>)>,
+    /// A claim that continues a persistent session: its subscriptions are the ones the session
+    /// had before, whatever `subscriptions` says. The claiming node's view of them may lag
+    /// (it has not read the last SUBSCRIBE yet), and a claim carrying that view would take the
+    /// newest subscriptions away from every node until the claimer has read the session from
+    /// storage and announced it again: messages published in between would match nothing
+    /// (found by `cluster`'s roaming test). `subscriptions` is only the fallback for a node
+    /// that knows nothing of the session (the topic compacted its earlier records).
+    #[serde(default)]
+    pub keeps_subscriptions: bool,
 }
 
 impl SessionState {
@@ -280,8 +290,8 @@ impl Directory {
             };
             let offset = message.offset();
             let change = decode(message.key(), message.payload(), offset);
-            if let Some(change) = change {
-                if let Some(previous) = self.note(&change) {
+            if let Some(mut change) = change {
+                if let Some(previous) = self.note(&mut change) {
                     apply(change, previous);
                 }
             }
@@ -290,8 +300,8 @@ impl Directory {
     }
 
     /// Updates the view and returns what it held for the client before; `None` for a stale
-    /// record (ignored).
-    fn note(&self, change: &Change) -> Option<Option<Known>> {
+    /// record (ignored). A claim that keeps its session's subscriptions gets them here.
+    fn note(&self, change: &mut Change) -> Option<Option<Known>> {
         match change {
             Change::State {
                 client,
@@ -299,6 +309,11 @@ impl Directory {
                 state,
             } => {
                 let mut view = self.view.lock();
+                if state.keeps_subscriptions {
+                    if let Some(known) = view.get(client).filter(|k| k.state.persistent) {
+                        state.subscriptions = known.state.subscriptions.clone();
+                    }
+                }
                 let claim_epoch = match state.claim {
                     None => *epoch,
                     Some(claim) => {
@@ -334,6 +349,11 @@ impl Directory {
     /// The latest state of `client` this node has applied.
     pub fn known(&self, client: &str) -> Option<Known> {
         self.view.lock().get(client).cloned()
+    }
+
+    /// The offset after the last record this node applied.
+    pub fn applied(&self) -> i64 {
+        *self.applied.borrow()
     }
 
     /// The sessions the directory says are connected to `node`.
@@ -515,6 +535,7 @@ mod tests {
             expiry_interval: 60,
             disconnected_at_ms: 0,
             subscriptions: vec![("t/#".into(), vec![1, 2])],
+            keeps_subscriptions: false,
         }
     }
 

@@ -6,6 +6,7 @@
 
 pub mod directory;
 pub mod fence;
+pub mod lease;
 pub mod timers;
 
 use std::collections::HashMap;
@@ -60,19 +61,33 @@ impl Cluster {
             node = directory.node(),
             "session directory read; this node knows every session"
         );
-        cluster.close_previous_life(broker).await;
+        // Registered before this node takes any client: a node that takes the row of this
+        // node's previous life closes only claims made before (`lease`).
+        let node = cluster.directory.node().to_string();
+        let lease = lease::lease(broker.config.cluster.fence_after_secs);
+        broker
+            .storage
+            .renew_lease(&node, now_ms() + lease.as_millis() as u64)
+            .await?;
+        cluster
+            .close_sessions_of(broker, &node, cluster.directory.applied())
+            .await;
         Ok(cluster)
     }
 
-    /// Sessions this node held connected when it stopped without closing them (a crash): a
-    /// clean one has ended (every node drops its copy, so a shared group no longer counts it);
-    /// a persistent one is disconnected now, so its expiry starts now and is stored as a
-    /// cluster timer like any other disconnect's. Their wills died with the process. A session
-    /// another node took meanwhile is left alone (the batch carries the old claim's epoch and
-    /// is refused).
-    async fn close_previous_life(&self, broker: &Arc<Broker>) {
+    /// Sessions `node` held connected when it stopped without closing them (a crash; called
+    /// for this node at its start, and for a node whose lease lapsed, `lease`), among those
+    /// claimed at directory offsets below `below`: a clean one has ended (every node drops its
+    /// copy, so a shared group no longer counts it); a persistent one is disconnected now, so
+    /// its expiry starts now and is stored as a cluster timer like any other disconnect's.
+    /// Their wills died with the process. A session another node took meanwhile is left alone
+    /// (the batch carries the old claim's epoch and is refused).
+    pub async fn close_sessions_of(&self, broker: &Arc<Broker>, node: &str, below: i64) {
         let now = now_ms();
-        for (client, known) in self.directory.connected_on(self.directory.node()) {
+        for (client, known) in self.directory.connected_on(node) {
+            if known.claim_epoch >= below {
+                continue;
+            }
             let state = &known.state;
             if !state.persistent {
                 if let Err(e) = self.directory.ended(&client).await {
@@ -105,6 +120,7 @@ impl Cluster {
                 Ok(Ok(())) => {
                     let mut offline = state.clone();
                     offline.claim = Some(known.claim_epoch);
+                    offline.keeps_subscriptions = false;
                     offline.connected = false;
                     offline.disconnected_at_ms = now;
                     if let Err(e) = self.directory.announce(&client, offline).await {
@@ -161,10 +177,9 @@ impl Cluster {
         expiry_interval: u32,
     ) -> Result<i64, StorageError> {
         let previous = self.directory.known(client);
+        let continues = persistent && !restart;
         let subscriptions = match &previous {
-            Some(p) if p.state.persistent && persistent && !restart => {
-                p.state.subscriptions.clone()
-            }
+            Some(p) if p.state.persistent && continues => p.state.subscriptions.clone(),
             _ => Vec::new(),
         };
         let state = SessionState {
@@ -176,6 +191,7 @@ impl Cluster {
             expiry_interval,
             disconnected_at_ms: 0,
             subscriptions,
+            keeps_subscriptions: continues,
         };
         let epoch = self.directory.announce(client, state).await?;
         self.local.lock().insert(client.clone(), epoch);
@@ -224,6 +240,7 @@ impl Cluster {
             expiry_interval: session.expiry_interval,
             disconnected_at_ms: if connected { 0 } else { now_ms() },
             subscriptions: SessionState::encode_subscriptions(subscriptions),
+            keeps_subscriptions: false,
         }
     }
 
@@ -336,7 +353,7 @@ fn mirror(broker: &Arc<Broker>, client: &Arc<str>, state: &SessionState) {
     };
     // Its end comes from the node that fires its expiry (`timers`) or, for a clean session,
     // from the node it was connected to, through the directory.
-    let mut session = broker.session_from_restored(restored);
+    let mut session = broker.unrouted_session(restored);
     // A clean member's copy has nothing stored, and must not delete anything when it goes.
     session.stored = state.persistent;
     let _ = broker.replace_mirror(session);

@@ -629,6 +629,14 @@ impl Storage for KafkaPostgresStorage {
         Ok(Some(session))
     }
 
+    async fn renew_lease(&self, node: &str, until_ms: u64) -> Result<(), StorageError> {
+        self.pg.renew_lease(node, until_ms).await
+    }
+
+    async fn take_lapsed_nodes(&self, me: &str, now_ms: u64) -> Result<Vec<String>, StorageError> {
+        self.pg.take_lapsed_nodes(me, now_ms).await
+    }
+
     async fn own_session(&self, client: &Arc<str>, epoch: i64) -> Result<(), StorageError> {
         self.pg.own_session(client, epoch).await
     }

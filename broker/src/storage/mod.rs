@@ -567,6 +567,19 @@ pub trait Storage: Send + Sync + 'static {
     async fn finish_timer(&self, _timer: &DueTimer) -> Result<bool, StorageError> {
         Ok(false)
     }
+    /// Several active nodes: `node` is alive until `until_ms` (its lease, `cluster::lease`).
+    async fn renew_lease(&self, _node: &str, _until_ms: u64) -> Result<(), StorageError> {
+        Ok(())
+    }
+    /// Several active nodes: takes the rows of the nodes other than `me` whose lease lapsed
+    /// before `now_ms`; each lapsed node is returned to one caller only.
+    async fn take_lapsed_nodes(
+        &self,
+        _me: &str,
+        _now_ms: u64,
+    ) -> Result<Vec<String>, StorageError> {
+        Ok(Vec::new())
+    }
     /// The shared subscriptions (`$share/…` filters) of an online APPLICATION client, given at
     /// connect and after each change: a backend that serves APPLICATION shared groups from
     /// their own log (Kafka) starts or stops the member's share of it. `wake` is notified

@@ -593,6 +593,36 @@ impl PgStore {
         txn.commit().await.map_err(db)
     }
 
+    /// Renews (or registers) `node`'s lease.
+    pub async fn renew_lease(&self, node: &str, until_ms: u64) -> Result<(), StorageError> {
+        sqlx::query(
+            "INSERT INTO nodes (node_id, lease_until_ms) VALUES ($1, $2) \
+             ON CONFLICT (node_id) DO UPDATE SET lease_until_ms = EXCLUDED.lease_until_ms",
+        )
+        .bind(node)
+        .bind(until_ms as i64)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    /// Deletes and returns the other nodes whose lease lapsed: one caller gets each.
+    pub async fn take_lapsed_nodes(
+        &self,
+        me: &str,
+        now_ms: u64,
+    ) -> Result<Vec<String>, StorageError> {
+        sqlx::query_scalar(
+            "DELETE FROM nodes WHERE lease_until_ms < $1 AND node_id <> $2 RETURNING node_id",
+        )
+        .bind(now_ms as i64)
+        .bind(me)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)
+    }
+
     /// Claims up to `budget` due timers for `lease_ms` (rows another node's claim holds, or
     /// another transaction locks, are skipped: `FOR UPDATE SKIP LOCKED`).
     pub async fn claim_due_timers(

@@ -35,3 +35,12 @@ ALTER TABLE session_timers
     ADD COLUMN claimed_until_ms bigint NOT NULL DEFAULT 0;
 -- Claim tokens are unique for ever, so a lapsed claim never matches a later one.
 CREATE SEQUENCE session_timer_claims;
+
+-- The cluster's nodes and their leases: every node renews its row every second. A node whose
+-- lease lapsed is dead for the others: the first to take its row (DELETE … RETURNING) ends
+-- the clean sessions the directory still shows connected to it and disconnects its persistent
+-- ones (their expiry starts), so that they do not wait for a node that is gone for good.
+CREATE TABLE nodes (
+    node_id        text   PRIMARY KEY,
+    lease_until_ms bigint NOT NULL
+);
