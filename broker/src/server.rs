@@ -208,6 +208,9 @@ impl Server {
                 router: broker.router.clone(),
                 metrics: broker.metrics.clone(),
                 slow_wait,
+                gate: broker.cluster().map(|cluster| {
+                    cluster.directory.clone() as Arc<dyn crate::router::dispatcher::BatchGate>
+                }),
             };
             tasks.spawn(delivery.run(reader, shutdown_rx.clone()));
         }

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::dispatcher::Qos2Flows;
+use super::dispatcher::{BatchGate, Qos2Flows};
 use super::{place_blocked, Router, Scope};
 use crate::message::Delivery;
 use crate::metrics::Metrics;
@@ -27,6 +27,9 @@ pub struct LocalDelivery {
     pub metrics: Arc<Metrics>,
     /// `limits.slow_subscriber_wait_ms`.
     pub slow_wait: Duration,
+    /// The session directory: read to its end before a batch while shared groups exist, so
+    /// that this node knows every member the dispatchers know (`router::agreed_pick`).
+    pub gate: Option<Arc<dyn BatchGate>>,
 }
 
 impl LocalDelivery {
@@ -45,6 +48,7 @@ impl LocalDelivery {
                     None => return,
                 },
             };
+            self.pass_gate().await;
             let mut blocked = VecDeque::new();
             for records in partitions {
                 let live_from = reader.live_from(records.partition);
@@ -57,6 +61,22 @@ impl LocalDelivery {
                     self.metrics.messages_dropped_queue_full.add(dropped);
                 }
             }
+        }
+    }
+
+    /// While shared groups exist, waits until this node has read the session directory as far
+    /// as it went when the batch was read: a member that subscribed before a message was
+    /// acknowledged is then known here as it is to the message's dispatcher, so both pick the
+    /// same member (without it, the first messages after a member joined on another node went
+    /// to two members in a CI run). A directory that cannot be read holds nothing back: local
+    /// delivery goes on with the members known (the node fences itself if the outage lasts).
+    async fn pass_gate(&self) {
+        let Some(gate) = &self.gate else { return };
+        if !self.router.has_shared_groups() {
+            return;
+        }
+        if let Err(e) = gate.before_batch().await {
+            tracing::debug!(error = %e, "local delivery goes on without a current session directory");
         }
     }
 
@@ -376,6 +396,7 @@ mod tests {
             router: router.clone(),
             metrics: Arc::new(Metrics::default()),
             slow_wait: Duration::from_millis(10),
+            gate: None,
         };
         let (_tx, shutdown) = watch::channel(false);
         delivery.run(Box::new(log), shutdown).await;

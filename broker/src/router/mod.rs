@@ -267,6 +267,8 @@ pub struct Router {
     /// APPLICATION members of shared groups get QoS 1/2 messages through the group's log
     /// (`WriteOp::AppendShared`), set when the storage backend serves them that way.
     shared_groups_in_log: AtomicBool,
+    /// Shared groups with at least one member (see [`Router::has_shared_groups`]).
+    shared_groups: AtomicUsize,
 }
 
 impl Router {
@@ -277,7 +279,14 @@ impl Router {
             metrics,
             device_ttl_ms: device_ttl_secs.saturating_mul(1000),
             shared_groups_in_log: AtomicBool::new(false),
+            shared_groups: AtomicUsize::new(0),
         }
+    }
+
+    /// Whether any shared group has a member: in a cluster the local reader then makes the
+    /// same picks as the dispatchers, which needs the session directory read first.
+    pub fn has_shared_groups(&self) -> bool {
+        self.shared_groups.load(Ordering::Relaxed) > 0
     }
 
     /// See [`crate::storage::Storage::shared_groups_in_log`].
@@ -321,6 +330,7 @@ impl Router {
                     g.members.push((mailbox.clone(), options));
                     return SubscribeOutcome { existed: false };
                 }
+                self.shared_groups.fetch_add(1, Ordering::Relaxed);
                 trie.insert(
                     filter,
                     key,
@@ -351,8 +361,8 @@ impl Router {
                 let before = g.members.len();
                 g.members.retain(|(m, _)| &m.client_id != client_id);
                 let removed = g.members.len() != before;
-                if g.members.is_empty() {
-                    trie.remove(filter, &key);
+                if g.members.is_empty() && trie.remove(filter, &key).is_some() {
+                    self.shared_groups.fetch_sub(1, Ordering::Relaxed);
                 }
                 removed
             }
@@ -382,8 +392,8 @@ impl Router {
                 let before = g.members.len();
                 g.members.retain(|(m, _)| !Arc::ptr_eq(m, mailbox));
                 let removed = g.members.len() != before;
-                if g.members.is_empty() {
-                    trie.remove(filter, &key);
+                if g.members.is_empty() && trie.remove(filter, &key).is_some() {
+                    self.shared_groups.fetch_sub(1, Ordering::Relaxed);
                 }
                 removed
             }
