@@ -664,24 +664,17 @@ impl Broker {
         mut batch: WriteBatch,
     ) {
         let client_id = session.client_id.clone();
-        let expiry = session.expiry_interval;
-        let now = now_ms();
         let (publish_now, delayed) = match will {
             Some(w) if will_delay == 0 => (Some(w), None),
-            Some(w) => (None, Some(w)),
-            None => (None, None),
-        };
-        let timer = SessionTimer {
-            // The will waits for min(will delay, session expiry) [MQTT-3.1.3-9].
-            will: delayed.map(|w| {
-                let at = now + u64::from(will_delay.min(expiry)) * 1000;
+            Some(w) => {
                 let mut record = bytes::BytesMut::new();
                 crate::storage::codec::encode_message(&will_message(&client_id, w), &mut record);
-                (at, record.to_vec())
-            }),
-            expires_at_ms: (expiry != NEVER_EXPIRES).then(|| now + u64::from(expiry) * 1000),
+                (None, Some((will_delay, record.to_vec())))
+            }
+            None => (None, None),
         };
-        if timer.will.is_some() || timer.expires_at_ms.is_some() {
+        if let Some(timer) = SessionTimer::at_disconnect(now_ms(), session.expiry_interval, delayed)
+        {
             batch.push(WriteOp::PutTimer {
                 client: client_id.clone(),
                 timer,

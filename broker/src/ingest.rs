@@ -135,27 +135,15 @@ impl Ingest {
     /// behalf of it, so nothing is held back; it is stored for persistent subscribers all the
     /// same, and a failure is worth a log line.
     pub fn will(&self, parts: Parts<'_>, message: &Arc<Message>) {
-        match self {
-            Ingest::RouteThenStore => {
-                let (batch, routed) = parts.route(message);
-                parts
-                    .metrics
-                    .messages_dropped_queue_full
-                    .add(routed.full.len() as u64);
-                if !batch.is_empty() {
-                    parts.storage.submit_detached(batch);
-                }
+        let Some(stored) = self.will_durably(parts, message) else {
+            return;
+        };
+        let client_id = message.publisher.clone();
+        tokio::spawn(async move {
+            if let Ok(Err(e)) = stored.await {
+                tracing::warn!(client_id = %client_id, error = %e, "will message could not be stored");
             }
-            Ingest::AppendToLog(log) => {
-                let appended = log.append(message, None);
-                let client_id = message.publisher.clone();
-                tokio::spawn(async move {
-                    if let Ok(Err(e)) = appended.await {
-                        tracing::warn!(client_id = %client_id, error = %e, "will message could not be appended to the publish log");
-                    }
-                });
-            }
-        }
+        });
     }
 }
 

@@ -477,8 +477,9 @@ fn application_group_across_nodes_survives_a_killed_member() {
 
 /// A DEVICE (persistent, v5 session expiry 1 day) shared group with one member on node A and
 /// one on node B; 8 publishers on node C. Every node knows both members through the session
-/// directory, so the dispatcher of each `msg.all` partition picks between them (round robin)
-/// and stores the message in the picked member's DEVICE queue; a NOTIFY wakes it on its node.
+/// directory, so the dispatcher of each `msg.all` partition picks between them (the
+/// cluster-wide pick from the record's log position) and stores the message in the picked
+/// member's DEVICE queue; a NOTIFY wakes it on its node.
 ///
 /// A third of the way through, B's socket is closed without DISCONNECT and stays closed until
 /// the publishers are done. The code keeps picking an offline persistent member (its session

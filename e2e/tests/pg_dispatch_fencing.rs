@@ -69,16 +69,40 @@ fn enqueue(client: &str, payload: &str) -> WriteOp {
     }
 }
 
-async fn put_device_session(store: &PgStore, client: &str) {
-    let mut batch = WriteBatch::default();
-    batch.push(WriteOp::PutSession {
+/// A DEVICE session record written by `PutSession`.
+fn device_session(client: &str, expiry_interval: u32, disconnected_at_ms: u64) -> WriteOp {
+    WriteOp::PutSession {
         client: client.into(),
         record: SessionRecord {
             kind: ClientKind::Device,
-            expiry_interval: u32::MAX,
-            disconnected_at_ms: 1,
+            expiry_interval,
+            disconnected_at_ms,
         },
-    });
+    }
+}
+
+/// A private PostgreSQL cluster and a runtime (`threads` workers; 0: current thread), or
+/// `None` (test skipped) where PostgreSQL cannot run and it is not required.
+fn start(threads: usize) -> Option<(Postgres, tokio::runtime::Runtime)> {
+    if !require_services() {
+        return None;
+    }
+    let pg = Postgres::start().expect("start postgres");
+    let mut builder = match threads {
+        0 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+    };
+    let rt = builder.enable_all().build().expect("runtime");
+    Some((pg, rt))
+}
+
+async fn put_device_session(store: &PgStore, client: &str) {
+    let mut batch = WriteBatch::default();
+    batch.push(device_session(client, u32::MAX, 1));
     store
         .submit(batch)
         .await
@@ -102,14 +126,9 @@ fn rows(pg: &Postgres, schema: &str, sql: &str) -> Vec<String> {
 /// one stored.
 #[test]
 fn a_fenced_batch_is_refused_and_its_group_is_applied() {
-    if !require_services() {
+    let Some((pg, rt)) = start(0) else {
         return;
-    }
-    let pg = Postgres::start().expect("start postgres");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    };
     rt.block_on(async {
         for cluster in [false, true] {
             let schema = format!("fence_{cluster}");
@@ -209,15 +228,9 @@ fn a_fenced_batch_is_refused_and_its_group_is_applied() {
 /// append for a session no node has is dropped.
 #[test]
 fn two_writers_assign_device_sequences_in_sql() {
-    if !require_services() {
+    let Some((pg, rt)) = start(2) else {
         return;
-    }
-    let pg = Postgres::start().expect("start postgres");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    };
     const BATCHES: usize = 200;
     const PER_BATCH: usize = 5;
     rt.block_on(async {
@@ -309,27 +322,15 @@ fn subscription(client: &str, filter: &str) -> WriteOp {
 /// writes go on; a stale write to a session that does not exist does not create one.
 #[test]
 fn session_writes_of_a_stale_owner_are_refused() {
-    if !require_services() {
+    let Some((pg, rt)) = start(0) else {
         return;
-    }
-    let pg = Postgres::start().expect("start postgres");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    };
     rt.block_on(async {
         let node_a = open(&pg, "owners", true).await;
         let node_b = open(&pg, "owners", true).await;
         // A's connection (epoch 10) creates the session and subscribes.
         let mut create = owned("dev", 10);
-        create.push(WriteOp::PutSession {
-            client: "dev".into(),
-            record: SessionRecord {
-                kind: ClientKind::Device,
-                expiry_interval: 600,
-                disconnected_at_ms: 0,
-            },
-        });
+        create.push(device_session("dev", 600, 0));
         create.push(subscription("dev", "a/before"));
         node_a
             .submit(create)
@@ -351,14 +352,7 @@ fn session_writes_of_a_stale_owner_are_refused() {
             },
         });
         let mut other = owned("other", 11);
-        other.push(WriteOp::PutSession {
-            client: "other".into(),
-            record: SessionRecord {
-                kind: ClientKind::Device,
-                expiry_interval: 600,
-                disconnected_at_ms: 0,
-            },
-        });
+        other.push(device_session("other", 600, 0));
         let (s, o) = (node_a.submit(stale), node_a.submit(other));
         let (s, o) = (s.await.expect("writer"), o.await.expect("writer"));
         assert!(
@@ -433,15 +427,9 @@ fn session_writes_of_a_stale_owner_are_refused() {
 /// void.
 #[test]
 fn due_session_timers_are_claimed_once_across_nodes() {
-    if !require_services() {
+    let Some((pg, rt)) = start(2) else {
         return;
-    }
-    let pg = Postgres::start().expect("start postgres");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    };
     rt.block_on(async {
         let node_a = Arc::new(open(&pg, "timers", true).await);
         let node_b = Arc::new(open(&pg, "timers", true).await);
@@ -449,14 +437,7 @@ fn due_session_timers_are_claimed_once_across_nodes() {
         for i in 0..200 {
             let client = format!("c{i}");
             let mut batch = owned(&client, 1);
-            batch.push(WriteOp::PutSession {
-                client: client.as_str().into(),
-                record: SessionRecord {
-                    kind: ClientKind::Device,
-                    expiry_interval: 5,
-                    disconnected_at_ms: now - 5_000,
-                },
-            });
+            batch.push(device_session(&client, 5, now - 5_000));
             batch.push(WriteOp::PutTimer {
                 client: client.as_str().into(),
                 timer: SessionTimer {

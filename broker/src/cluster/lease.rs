@@ -37,42 +37,27 @@ pub fn lease(fence_after_secs: u64) -> Duration {
 
 /// Renews this node's lease and closes the sessions of lapsed nodes until shutdown. A fenced
 /// node does neither: it cannot reach PostgreSQL, and its own lease lapsing is the point.
-pub async fn run(broker: Arc<Broker>, cluster: Arc<Cluster>, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(broker: Arc<Broker>, cluster: Arc<Cluster>, shutdown: watch::Receiver<bool>) {
     let lease = lease(broker.config.cluster.fence_after_secs).as_millis() as u64;
     let node = cluster.directory.node().to_string();
-    let mut tick = tokio::time::interval(RENEW);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut failing = false;
-    loop {
-        tokio::select! {
-            _ = shutdown.changed() => return,
-            _ = tick.tick() => {}
-        }
-        if cluster.is_fenced() {
-            continue;
-        }
+    let step = || async {
         let now = now_ms();
-        let lapsed = match broker.storage.renew_lease(&node, now + lease).await {
-            Ok(()) => broker.storage.take_lapsed_nodes(&node, now).await,
-            Err(e) => Err(e),
-        };
-        match lapsed {
-            Ok(lapsed) => {
-                failing = false;
-                for dead in lapsed {
-                    // Claims applied before the row was taken: the dead node's, never those of
-                    // a new life that registered after it.
-                    let below = cluster.directory.applied();
-                    tracing::warn!(node = %dead, "a cluster node's lease lapsed; closing the sessions it held");
-                    cluster.close_sessions_of(&broker, &dead, below).await;
-                }
-            }
-            Err(e) => {
-                if !failing {
-                    tracing::warn!(error = %e, "renewing this node's lease failed; retrying");
-                }
-                failing = true;
-            }
+        broker.storage.renew_lease(&node, now + lease).await?;
+        for dead in broker.storage.take_lapsed_nodes(&node, now).await? {
+            // Claims applied before the row was taken: the dead node's, never those of a new
+            // life that registered after it.
+            let below = cluster.directory.applied();
+            tracing::warn!(node = %dead, "a cluster node's lease lapsed; closing the sessions it held");
+            cluster.close_sessions_of(&broker, &dead, below).await;
         }
-    }
+        Ok(())
+    };
+    super::every_tick_unfenced(
+        &cluster,
+        RENEW,
+        shutdown,
+        "renewing this node's lease",
+        step,
+    )
+    .await;
 }

@@ -18,12 +18,48 @@ use tokio::sync::oneshot;
 
 use crate::broker::Broker;
 use crate::session::registry::{Kick, KickReason};
-use crate::session::{Session, NEVER_EXPIRES};
+use crate::session::Session;
 use crate::storage::codec::now_ms;
 use crate::storage::{
     ClientKind, Completion, RestoredSession, SessionOwner, SessionTimer, StorageError, WriteOp,
 };
 use directory::{Change, Directory, Known, SessionState};
+
+/// Runs `step` every `period` until shutdown, skipping ticks while the node is fenced (it cannot
+/// reach its storage; another node does the work). A failing step is logged once per outage
+/// (`what`: what failed), and the next tick tries again.
+pub(crate) async fn every_tick_unfenced<F, Fut>(
+    cluster: &Cluster,
+    period: Duration,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    what: &'static str,
+    mut step: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), StorageError>>,
+{
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tick.tick() => {}
+        }
+        if cluster.is_fenced() {
+            continue;
+        }
+        match step().await {
+            Ok(()) => failing = false,
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, "{what} failed; retrying");
+                }
+                failing = true;
+            }
+        }
+    }
+}
 
 /// How long a node taking a session waits for the node that held it to let go (a dead node
 /// never answers).
@@ -107,13 +143,10 @@ impl Cluster {
                     disconnected_at_ms: now,
                 },
             });
-            if state.expiry_interval != NEVER_EXPIRES {
+            if let Some(timer) = SessionTimer::at_disconnect(now, state.expiry_interval, None) {
                 batch.push(WriteOp::PutTimer {
                     client: client.clone(),
-                    timer: SessionTimer {
-                        will: None,
-                        expires_at_ms: Some(now + u64::from(state.expiry_interval) * 1000),
-                    },
+                    timer,
                 });
             }
             match broker.storage.submit(batch).await {

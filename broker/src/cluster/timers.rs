@@ -34,39 +34,25 @@ const LEASE: Duration = Duration::from_secs(30);
 
 /// Fires this node's share of the cluster's due session timers until shutdown. A fenced node
 /// fires nothing: it could not append a will, and another node can.
-pub async fn run(broker: Arc<Broker>, cluster: Arc<Cluster>, mut shutdown: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(POLL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut failing = false;
-    loop {
-        tokio::select! {
-            _ = shutdown.changed() => return,
-            _ = tick.tick() => {}
-        }
-        if cluster.is_fenced() {
-            continue;
-        }
-        let due = match broker
+pub async fn run(broker: Arc<Broker>, cluster: Arc<Cluster>, shutdown: watch::Receiver<bool>) {
+    let step = || async {
+        let due = broker
             .storage
             .claim_due_timers(now_ms(), BUDGET, LEASE.as_millis() as u64)
-            .await
-        {
-            Ok(due) => {
-                failing = false;
-                due
-            }
-            Err(e) => {
-                if !failing {
-                    tracing::warn!(error = %e, "claiming due session timers failed; retrying");
-                }
-                failing = true;
-                continue;
-            }
-        };
+            .await?;
         for timer in due {
             fire(&broker, &cluster, timer).await;
         }
-    }
+        Ok(())
+    };
+    super::every_tick_unfenced(
+        &cluster,
+        POLL,
+        shutdown,
+        "claiming due session timers",
+        step,
+    )
+    .await;
 }
 
 /// Publishes the timer's will (if any), then completes it; the session's end is announced

@@ -198,6 +198,7 @@ enum Subscription {
 struct SharedGroup {
     name: Arc<str>,
     filter: Arc<str>,
+    /// Sorted by client id, so that every node lists a group's members in the same order.
     members: Vec<(Arc<Mailbox>, SubscriptionOptions)>,
     next: AtomicUsize,
 }
@@ -327,7 +328,11 @@ impl Router {
                         *member = (mailbox.clone(), options);
                         return SubscribeOutcome { existed: true };
                     }
-                    g.members.push((mailbox.clone(), options));
+                    // In client id order: a cluster's pick (`agreed_pick`) counts on it.
+                    let at = g
+                        .members
+                        .partition_point(|(m, _)| m.client_id < mailbox.client_id);
+                    g.members.insert(at, (mailbox.clone(), options));
                     return SubscribeOutcome { existed: false };
                 }
                 self.shared_groups.fetch_add(1, Ordering::Relaxed);
@@ -762,18 +767,19 @@ fn agreed_pick(
 ) -> Option<SharedPick> {
     let is_app = |m: &Arc<Mailbox>| m.kind == ClientKind::Application;
     let via_log = in_log && qos != QoS::AtMostOnce && group.members.iter().any(|(m, _)| is_app(m));
-    let mut candidates: Vec<&(Arc<Mailbox>, SubscriptionOptions)> = group
-        .members
-        .iter()
-        .filter(|(m, _)| !(via_log && is_app(m)))
-        .collect();
-    candidates.sort_unstable_by(|a, b| a.0.client_id.cmp(&b.0.client_id));
-    let slots = candidates.len() + usize::from(via_log);
+    // Members are kept in client id order: no list to build or sort per message.
+    let candidates = || {
+        group
+            .members
+            .iter()
+            .filter(move |(m, _)| !(via_log && is_app(m)))
+    };
+    let slots = candidates().count() + usize::from(via_log);
     if slots == 0 {
         return None;
     }
     let slot = (spread(origin) % slots as u64) as usize;
-    match candidates.get(slot) {
+    match candidates().nth(slot) {
         Some((mailbox, options)) => Some(SharedPick::Member(mailbox.clone(), options.clone())),
         None => Some(SharedPick::GroupLog),
     }

@@ -368,6 +368,25 @@ pub struct SessionTimer {
     pub expires_at_ms: Option<u64>,
 }
 
+impl SessionTimer {
+    /// What waits for a persistent session that disconnects at `now_ms` with Session Expiry
+    /// `expiry_interval` (`u32::MAX`: never) and, maybe, a will with a delay (the encoded
+    /// message): `None` when nothing does. The will waits for min(will delay, session expiry)
+    /// [MQTT-3.1.3-9].
+    pub fn at_disconnect(
+        now_ms: u64,
+        expiry_interval: u32,
+        will: Option<(u32, Vec<u8>)>,
+    ) -> Option<SessionTimer> {
+        let after = |secs: u32| now_ms + u64::from(secs) * 1000;
+        let timer = SessionTimer {
+            will: will.map(|(delay, record)| (after(delay.min(expiry_interval)), record)),
+            expires_at_ms: (expiry_interval != u32::MAX).then(|| after(expiry_interval)),
+        };
+        (timer.will.is_some() || timer.expires_at_ms.is_some()).then_some(timer)
+    }
+}
+
 /// A timer this node claimed ([`Storage::claim_due_timers`]): publish the will (if any), then
 /// hand it back to [`Storage::finish_timer`].
 #[derive(Debug)]
@@ -627,6 +646,20 @@ pub fn pkid_for_seq(seq: u64) -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A will waits for the sooner of its delay and the session's expiry; a session that never
+    /// expires and has no will needs no timer.
+    #[test]
+    fn timers_at_disconnect() {
+        let t = SessionTimer::at_disconnect(1_000, 60, Some((10, vec![1]))).expect("timer");
+        assert_eq!(t.will, Some((11_000, vec![1])));
+        assert_eq!(t.expires_at_ms, Some(61_000));
+        let t = SessionTimer::at_disconnect(1_000, 5, Some((100, vec![1]))).expect("timer");
+        assert_eq!(t.will, Some((6_000, vec![1])), "the session ends first");
+        let t = SessionTimer::at_disconnect(1_000, u32::MAX, Some((3, vec![]))).expect("timer");
+        assert_eq!((t.will.map(|w| w.0), t.expires_at_ms), (Some(4_000), None));
+        assert_eq!(SessionTimer::at_disconnect(1_000, u32::MAX, None), None);
+    }
 
     /// A backend error keeps what caused it: the message names it, and `source()` returns it
     /// for whoever needs to tell cases apart.
