@@ -370,6 +370,9 @@ pub struct Metrics {
     pub publish_ack_latency: Histogram,
     /// Kafka log records deleted by retention before ferrymq read them (lost to their readers).
     pub kafka_log_gaps: Counter,
+    /// Kafka consumers replaced because they stopped fetching (`reader` = router, local,
+    /// directory).
+    pub kafka_consumer_rebuilds: IntCounterVec,
     /// What the publish log's topic offers acks=all (see [`KafkaReplication`]).
     pub kafka_replication: KafkaReplication,
 }
@@ -639,6 +642,11 @@ impl Metrics {
                 "ferrymq_kafka_log_gap_records_total",
                 "Kafka log records deleted by retention before ferrymq read them; lost to their readers.",
             )),
+            kafka_consumer_rebuilds: b.counter_vec(
+                "ferrymq_kafka_consumer_rebuilds_total",
+                "Kafka consumers replaced because they fetched nothing while records waited, or stayed out of their group (reader: router, local, directory).",
+                &["reader"],
+            ),
             kafka_replication: KafkaReplication {
                 replication_factor: Gauge(b.gauge(
                     "ferrymq_kafka_publish_log_replication_factor",

@@ -47,6 +47,32 @@ async fn publish_acked(conn: &mut Connection, range: std::ops::Range<u16>) -> us
     acked
 }
 
+/// Connects `opts`, retrying while the node refuses with Server unavailable: a node that
+/// turned ready again refuses a CONNECT whose claim it cannot append to the session directory,
+/// which happens for a few seconds after a frozen Kafka broker resumes (KRaft fences it and
+/// its partitions have no leader until it registers again). Returns the connection, the
+/// CONNACK's Session Present and the number of refusals.
+async fn connect_when_served(
+    addr: std::net::SocketAddr,
+    opts: &ConnectOptions,
+) -> (Connection, bool, u32) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut refusals = 0;
+    loop {
+        let (conn, ack) = Connection::connect_raw(addr, opts)
+            .await
+            .expect("the node closed the socket instead of answering CONNECT");
+        match ack.refused {
+            None => return (conn, ack.session_present, refusals),
+            Some(reason) if reason.contains("Unavailable") && Instant::now() < deadline => {
+                refusals += 1;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Some(reason) => panic!("CONNECT {} refused: {reason}", opts.client_id),
+        }
+    }
+}
+
 #[test]
 fn a_node_cut_off_from_kafka_and_postgres_fences_itself_and_comes_back() {
     let _serial = serial();
@@ -159,19 +185,16 @@ fn a_node_cut_off_from_kafka_and_postgres_fences_itself_and_comes_back() {
         back.elapsed()
     );
     rt.block_on(async {
-        let (mut publisher, ack) = Connection::connect(addr, &ConnectOptions::v5("fence-pub2"))
-            .await
-            .expect("connect after the fence");
-        assert_eq!(ack.refused, None);
+        let (mut publisher, _, refusals) =
+            connect_when_served(addr, &ConnectOptions::v5("fence-pub2")).await;
+        println!("CONNECT refused {refusals} times (Server unavailable) after the node was ready");
         assert_eq!(publish_acked(&mut publisher, 11..16).await, 5);
     });
     // Every acknowledged message reaches the DEVICE subscriber; the one sent into the cut may
     // or may not (it was never acknowledged).
     rt.block_on(async {
-        let (mut sub, ack) = Connection::connect(addr, &device)
-            .await
-            .expect("device connect");
-        assert!(ack.session_present, "the DEVICE session is gone");
+        let (mut sub, session_present, _) = connect_when_served(addr, &device).await;
+        assert!(session_present, "the DEVICE session is gone");
         let mut got = std::collections::BTreeSet::new();
         // Messages 1-10 may still be in the publish log only: after the outage the router's
         // consumer group has to find its coordinator again (up to a session timeout, 10 s,

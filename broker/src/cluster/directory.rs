@@ -41,12 +41,20 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
 
 use crate::config::{ClusterConfig, KafkaConfig};
+use crate::metrics::Metrics;
 use crate::router::SubscriptionOptions;
 use crate::storage::{codec, ClientKind, StorageError};
 
 /// Prefix of the keys of release records.
 const RELEASE_KEY: &[u8] = b"\0release\0";
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the reader checks that it keeps up (see [`Directory::follow`]).
+const STALL_CHECK: Duration = Duration::from_secs(5);
+/// How long the reader may take no record while records wait before it is rebuilt.
+const STALL_AFTER: Duration = Duration::from_secs(15);
+/// How long [`Directory::sync`] waits for the reader before it reports an error (the caller
+/// retries; the reader rebuilds itself meanwhile).
+const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The topic name.
 pub fn sessions_topic(prefix: &str) -> String {
@@ -189,6 +197,9 @@ pub struct Directory {
     producer: ThreadedProducer<OffsetContext>,
     /// Watermarks only.
     metadata: Arc<BaseConsumer>,
+    /// The reader's settings, to rebuild it (see [`Directory::follow`]).
+    reader_config: ClientConfig,
+    metrics: Arc<Metrics>,
     /// Latest `State` per client, applied in log order.
     view: Mutex<HashMap<Arc<str>, Known>>,
     /// Highest epoch released per client.
@@ -203,6 +214,7 @@ impl Directory {
     pub async fn open(
         kafka: &KafkaConfig,
         cluster: &ClusterConfig,
+        metrics: Arc<Metrics>,
     ) -> Result<(Arc<Directory>, StreamConsumer), StorageError> {
         let topic = sessions_topic(&kafka.topic_prefix);
         let base = || {
@@ -242,23 +254,20 @@ impl Directory {
             .set("enable.auto.commit", "false")
             .create()
             .map_err(directory_error)?;
-        let consumer: StreamConsumer = base()
+        let mut reader_config = base();
+        reader_config
             .set("group.id", &group)
             .set("enable.auto.commit", "false")
-            .set("fetch.wait.max.ms", "20")
-            .create()
-            .map_err(directory_error)?;
-        let mut assignment = TopicPartitionList::new();
-        assignment
-            .add_partition_offset(&topic, 0, Offset::Beginning)
-            .map_err(directory_error)?;
-        consumer.assign(&assignment).map_err(directory_error)?;
+            .set("fetch.wait.max.ms", "20");
+        let consumer = reader(&reader_config, &topic, Offset::Beginning)?;
         let (applied, _) = watch::channel(0);
         let directory = Arc::new(Directory {
             node,
             topic,
             producer,
             metadata: Arc::new(metadata),
+            reader_config,
+            metrics,
             view: Mutex::new(HashMap::new()),
             releases: Mutex::new(HashMap::new()),
             applied,
@@ -271,16 +280,35 @@ impl Directory {
         &self.node
     }
 
-    /// Reads the directory until the consumer fails for good, handing each change to `apply`
-    /// after the view was updated.
-    /// `apply` also gets what the view held for the client before the change.
+    /// Reads the directory for as long as the node runs, handing each change to `apply`
+    /// after the view was updated. `apply` also gets what the view held for the client before
+    /// the change.
+    ///
+    /// A reader that takes no record for [`STALL_AFTER`] while the topic has records past what
+    /// it applied is rebuilt at the next offset it needs. librdkafka consumers have been seen
+    /// to stop fetching for good after the Kafka broker stalled and came back (the e2e test
+    /// `cluster_fence`), and every batch of the dispatcher waits for this reader.
     pub async fn follow(
         self: Arc<Self>,
-        consumer: StreamConsumer,
+        mut consumer: StreamConsumer,
         mut apply: impl FnMut(Change, Option<Known>),
     ) {
+        let mut progress = tokio::time::Instant::now();
+        let mut check = tokio::time::interval(STALL_CHECK);
         loop {
-            let message = match consumer.recv().await {
+            let received = tokio::select! {
+                received = consumer.recv() => received,
+                _ = check.tick() => {
+                    if progress.elapsed() >= STALL_AFTER && self.behind().await {
+                        if let Some(fresh) = self.rebuilt_reader() {
+                            drop_in_background(std::mem::replace(&mut consumer, fresh));
+                        }
+                        progress = tokio::time::Instant::now();
+                    }
+                    continue;
+                }
+            };
+            let message = match received {
                 Ok(m) => m,
                 Err(e) => {
                     tracing::warn!(error = %e, "reading the session directory failed; retrying");
@@ -288,6 +316,7 @@ impl Directory {
                     continue;
                 }
             };
+            progress = tokio::time::Instant::now();
             let offset = message.offset();
             let change = decode(message.key(), message.payload(), offset);
             if let Some(mut change) = change {
@@ -297,6 +326,47 @@ impl Directory {
             }
             self.applied.send_replace(offset + 1);
         }
+    }
+
+    /// Whether the topic holds records this node has not applied.
+    async fn behind(&self) -> bool {
+        match self.high_watermark().await {
+            Ok(high) => high > self.applied(),
+            Err(_) => false,
+        }
+    }
+
+    /// A new reader at the next offset to apply; `None` (logged) when it cannot be created.
+    fn rebuilt_reader(&self) -> Option<StreamConsumer> {
+        let from = self.applied();
+        self.metrics
+            .kafka_consumer_rebuilds
+            .with_label_values(&["directory"])
+            .inc();
+        tracing::warn!(
+            applied = from,
+            "the session directory reader took no record for {}s while records wait; rebuilding it",
+            STALL_AFTER.as_secs()
+        );
+        match reader(&self.reader_config, &self.topic, Offset::Offset(from)) {
+            Ok(fresh) => Some(fresh),
+            Err(e) => {
+                tracing::warn!(error = %e, "rebuilding the session directory reader failed; retrying later");
+                None
+            }
+        }
+    }
+
+    async fn high_watermark(&self) -> Result<i64, StorageError> {
+        let metadata = self.metadata.clone();
+        let topic = self.topic.clone();
+        let (_, high) = tokio::task::spawn_blocking(move || {
+            metadata.fetch_watermarks(&topic, 0, REQUEST_TIMEOUT)
+        })
+        .await
+        .map_err(|_| StorageError::Closed)?
+        .map_err(directory_error)?;
+        Ok(high)
     }
 
     /// Updates the view and returns what it held for the client before; `None` for a stale
@@ -435,16 +505,19 @@ impl Directory {
     /// Waits until every record appended before this call is applied: a subscription
     /// acknowledged (SUBACK) before a PUBLISH was appended is in force when that PUBLISH is
     /// routed.
+    /// Bounded by [`SYNC_TIMEOUT`]: an error says how far behind the reader is.
     pub async fn sync(&self) -> Result<(), StorageError> {
-        let metadata = self.metadata.clone();
-        let topic = self.topic.clone();
-        let (_, high) = tokio::task::spawn_blocking(move || {
-            metadata.fetch_watermarks(&topic, 0, REQUEST_TIMEOUT)
-        })
-        .await
-        .map_err(|_| StorageError::Closed)?
-        .map_err(directory_error)?;
-        self.wait_applied(high).await;
+        let high = self.high_watermark().await?;
+        if tokio::time::timeout(SYNC_TIMEOUT, self.wait_applied(high))
+            .await
+            .is_err()
+        {
+            return Err(StorageError::engine_msg(format!(
+                "kafka: session directory: the reader is at offset {} of {high} after {}s",
+                self.applied(),
+                SYNC_TIMEOUT.as_secs()
+            )));
+        }
         Ok(())
     }
 
@@ -482,6 +555,27 @@ impl crate::router::dispatcher::BatchGate for Directory {
     async fn before_batch(&self) -> Result<(), StorageError> {
         self.sync().await
     }
+}
+
+/// A reader of the directory's one partition from `from` (no group membership: nothing can
+/// take the partition away).
+fn reader(
+    config: &ClientConfig,
+    topic: &str,
+    from: Offset,
+) -> Result<StreamConsumer, StorageError> {
+    let consumer: StreamConsumer = config.create().map_err(directory_error)?;
+    let mut assignment = TopicPartitionList::new();
+    assignment
+        .add_partition_offset(topic, 0, from)
+        .map_err(directory_error)?;
+    consumer.assign(&assignment).map_err(directory_error)?;
+    Ok(consumer)
+}
+
+/// Closing a consumer can wait on a broker that does not answer: not on a runtime thread.
+pub(crate) fn drop_in_background<T: Send + 'static>(client: T) {
+    tokio::task::spawn_blocking(move || drop(client));
 }
 
 /// Reads one record: `None` for a record this version cannot read (logged).

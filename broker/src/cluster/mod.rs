@@ -78,8 +78,12 @@ impl Cluster {
     /// Opens the directory, starts following it and returns once this node has read it to
     /// its end (so it knows every session before it serves a client).
     pub async fn start(broker: &Arc<Broker>) -> Result<Arc<Cluster>, StorageError> {
-        let (directory, consumer) =
-            Directory::open(&broker.config.kafka, &broker.config.cluster).await?;
+        let (directory, consumer) = Directory::open(
+            &broker.config.kafka,
+            &broker.config.cluster,
+            broker.metrics.clone(),
+        )
+        .await?;
         let cluster = Arc::new(Cluster {
             directory: directory.clone(),
             local: Mutex::new(HashMap::new()),

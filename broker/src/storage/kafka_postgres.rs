@@ -271,6 +271,14 @@ impl KafkaPostgresStorage {
                 origin: Some(_),
                 ..
             } => checked.get(client).copied().unwrap_or(0) < claims,
+            WriteOp::AppendShared {
+                group,
+                filter,
+                delivery,
+                origin: Some(_),
+            } => self
+                .shared
+                .read_before_claim(group, filter, &delivery.message.publisher, claims),
             _ => false,
         })
     }
@@ -351,9 +359,33 @@ impl Appender {
         result
     }
 
-    /// Reads the ends of the APPLICATION logs `appends` go to and raises the known origins
-    /// to what is found there. `Err` when a log's end could not be read (Kafka unreachable).
+    /// Reads the ends of the APPLICATION logs and group topic partitions `appends` go to and
+    /// raises the known origins to what is found there. `Err` when a log's end could not be
+    /// read (Kafka unreachable).
     async fn drop_appended(&self, appends: &[WriteOp], claims: u64) -> Result<(), StorageError> {
+        let mut groups: Vec<(&str, &str, &str)> = appends
+            .iter()
+            .filter_map(|op| match op {
+                WriteOp::AppendShared {
+                    group,
+                    filter,
+                    delivery,
+                    origin: Some(_),
+                } => Some((&**group, &**filter, &*delivery.message.publisher)),
+                _ => None,
+            })
+            .collect();
+        groups.sort_unstable();
+        groups.dedup();
+        let mut partitions = Vec::new();
+        for (group, filter, publisher) in groups {
+            partitions.push(self.shared.partition_of(group, filter, publisher).await?);
+        }
+        partitions.sort_unstable();
+        partitions.dedup();
+        for key in partitions {
+            self.shared.recheck(key, claims).await?;
+        }
         let clients: HashSet<Arc<str>> = appends
             .iter()
             .filter_map(|op| match op {

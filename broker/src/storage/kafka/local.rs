@@ -31,9 +31,17 @@ const MAX_RECORDS: usize = 1_024;
 /// batches, and the memory this reader holds at most besides one batch.
 const QUEUED_KBYTES: &str = "16384";
 
+/// How often a waiting reader checks that its consumer still works.
+const STALL_CHECK: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long the consumer may fetch nothing while a partition holds records past its position
+/// before it is rebuilt (the router's reader does the same: `reader.rs`, `Watchdog`).
+const FETCH_STALL: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// `msg.all` read for this node's connections.
 pub struct KafkaLocalReader {
     consumer: StreamConsumer,
+    kafka: Arc<Kafka>,
+    node_id: String,
     positions: Positions,
     /// Per partition, the log's end when this reader opened.
     live_from: HashMap<i32, i64>,
@@ -42,26 +50,13 @@ pub struct KafkaLocalReader {
 
 impl KafkaLocalReader {
     /// Assigns every partition of the publish log at the dispatchers' stored positions.
-    /// `node_id` names the (never joined, never committed) consumer group, so that the
-    /// consumer shows up per node in Kafka's client lists.
     pub async fn open(
         kafka: &Arc<Kafka>,
         pg: &PgStore,
         node_id: &str,
     ) -> Result<KafkaLocalReader, StorageError> {
         let topic = msg_all_topic(&kafka.config.topic_prefix);
-        let consumer: StreamConsumer = Kafka::client_config(&kafka.config)
-            .set(
-                "group.id",
-                format!("{}.local.{node_id}", kafka.config.topic_prefix),
-            )
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("fetch.wait.max.ms", "20")
-            .set("queued.max.messages.kbytes", QUEUED_KBYTES)
-            .create()
-            .map_err(kafka_error)?;
+        let consumer = local_consumer(kafka, node_id)?;
         let partitions = kafka
             .partitions(&topic)
             .await?
@@ -88,6 +83,8 @@ impl KafkaLocalReader {
         );
         Ok(KafkaLocalReader {
             consumer,
+            kafka: kafka.clone(),
+            node_id: node_id.to_string(),
             positions: Positions {
                 topic,
                 expected,
@@ -99,6 +96,78 @@ impl KafkaLocalReader {
             open_qos2,
         })
     }
+
+    /// Whether a partition holds records past the position this reader expects next.
+    async fn behind(&self) -> bool {
+        if !self.kafka.is_healthy() {
+            return false;
+        }
+        for (partition, next) in &self.positions.expected {
+            if let Ok((_, high)) = self
+                .kafka
+                .watermarks(&self.positions.topic, *partition)
+                .await
+            {
+                if high > next.get() {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    /// A new consumer at the positions this reader expects next (see `FETCH_STALL`).
+    fn rebuild(&mut self) {
+        tracing::warn!(
+            "local reader: the consumer fetched nothing for {}s while records wait; rebuilding it",
+            FETCH_STALL.as_secs()
+        );
+        let fresh = local_consumer(&self.kafka, &self.node_id).and_then(|consumer| {
+            let mut assignment = TopicPartitionList::new();
+            for (partition, next) in &self.positions.expected {
+                assignment
+                    .add_partition_offset(
+                        &self.positions.topic,
+                        *partition,
+                        Offset::Offset(next.get()),
+                    )
+                    .map_err(kafka_error)?;
+            }
+            consumer.assign(&assignment).map_err(kafka_error)?;
+            Ok(consumer)
+        });
+        self.kafka
+            .metrics
+            .kafka_consumer_rebuilds
+            .with_label_values(&["local"])
+            .inc();
+        match fresh {
+            Ok(consumer) => crate::cluster::directory::drop_in_background(std::mem::replace(
+                &mut self.consumer,
+                consumer,
+            )),
+            Err(e) => {
+                tracing::warn!(error = %e, "local reader: rebuilding the consumer failed; retrying later")
+            }
+        }
+    }
+}
+
+/// `node_id` names the (never joined, never committed) consumer group, so that the consumer
+/// shows up per node in Kafka's client lists.
+fn local_consumer(kafka: &Kafka, node_id: &str) -> Result<StreamConsumer, StorageError> {
+    Kafka::client_config(&kafka.config)
+        .set(
+            "group.id",
+            format!("{}.local.{node_id}", kafka.config.topic_prefix),
+        )
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "20")
+        .set("queued.max.messages.kbytes", QUEUED_KBYTES)
+        .create()
+        .map_err(kafka_error)
 }
 
 #[async_trait::async_trait]
@@ -106,14 +175,28 @@ impl LocalLogReader for KafkaLocalReader {
     async fn next(&mut self) -> Option<Vec<PartitionRecords>> {
         let mut out = Vec::new();
         let mut taken = 0;
+        let waiting_since = tokio::time::Instant::now();
+        let mut check = tokio::time::interval_at(waiting_since + STALL_CHECK, STALL_CHECK);
+        let mut rebuilt = waiting_since;
         while out.is_empty() {
-            match self.consumer.recv().await {
-                Ok(message) => self.positions.take(&message, &mut out),
-                Err(e) => {
-                    tracing::warn!(error = %e, "local reader: reading the publish log failed")
+            tokio::select! {
+                biased;
+                received = self.consumer.recv() => {
+                    match received {
+                        Ok(message) => self.positions.take(&message, &mut out),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "local reader: reading the publish log failed")
+                        }
+                    }
+                    taken += 1;
+                }
+                _ = check.tick() => {
+                    if rebuilt.elapsed() >= FETCH_STALL && self.behind().await {
+                        self.rebuild();
+                        rebuilt = tokio::time::Instant::now();
+                    }
                 }
             }
-            taken += 1;
         }
         // Batching from what has arrived already, never from waiting.
         while taken < MAX_RECORDS {

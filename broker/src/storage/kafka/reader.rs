@@ -57,11 +57,41 @@ const MAX_RECORDS: usize = 1_024;
 const SEEK_TIMEOUT: Duration = Duration::from_secs(5);
 /// Backoff while a claim cannot be stored (PostgreSQL down during a rebalance).
 const CLAIM_RETRY: Duration = Duration::from_millis(500);
+/// How often a waiting reader checks that its consumer still works (see [`Watchdog`]).
+const STALL_CHECK: Duration = Duration::from_secs(5);
+/// How long a consumer may fetch nothing while its claimed partitions hold unread records.
+const FETCH_STALL: Duration = Duration::from_secs(15);
+/// How long a group member may wait for an assignment after a revocation (a rebalance takes
+/// a few seconds; a dead member is dropped after the 10 s session timeout).
+const JOIN_STALL: Duration = Duration::from_secs(40);
 
 /// The publish log read from the stored positions.
 pub struct KafkaLogReader {
     consumer: StreamConsumer<GroupEvents>,
     claims: Claims,
+    cluster: bool,
+    watchdog: Watchdog,
+}
+
+/// Notices a consumer that stopped working and has it rebuilt. librdkafka consumers have been
+/// seen (e2e `cluster_fence`, a Kafka broker frozen for 10 s and thawed) to stay out of their
+/// group for good after the coordinator came back, or to fetch nothing more for assigned
+/// partitions; the router must not wait for a restart of the process. A new consumer joins
+/// the group afresh, and every partition is claimed again from its stored position.
+struct Watchdog {
+    /// When the current wait for a record began.
+    waiting_since: tokio::time::Instant,
+    /// Set while the group owes this member an assignment (after a revocation).
+    unassigned_since: Option<tokio::time::Instant>,
+}
+
+impl Watchdog {
+    fn new() -> Watchdog {
+        Watchdog {
+            waiting_since: tokio::time::Instant::now(),
+            unassigned_since: None,
+        }
+    }
 }
 
 /// The partitions this reader claimed, and how it claims more.
@@ -171,40 +201,153 @@ impl KafkaLogReader {
                 changes: Vec::new(),
                 claimed,
             },
+            cluster: cluster.enabled,
+            watchdog: Watchdog::new(),
         };
-        if cluster.enabled {
-            reader.consumer.subscribe(&[&topic]).map_err(kafka_error)?;
+        reader.start().await?;
+        Ok(reader)
+    }
+
+    /// Joins the group (cluster) or claims and assigns every partition (single node).
+    async fn start(&mut self) -> Result<(), StorageError> {
+        let topic = self.claims.positions.topic.clone();
+        if self.cluster {
+            self.consumer.subscribe(&[&topic]).map_err(kafka_error)?;
+            self.watchdog.unassigned_since = Some(tokio::time::Instant::now());
             tracing::info!(
-                group = router_group(&kafka.config.topic_prefix),
-                node = reader.claims.node,
+                group = router_group(&self.claims.kafka.config.topic_prefix),
+                node = self.claims.node,
                 "router joins the publish log's consumer group"
             );
-        } else {
-            let mut all: Vec<i32> = known.into_iter().collect();
-            all.sort_unstable();
-            let mut assignment = TopicPartitionList::new();
-            for p in all {
-                let (epoch, start) = reader.claims.claim(p).await?;
-                assignment
-                    .add_partition_offset(&topic, p, Offset::Offset(start))
-                    .map_err(kafka_error)?;
-                tracing::debug!(partition = p, epoch, start, "publish log partition claimed");
-            }
-            reader.consumer.assign(&assignment).map_err(kafka_error)?;
-            let mut positions: Vec<(i32, i64)> = reader
-                .claims
-                .positions
-                .expected
-                .iter()
-                .map(|(p, o)| (*p, o.get()))
-                .collect();
-            positions.sort_unstable();
-            tracing::info!(
-                ?positions,
-                "router resumes the publish log at the stored positions"
-            );
+            return Ok(());
         }
-        Ok(reader)
+        let mut all: Vec<i32> = self.claims.known.iter().copied().collect();
+        all.sort_unstable();
+        let mut assignment = TopicPartitionList::new();
+        for p in all {
+            let (epoch, start) = self.claims.claim(p).await?;
+            assignment
+                .add_partition_offset(&topic, p, Offset::Offset(start))
+                .map_err(kafka_error)?;
+            tracing::debug!(partition = p, epoch, start, "publish log partition claimed");
+        }
+        self.consumer.assign(&assignment).map_err(kafka_error)?;
+        let mut positions: Vec<(i32, i64)> = self
+            .claims
+            .positions
+            .expected
+            .iter()
+            .map(|(p, o)| (*p, o.get()))
+            .collect();
+        positions.sort_unstable();
+        tracing::info!(
+            ?positions,
+            "router resumes the publish log at the stored positions"
+        );
+        Ok(())
+    }
+
+    /// Whether the consumer stopped working (see [`Watchdog`]): out of its group for
+    /// [`JOIN_STALL`], or nothing fetched for [`FETCH_STALL`] while a claimed partition holds
+    /// records past its position. Never while Kafka is unreachable: a new consumer could do no
+    /// better.
+    async fn stalled(&self) -> bool {
+        if !self.claims.kafka.is_healthy() {
+            return false;
+        }
+        if let Some(since) = self.watchdog.unassigned_since {
+            if since.elapsed() >= JOIN_STALL {
+                tracing::warn!(
+                    waited_secs = since.elapsed().as_secs(),
+                    "the router's consumer got no assignment from its group since a rebalance"
+                );
+                return true;
+            }
+        }
+        if self.watchdog.waiting_since.elapsed() < FETCH_STALL {
+            return false;
+        }
+        let positions: Vec<(i32, i64)> = self
+            .claims
+            .positions
+            .expected
+            .iter()
+            .map(|(p, o)| (*p, o.get()))
+            .collect();
+        for (partition, expected) in positions {
+            if let Ok((_, high)) = self
+                .claims
+                .kafka
+                .watermarks(&self.claims.positions.topic, partition)
+                .await
+            {
+                if high > expected {
+                    tracing::warn!(
+                        partition,
+                        expected,
+                        high,
+                        "the router's consumer fetched nothing while a claimed partition holds unread records"
+                    );
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    /// Replaces the consumer: every claimed partition is released, and the new consumer joins
+    /// the group (or claims them all again) as at start.
+    async fn rebuild(&mut self, out: &mut Vec<PartitionRecords>) {
+        tracing::warn!(
+            node = self.claims.node,
+            "rebuilding the router's publish log consumer"
+        );
+        let fresh = match consumer(&self.claims.kafka, self.cluster) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "creating a new publish log consumer failed; retrying later");
+                return;
+            }
+        };
+        self.claims
+            .kafka
+            .metrics
+            .kafka_consumer_rebuilds
+            .with_label_values(&["router"])
+            .inc();
+        let claimed: Vec<i32> = self.claims.positions.epochs.keys().copied().collect();
+        for partition in claimed {
+            self.claims.release(partition, out);
+        }
+        crate::cluster::directory::drop_in_background(std::mem::replace(&mut self.consumer, fresh));
+        self.watchdog = Watchdog::new();
+        while let Err(e) = self.start().await {
+            tracing::warn!(error = %e, "starting the new publish log consumer failed; retrying");
+            tokio::time::sleep(CLAIM_RETRY).await;
+        }
+    }
+}
+
+/// Applies the rebalances `consumer` queued, and notes them for the [`Watchdog`]. (Fields, not
+/// the reader: the record just received still borrows the consumer.)
+async fn apply_group_events(
+    consumer: &StreamConsumer<GroupEvents>,
+    claims: &mut Claims,
+    watchdog: &mut Watchdog,
+    out: &mut Vec<PartitionRecords>,
+) {
+    let events = std::mem::take(&mut *consumer.context().queue.lock());
+    for event in events {
+        match event {
+            GroupEvent::Revoked(partitions) => {
+                watchdog.unassigned_since = Some(tokio::time::Instant::now());
+                claims.release_all(&partitions, out);
+            }
+            GroupEvent::Assigned(partitions) => {
+                watchdog.unassigned_since = None;
+                claims.claim_all(consumer, &partitions).await;
+            }
+        }
     }
 }
 
@@ -243,36 +386,27 @@ impl Claims {
         self.changes.push(PartitionChange::Released { partition });
     }
 
-    /// Applies the rebalances queued by the consumer's callbacks. A claim that cannot be
-    /// stored (PostgreSQL down) is retried: the partition is this node's to route.
-    async fn apply_group_events(
-        &mut self,
-        consumer: &StreamConsumer<GroupEvents>,
-        out: &mut Vec<PartitionRecords>,
-    ) {
-        let events = std::mem::take(&mut *consumer.context().queue.lock());
-        for event in events {
-            match event {
-                GroupEvent::Revoked(partitions) => {
-                    for p in &partitions {
-                        self.release(*p, out);
-                    }
-                    tracing::info!(?partitions, "publish log partitions revoked");
-                }
-                GroupEvent::Assigned(partitions) => {
-                    for p in &partitions {
-                        self.claim_and_seek(consumer, *p).await;
-                    }
-                    self.claimed
-                        .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-                    tracing::info!(
-                        ?partitions,
-                        node = self.node,
-                        "publish log partitions claimed"
-                    );
-                }
-            }
+    /// A revocation by the group.
+    fn release_all(&mut self, partitions: &[i32], out: &mut Vec<PartitionRecords>) {
+        for p in partitions {
+            self.release(*p, out);
         }
+        tracing::info!(?partitions, "publish log partitions revoked");
+    }
+
+    /// An assignment by the group. A claim that cannot be stored (PostgreSQL down) is
+    /// retried: the partition is this node's to route.
+    async fn claim_all(&mut self, consumer: &StreamConsumer<GroupEvents>, partitions: &[i32]) {
+        for p in partitions {
+            self.claim_and_seek(consumer, *p).await;
+        }
+        self.claimed
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        tracing::info!(
+            ?partitions,
+            node = self.node,
+            "publish log partitions claimed"
+        );
     }
 
     async fn claim_and_seek(&mut self, consumer: &StreamConsumer<GroupEvents>, partition: i32) {
@@ -369,13 +503,15 @@ impl LogReader for KafkaLogReader {
     async fn next(&mut self) -> Option<Vec<PartitionRecords>> {
         let mut out = Vec::new();
         let mut taken = 0;
+        self.watchdog.waiting_since = tokio::time::Instant::now();
+        let mut check =
+            tokio::time::interval_at(tokio::time::Instant::now() + STALL_CHECK, STALL_CHECK);
         while out.is_empty() {
             tokio::select! {
+                biased;
                 received = self.consumer.recv() => {
                     // A rebalance runs inside recv: apply it before the record it returned.
-                    self.claims
-                        .apply_group_events(&self.consumer, &mut out)
-                        .await;
+                    apply_group_events(&self.consumer, &mut self.claims, &mut self.watchdog, &mut out).await;
                     match received {
                         Ok(message) => self.claims.positions.take(&message, &mut out),
                         Err(e) => tracing::warn!(error = %e, "reading the publish log failed"),
@@ -383,9 +519,12 @@ impl LogReader for KafkaLogReader {
                     taken += 1;
                 }
                 _ = self.consumer.context().queued.notified() => {
-                    self.claims
-                        .apply_group_events(&self.consumer, &mut out)
-                        .await;
+                    apply_group_events(&self.consumer, &mut self.claims, &mut self.watchdog, &mut out).await;
+                }
+                _ = check.tick() => {
+                    if self.stalled().await {
+                        self.rebuild(&mut out).await;
+                    }
                 }
             }
         }
@@ -393,9 +532,13 @@ impl LogReader for KafkaLogReader {
         // never from waiting.
         while taken < MAX_RECORDS {
             let received = self.consumer.recv().now_or_never();
-            self.claims
-                .apply_group_events(&self.consumer, &mut out)
-                .await;
+            apply_group_events(
+                &self.consumer,
+                &mut self.claims,
+                &mut self.watchdog,
+                &mut out,
+            )
+            .await;
             match received {
                 Some(Ok(message)) => self.claims.positions.take(&message, &mut out),
                 Some(Err(e)) => tracing::warn!(error = %e, "reading the publish log failed"),

@@ -17,7 +17,10 @@
 //! and the commit. Claims in progress are announced per partition, and the highest claimed
 //! offset per partition is kept; at start it is read back from the `ferrymq.claim` header at
 //! the end of every APPLICATION topic. The router's own appends to group topics carry their
-//! publish-log origin and are recognised after a crash like APPLICATION appends.
+//! publish-log origin and are recognised like APPLICATION appends: after a crash (the ends are
+//! read at start), after a failed append (one that timed out may have landed) and after this
+//! node's router claimed a publish-log partition another node routed before
+//! ([`SharedGroups::recheck`]): a message the router routes twice is in the group topic once.
 //!
 //! The embedded backend keeps MQTT's usual round robin over members, storing into the chosen
 //! member's log.
@@ -150,8 +153,11 @@ pub struct SharedGroups {
     /// Partition counts of the group topics known to exist.
     known: parking_lot::Mutex<HashMap<String, i32>>,
     /// Router replays: per group topic partition and publish-log partition, the highest origin
-    /// found at the end of the topic at start.
+    /// found at the end of the topic (at start, after a failed append, and after this node's
+    /// router claimed a partition: [`SharedGroups::recheck`]).
     skip: parking_lot::Mutex<HashMap<PartitionKey, super::Origins>>,
+    /// Per group topic partition, the router claim count when its end was last read.
+    checked: parking_lot::Mutex<HashMap<PartitionKey, u64>>,
     claims: Arc<parking_lot::Mutex<Claims>>,
     /// Member → group topic → claimer.
     claimers: parking_lot::Mutex<HashMap<Arc<str>, HashMap<String, Claimer>>>,
@@ -171,6 +177,7 @@ impl SharedGroups {
             topic_config,
             known: Default::default(),
             skip: Default::default(),
+            checked: Default::default(),
             claims: Default::default(),
             claimers: Default::default(),
         }
@@ -246,6 +253,63 @@ impl SharedGroups {
             &delivery.message.payload,
             headers,
         )
+    }
+
+    /// Whether the group topic partition a message of `publisher` goes to was last read before
+    /// this node's router claimed its latest publish-log partition (`claims` claims so far):
+    /// the node that routed that partition before may have appended records this node's
+    /// dispatcher is about to route again. Unknown partition counts count as unread.
+    pub fn read_before_claim(
+        &self,
+        group: &str,
+        filter: &str,
+        publisher: &str,
+        claims: u64,
+    ) -> bool {
+        if claims == 0 {
+            return false;
+        }
+        let topic = self.topic(group, filter);
+        let Some(partitions) = self.known.lock().get(&topic).copied() else {
+            return true;
+        };
+        let key = (topic, partition_for(publisher, partitions));
+        self.checked.lock().get(&key).copied().unwrap_or(0) < claims
+    }
+
+    /// The group topic partition a message of `publisher` for a group goes to (the topic is
+    /// created when missing).
+    pub async fn partition_of(
+        &self,
+        group: &str,
+        filter: &str,
+        publisher: &str,
+    ) -> Result<(String, i32), StorageError> {
+        let topic = self.topic(group, filter);
+        let partitions = self.partitions_of(&topic).await?;
+        let partition = partition_for(publisher, partitions);
+        Ok((topic, partition))
+    }
+
+    /// Reads the end of a group topic partition and raises what [`SharedGroups::append`] skips
+    /// to the origins found there. Called before appending after a failed append (one that
+    /// timed out may have landed) and after a router claim, so that a record routed twice is
+    /// in the group topic once, and so claimed by one member once.
+    pub async fn recheck(&self, key: (String, i32), claims: u64) -> Result<(), StorageError> {
+        let mut origins = super::Origins::new();
+        scan_tail(&self.kafka, &key.0, key.1, |headers| {
+            if let Some((p, o)) = record::origin(headers) {
+                super::note_origin(&mut origins, p, o);
+            }
+        })
+        .await?;
+        self.checked.lock().insert(key.clone(), claims);
+        let mut skip = self.skip.lock();
+        let known = skip.entry(key).or_default();
+        for (p, o) in origins {
+            super::note_origin(known, p, o);
+        }
+        Ok(())
     }
 
     /// At start: reads the end of every group topic these shared subscriptions use (what a
