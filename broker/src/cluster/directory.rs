@@ -52,8 +52,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const STALL_CHECK: Duration = Duration::from_secs(5);
 /// How long the reader may take no record while records wait before it is rebuilt.
 const STALL_AFTER: Duration = Duration::from_secs(15);
-/// How long [`Directory::sync`] waits for the reader before it reports an error (the caller
-/// retries; the reader rebuilds itself meanwhile).
+/// How long [`Directory::sync`] waits for the reader to apply a record before it reports an
+/// error (the caller retries; the reader rebuilds itself meanwhile).
 const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The topic name.
@@ -505,29 +505,26 @@ impl Directory {
     /// Waits until every record appended before this call is applied: a subscription
     /// acknowledged (SUBACK) before a PUBLISH was appended is in force when that PUBLISH is
     /// routed.
-    /// Bounded by [`SYNC_TIMEOUT`]: an error says how far behind the reader is.
+    /// An error when the reader applies nothing for [`SYNC_TIMEOUT`] while it is behind (it
+    /// rebuilds itself meanwhile; the caller retries). A long replay that keeps going is
+    /// waited for.
     pub async fn sync(&self) -> Result<(), StorageError> {
         let high = self.high_watermark().await?;
-        if tokio::time::timeout(SYNC_TIMEOUT, self.wait_applied(high))
-            .await
-            .is_err()
-        {
-            return Err(StorageError::engine_msg(format!(
-                "kafka: session directory: the reader is at offset {} of {high} after {}s",
-                self.applied(),
-                SYNC_TIMEOUT.as_secs()
-            )));
-        }
-        Ok(())
-    }
-
-    async fn wait_applied(&self, high: i64) {
         let mut applied = self.applied.subscribe();
         while *applied.borrow_and_update() < high {
-            if applied.changed().await.is_err() {
-                return;
+            match tokio::time::timeout(SYNC_TIMEOUT, applied.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(StorageError::Closed),
+                Err(_) => {
+                    return Err(StorageError::engine_msg(format!(
+                        "kafka: session directory: the reader applied nothing for {}s at offset {} of {high}",
+                        SYNC_TIMEOUT.as_secs(),
+                        self.applied()
+                    )))
+                }
             }
         }
+        Ok(())
     }
 
     /// Reads the directory up to its end as it is now: a node serves no client before it
