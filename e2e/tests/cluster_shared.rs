@@ -3,7 +3,7 @@
 //! one `$share/...` group connected to different nodes, publishers on the third node, real MQTT
 //! clients over TCP.
 //!
-//! * APPLICATION group, a member killed mid-stream (ignored: a known duplicate, see the test);
+//! * APPLICATION group, a member killed mid-stream;
 //! * persistent DEVICE group, a member offline for two thirds of the run;
 //! * clean members on different nodes;
 //! * QoS 0 to the DEVICE group with members on different nodes.
@@ -96,7 +96,8 @@ fn join(rt: &Runtime, addr: SocketAddr, opts: ConnectOptions, filter: &str) -> S
 /// Waits until `member`'s claimer on `node` holds partitions of its group topic. Once the
 /// member that joined last has them, the group's rebalance is over and every member claims its
 /// share; before, the first member holds every partition (a rebalance waits for the members'
-/// next heartbeat, seconds), and a share measured then says nothing about balance.
+/// next heartbeat, seconds), and a share measured then says nothing about balance. Callers
+/// wait for every member: which one joins last is not known.
 fn wait_for_claimer(node: &BrokerProcess, member: &str) {
     wait_until(
         &format!("{member}'s claimer to hold group partitions"),
@@ -368,16 +369,12 @@ fn assert_balanced(label: &str, a: usize, b: usize) {
 /// what it had not acknowledged). Together: every acknowledged message exactly once, beyond
 /// DUP redeliveries and publisher resends.
 ///
-/// **Ignored: a known bug, not fixed.** In 2 of about 11 runs on 2026-12-07 (one local, one
-/// CI), one message reached member A twice without DUP (publisher 7 seq 160; publisher 3
-/// seq 183), while 0 messages reached both members and 0 were missing. The APPLICATION
-/// group-topic claimer (`storage/kafka/shared.rs`: claim state per node, asynchronous commits)
-/// moves a record into the member's log twice around the rebalance that follows B's cut; the
-/// single-node `kafka_postgres::application_shared_group_is_balanced_and_survives_a_kill` has
-/// shown the same family. Run it with `--ignored`.
+/// This test found two claimer bugs (`storage/kafka/shared.rs`, fixed 2026-12-07): the claim
+/// state was never raised, so a claimer that a rebalance made fetch records again moved them
+/// into its member's log twice (one message twice without DUP in 2 of ~11 runs); and a round's
+/// asynchronous commit failed at the rebalance, so the next owner on another node moved the
+/// last round again (one message in both members, 1 of 10 runs).
 #[test]
-#[ignore = "known bug: the APPLICATION group claimer can move one record into a member's log \
-            twice around a rebalance (2 of ~11 runs); storage/kafka/shared.rs"]
 fn application_group_across_nodes_survives_a_killed_member() {
     let _serial = serial();
     let Some(backend) = Backend::kafka_postgres() else {
@@ -398,6 +395,10 @@ fn application_group_across_nodes_survives_a_killed_member() {
         ConnectOptions::v5("app-b").persistent(),
         filter,
     );
+    // Either claimer may join the group topic's consumer group last (Kafka delays a new
+    // group's first rebalance by 3 s): wait for both, so the rebalance that shares the
+    // partitions is over before anything is published.
+    wait_for_claimer(&a, "app-a");
     wait_for_claimer(&b, "app-b");
     let a_count = member_a.progress.clone();
     let stop = Arc::new(AtomicBool::new(false));

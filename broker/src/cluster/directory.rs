@@ -301,7 +301,7 @@ impl Directory {
                 _ = check.tick() => {
                     if progress.elapsed() >= STALL_AFTER && self.behind().await {
                         if let Some(fresh) = self.rebuilt_reader() {
-                            drop_in_background(std::mem::replace(&mut consumer, fresh));
+                            crate::storage::kafka::close_in_background(std::mem::replace(&mut consumer, fresh));
                         }
                         progress = tokio::time::Instant::now();
                     }
@@ -568,11 +568,6 @@ fn reader(
         .map_err(directory_error)?;
     consumer.assign(&assignment).map_err(directory_error)?;
     Ok(consumer)
-}
-
-/// Closing a consumer can wait on a broker that does not answer: not on a runtime thread.
-pub(crate) fn drop_in_background<T: Send + 'static>(client: T) {
-    tokio::task::spawn_blocking(move || drop(client));
 }
 
 /// Reads one record: `None` for a record this version cannot read (logged).

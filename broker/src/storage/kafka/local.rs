@@ -142,10 +142,9 @@ impl KafkaLocalReader {
             .with_label_values(&["local"])
             .inc();
         match fresh {
-            Ok(consumer) => crate::cluster::directory::drop_in_background(std::mem::replace(
-                &mut self.consumer,
-                consumer,
-            )),
+            Ok(consumer) => {
+                super::close_in_background(std::mem::replace(&mut self.consumer, consumer))
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "local reader: rebuilding the consumer failed; retrying later")
             }

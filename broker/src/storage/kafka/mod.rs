@@ -51,6 +51,12 @@ pub(crate) use ferrymq_common::topics::{hex, is_plain_name};
 /// again to that log.
 pub type Origins = std::collections::HashMap<i32, i64>;
 
+/// Drops a Kafka client on a blocking thread: closing a consumer leaves its group and commits,
+/// which can wait on a broker that does not answer, and must not hold a runtime thread.
+pub fn close_in_background<T: Send + 'static>(client: T) {
+    tokio::task::spawn_blocking(move || drop(client));
+}
+
 /// Notes that the append routed from `offset` of publish-log `partition` is in the log.
 pub(crate) fn note_origin(origins: &mut Origins, partition: i32, offset: i64) {
     let known = origins.entry(partition).or_insert(offset);

@@ -319,7 +319,7 @@ impl KafkaLogReader {
         for partition in claimed {
             self.claims.release(partition, out);
         }
-        crate::cluster::directory::drop_in_background(std::mem::replace(&mut self.consumer, fresh));
+        super::close_in_background(std::mem::replace(&mut self.consumer, fresh));
         self.watchdog = Watchdog::new();
         while let Err(e) = self.start().await {
             tracing::warn!(error = %e, "starting the new publish log consumer failed; retrying");

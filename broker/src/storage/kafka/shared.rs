@@ -14,9 +14,14 @@
 //!
 //! **Once, not twice.** A record must not be claimed twice: not when a partition moves between
 //! members before the first one committed, and not when the broker crashed between the append
-//! and the commit. Claims in progress are announced per partition, and the highest claimed
-//! offset per partition is kept; at start it is read back from the `ferrymq.claim` header at
-//! the end of every APPLICATION topic. The router's own appends to group topics carry their
+//! and the commit. A claimer commits what it moved, synchronously, before it gives partitions
+//! up in a rebalance (`ClaimContext::pre_rebalance`), so the next owner, on whichever node,
+//! resumes after it. On one node, claims in progress are also announced per partition, and the
+//! highest claimed offset per partition is kept; at start it is read back from the
+//! `ferrymq.claim` header at the end of every APPLICATION topic. Not covered: a node killed
+//! between a claim round's appends and its commit, when the partition goes to a member on
+//! another node (that node does not read the dead member's log; a transactional claim, the
+//! appends and the offset commit in one Kafka transaction, would close it). The router's own appends to group topics carry their
 //! publish-log origin and are recognised like APPLICATION appends: after a crash (the ends are
 //! read at start), after a failed append (one that timed out may have landed) and after this
 //! node's router claimed a publish-log partition another node routed before
@@ -48,21 +53,51 @@ use crate::router::SubscriptionOptions;
 use crate::storage::Enqueued;
 use crate::storage::{Completion, StorageError};
 
-/// The claimer's consumer context: logs which member got or lost which partitions. Where a
-/// partition resumes is Kafka's business: the committed offset, fetched exactly.
+/// The claimer's consumer context: logs which member got or lost which partitions, and
+/// commits what the claimer moved before it gives partitions up. Where a partition resumes is
+/// Kafka's business: the committed offset, fetched exactly.
 struct ClaimContext {
     /// The member this claimer works for (for the logs).
     member: Arc<str>,
+    /// The group topic.
+    topic: String,
     /// Per assigned partition, the offset the claimer expects next (known after its first
     /// record), to notice records retention deleted before anyone claimed them.
     next: parking_lot::Mutex<HashMap<i32, NextOffset>>,
+    /// Per partition of the current assignment, the offset after the last record this claimer
+    /// moved into its member's log.
+    moved: parking_lot::Mutex<HashMap<i32, i64>>,
 }
 
 impl ClientContext for ClaimContext {}
 
 impl ConsumerContext for ClaimContext {
+    /// Commits, synchronously, the position after what this claimer moved from the partitions
+    /// it gives up. The round's own commit is asynchronous and fails once the rebalance has
+    /// begun; without this the next owner, on another node whose claim state does not know
+    /// these records, started before them and moved them into a second member's log. The
+    /// coordinator accepts the commit: the rebalance waits for this member to rejoin, which it
+    /// does after this callback.
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if !matches!(rebalance, Rebalance::Revoke(_)) {
+            return;
+        }
+        let moved = std::mem::take(&mut *self.moved.lock());
+        if moved.is_empty() {
+            return;
+        }
+        let mut commit = TopicPartitionList::new();
+        for (partition, next) in &moved {
+            let _ = commit.add_partition_offset(&self.topic, *partition, Offset::Offset(*next));
+        }
+        if let Err(e) = consumer.commit(&commit, CommitMode::Sync) {
+            tracing::warn!(client_id = %self.member, topic = self.topic, error = %e, ?moved, "committing the claimed position before a rebalance failed; the next owner may move these records again");
+        }
+    }
+
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         self.next.lock().clear();
+        self.moved.lock().clear();
         match rebalance {
             Rebalance::Assign(tpl) => tracing::info!(
                 client_id = %self.member,
@@ -482,10 +517,23 @@ impl ClaimerTask {
             claimer_config(&self.kafka.config, &self.topic)
                 .create_with_context(ClaimContext {
                     member: self.member.clone(),
+                    topic: self.topic.clone(),
                     next: Default::default(),
+                    moved: Default::default(),
                 })
                 .map_err(kafka_error)?;
         consumer.subscribe(&[&self.topic]).map_err(kafka_error)?;
+        let result = self.claim_rounds(&consumer, stopped).await;
+        super::close_in_background(consumer);
+        result
+    }
+
+    /// Claims round after round until stopped (`Ok`) or the consumer fails.
+    async fn claim_rounds(
+        &self,
+        consumer: &StreamConsumer<ClaimContext>,
+        stopped: &mut watch::Receiver<()>,
+    ) -> Result<(), StorageError> {
         loop {
             let first = tokio::select! {
                 _ = stopped.changed() => return Ok(()),
@@ -499,20 +547,28 @@ impl ClaimerTask {
                 }
             }
             let fetched = round.len();
-            let round = self.positioned(&consumer, round);
+            let round = self.positioned(consumer, round);
             tracing::debug!(client_id = %self.member, topic = self.topic, fetched, kept = round.len(), first = ?round.first().map(|m| (m.partition(), m.offset())), last = ?round.last().map(|m| (m.partition(), m.offset())), "claim round");
             if round.is_empty() {
                 continue;
             }
-            self.claim(&round, stopped).await;
+            if !self.claim(&round, stopped).await {
+                // Stopped with records not moved: nothing is committed, so the next owner
+                // moves them.
+                return Ok(());
+            }
             let mut commit = TopicPartitionList::new();
             let mut last: HashMap<i32, i64> = HashMap::new();
             for m in &round {
                 let e = last.entry(m.partition()).or_insert(m.offset());
                 *e = (*e).max(m.offset());
             }
-            for (p, o) in last {
-                let _ = commit.add_partition_offset(&self.topic, p, Offset::Offset(o + 1));
+            {
+                let mut moved = consumer.context().moved.lock();
+                for (p, o) in last {
+                    let _ = commit.add_partition_offset(&self.topic, p, Offset::Offset(o + 1));
+                    moved.insert(p, o + 1);
+                }
             }
             // Losing a commit (rebalance, crash) only means the next owner reads records that
             // the claim state marks as done.
@@ -553,12 +609,13 @@ impl ClaimerTask {
     }
 
     /// Moves one round of records into the member's log; returns once all are there (retrying
-    /// while the log cannot be written) or the claimer is stopped.
+    /// while the log cannot be written; `true`) or the claimer is stopped (`false` if records
+    /// were left).
     async fn claim(
         &self,
         round: &[rdkafka::message::OwnedMessage],
         stopped: &mut watch::Receiver<()>,
-    ) {
+    ) -> bool {
         let mut highest: HashMap<i32, i64> = HashMap::new();
         for m in round {
             let e = highest.entry(m.partition()).or_insert(m.offset());
@@ -637,7 +694,12 @@ impl ClaimerTask {
                 }
             }
             match failed {
-                None => break,
+                None => {
+                    // Everything is in: an empty `records` raises the claim state below, which
+                    // keeps a refetch after a rebalance out of the member's log.
+                    records.clear();
+                    break;
+                }
                 Some((i, e)) => {
                     // The log is one partition, appended in order: what precedes the first
                     // failure is in; redo from there.
@@ -664,6 +726,7 @@ impl ClaimerTask {
             }
         }
         self.wake.notify_one();
+        records.is_empty()
     }
 }
 
