@@ -102,18 +102,7 @@ impl KafkaLocalReader {
         if !self.kafka.is_healthy() {
             return false;
         }
-        for (partition, next) in &self.positions.expected {
-            if let Ok((_, high)) = self
-                .kafka
-                .watermarks(&self.positions.topic, *partition)
-                .await
-            {
-                if high > next.get() {
-                    return true;
-                }
-            }
-        }
-        false
+        self.positions.unread_partition(&self.kafka).await.is_some()
     }
 
     /// A new consumer at the positions this reader expects next (see `FETCH_STALL`).
@@ -124,13 +113,9 @@ impl KafkaLocalReader {
         );
         let fresh = local_consumer(&self.kafka, &self.node_id).and_then(|consumer| {
             let mut assignment = TopicPartitionList::new();
-            for (partition, next) in &self.positions.expected {
+            for (partition, next) in self.positions.next_offsets() {
                 assignment
-                    .add_partition_offset(
-                        &self.positions.topic,
-                        *partition,
-                        Offset::Offset(next.get()),
-                    )
+                    .add_partition_offset(&self.positions.topic, partition, Offset::Offset(next))
                     .map_err(kafka_error)?;
             }
             consumer.assign(&assignment).map_err(kafka_error)?;

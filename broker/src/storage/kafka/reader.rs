@@ -232,14 +232,7 @@ impl KafkaLogReader {
             tracing::debug!(partition = p, epoch, start, "publish log partition claimed");
         }
         self.consumer.assign(&assignment).map_err(kafka_error)?;
-        let mut positions: Vec<(i32, i64)> = self
-            .claims
-            .positions
-            .expected
-            .iter()
-            .map(|(p, o)| (*p, o.get()))
-            .collect();
-        positions.sort_unstable();
+        let positions = self.claims.positions.next_offsets();
         tracing::info!(
             ?positions,
             "router resumes the publish log at the stored positions"
@@ -267,32 +260,23 @@ impl KafkaLogReader {
         if self.watchdog.waiting_since.elapsed() < FETCH_STALL {
             return false;
         }
-        let positions: Vec<(i32, i64)> = self
+        match self
             .claims
             .positions
-            .expected
-            .iter()
-            .map(|(p, o)| (*p, o.get()))
-            .collect();
-        for (partition, expected) in positions {
-            if let Ok((_, high)) = self
-                .claims
-                .kafka
-                .watermarks(&self.claims.positions.topic, partition)
-                .await
-            {
-                if high > expected {
-                    tracing::warn!(
-                        partition,
-                        expected,
-                        high,
-                        "the router's consumer fetched nothing while a claimed partition holds unread records"
-                    );
-                    return true;
-                }
+            .unread_partition(&self.claims.kafka)
+            .await
+        {
+            Some((partition, expected, high)) => {
+                tracing::warn!(
+                    partition,
+                    expected,
+                    high,
+                    "the router's consumer fetched nothing while a claimed partition holds unread records"
+                );
+                true
             }
+            None => false,
         }
-        false
     }
 
     /// Replaces the consumer: every claimed partition is released, and the new consumer joins
@@ -434,6 +418,27 @@ impl Claims {
 }
 
 impl Positions {
+    /// The next offset of every partition, in partition order.
+    pub(super) fn next_offsets(&self) -> Vec<(i32, i64)> {
+        let mut positions: Vec<(i32, i64)> =
+            self.expected.iter().map(|(p, o)| (*p, o.get())).collect();
+        positions.sort_unstable();
+        positions
+    }
+
+    /// A partition whose log holds records past the offset expected next, as (partition,
+    /// expected, high watermark): a consumer that fetches nothing meanwhile has stalled.
+    pub(super) async fn unread_partition(&self, kafka: &Kafka) -> Option<(i32, i64, i64)> {
+        for (partition, expected) in self.next_offsets() {
+            if let Ok((_, high)) = kafka.watermarks(&self.topic, partition).await {
+                if high > expected {
+                    return Some((partition, expected, high));
+                }
+            }
+        }
+        None
+    }
+
     /// Adds one fetched record to `out`, unless it was stored already or (with
     /// `claimed_only`) its partition is not claimed here.
     pub(super) fn take(&mut self, message: &BorrowedMessage<'_>, out: &mut Vec<PartitionRecords>) {
